@@ -1,0 +1,37 @@
+# Set-up on a fresh machine is two commands: `make demo` and `make test`. Both create .venv on first use.
+#
+# CPU machines pin torch to the local 2.13.0 CPU wheel (constraints-cpu.txt) so pip does not pull several GB of
+# CUDA packages. On a GPU node, install your CUDA torch build instead: `make install TORCH_CONSTRAINT=`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_CONSTRAINT ?= constraints-cpu.txt
+BIN := $(VENV)/bin
+PIP_FLAGS := $(if $(TORCH_CONSTRAINT),-c $(TORCH_CONSTRAINT))
+export DS_ACCELERATOR ?= cpu
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test test-slow pipeline instruct-math bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml $(TORCH_CONSTRAINT)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(PIP_FLAGS) -e '.[dev]'
+	touch $@
+
+# The main job on the bundled default: build a tiny model and demo data (cached), learn the source weights.
+demo: install
+	$(BIN)/python scripts/build_demo.py
+	$(BIN)/scalebio reweight --config recipes/demo.yaml
+	@echo "weights: runs/demo/weights.json   plot: runs/demo/weights.png   metrics: runs/demo/metrics.jsonl"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf runs demo .cache

@@ -1,0 +1,3 @@
+from scalebio_cli.cli import main
+
+main()

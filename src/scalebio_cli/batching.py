@@ -1,0 +1,103 @@
+"""Which examples each step sees, and how they become padded tensors on each process.
+
+Every process draws the same *global* batch from the same seeded samplers, then keeps its own shard. So every
+process knows, without communicating, how many examples of each source the global batch holds and how many
+validation tokens it has: the normalisers of the per-source means and of L1. The loss of any micro-batch on any
+process is then a plain weighted sum, and gradient accumulation and data parallelism give exactly the gradient of
+the whole batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from scalebio_cli.dataset import TokenizedData
+
+
+class CursorSampler:
+    """Endless sampling without replacement from `n` items: one seeded permutation per epoch.
+
+    The whole state is `cursor` (items drawn so far), so a checkpoint stores one integer.
+    """
+
+    def __init__(self, n: int, seed: int, stream: int, cursor: int = 0):
+        self.n, self.seed, self.stream, self.cursor = n, seed, stream, cursor
+        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.n)
+        return self._perm
+
+    def take(self, k: int) -> np.ndarray:
+        out = np.empty(k, dtype=np.int64)
+        for j in range(k):
+            epoch, pos = divmod(self.cursor + j, self.n)
+            out[j] = self._permutation(epoch)[pos]
+        self.cursor += k
+        return out
+
+
+def balanced_counts(batch_size: int, num_sources: int, step: int) -> list[int]:
+    """Examples per source in a step's batch: as equal as possible, the remainder rotating over sources."""
+    base, extra = divmod(batch_size, num_sources)
+    return [base + int((k - step) % num_sources < extra) for k in range(num_sources)]
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # [b, T] long
+    attention_mask: torch.Tensor  # [b, T] long
+    trainable: torch.Tensor  # [b, T] bool: the loss is taken on these tokens
+    source: torch.Tensor  # [b] long, source index (0 for validation examples)
+    num_tokens: int  # non-padding tokens
+
+    def to(self, device: torch.device) -> "MicroBatch":
+        nb = device.type == "cuda"
+        return MicroBatch(self.input_ids.to(device, non_blocking=nb), self.attention_mask.to(device, non_blocking=nb),
+                          self.trainable.to(device, non_blocking=nb), self.source.to(device, non_blocking=nb),
+                          self.num_tokens)
+
+
+def collate(examples: list[tuple[np.ndarray, np.ndarray]], sources: list[int], pad_id: int) -> MicroBatch:
+    """Right-pad token ids and masks to the longest example."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = np.full((len(examples), width), pad_id, dtype=np.int64)
+    attention = np.zeros((len(examples), width), dtype=np.int64)
+    trainable = np.zeros((len(examples), width), dtype=bool)
+    for row, (ids, mask) in enumerate(examples):
+        input_ids[row, : len(ids)] = ids
+        attention[row, : len(ids)] = 1
+        trainable[row, : len(ids)] = mask
+    return MicroBatch(torch.from_numpy(input_ids), torch.from_numpy(attention), torch.from_numpy(trainable),
+                      torch.tensor(sources, dtype=torch.long), int(attention.sum()))
+
+
+def micro_batches(items: list[tuple[int, int]], data: list[TokenizedData], micro_batch_size: int,
+                  pad_id: int) -> list[MicroBatch]:
+    """Split one process's `(source, example)` items into micro-batches of similar lengths (less padding).
+
+    The chunk count depends only on len(items), so every process runs the same number of forward passes.
+    """
+    if not items:
+        return []
+    order = sorted(items, key=lambda it: int(data[it[0]].lengths[it[1]]))
+    chunks = np.array_split(np.arange(len(order)), -(-len(order) // micro_batch_size))
+    batches = []
+    for chunk in chunks:
+        picked = [order[i] for i in chunk]
+        batches.append(collate([data[s].example(i) for s, i in picked], [s for s, _ in picked], pad_id))
+    return batches
+
+
+def response_token_count(items: list[tuple[int, int]], data: list[TokenizedData]) -> int:
+    """Tokens that carry loss in these examples (position 0 predicts nothing, so it never counts)."""
+    total = 0
+    for s, i in items:
+        _, mask = data[s].example(i)
+        total += int(mask[1:].sum())
+    return total

@@ -1,0 +1,72 @@
+"""Loading models and tokenizers, and finding the transformer blocks of any causal LM without a model-type flag."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from scalebio_cli.errors import InputError
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """`auto` means bf16 on a GPU and fp32 on a CPU (bf16 matmuls on CPU are slow and not bitwise stable)."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot load a tokenizer ({str(exc).splitlines()[0]})") from None
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of attention and loss, so any existing token serves.
+        fallback = tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token
+        if fallback is None:
+            raise InputError(f"{path}: the tokenizer has no pad, eos, unk or bos token to pad batches with")
+        tokenizer.pad_token = fallback
+    return tokenizer
+
+
+def load_model(path: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot load a causal LM ({str(exc).splitlines()[0]})") from None
+    model.config.use_cache = False  # training never reuses a KV cache
+    return model.to(device)
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks: the ModuleList of identical modules whose length is the model's layer count.
+
+    Works for Llama, Qwen2, Mistral, Gemma (`model.layers`), GPT-2 (`transformer.h`), GPT-NeoX (`gpt_neox.layers`)
+    and any other architecture that keeps its blocks in one ModuleList, which is how transformers builds them.
+    """
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    expected = getattr(text_config, "num_hidden_layers", None)
+    candidates = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(m) for m in module}) != 1:
+            continue
+        if expected is not None and len(module) != expected:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        candidates.append((size, name, module))
+    if not candidates:
+        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__} (no ModuleList of "
+                         f"{expected} identical blocks)")
+    return max(candidates, key=lambda c: c[0])[2]

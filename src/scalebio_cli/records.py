@@ -1,0 +1,237 @@
+"""Data files and record formats: read `.json`/`.jsonl`/`.parquet`, detect the format, normalise to turns.
+
+Every record becomes either a conversation (a list of `Turn`s, loss on assistant turns) or plain text (loss on all
+tokens). Errors name the file and the record (`file.jsonl:17` is a line, `file.json[16]` a list index, `file.parquet
+row 16` a row), because a user with 3,000 records needs to find the bad one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scalebio_cli.errors import InputError
+
+EXTENSIONS = (".json", ".jsonl", ".parquet")
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
+
+_ROLES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+}
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str  # system | user | assistant
+    content: str
+
+
+# A normalised record: a conversation, or a plain string trained on all tokens.
+Example = list[Turn] | str
+
+
+def record_location(path: Path, index: int) -> str:
+    """Human-readable position of record `index` (0-based) in `path`."""
+    if path.suffix == ".jsonl":
+        return f"{path}:{index + 1}"  # records are lines; blank lines are not counted (see iter_records)
+    if path.suffix == ".parquet":
+        return f"{path} row {index}"
+    return f"{path}[{index}]"
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open("r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+
+
+def _iter_json_array(path: Path, chunk_size: int = 1 << 20) -> Iterator[tuple[str, Any]]:
+    """Stream the elements of a top-level JSON list without loading the whole file as Python objects."""
+    decoder = json.JSONDecoder()
+    with path.open("r", encoding="utf-8") as f:
+        buf = f.read(chunk_size)
+        pos, eof, index = 0, False, 0
+
+        def fill() -> None:
+            nonlocal buf, pos, eof
+            more = f.read(chunk_size)
+            buf, pos = buf[pos:] + more, 0
+            eof = not more
+
+        def skip_space() -> None:
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n":
+                    pos += 1
+                if pos < len(buf) or eof:
+                    return
+                fill()
+
+        skip_space()
+        if pos >= len(buf) or buf[pos] != "[":
+            raise InputError(f"{path}: a .json data file must hold a list of records ([{{...}}, ...])")
+        pos += 1
+        skip_space()
+        if pos < len(buf) and buf[pos] == "]":
+            return
+        while True:
+            while True:
+                try:
+                    obj, end = decoder.raw_decode(buf, pos)
+                    break
+                except json.JSONDecodeError as exc:
+                    if eof:
+                        raise InputError(f"{path}[{index}]: not valid JSON ({exc.msg})") from None
+                    fill()
+            yield f"{path}[{index}]", obj
+            index += 1
+            pos = end
+            skip_space()
+            if pos >= len(buf):
+                raise InputError(f"{path}: the JSON list is not closed (file ends after record {index - 1})")
+            if buf[pos] == "]":
+                return
+            if buf[pos] != ",":
+                raise InputError(f"{path}[{index}]: expected ',' or ']' between records, got {buf[pos]!r}")
+            pos += 1
+            skip_space()
+            if len(buf) - pos < chunk_size // 2 and not eof:
+                fill()
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for a bad file
+        raise InputError(f"{path}: not a readable parquet file ({exc})") from None
+    row = 0
+    for batch in table.iter_batches(batch_size=4096):
+        for record in batch.to_pylist():
+            yield f"{path} row {row}", record
+            row += 1
+
+
+def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """Yield `(location, record)` for every record of a data file, streaming."""
+    path = Path(path)
+    if path.suffix not in EXTENSIONS:
+        raise InputError(f"{path}: unsupported file type '{path.suffix}' (use {', '.join(EXTENSIONS)})")
+    if not path.is_file():
+        raise InputError(f"{path}: data file not found")
+    try:
+        if path.suffix == ".jsonl":
+            yield from _iter_jsonl(path)
+        elif path.suffix == ".json":
+            yield from _iter_json_array(path)
+        else:
+            yield from _iter_parquet(path)
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def detect_format(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return None
+    if "messages" in record:
+        return "messages"
+    if "conversations" in record or "items" in record:
+        return "sharegpt"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "prompt" in record and "completion" in record:
+        return "prompt_completion"
+    if "text" in record:
+        return "text"
+    return None
+
+
+def _text(value: Any, where: str, key: str) -> str:
+    if not isinstance(value, str):
+        raise InputError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _turns(items: Any, where: str, key: str, role_key: str, text_key: str) -> list[Turn]:
+    if not isinstance(items, list):
+        raise InputError(f"{where}: '{key}' must be a list of turns")
+    turns = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or role_key not in item or text_key not in item:
+            raise InputError(f"{where}: {key}[{i}] must be an object with '{role_key}' and '{text_key}'")
+        role = _ROLES.get(str(item[role_key]).lower())
+        if role is None:
+            raise InputError(
+                f"{where}: {key}[{i}] has unknown {role_key} {item[role_key]!r} "
+                f"(expected system, user/human or assistant/gpt)"
+            )
+        turns.append(Turn(role, _text(item[text_key], where, f"{key}[{i}].{text_key}")))
+    return turns
+
+
+def normalize(record: Any, fmt: str, where: str) -> Example:
+    """Turn one record of format `fmt` into a conversation or a text. Raises InputError naming `where`."""
+    if detect_format(record) != fmt:
+        found = detect_format(record)
+        raise InputError(
+            f"{where}: record does not match the file's format '{fmt}'"
+            + (f" (it looks like '{found}')" if found else f" (keys: {sorted(record) if isinstance(record, dict) else type(record).__name__})")
+        )
+    if fmt == "messages":
+        return _turns(record["messages"], where, "messages", "role", "content")
+    if fmt == "sharegpt":
+        key = "conversations" if "conversations" in record else "items"
+        return _turns(record[key], where, key, "from", "value")
+    if fmt == "alpaca":
+        instruction = _text(record["instruction"], where, "instruction")
+        extra = record.get("input") or ""
+        extra = _text(extra, where, "input")
+        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        return [Turn("user", prompt), Turn("assistant", _text(record["output"], where, "output"))]
+    if fmt == "prompt_completion":
+        return [
+            Turn("user", _text(record["prompt"], where, "prompt")),
+            Turn("assistant", _text(record["completion"], where, "completion")),
+        ]
+    return _text(record["text"], where, "text")
+
+
+def iter_examples(path: str | Path) -> Iterator[tuple[str, Example]]:
+    """Yield `(location, example)` for every record; the format is detected from the first record."""
+    fmt = None
+    for where, record in iter_records(path):
+        if fmt is None:
+            fmt = detect_format(record)
+            if fmt is None:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise InputError(
+                    f"{where}: unknown record format (keys: {keys}); expected one of: "
+                    "messages, conversations/items (sharegpt), instruction+output (alpaca), "
+                    "prompt+completion, text"
+                )
+        yield where, normalize(record, fmt, where)
+
+
+def file_format(path: str | Path) -> str | None:
+    """The format of a data file, from its first record (None when the file is empty)."""
+    for where, record in iter_records(path):
+        fmt = detect_format(record)
+        if fmt is None:
+            raise InputError(f"{where}: unknown record format")
+        return fmt
+    return None

@@ -1,0 +1,272 @@
+"""`scalebio reweight`: learn source sampling weights with ScaleBiO (see ../shared/docs/ALGORITHM.md).
+
+One step, for u and w two copies of the base model and s = softmax(lam):
+  1. draw a balanced training batch B (every source present) and a validation batch V;
+  2. u-step:  AdamW on  alpha * L2(u, s)                  over B;
+  3. w-step:  AdamW on  L1(w) over V  +  alpha * L2(w, s)  over the same B;
+  4. lam-step: Adam on  alpha * J^T (m(w) - m(u)), from the per-source means of steps 2-3;
+  5. LISA re-draws the trainable blocks of u and w (the same blocks) every `interval` steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from scalebio_cli import distributed, weights_file
+from scalebio_cli.batching import CursorSampler, MicroBatch, balanced_counts, micro_batches, response_token_count
+from scalebio_cli.bilevel import SourceWeights
+from scalebio_cli.config import Recipe
+from scalebio_cli.console import console, format_weights
+from scalebio_cli.dataset import TokenizedData, describe, timed_load
+from scalebio_cli.engine import Engine
+from scalebio_cli.errors import InputError
+from scalebio_cli.losses import example_losses
+from scalebio_cli.metrics import MetricsLog, plot_weights
+from scalebio_cli.modeling import load_model, load_tokenizer, resolve_dtype
+from scalebio_cli.render import Renderer
+
+VALIDATION_STREAM = 10_000  # sampler stream of the validation set; source k uses stream k
+
+
+def check_recipe(recipe: Recipe, world_size: int = 1) -> None:
+    """What reweight needs beyond a well-formed recipe; every problem at once."""
+    problems = []
+    data, rw = recipe.data, recipe.reweight
+    if len(data.sources) < 2:
+        problems.append(f"data.sources: reweight needs at least 2 sources, got {len(data.sources)}")
+    if not data.validation:
+        problems.append("data.validation: reweight needs a validation file (what the model should become good at)")
+    for name, path in [*data.sources.items(), ("validation", data.validation)]:
+        if path and not Path(path).is_file():
+            key = "data.validation" if name == "validation" else f"data.sources.{name}"
+            problems.append(f"{key}: file not found: {path}")
+    if rw.batch_size < len(data.sources):
+        problems.append(f"reweight.batch_size: {rw.batch_size} is less than the {len(data.sources)} sources; "
+                        "every source must appear in every batch")
+    for key in ("batch_size", "val_batch_size"):
+        if getattr(rw, key) % world_size:
+            problems.append(f"reweight.{key}: {getattr(rw, key)} does not divide over {world_size} processes")
+    if problems:
+        raise InputError(problems)
+
+
+@dataclass
+class StepBatches:
+    """One step's data on this process, with the global normalisers every process agrees on."""
+
+    train: list[MicroBatch]
+    val: list[MicroBatch]
+    source_counts: torch.Tensor  # [K] examples of each source in the global batch
+    val_tokens: int  # response tokens in the global validation batch
+    num_tokens: int  # non-padding tokens this process feeds through one model pass of B, plus V
+
+
+class BatchPlan:
+    """Seeded samplers for every source and the validation set; the same draws on every process."""
+
+    def __init__(self, sources: list[TokenizedData], val: TokenizedData, recipe: Recipe, dist: distributed.DistInfo,
+                 pad_id: int):
+        self.sources, self.val, self.dist, self.pad_id = sources, val, dist, pad_id
+        self.rw = recipe.reweight
+        self.samplers = [CursorSampler(len(d), recipe.seed, k) for k, d in enumerate(sources)]
+        self.val_sampler = CursorSampler(len(val), recipe.seed, VALIDATION_STREAM)
+
+    def next(self, step: int) -> StepBatches:
+        counts = balanced_counts(self.rw.batch_size, len(self.sources), step)
+        items = [(k, int(i)) for k, n in enumerate(counts) for i in self.samplers[k].take(n)]
+        val_items = [(0, int(i)) for i in self.val_sampler.take(self.rw.val_batch_size)]
+        rank, world = self.dist.rank, self.dist.world_size
+        mine, val_mine = items[rank::world], val_items[rank::world]
+        train = micro_batches(mine, self.sources, self.rw.micro_batch_size, self.pad_id)
+        val = micro_batches(val_mine, [self.val], self.rw.micro_batch_size, self.pad_id)
+        return StepBatches(
+            train=[b.to(self.dist.device) for b in train],
+            val=[b.to(self.dist.device) for b in val],
+            source_counts=torch.tensor(counts, dtype=torch.float32, device=self.dist.device),
+            val_tokens=response_token_count(val_items, [self.val]),
+            num_tokens=sum(b.num_tokens for b in train + val),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sources": [s.cursor for s in self.samplers], "validation": self.val_sampler.cursor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for sampler, cursor in zip(self.samplers, state["sources"]):
+            sampler.cursor = cursor
+        self.val_sampler.cursor = state["validation"]
+
+
+def load_data(recipe: Recipe, renderer: Renderer, dist: distributed.DistInfo) -> tuple[list[TokenizedData], TokenizedData]:
+    """Tokenize (or load from cache) every source and the validation set. Rank 0 fills the cache first."""
+    named = {**recipe.data.sources, "validation": recipe.data.validation}
+    loaded: dict[str, TokenizedData] = {}
+    for turn in ("main", "others"):
+        if (turn == "main") == dist.is_main:
+            for name, path in named.items():
+                data, seconds = timed_load(path, renderer, recipe.data.cache_dir)
+                loaded[name] = data
+                if dist.is_main:
+                    console.print(f"[dim]data[/] {describe(name, data, seconds)}")
+        distributed.barrier(dist)
+    empty = [name for name, d in loaded.items() if len(d) == 0]
+    if empty:
+        raise InputError([f"{named[n]}: no record of '{n}' has a response token within data.max_length="
+                          f"{recipe.data.max_length}" for n in empty])
+    val = loaded.pop("validation")
+    return [loaded[name] for name in recipe.data.sources], val
+
+
+def run(recipe: Recipe) -> Path:
+    """Run the reweighting described by `recipe`; returns the path of weights.json."""
+    dist = distributed.setup()
+    try:
+        return _run(recipe, dist)
+    finally:
+        distributed.teardown()
+
+
+def _run(recipe: Recipe, dist: distributed.DistInfo) -> Path:
+    check_recipe(recipe, dist.world_size)
+    rw, names = recipe.reweight, list(recipe.data.sources)
+    out = Path(recipe.output_dir)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(recipe.seed)
+
+    tokenizer = load_tokenizer(recipe.tokenizer_path, recipe.trust_remote_code)
+    renderer = Renderer(tokenizer, recipe.data.max_length)
+    sources, val = load_data(recipe, renderer, dist)
+    plan = BatchPlan(sources, val, recipe, dist, tokenizer.pad_token_id)
+
+    dtype = resolve_dtype(recipe.precision, dist.device)
+    model_u = load_model(recipe.model, dtype, dist.device, recipe.trust_remote_code)
+    model_w = copy.deepcopy(model_u)
+    engine_kwargs = dict(weight_decay=rw.weight_decay, max_grad_norm=rw.max_grad_norm, total_steps=rw.steps,
+                         warmup_ratio=rw.warmup_ratio, lisa=rw.lisa, seed=recipe.seed, dist=dist,
+                         gradient_checkpointing=rw.gradient_checkpointing)
+    u = Engine(model_u, lr=rw.lr_u, **engine_kwargs)
+    w = Engine(model_w, lr=rw.lr_w, **engine_kwargs)
+    lam = SourceWeights(len(names), rw.lr_lambda, rw.steps, rw.warmup_ratio, dist.device)
+    if dist.is_main:
+        lisa = (f"LISA {rw.lisa.layers} of {len(u.lisa.blocks)} blocks every {rw.lisa.interval} steps"
+                if u.lisa.enabled else f"all {len(u.lisa.blocks)} blocks")
+        console.print(f"[dim]model[/] {recipe.model} ({sum(p.numel() for p in model_u.parameters()) / 1e6:.1f}M "
+                      f"parameters, {dtype}, {dist.device}, {dist.world_size} process(es), {lisa})")
+
+    metrics = MetricsLog(out / "metrics.jsonl") if dist.is_main else None
+    trajectory = [{"step": 0, "weights": dict(zip(names, lam.probs().tolist()))}]
+    avg_from = rw.steps // 2  # weights_averaged: mean of s after each step of the second half
+    weights_sum = torch.zeros(len(names), dtype=torch.float64, device=dist.device)
+    tokens_since_log, last_log_time = 0, time.perf_counter()
+
+    progress = _progress(dist.is_main)
+    task = progress.add_task("reweight", total=rw.steps, info=format_weights(trajectory[0]["weights"], 14))
+    with progress:
+        for step in range(rw.steps):
+            u.lisa.update(step)
+            w.lisa.update(step)
+            batch = plan.next(step)
+            s = lam.probs()
+            # alpha * s_k / n_k: the gradient of alpha * L2 = alpha * sum_k s_k * mean_k(loss) per example.
+            coef = rw.alpha * s / batch.source_counts
+
+            sums_u = _train_pass(u, batch.train, coef, len(names), sync_last=True)
+            grad_norm_u = u.step(clip_scale=rw.alpha)
+
+            sums_w = _train_pass(w, batch.train, coef, len(names), sync_last=not batch.val)
+            l1_sum = torch.zeros((), dtype=torch.float32, device=dist.device)
+            for i, mb in enumerate(batch.val):
+                with w.sync_context(i == len(batch.val) - 1):
+                    token_sums, _ = example_losses(w(mb), mb)
+                    w.backward(token_sums.sum() / batch.val_tokens)
+                l1_sum += token_sums.detach().sum()
+            grad_norm_w = w.step(clip_scale=rw.alpha)
+
+            # One all-reduce for everything the lam step and the logs need.
+            totals = distributed.all_reduce_sum(torch.cat([sums_u, sums_w, l1_sum.view(1)]), dist)
+            m_u = totals[: len(names)] / batch.source_counts
+            m_w = totals[len(names): 2 * len(names)] / batch.source_counts
+            lam_grad = lam.step(m_w, m_u, rw.alpha)
+            if step >= avg_from:
+                weights_sum += lam.probs().double()
+            tokens_since_log += batch.num_tokens * dist.world_size
+
+            done = step + 1
+            if done % rw.log_every == 0 or done == rw.steps:
+                now = time.perf_counter()
+                weights = dict(zip(names, lam.probs().tolist()))
+                trajectory.append({"step": done, "weights": weights})
+                record = {
+                    "step": done,
+                    "L1": float(totals[-1] / batch.val_tokens),
+                    "L2_u": float(torch.dot(s, m_u)),
+                    "L2_w": float(torch.dot(s, m_w)),
+                    "loss_u": dict(zip(names, m_u.tolist())),
+                    "loss_w": dict(zip(names, m_w.tolist())),
+                    "weights": weights,
+                    "lambda_grad": dict(zip(names, lam_grad.tolist())),
+                    "grad_norm_u": None if grad_norm_u is None else float(grad_norm_u),
+                    "grad_norm_w": None if grad_norm_w is None else float(grad_norm_w),
+                    "lr_u": u.lr, "lr_w": w.lr, "lr_lambda": lam.lr,
+                    "active_blocks": u.lisa.active if u.lisa.enabled else "all",
+                    "tokens_per_s": tokens_since_log / (now - last_log_time),
+                }
+                tokens_since_log, last_log_time = 0, now
+                if metrics is not None:
+                    metrics.write(record)
+                    progress.console.print(
+                        f"step {done:>5}/{rw.steps}  L1 {record['L1']:.4f}  L2(u) {record['L2_u']:.4f}  "
+                        f"L2(w) {record['L2_w']:.4f}  {record['tokens_per_s']:,.0f} tok/s  | "
+                        f"{format_weights(weights)}")
+                progress.update(task, info=format_weights(weights, 14))
+            progress.advance(task)
+
+    final = dict(zip(names, lam.probs().tolist()))
+    averaged = dict(zip(names, (weights_sum / (rw.steps - avg_from)).tolist()))
+    path = out / "weights.json"
+    if dist.is_main:
+        doc = weights_file.build(
+            weights=final, weights_averaged=averaged,
+            sources={n: _source_info(recipe.data.sources[n], d) for n, d in zip(names, sources)},
+            validation=_source_info(recipe.data.validation, val), trajectory=trajectory, steps=rw.steps,
+            seed=recipe.seed, model=recipe.model, config=recipe.to_dict())
+        weights_file.write(path, doc)
+        plot_weights(trajectory, out / "weights.png")
+        console.print(f"[bold green]weights[/] {format_weights(doc['weights'])}")
+        console.print(f"[dim]averaged over steps {avg_from + 1}-{rw.steps}:[/] {format_weights(doc['weights_averaged'])}")
+    distributed.barrier(dist)
+    return path
+
+
+def _train_pass(engine: Engine, micro: list[MicroBatch], coef: torch.Tensor, num_sources: int,
+                sync_last: bool) -> torch.Tensor:
+    """Forward/backward of alpha * L2 over this process's share of B; returns per-source sums of example losses."""
+    sums = torch.zeros(num_sources, dtype=torch.float32, device=coef.device)
+    for i, mb in enumerate(micro):
+        with engine.sync_context(sync_last and i == len(micro) - 1):
+            token_sums, counts = example_losses(engine(mb), mb)
+            per_example = token_sums / counts
+            engine.backward((coef[mb.source] * per_example).sum())
+        sums.index_add_(0, mb.source, per_example.detach())
+    return sums
+
+
+def _source_info(path: str | None, data: TokenizedData) -> dict[str, Any]:
+    return {"path": str(Path(path).resolve()), "num_examples": data.num_records, "num_trainable": len(data),
+            "sha256": data.sha256}
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]reweight"), BarColumn(bar_width=24), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("<"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+        console=console, disable=not enabled, transient=False,
+    )
