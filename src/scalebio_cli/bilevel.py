@@ -26,8 +26,12 @@ class SourceWeights:
         self.optimizer = torch.optim.Adam([self.lam], lr=lr, betas=(0.9, 0.999))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(total_steps, warmup_ratio))
 
-    def probs(self) -> torch.Tensor:
-        return torch.softmax(self.lam.detach(), dim=0)
+    def probs(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.softmax(self.lam.detach().to(dtype), dim=0)
+
+    def as_dict(self, names: list[str]) -> dict[str, float]:
+        """The weights to report: a float64 softmax, so they sum to 1 to within 1e-15."""
+        return dict(zip(names, self.probs(torch.float64).tolist()))
 
     def step(self, m_w: torch.Tensor, m_u: torch.Tensor, alpha: float) -> torch.Tensor:
         """One Adam step on lam from the per-source means; returns the gradient used."""

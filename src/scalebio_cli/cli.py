@@ -7,6 +7,7 @@ else.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -76,14 +77,21 @@ def reweight(config: ConfigOption, overrides: OverridesArg = None) -> None:
 
     def body() -> Any:
         from scalebio_cli.config import load_recipe
+        from scalebio_cli.validate import check_reweight
 
         recipe = load_recipe(config, overrides)
-        from scalebio_cli import reweight as stage
+        check_reweight(recipe, config)
+        from scalebio_cli import reweight as stage  # torch and transformers load only now
 
         return stage.run(recipe)
 
-    path = guarded(body)
-    typer.echo(str(path))
+    _print_result(guarded(body))
+
+
+def _print_result(path: Path) -> None:
+    """The output path goes to stdout (for pipes), once, from the main process."""
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(str(path))
 
 
 def main() -> None:

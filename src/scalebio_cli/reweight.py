@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -34,28 +33,6 @@ from scalebio_cli.modeling import load_model, load_tokenizer, resolve_dtype
 from scalebio_cli.render import Renderer
 
 VALIDATION_STREAM = 10_000  # sampler stream of the validation set; source k uses stream k
-
-
-def check_recipe(recipe: Recipe, world_size: int = 1) -> None:
-    """What reweight needs beyond a well-formed recipe; every problem at once."""
-    problems = []
-    data, rw = recipe.data, recipe.reweight
-    if len(data.sources) < 2:
-        problems.append(f"data.sources: reweight needs at least 2 sources, got {len(data.sources)}")
-    if not data.validation:
-        problems.append("data.validation: reweight needs a validation file (what the model should become good at)")
-    for name, path in [*data.sources.items(), ("validation", data.validation)]:
-        if path and not Path(path).is_file():
-            key = "data.validation" if name == "validation" else f"data.sources.{name}"
-            problems.append(f"{key}: file not found: {path}")
-    if rw.batch_size < len(data.sources):
-        problems.append(f"reweight.batch_size: {rw.batch_size} is less than the {len(data.sources)} sources; "
-                        "every source must appear in every batch")
-    for key in ("batch_size", "val_batch_size"):
-        if getattr(rw, key) % world_size:
-            problems.append(f"reweight.{key}: {getattr(rw, key)} does not divide over {world_size} processes")
-    if problems:
-        raise InputError(problems)
 
 
 @dataclass
@@ -134,7 +111,6 @@ def run(recipe: Recipe) -> Path:
 
 
 def _run(recipe: Recipe, dist: distributed.DistInfo) -> Path:
-    check_recipe(recipe, dist.world_size)
     rw, names = recipe.reweight, list(recipe.data.sources)
     out = Path(recipe.output_dir)
     if dist.is_main:
@@ -162,7 +138,7 @@ def _run(recipe: Recipe, dist: distributed.DistInfo) -> Path:
                       f"parameters, {dtype}, {dist.device}, {dist.world_size} process(es), {lisa})")
 
     metrics = MetricsLog(out / "metrics.jsonl") if dist.is_main else None
-    trajectory = [{"step": 0, "weights": dict(zip(names, lam.probs().tolist()))}]
+    trajectory = [{"step": 0, "weights": lam.as_dict(names)}]
     avg_from = rw.steps // 2  # weights_averaged: mean of s after each step of the second half
     weights_sum = torch.zeros(len(names), dtype=torch.float64, device=dist.device)
     tokens_since_log, last_log_time = 0, time.perf_counter()
@@ -196,13 +172,13 @@ def _run(recipe: Recipe, dist: distributed.DistInfo) -> Path:
             m_w = totals[len(names): 2 * len(names)] / batch.source_counts
             lam_grad = lam.step(m_w, m_u, rw.alpha)
             if step >= avg_from:
-                weights_sum += lam.probs().double()
+                weights_sum += lam.probs(torch.float64)
             tokens_since_log += batch.num_tokens * dist.world_size
 
             done = step + 1
             if done % rw.log_every == 0 or done == rw.steps:
                 now = time.perf_counter()
-                weights = dict(zip(names, lam.probs().tolist()))
+                weights = lam.as_dict(names)
                 trajectory.append({"step": done, "weights": weights})
                 record = {
                     "step": done,
@@ -229,7 +205,7 @@ def _run(recipe: Recipe, dist: distributed.DistInfo) -> Path:
                 progress.update(task, info=format_weights(weights, 14))
             progress.advance(task)
 
-    final = dict(zip(names, lam.probs().tolist()))
+    final = lam.as_dict(names)
     averaged = dict(zip(names, (weights_sum / (rw.steps - avg_from)).tolist()))
     path = out / "weights.json"
     if dist.is_main:

@@ -12,19 +12,13 @@ from scalebio_cli.atomic import write_json
 FORMAT = "scalebio-weights/1"
 
 
-def normalized(weights: dict[str, float]) -> dict[str, float]:
-    """Round-trip-safe floats that sum to 1 within 1e-12."""
-    total = sum(weights.values())
-    return {k: float(v) / total for k, v in weights.items()}
-
-
 def build(*, weights: dict[str, float], weights_averaged: dict[str, float], sources: dict[str, dict[str, Any]],
           validation: dict[str, Any] | None, trajectory: list[dict[str, Any]], steps: int, seed: int, model: str,
           config: dict[str, Any]) -> dict[str, Any]:
     return {
         "format": FORMAT,
-        "weights": normalized(weights),
-        "weights_averaged": normalized(weights_averaged),
+        "weights": weights,
+        "weights_averaged": weights_averaged,
         "sources": sources,
         "validation": validation,
         "trajectory": trajectory,

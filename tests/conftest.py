@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny Llama and demo data built once per session, offline, on CPU."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before anything imports transformers/deepspeed: offline, CPU, and a private tokenization cache.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["SCALEBIO_CACHE"] = tempfile.mkdtemp(prefix="scalebio-test-cache-")
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data" / "instruct-math"
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A demo folder like `make demo` builds: data/ (three sources, val, test) and model/ (4-block Llama)."""
+    from scalebio_cli.tiny import corpus_texts, make_demo_data, save_tiny_model
+
+    root = tmp_path_factory.mktemp("demo")
+    paths = make_demo_data(root / "data")
+    save_tiny_model(root / "model", corpus_texts(list(paths.values())), arch="llama", layers=4, hidden=64)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tokenizer(demo: Path):
+    from scalebio_cli.modeling import load_tokenizer
+
+    return load_tokenizer(str(demo / "model"))
+
+
+def write_recipe(path: Path, demo: Path, **sections: object) -> Path:
+    """A demo recipe at `path` (YAML), with top-level keys/sections replaced by `sections`."""
+    import yaml
+
+    recipe = {
+        "model": str(demo / "model"),
+        "output_dir": str(path.parent / "run"),
+        "seed": 0,
+        "data": {
+            "sources": {
+                "clean": str(demo / "data" / "clean.jsonl"),
+                "noisy": str(demo / "data" / "noisy.json"),
+                "offtopic": str(demo / "data" / "offtopic.parquet"),
+            },
+            "validation": str(demo / "data" / "val.jsonl"),
+            "max_length": 64,
+        },
+        "reweight": {"steps": 200, "alpha": 1, "lr_u": 3e-3, "lr_w": 3e-3, "lr_lambda": 2e-2, "batch_size": 24,
+                     "val_batch_size": 8, "micro_batch_size": 32, "log_every": 20,
+                     "lisa": {"layers": 2, "interval": 20}},
+    }
+    recipe.update(sections)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run the real `scalebio` console entry point in a subprocess."""
+    exe = shutil.which("scalebio", path=str(Path(sys.executable).parent)) or "scalebio"
+    return subprocess.run([exe, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "200"})

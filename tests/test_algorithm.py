@@ -1,0 +1,171 @@
+"""The math of one step: per-source loss normalisation, exact accumulation, the lam gradient, the optimizer."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scalebio_cli.batching import CursorSampler, balanced_counts, collate, micro_batches
+from scalebio_cli.bilevel import SourceWeights, lambda_gradient
+from scalebio_cli.dataset import TokenizedData
+from scalebio_cli.losses import example_losses
+from scalebio_cli.optim import AdamW, warmup_cosine
+from scalebio_cli.tiny import build_model
+
+
+def fake_data(rng: np.random.Generator, n: int, vocab: int) -> TokenizedData:
+    """n examples of random length, each with a random-length prompt (not trainable) and response."""
+    ids, masks, offsets = [], [], [0]
+    for _ in range(n):
+        prompt, response = int(rng.integers(2, 9)), int(rng.integers(1, 7))
+        ids.append(rng.integers(5, vocab, prompt + response))
+        masks.append(np.array([False] * prompt + [True] * response))
+        offsets.append(offsets[-1] + prompt + response)
+    return TokenizedData(path=None, sha256="", ids=np.concatenate(ids).astype(np.int32),
+                         trainable=np.concatenate(masks), offsets=np.array(offsets), record_index=np.arange(n),
+                         num_records=n)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    m = build_model(tokenizer, "llama", layers=2, hidden=32)
+    m.eval()  # no dropout anyway; eval for clarity
+    return m
+
+
+def test_example_losses_are_response_token_means(model, tokenizer) -> None:
+    rng = np.random.default_rng(0)
+    data = fake_data(rng, 5, len(tokenizer))
+    batch = collate([data.example(i) for i in range(5)], [0, 1, 0, 1, 1], pad_id=tokenizer.pad_token_id)
+    sums, counts = example_losses(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch)
+    for i in range(5):
+        ids, mask = data.example(i)
+        logits = model(input_ids=torch.tensor(ids[None].astype(np.int64))).logits[0]
+        positions = [t for t in range(1, len(ids)) if mask[t]]
+        manual = [F.cross_entropy(logits[t - 1], torch.tensor(int(ids[t]))).item() for t in positions]
+        assert counts[i].item() == len(positions)
+        # Padding and batch neighbours do not change an example's loss.
+        assert sums[i].item() / counts[i].item() == pytest.approx(sum(manual) / len(manual), rel=1e-5)
+
+
+def test_per_source_means_weight_examples_not_tokens() -> None:
+    # Source 0: examples with mean losses 1 (over 1 token) and 3 (over 9 tokens) -> m_0 = 2, not 2.8.
+    per_example = torch.tensor([1.0, 3.0, 5.0])
+    source = torch.tensor([0, 0, 1])
+    counts = torch.tensor([2.0, 1.0])
+    sums = torch.zeros(2).index_add_(0, source, per_example)
+    assert (sums / counts).tolist() == [2.0, 5.0]
+
+
+def test_micro_batching_gives_the_whole_batch_gradient(model, tokenizer) -> None:
+    """alpha * sum_k s_k m_k over one big batch == the sum of coefficient-weighted micro-batch losses."""
+    rng = np.random.default_rng(1)
+    sources = [fake_data(rng, 12, len(tokenizer)), fake_data(rng, 12, len(tokenizer))]
+    items = [(0, i) for i in range(5)] + [(1, i) for i in range(7)]
+    alpha, s = 10.0, torch.tensor([0.3, 0.7])
+    counts = torch.tensor([5.0, 7.0])
+
+    def grads(micro_batch_size: int) -> list[torch.Tensor]:
+        model.zero_grad()
+        coef = alpha * s / counts
+        for mb in micro_batches(items, sources, micro_batch_size, tokenizer.pad_token_id):
+            sums, n = example_losses(model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits, mb)
+            (coef[mb.source] * sums / n).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    def reference() -> list[torch.Tensor]:
+        model.zero_grad()
+        means = []
+        for k in range(2):
+            losses = []
+            for src, i in items:
+                if src == k:
+                    mb = collate([sources[k].example(i)], [k], tokenizer.pad_token_id)
+                    sums, n = example_losses(model(input_ids=mb.input_ids).logits, mb)
+                    losses.append(sums[0] / n[0])
+            means.append(torch.stack(losses).mean())
+        (alpha * (s[0] * means[0] + s[1] * means[1])).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    ref = reference()
+    for size in (1, 3, 12):
+        for g, r in zip(grads(size), ref):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_lambda_gradient_equals_autograd() -> None:
+    torch.manual_seed(0)
+    for k in (2, 3, 7):
+        lam = torch.randn(k, dtype=torch.float64, requires_grad=True)
+        m_w, m_u = torch.rand(k, dtype=torch.float64) * 3, torch.rand(k, dtype=torch.float64) * 3
+        alpha = 7.5
+        s = torch.softmax(lam, 0)
+        (alpha * (torch.dot(s, m_w) - torch.dot(s, m_u))).backward()
+        analytic = lambda_gradient(torch.softmax(lam.detach(), 0), m_w, m_u, alpha)
+        torch.testing.assert_close(analytic, lam.grad, rtol=1e-12, atol=1e-12)
+        jacobian = torch.diag(s.detach()) - torch.outer(s.detach(), s.detach())
+        torch.testing.assert_close(analytic, alpha * jacobian.T @ (m_w - m_u), rtol=1e-12, atol=1e-12)
+
+
+def test_source_weights_move_towards_the_source_w_is_better_on() -> None:
+    weights = SourceWeights(3, lr=0.1, total_steps=10, warmup_ratio=0.0, device=torch.device("cpu"))
+    assert weights.probs().tolist() == pytest.approx([1 / 3] * 3)
+    for _ in range(10):
+        weights.step(m_w=torch.tensor([1.0, 2.0, 2.0]), m_u=torch.tensor([2.0, 2.0, 2.5]), alpha=10.0)
+    s = weights.probs()
+    assert s[0] > s[2] > s[1]  # d = m_w - m_u = [-1, 0, -0.5]: w gains most on source 0, none on 1
+    assert s.sum().item() == pytest.approx(1.0)
+
+
+def test_adamw_matches_torch_adamw_in_fp32() -> None:
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    ours = AdamW(a, lr=1e-2, weight_decay=0.1)
+    ref = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.1, foreach=True)
+    for step in range(6):
+        grads = [torch.randn_like(p) for p in a]
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_adamw_keeps_fp32_master_for_bf16_and_releases_state() -> None:
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
+    opt = AdamW([p], lr=1e-4)
+    for _ in range(3):
+        p.grad = torch.full_like(p, 1.0)
+        opt.step()
+    master = opt.state[p]["master"]
+    assert master.dtype == torch.float32 and opt.state[p]["exp_avg"].dtype == torch.float32
+    # 1 - 3e-4 is not representable in bf16 (the update would vanish); the master copy keeps it.
+    assert master[0].item() == pytest.approx(1 - 3e-4, rel=1e-5)
+    assert p[0].item() == master[0].to(torch.bfloat16).item()
+    saved = opt.state_dict()
+    opt.release([p])
+    assert opt.state_bytes() == 0
+    opt.load_state_dict(saved)
+    assert opt.state[p]["master"].dtype == torch.float32  # torch's loader would have cast it to bf16
+
+
+def test_warmup_cosine_shape() -> None:
+    f = warmup_cosine(100, 0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
+
+
+def test_samplers_are_balanced_seeded_and_cover_every_example() -> None:
+    assert balanced_counts(10, 3, 0) == [4, 3, 3]
+    assert balanced_counts(10, 3, 1) == [3, 4, 3]  # the remainder rotates
+    assert sum(balanced_counts(32, 5, 7)) == 32
+    a, b = CursorSampler(10, seed=3, stream=1), CursorSampler(10, seed=3, stream=1)
+    first = np.concatenate([a.take(4), a.take(6)])
+    assert sorted(first.tolist()) == list(range(10))  # one epoch = a permutation
+    assert b.take(10).tolist() == first.tolist()  # same seed, same order
+    resumed = CursorSampler(10, seed=3, stream=1, cursor=a.cursor)
+    assert resumed.take(5).tolist() == a.take(5).tolist()  # the cursor is the whole state
+    assert CursorSampler(10, seed=3, stream=2).take(10).tolist() != first.tolist()
