@@ -27,6 +27,11 @@ demo: install
 	$(BIN)/scalebio reweight --config recipes/demo.yaml
 	@echo "weights: runs/demo/weights.json   plot: runs/demo/weights.png   metrics: runs/demo/metrics.jsonl"
 
+# reweight -> sample (ScaleBiO and uniform) -> finetune both -> eval on the held-out demo test set.
+pipeline: install
+	$(BIN)/python scripts/build_demo.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/pipeline.sh recipes/demo.yaml demo/data/test.jsonl runs/pipeline 600
+
 test: install
 	$(BIN)/python -m pytest -q
 

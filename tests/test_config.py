@@ -44,6 +44,19 @@ def test_relative_paths_resolve_against_recipe_folder(tmp_path: Path) -> None:
     assert list(recipe.data.sources) == ["a", "b", "c"]  # recipe order is the source order
 
 
+def test_override_paths_resolve_against_the_current_directory(tmp_path: Path, monkeypatch) -> None:
+    recipe_dir, cwd = tmp_path / "recipes", tmp_path / "work"
+    recipe_dir.mkdir()
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    recipe = load_recipe(write(recipe_dir, BASE), ["output_dir=runs/x", "data.sources.a=data/a.jsonl",
+                                                   "finetune.data=s.jsonl"])
+    assert recipe.output_dir == str(cwd / "runs" / "x")
+    assert recipe.data.sources["a"] == str(cwd / "data" / "a.jsonl")
+    assert recipe.data.sources["b"] == str(recipe_dir / "sub" / "b.json")  # from the file: recipe folder
+    assert recipe.finetune.data == str(cwd / "s.jsonl")
+
+
 def test_hub_id_stays_when_no_such_folder(tmp_path: Path) -> None:
     recipe = load_recipe(write(tmp_path, {**BASE, "model": "meta-llama/Llama-3.1-8B"}))
     assert recipe.model == "meta-llama/Llama-3.1-8B"

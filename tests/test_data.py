@@ -117,7 +117,7 @@ def test_conversation_without_assistant_turn_is_skipped(tmp_path: Path, tokenize
 
 @pytest.mark.parametrize("name, content, message", [
     ("bad.jsonl", '{"text": "ok"}\n{"text": \n', "bad.jsonl:2: not valid JSON"),
-    ("bad.jsonl", '{"text": "ok"}\n{"prompt": "p", "completion": "c"}\n', "bad.jsonl:2: record does not match"),
+    ("bad.jsonl", '{"text": "ok"}\n{"prompt": "p"}\n', "bad.jsonl:2: unknown record format"),
     ("bad.jsonl", '{"foo": 1}\n', "bad.jsonl:1: unknown record format"),
     ("bad.jsonl", '{"messages": [{"role": "robot", "content": "x"}]}\n', "unknown role 'robot'"),
     ("bad.jsonl", '{"messages": [{"role": "user"}]}\n', "messages[0] must be an object with 'role' and 'content'"),
@@ -132,6 +132,14 @@ def test_malformed_files_name_file_and_record(tmp_path: Path, name: str, content
     path.write_text(content)
     with pytest.raises(InputError, match=message.replace("[", r"\[") if "\\" not in message else message):
         list(iter_examples(path))
+
+
+def test_formats_may_mix_within_a_file(tmp_path: Path) -> None:
+    """`scalebio sample` writes records of several formats into one file."""
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "completion": "c", "source": "a"}) + "\n"
+                    + json.dumps({"text": "t", "source": "b"}) + "\n")
+    assert [ex for _, ex in iter_examples(path)] == [[Turn("user", "p"), Turn("assistant", "c")], "t"]
 
 
 def test_json_array_streams_across_chunks(tmp_path: Path) -> None:

@@ -88,6 +88,158 @@ def reweight(config: ConfigOption, overrides: OverridesArg = None) -> None:
     _print_result(guarded(body))
 
 
+def _parse_named_files(items: list[str], option: str) -> dict[str, str]:
+    named, problems = {}, []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            problems.append(f"{option} {item!r}: expected NAME=FILE")
+        elif name in named:
+            problems.append(f"{option}: the name '{name}' is given twice")
+        else:
+            named[name] = str(Path(path).expanduser().resolve())
+    if problems:
+        raise InputError(problems)
+    return named
+
+
+@app.command()
+def sample(
+    weights: Annotated[str, typer.Option(help="A weights.json from `scalebio reweight`, or `uniform`, or "
+                                              "`proportional` (to source sizes; needs --sources or --config).",
+                                         show_default=False)],
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=0, help="Records to draw in total.",
+                                             show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output .jsonl (a .manifest.json is written "
+                                                                 "beside it).", show_default=False)],
+    seed: Annotated[int, typer.Option(help="Seed of the draw and the shuffle.")] = 0,
+    replacement: Annotated[bool, typer.Option("--replacement/--no-replacement",
+                                              help="Allow a record to be drawn more than once.")] = False,
+    averaged: Annotated[bool, typer.Option("--averaged", help="Use weights_averaged (mean over the second half "
+                                                              "of the run) instead of the final weights.")] = False,
+    allow_changed_sources: Annotated[bool, typer.Option(help="Sample even if a source file no longer matches the "
+                                                             "sha256 recorded in the weights file.")] = False,
+    sources: Annotated[list[str] | None, typer.Option("--sources", help="NAME=FILE, repeatable: the sources for "
+                                                                        "uniform/proportional weights.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Take the sources for "
+                                                "uniform/proportional weights from this recipe's data.sources.")] = None,
+) -> None:
+    """Draw N records from the sources in proportion to their weights; writes OUT.jsonl and OUT.manifest.json.
+
+    Counts are round(N * weight) with largest-remainder rounding (they add up to N); each record is written
+    unchanged plus a "source" field, shuffled with --seed. Prints the output path on stdout.
+    """
+
+    def body() -> Path:
+        from scalebio_cli import sample as stage
+        from scalebio_cli import weights_file
+
+        sizes = None
+        if weights in ("uniform", "proportional"):
+            if config is not None:
+                from scalebio_cli.config import load_recipe
+
+                named = load_recipe(config).data.sources
+            else:
+                named = _parse_named_files(sources or [], "--sources")
+            if not named:
+                raise InputError(f"--weights {weights}: name the sources with --sources NAME=FILE ... or --config")
+            missing = [f"--sources {n}: file not found: {p}" for n, p in named.items() if not Path(p).is_file()]
+            if missing:
+                raise InputError(missing)
+            probs, sizes = stage.baseline_weights(weights, named)
+            label = weights
+        else:
+            if sources or config:
+                raise InputError("--sources/--config go with --weights uniform|proportional; a weights file "
+                                 "names its own sources")
+            probs, doc = weights_file.load(weights, allow_changed_sources, averaged)
+            named = {n: doc["sources"][n]["path"] for n in probs}
+            label = str(Path(weights).resolve())
+            recorded = {n: doc["sources"][n].get("num_examples") for n in probs}
+            if not allow_changed_sources and all(isinstance(v, int) for v in recorded.values()):
+                sizes = recorded  # the sha256 matched, so the recorded sizes are the files' sizes
+        stage.run(probs, named, num_samples, output.resolve(), seed, replacement, label, sizes)
+        return output
+
+    _print_result(guarded(body))
+
+
+@app.command()
+def finetune(config: ConfigOption, overrides: OverridesArg = None) -> None:
+    """Fine-tune `model` on finetune.data (or data.sources mixed by finetune.weights); writes a Hugging Face model
+    folder to OUTPUT_DIR.
+
+    Full-parameter, or LISA with finetune.lisa.layers > 0. Also writes metrics.jsonl (loss, lr, tokens/s, and the
+    validation loss when finetune.validation is set). Prints OUTPUT_DIR on stdout.
+    """
+
+    def body() -> Any:
+        from scalebio_cli.config import load_recipe
+        from scalebio_cli.validate import check_finetune
+
+        recipe = load_recipe(config, overrides)
+        check_finetune(recipe, config)
+        from scalebio_cli import finetune as stage
+
+        return stage.run(recipe)
+
+    _print_result(guarded(body))
+
+
+@app.command(name="eval")
+def evaluate(
+    model: Annotated[Path, typer.Option(help="A model folder (e.g. the output_dir of `scalebio finetune`).",
+                                        show_default=False)],
+    data: Annotated[list[str] | None, typer.Option(help="NAME=FILE, repeatable: data files to measure on.",
+                                                   show_default=False)] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the results to this JSON file.")] = None,
+    generate: Annotated[bool, typer.Option("--generate", help="Also greedy-generate answers and report exact-match "
+                                           "accuracy on records with a checkable final answer (#### 42, \\boxed{}, "
+                                           "a trailing number).")] = False,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation length limit.")] = 256,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per forward pass.")] = 8,
+    max_length: Annotated[int, typer.Option(min=8, help="Tokens per example (longer ones are truncated).")] = 1024,
+    lm_eval: Annotated[str | None, typer.Option("--lm-eval", help="Comma-separated lm-evaluation-harness tasks: "
+                                                "names, or paths to local task YAML files.")] = None,
+    lm_eval_limit: Annotated[int | None, typer.Option(help="Examples per lm-eval task (for quick checks).")] = None,
+    precision: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), fp32 or bf16.")] = "auto",
+) -> None:
+    """Mean response-token loss and perplexity of MODEL on each data file (and more, on request).
+
+    Prints a table on stderr; with --output writes {"model": ..., "results": {NAME: {"loss", "perplexity",
+    "num_examples", ...}}} and prints its path on stdout.
+    """
+
+    def body() -> Any:
+        named = _parse_named_files(data or [], "--data")
+        problems = [f"--data {n}: file not found: {p}" for n, p in named.items() if not Path(p).is_file()]
+        if not named and not lm_eval:
+            problems.append("eval: give at least one --data NAME=FILE (or --lm-eval TASKS)")
+        if not (model / "config.json").is_file():
+            problems.append(f"--model {model}: not a model folder (no config.json)")
+        if precision not in ("auto", "fp32", "bf16"):
+            problems.append(f"--precision: must be auto, fp32 or bf16, got {precision!r}")
+        if problems:
+            raise InputError(problems)
+        from scalebio_cli import evaluate as stage
+        from scalebio_cli.console import console
+
+        tasks = [t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval else None
+        doc = stage.run(str(model.resolve()), named, output=output.resolve() if output else None,
+                        batch_size=batch_size, max_length=max_length, generate=generate,
+                        max_new_tokens=max_new_tokens, lm_eval_tasks=tasks, lm_eval_limit=lm_eval_limit,
+                        precision=precision)
+        console.print(stage.format_table(doc))
+        for task, metrics in doc.get("lm_eval", {}).items():
+            console.print(f"lm-eval {task}: " + ", ".join(f"{k} {v}" for k, v in metrics.items()))
+        return output
+
+    result = guarded(body)
+    if result is not None:
+        _print_result(result)
+
+
 def _print_result(path: Path) -> None:
     """The output path goes to stdout (for pipes), once, from the main process."""
     if os.environ.get("RANK", "0") == "0":

@@ -230,6 +230,22 @@ def _resolve_model(path: str, base: Path) -> str:
     return path if (looks_like_hub_id and not local.exists()) else str(local)
 
 
+PATH_KEYS = ("model", "tokenizer", "output_dir", "data.validation", "data.cache_dir", "finetune.data",
+             "finetune.weights", "finetune.validation")
+
+
+def _resolve_override(key: str, value: Any) -> Any:
+    """A path given on the command line is relative to the current directory, as in any shell command."""
+    cwd = Path.cwd()
+    if key in ("model", "tokenizer") and isinstance(value, str):
+        return _resolve_model(value, cwd)
+    if (key in PATH_KEYS or key.startswith("data.sources.")) and isinstance(value, str):
+        return _resolve(value, cwd)
+    if key == "data.sources" and isinstance(value, dict):
+        return {k: _resolve(v, cwd) if isinstance(v, str) else v for k, v in value.items()}
+    return value
+
+
 def resolve_paths(recipe: Recipe, base: Path) -> None:
     recipe.model = _resolve_model(recipe.model, base)
     if recipe.tokenizer:
@@ -289,7 +305,11 @@ def _check_ranges(recipe: Recipe) -> list[str]:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe file, apply overrides, resolve paths, and check values. Raises InputError listing all problems."""
+    """Read a recipe file, apply overrides, resolve paths, and check values. Raises InputError listing all problems.
+
+    Relative paths written in the recipe resolve against the recipe file's folder; relative paths given as
+    command-line overrides resolve against the current directory.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: recipe file not found")
@@ -304,7 +324,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise InputError(f"{path}: expected a mapping of recipe keys at the top level, got {type(tree).__name__}")
     problems: list[str] = []
     for key, value in parse_overrides(overrides or []):
-        _apply_override(tree, key, value, problems)
+        _apply_override(tree, key, _resolve_override(key, value), problems)
     recipe = _build(Recipe, tree, "", problems)
     problems += _check_ranges(recipe)
     if problems:

@@ -11,6 +11,9 @@ from torch import nn
 from scalebio_cli.errors import InputError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():
+    # transformers probes deepspeed, which otherwise warns that it found no accelerator.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:

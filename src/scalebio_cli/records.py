@@ -37,15 +37,6 @@ class Turn:
 Example = list[Turn] | str
 
 
-def record_location(path: Path, index: int) -> str:
-    """Human-readable position of record `index` (0-based) in `path`."""
-    if path.suffix == ".jsonl":
-        return f"{path}:{index + 1}"  # records are lines; blank lines are not counted (see iter_records)
-    if path.suffix == ".parquet":
-        return f"{path} row {index}"
-    return f"{path}[{index}]"
-
-
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     with path.open("r", encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -185,13 +176,7 @@ def _turns(items: Any, where: str, key: str, role_key: str, text_key: str) -> li
 
 
 def normalize(record: Any, fmt: str, where: str) -> Example:
-    """Turn one record of format `fmt` into a conversation or a text. Raises InputError naming `where`."""
-    if detect_format(record) != fmt:
-        found = detect_format(record)
-        raise InputError(
-            f"{where}: record does not match the file's format '{fmt}'"
-            + (f" (it looks like '{found}')" if found else f" (keys: {sorted(record) if isinstance(record, dict) else type(record).__name__})")
-        )
+    """Turn one record of format `fmt` (see detect_format) into a conversation or a text; errors name `where`."""
     if fmt == "messages":
         return _turns(record["messages"], where, "messages", "role", "content")
     if fmt == "sharegpt":
@@ -212,18 +197,18 @@ def normalize(record: Any, fmt: str, where: str) -> Example:
 
 
 def iter_examples(path: str | Path) -> Iterator[tuple[str, Example]]:
-    """Yield `(location, example)` for every record; the format is detected from the first record."""
-    fmt = None
+    """Yield `(location, example)` for every record, detecting each record's format.
+
+    Detection is per record because files written by `scalebio sample` mix the formats of their sources.
+    """
     for where, record in iter_records(path):
+        fmt = detect_format(record)
         if fmt is None:
-            fmt = detect_format(record)
-            if fmt is None:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise InputError(
-                    f"{where}: unknown record format (keys: {keys}); expected one of: "
-                    "messages, conversations/items (sharegpt), instruction+output (alpaca), "
-                    "prompt+completion, text"
-                )
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise InputError(
+                f"{where}: unknown record format (keys: {keys}); expected one of: messages, "
+                "conversations/items (sharegpt), instruction+output (alpaca), prompt+completion, text"
+            )
         yield where, normalize(record, fmt, where)
 
 

@@ -35,3 +35,19 @@ def check_reweight(recipe: Recipe, where: str | Path = "recipe") -> None:
             problems.append(f"reweight.{key}: {getattr(rw, key)} does not divide over {world_size()} processes")
     if problems:
         raise InputError([f"{where}: {p}" for p in problems])
+
+
+def check_finetune(recipe: Recipe, where: str | Path = "recipe") -> None:
+    ft = recipe.finetune
+    problems = []
+    if bool(ft.data) == bool(ft.weights):
+        problems.append("finetune: set exactly one of finetune.data (a data file) and finetune.weights (a "
+                        "weights.json to mix data.sources by)")
+    for key, path in (("finetune.data", ft.data), ("finetune.weights", ft.weights),
+                      ("finetune.validation", ft.validation)):
+        if path and not Path(path).is_file():
+            problems.append(f"{key}: file not found: {path}")
+    if ft.batch_size % world_size():
+        problems.append(f"finetune.batch_size: {ft.batch_size} does not divide over {world_size()} processes")
+    if problems:
+        raise InputError([f"{where}: {p}" for p in problems])

@@ -1,0 +1,205 @@
+"""`scalebio eval`: response-token loss and perplexity per data file; exact-match accuracy from greedy generation;
+lm-evaluation-harness tasks. `dataset_loss` is also finetune's periodic validation loss.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from scalebio_cli import distributed
+from scalebio_cli.batching import micro_batches
+from scalebio_cli.dataset import TokenizedData
+from scalebio_cli.errors import InputError
+from scalebio_cli.losses import example_losses
+from scalebio_cli.records import iter_examples
+
+# End-of-turn markers of common chat templates: generation stops at any of them, not only at EOS.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+
+
+@torch.no_grad()
+def dataset_loss(model: nn.Module, data: TokenizedData, micro_batch_size: int, pad_id: int,
+                 dist: distributed.DistInfo) -> tuple[float, int]:
+    """Mean cross-entropy over every response token of `data` (all processes together), and the token count."""
+    was_training = model.training
+    model.eval()
+    items = [(0, i) for i in range(len(data))][dist.rank:: dist.world_size]
+    totals = torch.zeros(2, dtype=torch.float64, device=dist.device)
+    for mb in micro_batches(items, [data], micro_batch_size, pad_id):
+        mb = mb.to(dist.device)
+        sums, counts = example_losses(model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits, mb)
+        totals += torch.stack([sums.sum().double(), counts.sum().double()])
+    distributed.all_reduce_sum(totals, dist)
+    model.train(was_training)
+    tokens = int(totals[1].item())
+    return (totals[0].item() / tokens if tokens else float("nan")), tokens
+
+
+# -- exact-match answers ---------------------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def _boxed(text: str) -> str | None:
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            if depth == 0:
+                return text[i:j]
+            depth -= 1
+    return None
+
+
+def normalize_answer(answer: str) -> str:
+    """Compare answers as strings, with numbers in one canonical form (`1,000.0` == `1000`)."""
+    answer = answer.strip().strip("$").strip().rstrip(".").strip()
+    number = answer.replace(",", "")
+    try:
+        value = float(number)
+    except ValueError:
+        return re.sub(r"\s+", " ", answer)
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer a text commits to: GSM8K `#### 42`, a `\\boxed{...}`, `The answer is ...`, or the last
+    number. None if there is none."""
+    if "####" in text:
+        tail = text.rsplit("####", 1)[1].strip()
+        return normalize_answer(tail.splitlines()[0]) if tail else None
+    boxed = _boxed(text)
+    if boxed is not None:
+        return normalize_answer(boxed)
+    said = re.findall(r"answer is[:\s]*\$?(-?\d[\d,]*(?:\.\d+)?)", text, flags=re.IGNORECASE)
+    if said:
+        return normalize_answer(said[-1])
+    numbers = _NUMBER.findall(text)
+    return normalize_answer(numbers[-1]) if numbers else None
+
+
+@torch.no_grad()
+def exact_match(model: nn.Module, tokenizer: Any, renderer: Any, path: Path, batch_size: int, max_new_tokens: int,
+                device: torch.device) -> dict[str, Any]:
+    """Greedy generation on every record whose reference answer is checkable; accuracy of the extracted answers."""
+    prompts, references = [], []
+    for _, example in iter_examples(path):
+        if isinstance(example, str) or not any(t.role == "assistant" for t in example):
+            continue
+        last = max(i for i, t in enumerate(example) if t.role == "assistant")
+        reference = extract_answer(example[last].content)
+        if reference is None:
+            continue
+        prompts.append(renderer.encode_prompt(example[: last + 1])[-renderer.max_length:])
+        references.append(reference)
+    if not prompts:
+        return {"accuracy": None, "num_checked": 0}
+    stop = sorted({tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN if t in tokenizer.get_vocab()}
+                  | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start: start + batch_size]
+        width = max(len(p) for p in chunk)
+        # Left padding: every prompt ends where generation starts.
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, p in enumerate(chunk):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                             max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+        for row, ref in enumerate(references[start: start + batch_size]):
+            text = tokenizer.decode(out[row, width:], skip_special_tokens=True)
+            correct += int(extract_answer(text) == ref)
+    model.train(was_training)
+    return {"accuracy": correct / len(prompts), "num_checked": len(prompts)}
+
+
+# -- the command -----------------------------------------------------------------------------------------------
+
+
+def run(model_dir: str, data: dict[str, str], *, output: Path | None, batch_size: int = 8, max_length: int = 1024,
+        generate: bool = False, max_new_tokens: int = 256, lm_eval_tasks: list[str] | None = None,
+        lm_eval_limit: int | None = None, precision: str = "auto", trust_remote_code: bool = False) -> dict[str, Any]:
+    from scalebio_cli.atomic import write_json
+    from scalebio_cli.dataset import load_tokenized
+    from scalebio_cli.modeling import load_model, load_tokenizer, resolve_dtype
+    from scalebio_cli.render import Renderer
+
+    dist = distributed.setup()
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    renderer = Renderer(tokenizer, max_length)
+    tokenized = {name: load_tokenized(path, renderer) for name, path in data.items()}
+    model = load_model(model_dir, resolve_dtype(precision, dist.device), dist.device, trust_remote_code)
+    results: dict[str, Any] = {}
+    for name, path in data.items():
+        loss, tokens = dataset_loss(model, tokenized[name], batch_size, tokenizer.pad_token_id, dist)
+        entry: dict[str, Any] = {"loss": loss, "perplexity": math.exp(loss) if math.isfinite(loss) else None,
+                                 "num_examples": len(tokenized[name]), "num_tokens": tokens}
+        if generate:
+            entry.update(exact_match(model, tokenizer, renderer, Path(path), batch_size, max_new_tokens, dist.device))
+        results[name] = entry
+    doc: dict[str, Any] = {"model": str(model_dir), "results": results}
+    if lm_eval_tasks:
+        del model  # lm-eval loads its own copy
+        doc["lm_eval"] = run_lm_eval(model_dir, lm_eval_tasks, lm_eval_limit, batch_size, precision, dist.device)
+    if output is not None and dist.is_main:
+        write_json(output, doc)
+    return doc
+
+
+def run_lm_eval(model_dir: str, tasks: list[str], limit: int | None, batch_size: int, precision: str,
+                device: torch.device) -> dict[str, Any]:
+    """lm-evaluation-harness on the model: task names, or paths to local task YAML files (offline)."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise InputError("--lm-eval needs lm-evaluation-harness: pip install lm-eval") from None
+    import yaml
+
+    names, include = [], []
+    for task in tasks:
+        path = Path(task)
+        if path.suffix in (".yaml", ".yml"):
+            if not path.is_file():
+                raise InputError(f"--lm-eval: task file not found: {path}")
+            spec = yaml.safe_load(path.read_text())
+            if not isinstance(spec, dict) or "task" not in spec:
+                raise InputError(f"--lm-eval: {path} has no 'task' name")
+            names.append(spec["task"])
+            include.append(str(path.resolve().parent))
+        else:
+            names.append(task)
+    manager = TaskManager(include_path=sorted(set(include)) or None)
+    dtype = "bfloat16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "float32"
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype={dtype}", tasks=names,
+                                  task_manager=manager, limit=limit, batch_size=batch_size, device=str(device))
+    return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+            for task, metrics in out["results"].items()}
+
+
+def format_table(doc: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"eval: {doc['model']}", title_justify="left")
+    for column in ("data", "loss", "perplexity", "examples", "accuracy"):
+        table.add_column(column, justify="left" if column == "data" else "right")
+    for name, r in doc["results"].items():
+        acc = r.get("accuracy")
+        table.add_row(name, f"{r['loss']:.4f}", f"{r['perplexity']:.2f}" if r["perplexity"] else "-",
+                      f"{r['num_examples']:,}",
+                      "-" if acc is None else f"{acc:.3f} ({r['num_checked']})")
+    return table

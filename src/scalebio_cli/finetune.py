@@ -1,0 +1,201 @@
+"""`scalebio finetune`: supervised fine-tuning on one data file, or on data.sources mixed by a weights file.
+
+Full-parameter or LISA (`finetune.lisa.layers`), AdamW with warmup + cosine, exact gradient accumulation (the loss
+is the token mean over the whole global batch, whatever the micro-batching), periodic validation loss, and a final
+Hugging Face model folder in output_dir that AutoModelForCausalLM and `scalebio eval` load.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from scalebio_cli import distributed, weights_file
+from scalebio_cli.batching import CursorSampler, micro_batches, response_token_count
+from scalebio_cli.config import Recipe
+from scalebio_cli.console import console, format_weights
+from scalebio_cli.dataset import TokenizedData, describe, timed_load
+from scalebio_cli.engine import Engine
+from scalebio_cli.errors import InputError
+from scalebio_cli.evaluate import dataset_loss
+from scalebio_cli.losses import example_losses
+from scalebio_cli.metrics import MetricsLog
+from scalebio_cli.modeling import load_model, load_tokenizer, resolve_dtype
+from scalebio_cli.render import Renderer
+
+_MIX_STREAM = 0xF17E  # the per-step source draw of weights mode
+
+
+class TrainStream:
+    """Which examples each step trains on: one file in seeded epochs, or several files mixed by weights."""
+
+    def __init__(self, data: list[TokenizedData], weights: list[float], seed: int):
+        self.data, self.weights, self.seed = data, np.asarray(weights, dtype=np.float64), seed
+        self.samplers = [CursorSampler(len(d), seed, k) for k, d in enumerate(data)]
+
+    @property
+    def size(self) -> int:
+        return sum(len(d) for d in self.data)
+
+    def take(self, step: int, n: int) -> list[tuple[int, int]]:
+        if len(self.data) == 1:
+            counts = [n]
+        else:  # every step draws its source counts from its own seeded stream: resumable, rank-independent
+            counts = np.random.default_rng([self.seed, _MIX_STREAM, step]).multinomial(n, self.weights).tolist()
+        return [(k, int(i)) for k, c in enumerate(counts) for i in self.samplers[k].take(c)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cursors": [s.cursor for s in self.samplers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for sampler, cursor in zip(self.samplers, state["cursors"]):
+            sampler.cursor = cursor
+
+
+def training_files(recipe: Recipe) -> tuple[dict[str, str], list[float]]:
+    """The files to train on and their mixing weights (one file: weight 1)."""
+    ft = recipe.finetune
+    if ft.data:
+        return {"data": ft.data}, [1.0]
+    weights, doc = weights_file.load(ft.weights)  # type: ignore[arg-type]  (check_finetune ensured one is set)
+    sources = recipe.data.sources or {n: doc["sources"][n]["path"] for n in weights}
+    if set(sources) != set(weights):
+        raise InputError(f"{ft.weights}: its sources ({', '.join(weights)}) are not data.sources "
+                         f"({', '.join(sources)})")
+    return {n: sources[n] for n in weights}, [weights[n] for n in weights]
+
+
+def run(recipe: Recipe) -> Path:
+    dist = distributed.setup()
+    try:
+        return _run(recipe, dist)
+    finally:
+        distributed.teardown()
+
+
+def _run(recipe: Recipe, dist: distributed.DistInfo) -> Path:
+    ft = recipe.finetune
+    out = Path(recipe.output_dir)
+    files, mix = training_files(recipe)
+    torch.manual_seed(recipe.seed)
+
+    tokenizer = load_tokenizer(recipe.tokenizer_path, recipe.trust_remote_code)
+    renderer = Renderer(tokenizer, recipe.data.max_length)
+    named = {**files, **({"validation": ft.validation} if ft.validation else {})}
+    loaded: dict[str, TokenizedData] = {}
+    for turn in ("main", "others"):  # rank 0 fills the tokenization cache, the others read it
+        if (turn == "main") == dist.is_main:
+            for name, path in named.items():
+                loaded[name], seconds = timed_load(path, renderer, recipe.data.cache_dir)
+                if dist.is_main:
+                    console.print(f"[dim]data[/] {describe(name, loaded[name], seconds)}")
+        distributed.barrier(dist)
+    empty = [f"{named[n]}: no record has a response token within data.max_length={recipe.data.max_length}"
+             for n, d in loaded.items() if len(d) == 0]
+    if empty:
+        raise InputError(empty)
+    val = loaded.pop("validation", None)
+    stream = TrainStream([loaded[n] for n in files], mix, recipe.seed)
+    steps = max(1, math.ceil(ft.epochs * stream.size / ft.batch_size))
+
+    model = load_model(recipe.model, resolve_dtype(recipe.precision, dist.device), dist.device,
+                       recipe.trust_remote_code)
+    engine = Engine(model, lr=ft.lr, weight_decay=ft.weight_decay, max_grad_norm=ft.max_grad_norm,
+                    total_steps=steps, warmup_ratio=ft.warmup_ratio, lisa=ft.lisa, seed=recipe.seed, dist=dist,
+                    gradient_checkpointing=ft.gradient_checkpointing)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        mode = f"LISA {ft.lisa.layers} of {len(engine.lisa.blocks)} blocks" if engine.lisa.enabled else "all blocks"
+        mixing = "" if len(files) == 1 else f", mixed by {ft.weights}: {format_weights(dict(zip(files, mix)))}"
+        console.print(f"[dim]finetune[/] {recipe.model}: {steps} steps of {ft.batch_size} examples "
+                      f"({ft.epochs:g} epochs of {stream.size:,}), {mode}{mixing}")
+    metrics = MetricsLog(out / "metrics.jsonl") if dist.is_main else None
+
+    def validate(step: int) -> float | None:
+        if val is None:
+            return None
+        loss, _ = dataset_loss(model, val, ft.micro_batch_size, tokenizer.pad_token_id, dist)
+        if metrics is not None:
+            metrics.write({"step": step, "val_loss": loss})
+        return loss
+
+    val_loss = validate(0)
+    tokens, last_time = 0, time.perf_counter()
+    progress = Progress(TextColumn("[bold]finetune"), BarColumn(bar_width=24), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TextColumn("<"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                        console=console, disable=not dist.is_main)
+    task = progress.add_task("finetune", total=steps, info="")
+    with progress:
+        for step in range(steps):
+            engine.lisa.update(step)
+            items = stream.take(step, ft.batch_size)
+            response_tokens = response_token_count(items, stream.data)
+            micro = micro_batches(items[dist.rank:: dist.world_size], stream.data, ft.micro_batch_size,
+                                  tokenizer.pad_token_id)
+            loss_sum = torch.zeros((), dtype=torch.float32, device=dist.device)
+            for i, mb in enumerate(micro):
+                mb = mb.to(dist.device)
+                with engine.sync_context(i == len(micro) - 1):
+                    sums, _ = example_losses(engine(mb), mb)
+                    engine.backward(sums.sum() / response_tokens)
+                loss_sum += sums.detach().sum()
+                tokens += mb.num_tokens * dist.world_size
+            grad_norm = engine.step()
+
+            done = step + 1
+            if done % ft.eval_every == 0 or done == steps:
+                val_loss = validate(done)
+            if done % ft.log_every == 0 or done == steps:
+                distributed.all_reduce_sum(loss_sum, dist)
+                now = time.perf_counter()
+                record = {"step": done, "loss": float(loss_sum) / response_tokens, "lr": engine.lr,
+                          "grad_norm": None if grad_norm is None else float(grad_norm),
+                          "tokens_per_s": tokens / (now - last_time)}
+                tokens, last_time = 0, now
+                if metrics is not None:
+                    metrics.write(record)
+                info = f"loss {record['loss']:.4f}" + ("" if val_loss is None else f" · val {val_loss:.4f}")
+                progress.update(task, info=info)
+                if dist.is_main:
+                    progress.console.print(f"step {done:>5}/{steps}  {info}  lr {engine.lr:.2e}  "
+                                           f"{record['tokens_per_s']:,.0f} tok/s")
+            progress.advance(task)
+
+    if dist.is_main:
+        save_model(model, tokenizer, out)
+        console.print(f"[bold green]saved[/] {out}" + ("" if val_loss is None else f" (validation loss {val_loss:.4f})"))
+    distributed.barrier(dist)
+    return out
+
+
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def save_model(model: torch.nn.Module, tokenizer: Any, out: Path) -> None:
+    """Write a Hugging Face folder into `out` without ever leaving a half-written model there.
+
+    Files are saved into a temporary folder first and moved in with config.json last: a folder that has
+    config.json is complete.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=".model-tmp-", dir=out))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for stale in MODEL_FILES:  # a previous model's files must not mix with the new ones
+            (out / stale).unlink(missing_ok=True)
+        for shard in out.glob("model-*-of-*.safetensors"):
+            shard.unlink()
+        for name in sorted((p.name for p in tmp.iterdir()), key=lambda n: n == "config.json"):
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

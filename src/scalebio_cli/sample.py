@@ -1,0 +1,151 @@
+"""`scalebio sample`: draw N records from the sources in proportion to their weights.
+
+Counts are exact (largest-remainder rounding, so they add up to N). The records are streamed: each source file is
+read once and only the chosen records are parsed; chosen records are appended to a scratch file and the shuffled
+output is assembled from their byte offsets, so memory holds two integer arrays of length N, never whole files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scalebio_cli.atomic import atomic_path, write_json
+from scalebio_cli.errors import InputError
+from scalebio_cli.records import iter_records
+
+_STREAM = 0x5A3  # separates sample's random streams from reweight's under the same seed
+
+
+def largest_remainder(total: int, weights: list[float]) -> list[int]:
+    """Integer counts proportional to `weights` that add up to exactly `total`.
+
+    Each source gets floor(total * w); the leftover units go to the largest fractional parts (ties: source order).
+    """
+    norm = sum(weights)
+    quotas = [total * w / norm for w in weights]
+    counts = [math.floor(q) for q in quotas]
+    leftover = total - sum(counts)
+    order = sorted(range(len(weights)), key=lambda k: (-(quotas[k] - counts[k]), k))
+    for k in order[:leftover]:
+        counts[k] += 1
+    return counts
+
+
+def count_records(path: str | Path) -> int:
+    """Records in a data file (a byte scan for .jsonl, metadata for .parquet, a streaming parse for .json)."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        with path.open("rb") as f:
+            return sum(1 for line in f if line.strip())
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    return sum(1 for _ in iter_records(path))
+
+
+def _iter_chosen(path: Path, chosen: np.ndarray) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (index, record) for the records at the sorted indices `chosen`, parsing only those for .jsonl."""
+    wanted = iter(np.unique(chosen).tolist())
+    target = next(wanted, None)
+    if target is None:
+        return
+    if path.suffix == ".jsonl":
+        with path.open("rb") as f:
+            index = -1
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                index += 1
+                if index != target:
+                    continue
+                try:
+                    yield index, json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise InputError(f"{path}:{lineno}: not valid JSON ({exc})") from None
+                target = next(wanted, None)
+                if target is None:
+                    return
+    else:
+        for index, (where, record) in enumerate(iter_records(path)):
+            if index == target:
+                yield index, record
+                target = next(wanted, None)
+                if target is None:
+                    return
+
+
+def run(weights: dict[str, float], sources: dict[str, str], num_samples: int, output: Path, seed: int = 0,
+        replacement: bool = False, weights_file: str = "", sizes: dict[str, int] | None = None) -> dict[str, Any]:
+    """Write OUT.jsonl and OUT.manifest.json; returns the manifest. Raises InputError before writing anything."""
+    names = list(weights)
+    sizes = sizes or {name: count_records(sources[name]) for name in names}
+    counts = dict(zip(names, largest_remainder(num_samples, [weights[n] for n in names])))
+    if not replacement:
+        short = [f"source '{n}' has {sizes[n]:,} records but {counts[n]:,} were asked for without replacement "
+                 f"(use --replacement, or ask for fewer samples)" for n in names if counts[n] > sizes[n]]
+        if short:
+            raise InputError(short)
+    empty = [f"source '{n}' has no records but {counts[n]:,} were asked for" for n in names
+             if counts[n] and sizes[n] == 0]
+    if empty:
+        raise InputError(empty)
+
+    rng = np.random.default_rng([seed, _STREAM])
+    positions = rng.permutation(num_samples)  # where each drawn record lands in the shuffled output
+    offsets = np.zeros(num_samples, dtype=np.int64)
+    lengths = np.zeros(num_samples, dtype=np.int64)
+    manifest_path = output.with_name(output.stem + ".manifest.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=output.parent) as scratch:
+        start = 0
+        for k, name in enumerate(names):
+            n = counts[name]
+            pick_rng = np.random.default_rng([seed, _STREAM, k])
+            picks = (pick_rng.integers(0, sizes[name], n) if replacement
+                     else pick_rng.choice(sizes[name], n, replace=False))
+            order = np.argsort(picks, kind="stable")
+            picks, slots = picks[order], positions[start: start + n][order]
+            start += n
+            j = 0
+            for index, record in _iter_chosen(Path(sources[name]), picks):
+                record = {**record, "source": name} if isinstance(record, dict) else {"record": record, "source": name}
+                line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+                while j < n and picks[j] == index:  # a record drawn several times (replacement)
+                    offsets[slots[j]] = scratch.tell()
+                    lengths[slots[j]] = len(line)
+                    scratch.write(line)
+                    j += 1
+            if j != n:
+                raise InputError(f"{sources[name]}: has fewer records than expected ({sizes[name]:,}); "
+                                 "was it modified during sampling?")
+        scratch.flush()
+        with atomic_path(output) as tmp, open(tmp, "wb") as out:
+            if num_samples:
+                with mmap.mmap(scratch.fileno(), 0, access=mmap.ACCESS_READ) as view:
+                    for off, length in zip(offsets.tolist(), lengths.tolist()):
+                        out.write(view[off: off + length])
+    manifest = {"num_samples": num_samples, "counts": counts, "weights_file": weights_file, "seed": seed,
+                "replacement": replacement, "weights": weights, "sources": {n: str(sources[n]) for n in names},
+                "output": str(output)}
+    write_json(manifest_path, manifest)
+    return manifest
+
+
+def baseline_weights(kind: str, sources: dict[str, str]) -> tuple[dict[str, float], dict[str, int]]:
+    """`uniform` (equal weights) or `proportional` (to the number of records) over `sources`."""
+    sizes = {name: count_records(path) for name, path in sources.items()}
+    if kind == "uniform":
+        return {name: 1.0 / len(sources) for name in sources}, sizes
+    total = sum(sizes.values())
+    if total == 0:
+        raise InputError("proportional weights: the sources hold no records")
+    return {name: n / total for name, n in sizes.items()}, sizes

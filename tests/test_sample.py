@@ -1,0 +1,144 @@
+"""`scalebio sample`: exact counts, replacement, determinism, and every weights-file defect refused."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from scalebio_cli import weights_file
+from scalebio_cli.dataset import file_sha256
+from scalebio_cli.sample import largest_remainder
+
+
+def test_largest_remainder_exact_and_fair() -> None:
+    assert largest_remainder(10, [0.33, 0.33, 0.34]) == [3, 3, 4]
+    assert largest_remainder(7, [0.5, 0.5]) == [4, 3]  # tie: source order
+    assert largest_remainder(100, [0.884, 0.046, 0.070]) == [88, 5, 7]
+    assert largest_remainder(3, [1 / 3] * 3) == [1, 1, 1]
+    rng = random.Random(0)
+    for _ in range(500):
+        k, n = rng.randint(1, 8), rng.randint(0, 10_000)
+        w = [rng.random() for _ in range(k)]
+        counts = largest_remainder(n, w)
+        assert sum(counts) == n
+        assert all(abs(c - n * x / sum(w)) < 1 for c, x in zip(counts, w))
+
+
+@pytest.fixture()
+def sources(tmp_path: Path) -> dict[str, Path]:
+    a = tmp_path / "a.jsonl"
+    a.write_text("".join(json.dumps({"text": f"a{i}"}) + "\n" for i in range(50)))
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps([{"prompt": f"b{i}", "completion": "x"} for i in range(30)]))
+    return {"a": a, "b": b}
+
+
+def make_weights(path: Path, sources: dict[str, Path], probs: dict[str, float], changes: dict | None = None) -> Path:
+    doc = weights_file.build(
+        weights=probs, weights_averaged=probs,
+        sources={n: {"path": str(p), "num_examples": 50 if n == "a" else 30, "sha256": file_sha256(p)}
+                 for n, p in sources.items()},
+        validation=None, trajectory=[], steps=1, seed=0, model="m", config={})
+    doc.update(changes or {})
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_counts_records_and_manifest(tmp_path: Path, sources) -> None:
+    w = make_weights(tmp_path / "w.json", sources, {"a": 0.7, "b": 0.3})
+    out = tmp_path / "out" / "s.jsonl"
+    result = run_cli("sample", "--weights", str(w), "--num-samples", "41", "--output", str(out), "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    records = read_jsonl(out)
+    assert len(records) == 41
+    by_source = {n: [r for r in records if r["source"] == n] for n in ("a", "b")}
+    assert len(by_source["a"]) == 29 and len(by_source["b"]) == 12  # 28.7 -> 29, 12.3 -> 12
+    assert len({r["text"] for r in by_source["a"]}) == 29  # without replacement: no repeats
+    assert all(set(r) == {"prompt", "completion", "source"} for r in by_source["b"])  # originals + source
+    manifest = json.loads((tmp_path / "out" / "s.manifest.json").read_text())
+    assert manifest["num_samples"] == 41 and manifest["counts"] == {"a": 29, "b": 12}
+    assert manifest["weights_file"] == str(w) and manifest["seed"] == 3
+    assert [r["source"] for r in records] != sorted(r["source"] for r in records)  # shuffled
+
+
+def test_same_seed_same_output_other_seed_other_output(tmp_path: Path, sources) -> None:
+    w = make_weights(tmp_path / "w.json", sources, {"a": 0.5, "b": 0.5})
+    outs = []
+    for name, seed in (("x", "1"), ("y", "1"), ("z", "2")):
+        out = tmp_path / f"{name}.jsonl"
+        assert run_cli("sample", "--weights", str(w), "-n", "20", "-o", str(out), "--seed", seed).returncode == 0
+        outs.append(out.read_text())
+    assert outs[0] == outs[1] and outs[0] != outs[2]
+
+
+def test_replacement_and_too_small_source(tmp_path: Path, sources) -> None:
+    w = make_weights(tmp_path / "w.json", sources, {"a": 0.5, "b": 0.5})
+    out = tmp_path / "s.jsonl"
+    result = run_cli("sample", "--weights", str(w), "-n", "100", "-o", str(out))
+    assert result.returncode == 2
+    assert "source 'b' has 30 records but 50 were asked for without replacement" in result.stderr
+    assert "source 'a'" not in result.stderr  # 50 of 50 is fine
+    assert not out.exists() and not (tmp_path / "s.manifest.json").exists()
+    result = run_cli("sample", "--weights", str(w), "-n", "100", "-o", str(out), "--replacement")
+    assert result.returncode == 0, result.stderr
+    records = read_jsonl(out)
+    assert len(records) == 100 and len({r["prompt"] for r in records if r["source"] == "b"}) <= 30
+
+
+def test_uniform_and_proportional_baselines(tmp_path: Path, sources) -> None:
+    args = ["--sources", f"a={sources['a']}", "--sources", f"b={sources['b']}", "-n", "16"]
+    assert run_cli("sample", "--weights", "uniform", *args, "-o", str(tmp_path / "u.jsonl")).returncode == 0
+    assert json.loads((tmp_path / "u.manifest.json").read_text())["counts"] == {"a": 8, "b": 8}
+    assert run_cli("sample", "--weights", "proportional", *args, "-o", str(tmp_path / "p.jsonl")).returncode == 0
+    assert json.loads((tmp_path / "p.manifest.json").read_text())["counts"] == {"a": 10, "b": 6}  # 50:30
+
+
+@pytest.mark.parametrize("defect, message", [
+    ({"format": "scalebio-weights/0"}, "format is 'scalebio-weights/0', expected 'scalebio-weights/1'"),
+    ({"weights": {"a": 0.7, "b": 0.2}}, "weights sum to 0.900000000, not 1"),
+    ({"weights": {"a": 1.2, "b": -0.2}}, "weights.b = -0.2 is outside [0, 1]"),
+    ({"weights": {"a": 0.5, "c": 0.5}}, "weights names source 'c', which is not among its sources"),
+    ({"weights": {"a": "0.5", "b": 0.5}}, "weights.a is '0.5', not a number"),
+    ({"weights": {}}, "'weights' must be a non-empty mapping"),
+])
+def test_weights_file_defects_exit_2_and_write_nothing(tmp_path: Path, sources, defect, message) -> None:
+    w = make_weights(tmp_path / "w.json", sources, {"a": 0.5, "b": 0.5}, defect)
+    out = tmp_path / "s.jsonl"
+    result = run_cli("sample", "--weights", str(w), "-n", "10", "-o", str(out))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and str(w) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists() and not (tmp_path / "s.manifest.json").exists()
+
+
+def test_changed_source_file_is_refused_unless_allowed(tmp_path: Path, sources) -> None:
+    w = make_weights(tmp_path / "w.json", sources, {"a": 0.5, "b": 0.5})
+    with sources["a"].open("a") as f:
+        f.write(json.dumps({"text": "sneaked in"}) + "\n")
+    out = tmp_path / "s.jsonl"
+    result = run_cli("sample", "--weights", str(w), "-n", "10", "-o", str(out))
+    assert result.returncode == 2
+    assert f"source 'a' changed since the weights were learned: {sources['a']}" in result.stderr
+    assert not out.exists()
+    result = run_cli("sample", "--weights", str(w), "-n", "10", "-o", str(out), "--allow-changed-sources")
+    assert result.returncode == 0 and len(read_jsonl(out)) == 10
+
+
+def test_missing_and_malformed_weights_files(tmp_path: Path, sources) -> None:
+    result = run_cli("sample", "--weights", str(tmp_path / "nope.json"), "-n", "1", "-o", str(tmp_path / "o.jsonl"))
+    assert result.returncode == 2 and "weights file not found" in result.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    result = run_cli("sample", "--weights", str(bad), "-n", "1", "-o", str(tmp_path / "o.jsonl"))
+    assert result.returncode == 2 and "not a valid weights file" in result.stderr
+    w = make_weights(tmp_path / "w.json", sources, {"a": 0.5, "b": 0.5})
+    sources["b"].unlink()
+    result = run_cli("sample", "--weights", str(w), "-n", "1", "-o", str(tmp_path / "o.jsonl"))
+    assert result.returncode == 2 and "source 'b' file not found" in result.stderr
