@@ -32,6 +32,10 @@ pipeline: install
 	$(BIN)/python scripts/build_demo.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/pipeline.sh recipes/demo.yaml demo/data/test.jsonl runs/pipeline 600
 
+# The pipeline on ../shared/data/instruct-math with a tiny local model; records docs/results.md (~20 min on CPU).
+instruct-math: install
+	$(BIN)/python scripts/run_instruct_math.py
+
 test: install
 	$(BIN)/python -m pytest -q
 

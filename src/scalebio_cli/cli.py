@@ -16,7 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from scalebio_cli import __version__
-from scalebio_cli.errors import InputError
+from scalebio_cli.errors import InputError, TrainingStopped
 
 app = typer.Typer(
     name="scalebio",
@@ -33,6 +33,11 @@ T = TypeVar("T")
 OVERRIDES_HELP = "Recipe overrides KEY=VALUE by dotted path, e.g. reweight.steps=50 output_dir=/tmp/run."
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Recipe YAML file.", show_default=False)]
 OverridesArg = Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP, show_default=False)]
+ResumeOption = Annotated[str | None, typer.Option(
+    "--resume", help="Continue from a checkpoint: `auto` (the latest complete one in output_dir; start fresh if "
+                     "none) or a checkpoint folder.", show_default=False)]
+ForceOption = Annotated[bool, typer.Option(
+    "--force", help="Resume even if the recipe differs from the checkpoint's in keys that change the result.")]
 
 
 def _fail(problems: list[str]) -> None:
@@ -49,6 +54,9 @@ def guarded(fn: Callable[[], T]) -> T:
     except InputError as exc:
         _fail(exc.problems)
         raise typer.Exit(2) from None
+    except TrainingStopped as exc:
+        _fail([str(exc)])
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
@@ -68,7 +76,8 @@ def _root(
 
 
 @app.command()
-def reweight(config: ConfigOption, overrides: OverridesArg = None) -> None:
+def reweight(config: ConfigOption, overrides: OverridesArg = None, resume: ResumeOption = None,
+             force: ForceOption = False) -> None:
     """Learn sampling weights over data.sources with ScaleBiO; writes OUTPUT_DIR/weights.json.
 
     Also writes metrics.jsonl (per log step: losses, per-source losses of u and w, weights, learning rates,
@@ -83,7 +92,7 @@ def reweight(config: ConfigOption, overrides: OverridesArg = None) -> None:
         check_reweight(recipe, config)
         from scalebio_cli import reweight as stage  # torch and transformers load only now
 
-        return stage.run(recipe)
+        return stage.run(recipe, resume, force)
 
     _print_result(guarded(body))
 
@@ -166,7 +175,8 @@ def sample(
 
 
 @app.command()
-def finetune(config: ConfigOption, overrides: OverridesArg = None) -> None:
+def finetune(config: ConfigOption, overrides: OverridesArg = None, resume: ResumeOption = None,
+             force: ForceOption = False) -> None:
     """Fine-tune `model` on finetune.data (or data.sources mixed by finetune.weights); writes a Hugging Face model
     folder to OUTPUT_DIR.
 
@@ -182,7 +192,7 @@ def finetune(config: ConfigOption, overrides: OverridesArg = None) -> None:
         check_finetune(recipe, config)
         from scalebio_cli import finetune as stage
 
-        return stage.run(recipe)
+        return stage.run(recipe, resume, force)
 
     _print_result(guarded(body))
 

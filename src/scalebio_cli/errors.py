@@ -1,4 +1,4 @@
-"""The one exception type that means "the user gave us something wrong" (exit status 2)."""
+"""The two exceptions the CLI reports without a traceback: bad input (exit 2) and a deliberate early stop (exit 1)."""
 
 from __future__ import annotations
 
@@ -13,3 +13,7 @@ class InputError(Exception):
     def __init__(self, problems: str | list[str]):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("\n".join(self.problems))
+
+
+class TrainingStopped(Exception):
+    """A run stopped before its last step on purpose (a signal, non-finite values): exit status 1, no traceback."""

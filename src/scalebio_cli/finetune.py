@@ -19,18 +19,19 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from scalebio_cli import distributed, weights_file
+from scalebio_cli import checkpoint, distributed, weights_file
 from scalebio_cli.batching import CursorSampler, micro_batches, response_token_count
 from scalebio_cli.config import Recipe
 from scalebio_cli.console import console, format_weights
 from scalebio_cli.dataset import TokenizedData, describe, timed_load
 from scalebio_cli.engine import Engine
-from scalebio_cli.errors import InputError
+from scalebio_cli.errors import InputError, TrainingStopped
 from scalebio_cli.evaluate import dataset_loss
 from scalebio_cli.losses import example_losses
 from scalebio_cli.metrics import MetricsLog
 from scalebio_cli.modeling import load_model, load_tokenizer, resolve_dtype
 from scalebio_cli.render import Renderer
+from scalebio_cli.stopping import FiniteGuard, StopSignals
 
 _MIX_STREAM = 0xF17E  # the per-step source draw of weights mode
 
@@ -74,17 +75,25 @@ def training_files(recipe: Recipe) -> tuple[dict[str, str], list[float]]:
     return {n: sources[n] for n in weights}, [weights[n] for n in weights]
 
 
-def run(recipe: Recipe) -> Path:
+# Recipe keys that change the fine-tuned model: resuming with any of them changed needs --force.
+RESULT_KEYS = ("model", "tokenizer", "seed", "precision", "trust_remote_code", "data.max_length", "finetune.data",
+               "finetune.weights", "finetune.epochs", "finetune.lr", "finetune.batch_size", "finetune.warmup_ratio",
+               "finetune.weight_decay", "finetune.max_grad_norm", "finetune.lisa")
+
+
+def run(recipe: Recipe, resume: str | None = None, force: bool = False) -> Path:
+    """Fine-tune per `recipe`; returns the model folder. `resume`/`force` as for reweight."""
     dist = distributed.setup()
     try:
-        return _run(recipe, dist)
+        return _run(recipe, dist, resume, force)
     finally:
         distributed.teardown()
 
 
-def _run(recipe: Recipe, dist: distributed.DistInfo) -> Path:
+def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: bool) -> Path:
     ft = recipe.finetune
     out = Path(recipe.output_dir)
+    start_from = checkpoint.resolve_resume(out, resume)
     files, mix = training_files(recipe)
     torch.manual_seed(recipe.seed)
 
@@ -104,6 +113,12 @@ def _run(recipe: Recipe, dist: distributed.DistInfo) -> Path:
     if empty:
         raise InputError(empty)
     val = loaded.pop("validation", None)
+    fingerprints = {n: loaded[n].sha256 for n in files}
+    if start_from is not None:
+        accepted = checkpoint.check_resumable(start_from, "finetune", recipe.to_dict(), fingerprints, RESULT_KEYS,
+                                              force)
+        if accepted and dist.is_main:
+            console.print(f"[yellow]resuming despite differences (--force):[/] {'; '.join(accepted)}")
     stream = TrainStream([loaded[n] for n in files], mix, recipe.seed)
     steps = max(1, math.ceil(ft.epochs * stream.size / ft.batch_size))
 
@@ -118,7 +133,19 @@ def _run(recipe: Recipe, dist: distributed.DistInfo) -> Path:
         mixing = "" if len(files) == 1 else f", mixed by {ft.weights}: {format_weights(dict(zip(files, mix)))}"
         console.print(f"[dim]finetune[/] {recipe.model}: {steps} steps of {ft.batch_size} examples "
                       f"({ft.epochs:g} epochs of {stream.size:,}), {mode}{mixing}")
-    metrics = MetricsLog(out / "metrics.jsonl") if dist.is_main else None
+    start = 0
+    if start_from is not None:
+        start = checkpoint.meta(start_from)["step"]
+        model.load_state_dict(checkpoint.load(start_from, "model"))
+        saved = checkpoint.load(start_from, "trainer")
+        engine.load_state_dict(saved["engine"])
+        stream.load_state_dict(saved["stream"])
+        checkpoint.set_rng_state(checkpoint.load(start_from, "rng", dist.rank))
+        if dist.is_main:
+            console.print(f"[bold]resumed[/] from {start_from} (step {start} of {steps})")
+    metrics = MetricsLog(out / "metrics.jsonl", start) if dist.is_main else None
+    guard = FiniteGuard(["loss"], dist.device)
+    signals = StopSignals()
 
     def validate(step: int) -> float | None:
         if val is None:
@@ -128,14 +155,14 @@ def _run(recipe: Recipe, dist: distributed.DistInfo) -> Path:
             metrics.write({"step": step, "val_loss": loss})
         return loss
 
-    val_loss = validate(0)
+    val_loss = validate(0) if start == 0 else None
     tokens, last_time = 0, time.perf_counter()
     progress = Progress(TextColumn("[bold]finetune"), BarColumn(bar_width=24), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("<"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
                         console=console, disable=not dist.is_main)
-    task = progress.add_task("finetune", total=steps, info="")
-    with progress:
-        for step in range(steps):
+    task = progress.add_task("finetune", total=steps, completed=start, info="")
+    with progress, signals.installed():
+        for step in range(start, steps):
             engine.lisa.update(step)
             items = stream.take(step, ft.batch_size)
             response_tokens = response_token_count(items, stream.data)
@@ -150,14 +177,17 @@ def _run(recipe: Recipe, dist: distributed.DistInfo) -> Path:
                 loss_sum += sums.detach().sum()
                 tokens += mb.num_tokens * dist.world_size
             grad_norm = engine.step()
+            stop_flag = torch.ones(1, device=dist.device) if signals.received else torch.zeros(1, device=dist.device)
+            totals = distributed.all_reduce_sum(torch.cat([loss_sum.view(1), stop_flag]), dist)
+            guard.observe(step + 1, totals[:1] / response_tokens)
 
             done = step + 1
             if done % ft.eval_every == 0 or done == steps:
                 val_loss = validate(done)
             if done % ft.log_every == 0 or done == steps:
-                distributed.all_reduce_sum(loss_sum, dist)
+                guard.check()
                 now = time.perf_counter()
-                record = {"step": done, "loss": float(loss_sum) / response_tokens, "lr": engine.lr,
+                record = {"step": done, "loss": float(totals[0]) / response_tokens, "lr": engine.lr,
                           "grad_norm": None if grad_norm is None else float(grad_norm),
                           "tokens_per_s": tokens / (now - last_time)}
                 tokens, last_time = 0, now
@@ -170,6 +200,23 @@ def _run(recipe: Recipe, dist: distributed.DistInfo) -> Path:
                                            f"{record['tokens_per_s']:,.0f} tok/s")
             progress.advance(task)
 
+            stop = (totals[-1].item() > 0) if dist.distributed else signals.received is not None
+            periodic = recipe.checkpoint.every and done % recipe.checkpoint.every == 0
+            if (stop or periodic) and done < steps:
+                guard.check()
+                path = checkpoint.save(
+                    out, done, {"model": model.state_dict(),
+                                "trainer": {"engine": engine.state_dict(), "stream": stream.state_dict()}},
+                    {"stage": "finetune", "world_size": dist.world_size, "config": recipe.to_dict(),
+                     "data_sha256": fingerprints},
+                    recipe.checkpoint.keep, dist.rank, per_rank={"rng": checkpoint.rng_state()},
+                    barrier=lambda: distributed.barrier(dist))
+                if stop:
+                    raise TrainingStopped(f"stopped by {signals.received or 'a signal on another process'} after "
+                                          f"step {done} of {steps}; checkpoint saved to {path}; continue with "
+                                          "--resume auto")
+
+    guard.check()
     if dist.is_main:
         save_model(model, tokenizer, out)
         console.print(f"[bold green]saved[/] {out}" + ("" if val_loss is None else f" (validation loss {val_loss:.4f})"))

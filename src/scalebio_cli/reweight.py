@@ -19,18 +19,19 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from scalebio_cli import distributed, weights_file
+from scalebio_cli import checkpoint, distributed, weights_file
 from scalebio_cli.batching import CursorSampler, MicroBatch, balanced_counts, micro_batches, response_token_count
 from scalebio_cli.bilevel import SourceWeights
 from scalebio_cli.config import Recipe
 from scalebio_cli.console import console, format_weights
 from scalebio_cli.dataset import TokenizedData, describe, timed_load
 from scalebio_cli.engine import Engine
-from scalebio_cli.errors import InputError
+from scalebio_cli.errors import InputError, TrainingStopped
 from scalebio_cli.losses import example_losses
 from scalebio_cli.metrics import MetricsLog, plot_weights
 from scalebio_cli.modeling import load_model, load_tokenizer, resolve_dtype
 from scalebio_cli.render import Renderer
+from scalebio_cli.stopping import FiniteGuard, StopSignals
 
 VALIDATION_STREAM = 10_000  # sampler stream of the validation set; source k uses stream k
 
@@ -101,18 +102,30 @@ def load_data(recipe: Recipe, renderer: Renderer, dist: distributed.DistInfo) ->
     return [loaded[name] for name in recipe.data.sources], val
 
 
-def run(recipe: Recipe) -> Path:
-    """Run the reweighting described by `recipe`; returns the path of weights.json."""
+# Recipe keys that change the learned weights: resuming with any of them changed needs --force.
+RESULT_KEYS = ("model", "tokenizer", "seed", "precision", "trust_remote_code", "data.sources", "data.validation",
+               "data.max_length", "reweight.steps", "reweight.alpha", "reweight.lr_u", "reweight.lr_w",
+               "reweight.lr_lambda", "reweight.batch_size", "reweight.val_batch_size", "reweight.warmup_ratio",
+               "reweight.weight_decay", "reweight.max_grad_norm", "reweight.lisa")
+
+
+def run(recipe: Recipe, resume: str | None = None, force: bool = False) -> Path:
+    """Run the reweighting described by `recipe`; returns the path of weights.json.
+
+    `resume`: None (start fresh), "auto" (the latest complete checkpoint in output_dir, if any) or a checkpoint
+    folder. `force`: resume even if the recipe changed in a key that changes the result.
+    """
     dist = distributed.setup()
     try:
-        return _run(recipe, dist)
+        return _run(recipe, dist, resume, force)
     finally:
         distributed.teardown()
 
 
-def _run(recipe: Recipe, dist: distributed.DistInfo) -> Path:
+def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: bool) -> Path:
     rw, names = recipe.reweight, list(recipe.data.sources)
     out = Path(recipe.output_dir)
+    start_from = checkpoint.resolve_resume(out, resume)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
@@ -120,6 +133,12 @@ def _run(recipe: Recipe, dist: distributed.DistInfo) -> Path:
     tokenizer = load_tokenizer(recipe.tokenizer_path, recipe.trust_remote_code)
     renderer = Renderer(tokenizer, recipe.data.max_length)
     sources, val = load_data(recipe, renderer, dist)
+    fingerprints = {n: d.sha256 for n, d in zip(names, sources)} | {"validation": val.sha256}
+    if start_from is not None:
+        accepted = checkpoint.check_resumable(start_from, "reweight", recipe.to_dict(), fingerprints, RESULT_KEYS,
+                                              force)
+        if accepted and dist.is_main:
+            console.print(f"[yellow]resuming despite differences (--force):[/] {'; '.join(accepted)}")
     plan = BatchPlan(sources, val, recipe, dist, tokenizer.pad_token_id)
 
     dtype = resolve_dtype(recipe.precision, dist.device)
@@ -137,16 +156,49 @@ def _run(recipe: Recipe, dist: distributed.DistInfo) -> Path:
         console.print(f"[dim]model[/] {recipe.model} ({sum(p.numel() for p in model_u.parameters()) / 1e6:.1f}M "
                       f"parameters, {dtype}, {dist.device}, {dist.world_size} process(es), {lisa})")
 
-    metrics = MetricsLog(out / "metrics.jsonl") if dist.is_main else None
     trajectory = [{"step": 0, "weights": lam.as_dict(names)}]
     avg_from = rw.steps // 2  # weights_averaged: mean of s after each step of the second half
     weights_sum = torch.zeros(len(names), dtype=torch.float64, device=dist.device)
+    start = 0
+
+    def state() -> dict[str, Any]:
+        return {"u": u.state_dict(), "w": w.state_dict(), "lambda": lam.state_dict(), "plan": plan.state_dict(),
+                "trajectory": trajectory, "weights_sum": weights_sum}
+
+    def save_checkpoint(done: int) -> Path:
+        return checkpoint.save(
+            out, done, {"model_u": model_u.state_dict(), "model_w": model_w.state_dict(), "trainer": state()},
+            {"stage": "reweight", "world_size": dist.world_size, "config": recipe.to_dict(),
+             "data_sha256": fingerprints},
+            recipe.checkpoint.keep, dist.rank, per_rank={"rng": checkpoint.rng_state()},
+            barrier=lambda: distributed.barrier(dist))
+
+    if start_from is not None:
+        start = checkpoint.meta(start_from)["step"]
+        model_u.load_state_dict(checkpoint.load(start_from, "model_u"))
+        model_w.load_state_dict(checkpoint.load(start_from, "model_w"))
+        saved = checkpoint.load(start_from, "trainer")
+        u.load_state_dict(saved["u"])
+        w.load_state_dict(saved["w"])
+        lam.load_state_dict(saved["lambda"])
+        plan.load_state_dict(saved["plan"])
+        trajectory = saved["trajectory"]
+        weights_sum = saved["weights_sum"].to(dist.device)
+        checkpoint.set_rng_state(checkpoint.load(start_from, "rng", dist.rank))
+        if dist.is_main:
+            console.print(f"[bold]resumed[/] from {start_from} (step {start} of {rw.steps})")
+
+    metrics = MetricsLog(out / "metrics.jsonl", start) if dist.is_main else None
+    guard = FiniteGuard([f"loss_u[{n}]" for n in names] + [f"loss_w[{n}]" for n in names] + ["L1_sum"]
+                        + [f"lambda[{n}]" for n in names], dist.device)
+    signals = StopSignals()
     tokens_since_log, last_log_time = 0, time.perf_counter()
 
     progress = _progress(dist.is_main)
-    task = progress.add_task("reweight", total=rw.steps, info=format_weights(trajectory[0]["weights"], 14))
-    with progress:
-        for step in range(rw.steps):
+    task = progress.add_task("reweight", total=rw.steps, completed=start,
+                             info=format_weights(trajectory[-1]["weights"], 14))
+    with progress, signals.installed():
+        for step in range(start, rw.steps):
             u.lisa.update(step)
             w.lisa.update(step)
             batch = plan.next(step)
@@ -166,23 +218,26 @@ def _run(recipe: Recipe, dist: distributed.DistInfo) -> Path:
                 l1_sum += token_sums.detach().sum()
             grad_norm_w = w.step(clip_scale=rw.alpha)
 
-            # One all-reduce for everything the lam step and the logs need.
-            totals = distributed.all_reduce_sum(torch.cat([sums_u, sums_w, l1_sum.view(1)]), dist)
+            # One all-reduce for everything the lam step, the logs and the stop decision need.
+            stop_flag = torch.ones(1, device=dist.device) if signals.received else torch.zeros(1, device=dist.device)
+            totals = distributed.all_reduce_sum(torch.cat([sums_u, sums_w, l1_sum.view(1), stop_flag]), dist)
             m_u = totals[: len(names)] / batch.source_counts
             m_w = totals[len(names): 2 * len(names)] / batch.source_counts
             lam_grad = lam.step(m_w, m_u, rw.alpha)
+            guard.observe(step + 1, torch.cat([m_u, m_w, totals[2 * len(names)].view(1), lam.lam.detach()]))
             if step >= avg_from:
                 weights_sum += lam.probs(torch.float64)
             tokens_since_log += batch.num_tokens * dist.world_size
 
             done = step + 1
             if done % rw.log_every == 0 or done == rw.steps:
+                guard.check()
                 now = time.perf_counter()
                 weights = lam.as_dict(names)
                 trajectory.append({"step": done, "weights": weights})
                 record = {
                     "step": done,
-                    "L1": float(totals[-1] / batch.val_tokens),
+                    "L1": float(totals[2 * len(names)] / batch.val_tokens),
                     "L2_u": float(torch.dot(s, m_u)),
                     "L2_w": float(torch.dot(s, m_w)),
                     "loss_u": dict(zip(names, m_u.tolist())),
@@ -205,6 +260,18 @@ def _run(recipe: Recipe, dist: distributed.DistInfo) -> Path:
                 progress.update(task, info=format_weights(weights, 14))
             progress.advance(task)
 
+            # A signal on any process stops every process at the same step (the flag rode the all-reduce).
+            stop = (totals[-1].item() > 0) if dist.distributed else signals.received is not None
+            periodic = recipe.checkpoint.every and done % recipe.checkpoint.every == 0
+            if (stop or periodic) and done < rw.steps:  # after the last step, finishing beats checkpointing
+                guard.check()
+                path = save_checkpoint(done)
+                if stop:
+                    raise TrainingStopped(f"stopped by {signals.received or 'a signal on another process'} after "
+                                          f"step {done} of {rw.steps}; checkpoint saved to {path}; continue with "
+                                          "--resume auto")
+
+    guard.check()
     final = lam.as_dict(names)
     averaged = dict(zip(names, (weights_sum / (rw.steps - avg_from)).tolist()))
     path = out / "weights.json"

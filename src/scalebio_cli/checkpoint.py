@@ -1,0 +1,141 @@
+"""Checkpoints that survive preemption: written to a hidden folder, renamed into place when complete.
+
+Layout: `OUTPUT_DIR/checkpoints/step-000200/` holding `meta.json` (step, resolved config, world size) and one
+`.pt` file per component, loaded back with `torch.load(weights_only=True)` (no code runs from a checkpoint).
+A crash while writing leaves only a `.step-*.tmp-*` folder, never a damaged `step-*`: the last good one is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scalebio_cli import __version__
+from scalebio_cli.errors import InputError
+
+PREFIX = "step-"
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "meta.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
+    """`auto`: the latest complete checkpoint in output_dir (None: start fresh); a path: that checkpoint."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "meta.json").is_file():
+        raise InputError(f"--resume {resume}: not a complete checkpoint folder (no meta.json)")
+    return path
+
+
+def save(output_dir: str | Path, step: int, components: dict[str, Any], meta: dict[str, Any], keep: int,
+         rank: int = 0, per_rank: dict[str, Any] | None = None, barrier: Any = None) -> Path:
+    """Write a checkpoint atomically and keep the newest `keep`. Every process calls it (collective).
+
+    `components` are written by rank 0; `per_rank` (e.g. RNG states) by every rank into its own file.
+    """
+    root = checkpoints_dir(output_dir)
+    final = root / f"{PREFIX}{step:06d}"
+    tmp = root / f".{final.name}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if barrier:
+        barrier()
+    for name, value in (per_rank or {}).items():
+        torch.save(value, tmp / f"{name}-rank{rank}.pt")
+    if rank == 0:
+        for name, value in components.items():
+            torch.save(value, tmp / f"{name}.pt")
+    if barrier:
+        barrier()
+    if rank == 0:
+        info = {"step": step, "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "version": __version__, **meta}
+        (tmp / "meta.json").write_text(json.dumps(info, indent=2))
+        if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in complete_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    if barrier:
+        barrier()
+    return final
+
+
+def load(path: Path, name: str, rank: int | None = None) -> Any:
+    file = path / (f"{name}-rank{rank}.pt" if rank is not None else f"{name}.pt")
+    if not file.is_file():
+        raise InputError(f"{path}: checkpoint has no {file.name} (was it written by a different number of processes?)")
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def meta(path: Path) -> dict[str, Any]:
+    return json.loads((path / "meta.json").read_text())
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and not (prefix + key).startswith("data.sources"):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], result_keys: tuple[str, ...]) -> list[str]:
+    """Keys (dotted) under `result_keys` prefixes whose values differ between two resolved recipes."""
+    a, b = flatten(saved), flatten(current)
+    keys = sorted(k for k in set(a) | set(b) if k.startswith(result_keys))
+    return [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+def check_resumable(path: Path, stage: str, config: dict[str, Any], fingerprints: dict[str, str],
+                    result_keys: tuple[str, ...], force: bool) -> list[str]:
+    """Refuse (InputError, exit 2) to continue a checkpoint under a recipe or data that would change the result.
+
+    Returns the differences accepted with `force` (for a warning), or [].
+    """
+    info = meta(path)
+    if info.get("stage") != stage:
+        raise InputError(f"--resume {path}: a checkpoint of '{info.get('stage')}', not of {stage}")
+    problems = config_differences(info["config"], config, result_keys)
+    problems += [f"{name}: the data file changed since the checkpoint (sha256)"
+                 for name, sha in fingerprints.items() if info.get("data_sha256", {}).get(name) not in (None, sha)]
+    if problems and not force:
+        raise InputError([f"--resume {path}: the recipe differs from the checkpoint's in keys that change the "
+                          "result (--force to resume anyway):", *[f"  {p}" for p in problems]])
+    return problems
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

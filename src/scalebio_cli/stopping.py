@@ -1,0 +1,62 @@
+"""Stopping a run early on purpose: on SIGTERM/SIGINT (after a checkpoint), or at the first non-finite value."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from scalebio_cli.errors import TrainingStopped
+
+
+class StopSignals:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then it checkpoints and stops).
+
+    A second SIGINT interrupts at once, as users expect from a second Ctrl-C.
+    """
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received == "SIGINT" and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    @contextmanager
+    def installed(self) -> Iterator["StopSignals"]:
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        for s in previous:
+            signal.signal(s, self._handle)
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+class FiniteGuard:
+    """Remembers, on the device, the first step whose watched values were not all finite.
+
+    `observe` costs no host-device synchronisation; `check` (at log and checkpoint steps) does, and raises.
+    So a checkpoint is never written after a non-finite step, and the last good one survives.
+    """
+
+    def __init__(self, labels: list[str], device: torch.device):
+        self.labels = labels
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.values = torch.zeros(len(labels), dtype=torch.float32, device=device)
+
+    def observe(self, step: int, values: torch.Tensor) -> None:
+        newly_bad = (~torch.isfinite(values).all()) & (self.first_bad < 0)
+        self.first_bad = torch.where(newly_bad, step, self.first_bad)
+        self.values = torch.where(newly_bad, values.float(), self.values)
+
+    def check(self) -> None:
+        step = int(self.first_bad.item())
+        if step >= 0:
+            shown = ", ".join(f"{label} {value:.6g}" for label, value in zip(self.labels, self.values.tolist()))
+            raise TrainingStopped(f"non-finite values at step {step}: {shown}")
