@@ -41,10 +41,12 @@ ForceOption = Annotated[bool, typer.Option(
 
 
 def _fail(problems: list[str]) -> None:
+    from rich.markup import escape
+
     from scalebio_cli.console import console
 
-    for problem in problems:
-        console.print(f"[bold red]error:[/] {problem}", markup=True, soft_wrap=True, highlight=False)
+    for problem in problems:  # problems quote user text (paths, `file.json[3]`, names): never read it as markup
+        console.print(f"[bold red]error:[/] {escape(problem)}", soft_wrap=True)
 
 
 def guarded(fn: Callable[[], T]) -> T:
@@ -242,7 +244,7 @@ def evaluate(
                         precision=precision)
         console.print(stage.format_table(doc))
         for task, metrics in doc.get("lm_eval", {}).items():
-            console.print(f"lm-eval {task}: " + ", ".join(f"{k} {v}" for k, v in metrics.items()))
+            console.print(f"lm-eval {task}: " + ", ".join(f"{k} {v}" for k, v in metrics.items()), markup=False)
         return output
 
     result = guarded(body)

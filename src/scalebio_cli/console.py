@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=True, highlight=False)
 
@@ -12,4 +13,4 @@ def format_weights(weights: dict[str, float], width: int = 0) -> str:
     def short(name: str) -> str:
         return name if width <= 0 or len(name) <= width else name[: width - 1] + "…"
 
-    return " · ".join(f"{short(k)} {v:.3f}" for k, v in weights.items())
+    return " · ".join(f"{escape(short(k))} {v:.3f}" for k, v in weights.items())

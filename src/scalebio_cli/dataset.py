@@ -141,12 +141,14 @@ def load_tokenized(path: str | Path, renderer: Renderer, cache_dir: str | Path |
 
 
 def describe(name: str, data: TokenizedData, seconds: float | None = None) -> str:
-    """One log line about a tokenized file."""
+    """One log line about a tokenized file (markup-safe)."""
     parts = [f"{name}: {len(data):,} examples, {int(data.trainable.sum()):,} response tokens"]
     if data.num_skipped:
         parts.append(f"{data.num_skipped:,} of {data.num_records:,} records skipped (no response token left)")
     parts.append("from cache" if data.from_cache else f"tokenized in {seconds or 0:.1f}s")
-    return ", ".join(parts)
+    from rich.markup import escape
+
+    return escape(", ".join(parts))
 
 
 def timed_load(path: str | Path, renderer: Renderer, cache_dir: str | Path | None = None) -> tuple[TokenizedData, float]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from scalebio_cli import checkpoint, distributed, weights_file
@@ -118,7 +119,7 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
         accepted = checkpoint.check_resumable(start_from, "finetune", recipe.to_dict(), fingerprints, RESULT_KEYS,
                                               force)
         if accepted and dist.is_main:
-            console.print(f"[yellow]resuming despite differences (--force):[/] {'; '.join(accepted)}")
+            console.print(f"[yellow]resuming despite differences (--force):[/] {escape('; '.join(accepted))}")
     stream = TrainStream([loaded[n] for n in files], mix, recipe.seed)
     steps = max(1, math.ceil(ft.epochs * stream.size / ft.batch_size))
 
@@ -130,8 +131,8 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         mode = f"LISA {ft.lisa.layers} of {len(engine.lisa.blocks)} blocks" if engine.lisa.enabled else "all blocks"
-        mixing = "" if len(files) == 1 else f", mixed by {ft.weights}: {format_weights(dict(zip(files, mix)))}"
-        console.print(f"[dim]finetune[/] {recipe.model}: {steps} steps of {ft.batch_size} examples "
+        mixing = "" if len(files) == 1 else f", mixed by {escape(str(ft.weights))}: {format_weights(dict(zip(files, mix)))}"
+        console.print(f"[dim]finetune[/] {escape(recipe.model)}: {steps} steps of {ft.batch_size} examples "
                       f"({ft.epochs:g} epochs of {stream.size:,}), {mode}{mixing}")
     start = 0
     if start_from is not None:
@@ -142,7 +143,7 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
         stream.load_state_dict(saved["stream"])
         checkpoint.set_rng_state(checkpoint.load(start_from, "rng", dist.rank))
         if dist.is_main:
-            console.print(f"[bold]resumed[/] from {start_from} (step {start} of {steps})")
+            console.print(f"[bold]resumed[/] from {escape(str(start_from))} (step {start} of {steps})")
     metrics = MetricsLog(out / "metrics.jsonl", start) if dist.is_main else None
     guard = FiniteGuard(["loss"], dist.device)
     signals = StopSignals()
@@ -219,7 +220,7 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
     guard.check()
     if dist.is_main:
         save_model(model, tokenizer, out)
-        console.print(f"[bold green]saved[/] {out}" + ("" if val_loss is None else f" (validation loss {val_loss:.4f})"))
+        console.print(f"[bold green]saved[/] {escape(str(out))}" + ("" if val_loss is None else f" (validation loss {val_loss:.4f})"))
     distributed.barrier(dist)
     return out
 

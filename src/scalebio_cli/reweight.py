@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from scalebio_cli import checkpoint, distributed, weights_file
@@ -83,23 +84,26 @@ class BatchPlan:
 
 
 def load_data(recipe: Recipe, renderer: Renderer, dist: distributed.DistInfo) -> tuple[list[TokenizedData], TokenizedData]:
-    """Tokenize (or load from cache) every source and the validation set. Rank 0 fills the cache first."""
-    named = {**recipe.data.sources, "validation": recipe.data.validation}
-    loaded: dict[str, TokenizedData] = {}
+    """Tokenize (or load from cache) every source and the validation set. Rank 0 fills the cache first.
+
+    Every file that keeps no record with a response token within max_length is reported, all at once.
+    """
+    files = [(f"data.sources.{n}", p) for n, p in recipe.data.sources.items()]
+    files.append(("data.validation", recipe.data.validation))
+    loaded: list[TokenizedData] = []
     for turn in ("main", "others"):
         if (turn == "main") == dist.is_main:
-            for name, path in named.items():
+            for key, path in files:
                 data, seconds = timed_load(path, renderer, recipe.data.cache_dir)
-                loaded[name] = data
+                loaded.append(data)
                 if dist.is_main:
-                    console.print(f"[dim]data[/] {describe(name, data, seconds)}")
+                    console.print(f"[dim]data[/] {describe(key.split('.')[-1], data, seconds)}")
         distributed.barrier(dist)
-    empty = [name for name, d in loaded.items() if len(d) == 0]
+    empty = [f"{key}: no record of {path} keeps a response token within data.max_length={recipe.data.max_length} "
+             f"(raise data.max_length, or shorten the prompts)" for (key, path), d in zip(files, loaded) if not len(d)]
     if empty:
-        raise InputError([f"{named[n]}: no record of '{n}' has a response token within data.max_length="
-                          f"{recipe.data.max_length}" for n in empty])
-    val = loaded.pop("validation")
-    return [loaded[name] for name in recipe.data.sources], val
+        raise InputError(empty)
+    return loaded[:-1], loaded[-1]
 
 
 # Recipe keys that change the learned weights: resuming with any of them changed needs --force.
@@ -126,8 +130,6 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
     rw, names = recipe.reweight, list(recipe.data.sources)
     out = Path(recipe.output_dir)
     start_from = checkpoint.resolve_resume(out, resume)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
 
     tokenizer = load_tokenizer(recipe.tokenizer_path, recipe.trust_remote_code)
@@ -138,7 +140,7 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
         accepted = checkpoint.check_resumable(start_from, "reweight", recipe.to_dict(), fingerprints, RESULT_KEYS,
                                               force)
         if accepted and dist.is_main:
-            console.print(f"[yellow]resuming despite differences (--force):[/] {'; '.join(accepted)}")
+            console.print(f"[yellow]resuming despite differences (--force):[/] {escape('; '.join(accepted))}")
     plan = BatchPlan(sources, val, recipe, dist, tokenizer.pad_token_id)
 
     dtype = resolve_dtype(recipe.precision, dist.device)
@@ -151,9 +153,10 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
     w = Engine(model_w, lr=rw.lr_w, **engine_kwargs)
     lam = SourceWeights(len(names), rw.lr_lambda, rw.steps, rw.warmup_ratio, dist.device)
     if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)  # only now: bad inputs leave nothing behind
         lisa = (f"LISA {rw.lisa.layers} of {len(u.lisa.blocks)} blocks every {rw.lisa.interval} steps"
                 if u.lisa.enabled else f"all {len(u.lisa.blocks)} blocks")
-        console.print(f"[dim]model[/] {recipe.model} ({sum(p.numel() for p in model_u.parameters()) / 1e6:.1f}M "
+        console.print(f"[dim]model[/] {escape(recipe.model)} ({sum(p.numel() for p in model_u.parameters()) / 1e6:.1f}M "
                       f"parameters, {dtype}, {dist.device}, {dist.world_size} process(es), {lisa})")
 
     trajectory = [{"step": 0, "weights": lam.as_dict(names)}]
@@ -186,7 +189,7 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
         weights_sum = saved["weights_sum"].to(dist.device)
         checkpoint.set_rng_state(checkpoint.load(start_from, "rng", dist.rank))
         if dist.is_main:
-            console.print(f"[bold]resumed[/] from {start_from} (step {start} of {rw.steps})")
+            console.print(f"[bold]resumed[/] from {escape(str(start_from))} (step {start} of {rw.steps})")
 
     metrics = MetricsLog(out / "metrics.jsonl", start) if dist.is_main else None
     guard = FiniteGuard([f"loss_u[{n}]" for n in names] + [f"loss_w[{n}]" for n in names] + ["L1_sum"]

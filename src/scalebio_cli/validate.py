@@ -1,40 +1,115 @@
 """Up-front checks of a stage's inputs, before torch is imported or any model is loaded.
 
-A bad input must never cost a run: everything here is cheap and runs first, and every problem is reported at once.
+A bad input must never cost a run: everything here is cheap (seconds, a streaming parse of every data file) and
+runs first, and every problem is reported at once. Token-level checks (does any record keep a response token
+within max_length?) need the tokenizer and run next, still before the model loads (reweight.load_data).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from scalebio_cli.config import Recipe
 from scalebio_cli.errors import InputError
+from scalebio_cli.records import EXTENSIONS, iter_examples
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_reweight(recipe: Recipe, where: str | Path = "recipe") -> None:
+def data_file_problems(key: str, path: str | None) -> list[str]:
+    """Exists, readable, a supported type, and every record parses into a known format (first bad one named)."""
+    if not path:
+        return []
+    p = Path(path)
+    if not p.exists():
+        return [f"{key}: file not found: {p}"]
+    if not p.is_file():
+        return [f"{key}: not a file: {p}"]
+    if not os.access(p, os.R_OK):
+        return [f"{key}: not readable (permissions): {p}"]
+    if p.suffix not in EXTENSIONS:
+        return [f"{key}: unsupported file type '{p.suffix}' ({p}); use {', '.join(EXTENSIONS)}"]
+    try:
+        count = sum(1 for _ in iter_examples(p))
+    except InputError as exc:
+        return [f"{key}: {problem}" for problem in exc.problems]
+    return [] if count else [f"{key}: {p} holds no records"]
+
+
+def model_folder_problems(key: str, path: str, need_weights: bool = True) -> list[str]:
+    p = Path(path)
+    if not p.exists():
+        looks_like_hub_id = not path.startswith((".", "/", "~")) and path.count("/") == 1
+        return [] if looks_like_hub_id else [f"{key}: folder not found: {p}"]
+    if not p.is_dir():
+        return [f"{key}: not a folder: {p}"]
     problems = []
+    if need_weights:
+        config = p / "config.json"
+        if not config.is_file():
+            problems.append(f"{key}: {p} is not a model folder (no config.json)")
+        else:
+            try:
+                json.loads(config.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                problems.append(f"{key}: {config} is not valid JSON ({exc})")
+        if not any((p / name).is_file() for name in WEIGHT_FILES) and not list(p.glob("model-*.safetensors")):
+            problems.append(f"{key}: {p} has no weights (expected {' or '.join(WEIGHT_FILES[:2])})")
+    if not any((p / name).is_file() for name in TOKENIZER_FILES):
+        problems.append(f"{key}: {p} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                        "set `tokenizer:` to a folder that has them")
+    return problems
+
+
+def output_dir_problems(path: str) -> list[str]:
+    p = Path(path)
+    existing = next((q for q in [p, *p.parents] if q.exists()), None)
+    if existing is None or not existing.is_dir():
+        return [f"output_dir: cannot create {p} ({existing} is not a folder)"]
+    if not os.access(existing, os.W_OK):
+        return [f"output_dir: cannot write into {existing} (permissions)"]
+    return []
+
+
+def _models(recipe: Recipe) -> list[str]:
+    problems = model_folder_problems("model", recipe.model, need_weights=True)
+    if recipe.tokenizer:
+        problems = [p for p in problems if "tokenizer files" not in p]
+        problems += model_folder_problems("tokenizer", recipe.tokenizer, need_weights=False)
+    return problems
+
+
+def _raise(problems: list[str], where: str | Path) -> None:
+    if problems:
+        raise InputError([f"{where}: {p}" for p in problems])
+
+
+def check_reweight(recipe: Recipe, where: str | Path = "recipe") -> None:
     data, rw = recipe.data, recipe.reweight
+    problems = []
     if len(data.sources) < 2:
         problems.append(f"data.sources: reweight needs at least 2 sources, got {len(data.sources)}")
     if not data.validation:
         problems.append("data.validation: reweight needs a validation file (what the model should become good at)")
-    for name, path in [*data.sources.items(), ("validation", data.validation)]:
-        if path and not Path(path).is_file():
-            key = "data.validation" if name == "validation" else f"data.sources.{name}"
-            problems.append(f"{key}: file not found: {path}")
     if rw.batch_size < len(data.sources):
         problems.append(f"reweight.batch_size: {rw.batch_size} is less than the {len(data.sources)} sources; "
                         "every source must appear in every batch")
     for key in ("batch_size", "val_batch_size"):
         if getattr(rw, key) % world_size():
             problems.append(f"reweight.{key}: {getattr(rw, key)} does not divide over {world_size()} processes")
-    if problems:
-        raise InputError([f"{where}: {p}" for p in problems])
+    problems += _models(recipe) + output_dir_problems(recipe.output_dir)
+    for name, path in data.sources.items():
+        problems += data_file_problems(f"data.sources.{name}", path)
+    problems += data_file_problems("data.validation", data.validation)
+    _raise(problems, where)
 
 
 def check_finetune(recipe: Recipe, where: str | Path = "recipe") -> None:
@@ -43,11 +118,22 @@ def check_finetune(recipe: Recipe, where: str | Path = "recipe") -> None:
     if bool(ft.data) == bool(ft.weights):
         problems.append("finetune: set exactly one of finetune.data (a data file) and finetune.weights (a "
                         "weights.json to mix data.sources by)")
-    for key, path in (("finetune.data", ft.data), ("finetune.weights", ft.weights),
-                      ("finetune.validation", ft.validation)):
-        if path and not Path(path).is_file():
-            problems.append(f"{key}: file not found: {path}")
     if ft.batch_size % world_size():
         problems.append(f"finetune.batch_size: {ft.batch_size} does not divide over {world_size()} processes")
-    if problems:
-        raise InputError([f"{where}: {p}" for p in problems])
+    problems += _models(recipe) + output_dir_problems(recipe.output_dir)
+    problems += data_file_problems("finetune.data", ft.data) + data_file_problems("finetune.validation", ft.validation)
+    if ft.weights:
+        from scalebio_cli import weights_file
+
+        try:
+            weights, doc = weights_file.load(ft.weights)
+        except InputError as exc:
+            problems += [f"finetune.weights: {p}" for p in exc.problems]
+        else:
+            sources = recipe.data.sources or {n: doc["sources"][n]["path"] for n in weights}
+            if set(sources) != set(weights):
+                problems.append(f"finetune.weights: its sources ({', '.join(weights)}) are not data.sources "
+                                f"({', '.join(sources)})")
+            for name, path in sources.items():
+                problems += data_file_problems(f"data.sources.{name}", path)
+    _raise(problems, where)

@@ -1,0 +1,234 @@
+"""The catalogue of bad inputs: what each one is, how to produce it, and what the user must be told.
+
+Used by test_bad_input.py (each must exit 2, name the file/key/line, print no traceback, leave no output) and by
+scripts/write_reliability_doc.py (docs/reliability.md shows the message each case actually gets).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class Case:
+    id: str
+    kind: str  # what is bad: recipe, data file, model folder, weights file, command line
+    what: str  # the defect, in words
+    setup: Callable[[Path, Path], tuple[list[str], Path]]  # (tmp, demo) -> (CLI args, output that must not appear)
+    expect: list[str]  # fragments of stderr: the message and where it points ({tmp} and {demo} are filled in)
+
+
+def recipe(tmp: Path, demo: Path, sources: dict | None = None, **top) -> Path:
+    tree = {
+        "model": str(demo / "model"), "output_dir": str(tmp / "run"),
+        "data": {"sources": sources or {"clean": str(demo / "data" / "clean.jsonl"),
+                                        "noisy": str(demo / "data" / "noisy.json")},
+                 "validation": str(demo / "data" / "val.jsonl"), "max_length": 64},
+        "reweight": {"steps": 2, "batch_size": 4, "val_batch_size": 2},
+    }
+    for key, value in top.items():
+        node = tree
+        *parents, leaf = key.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def reweight(tmp: Path, demo: Path, *extra: str, **top) -> tuple[list[str], Path]:
+    return ["reweight", "--config", str(recipe(tmp, demo, **top)), *extra], tmp / "run" / "weights.json"
+
+
+def with_source(tmp: Path, demo: Path, name: str, content: str | bytes) -> tuple[list[str], Path]:
+    bad = tmp / name
+    bad.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return reweight(tmp, demo, sources={"clean": str(demo / "data" / "clean.jsonl"), "bad": str(bad)})
+
+
+def with_model(tmp: Path, demo: Path, drop: str | None = None, replace: dict | None = None) -> tuple[list[str], Path]:
+    import shutil
+
+    model = tmp / "model"
+    shutil.copytree(demo / "model", model)
+    if drop:
+        (model / drop).unlink()
+    for name, text in (replace or {}).items():
+        (model / name).write_text(text)
+    return reweight(tmp, demo, model=str(model))
+
+
+def weights_doc(tmp: Path, demo: Path, **changes) -> tuple[list[str], Path]:
+    from scalebio_cli import weights_file
+    from scalebio_cli.dataset import file_sha256
+
+    srcs = {"clean": demo / "data" / "clean.jsonl", "noisy": demo / "data" / "noisy.json"}
+    doc = weights_file.build(weights={"clean": 0.6, "noisy": 0.4}, weights_averaged={"clean": 0.6, "noisy": 0.4},
+                             sources={n: {"path": str(p), "num_examples": 600, "sha256": file_sha256(p)}
+                                      for n, p in srcs.items()},
+                             validation=None, trajectory=[], steps=1, seed=0, model="m", config={})
+    doc.update(changes)
+    w = tmp / "weights.json"
+    w.write_text(json.dumps(doc))
+    out = tmp / "sample.jsonl"
+    return ["sample", "--weights", str(w), "--num-samples", "10", "--output", str(out)], out
+
+
+def changed_source(tmp: Path, demo: Path) -> tuple[list[str], Path]:
+    import shutil
+
+    copy = tmp / "clean.jsonl"
+    shutil.copy(demo / "data" / "clean.jsonl", copy)
+    args, out = weights_doc(tmp, demo)
+    w = Path(args[2])
+    doc = json.loads(w.read_text())
+    from scalebio_cli.dataset import file_sha256
+
+    doc["sources"]["clean"] = {"path": str(copy), "num_examples": 600, "sha256": file_sha256(copy)}
+    w.write_text(json.dumps(doc))
+    copy.write_text(copy.read_text().replace("answer", "ANSWER", 1))
+    return args, out
+
+
+def text(tmp: Path, name: str, content: str) -> Path:
+    path = tmp / name
+    path.write_text(content)
+    return path
+
+
+CASES = [
+    # -- recipes ---------------------------------------------------------------------------------------------
+    Case("recipe-missing", "recipe", "the recipe file does not exist",
+         lambda t, d: (["reweight", "--config", str(t / "nope.yaml")], t / "run" / "weights.json"),
+         ["{tmp}/nope.yaml: recipe file not found"]),
+    Case("recipe-not-yaml", "recipe", "the recipe is not valid YAML",
+         lambda t, d: (["reweight", "--config", str(text(t, "r.yaml", "model: [a\n"))], t / "run"),
+         ["{tmp}/r.yaml:2: not valid YAML"]),
+    Case("recipe-unknown-key", "recipe", "a misspelt key",
+         lambda t, d: reweight(t, d, reweight__stepz=3),
+         ["{tmp}/recipe.yaml: unknown key 'reweight.stepz' (did you mean 'reweight.steps'?)"]),
+    Case("recipe-wrong-type", "recipe", "a number key holding text",
+         lambda t, d: reweight(t, d, reweight__alpha="lots"),
+         ["{tmp}/recipe.yaml: reweight.alpha: expected a number, got 'lots'"]),
+    Case("recipe-out-of-range", "recipe", "a learning rate out of range",
+         lambda t, d: reweight(t, d, reweight__lr_lambda=0),
+         ["{tmp}/recipe.yaml: reweight.lr_lambda: must be in (0, 10), got 0.0"]),
+    Case("recipe-bad-choice", "recipe", "an unknown precision",
+         lambda t, d: reweight(t, d, precision="fp8"),
+         ["{tmp}/recipe.yaml: precision: must be one of auto, fp32, bf16, got 'fp8'"]),
+    Case("recipe-duplicate-source", "recipe", "two sources with the same name",
+         lambda t, d: (["reweight", "--config", str(text(t, "r.yaml", f"model: {d}/model\noutput_dir: {t}/run\n"
+                                                          f"data:\n  sources:\n    a: {d}/data/clean.jsonl\n"
+                                                          f"    a: {d}/data/noisy.json\n"))], t / "run"),
+         ["{tmp}/r.yaml:6: not valid YAML: duplicate key 'a'"]),
+    Case("one-source", "recipe", "reweight with a single source",
+         lambda t, d: reweight(t, d, sources={"clean": str(d / "data" / "clean.jsonl")}),
+         ["{tmp}/recipe.yaml: data.sources: reweight needs at least 2 sources, got 1"]),
+    Case("no-validation", "recipe", "reweight without a validation set",
+         lambda t, d: reweight(t, d, data__validation=None),
+         ["data.validation: reweight needs a validation file"]),
+    Case("batch-smaller-than-sources", "recipe", "fewer examples per step than sources",
+         lambda t, d: reweight(t, d, reweight__batch_size=1),
+         ["reweight.batch_size: 1 is less than the 2 sources"]),
+    Case("override-syntax", "command line", "an override without '='",
+         lambda t, d: reweight(t, d, "reweight.steps"),
+         ["override 'reweight.steps': expected KEY=VALUE"]),
+    # -- data files ------------------------------------------------------------------------------------------
+    Case("source-missing", "data file", "a source file that does not exist",
+         lambda t, d: reweight(t, d, sources={"clean": str(d / "data" / "clean.jsonl"), "gone": str(t / "gone.jsonl")}),
+         ["data.sources.gone: file not found: {tmp}/gone.jsonl"]),
+    Case("source-unsupported-type", "data file", "a .csv source",
+         lambda t, d: with_source(t, d, "bad.csv", "text\nhello\n"),
+         ["data.sources.bad: unsupported file type '.csv' ({tmp}/bad.csv)"]),
+    Case("record-not-json", "data file", "a broken JSON line",
+         lambda t, d: with_source(t, d, "bad.jsonl", '{"text": "ok"}\n{"text": "ok"}\n{"text": \n'),
+         ["data.sources.bad: {tmp}/bad.jsonl:3: not valid JSON"]),
+    Case("record-unknown-format", "data file", "a record of no known format",
+         lambda t, d: with_source(t, d, "bad.jsonl", '{"text": "ok"}\n{"question": "q", "answer": "a"}\n'),
+         ["data.sources.bad: {tmp}/bad.jsonl:2: unknown record format (keys: ['answer', 'question'])"]),
+    Case("record-bad-role", "data file", "a conversation turn with an unknown role",
+         lambda t, d: with_source(t, d, "bad.json", json.dumps([{"messages": [{"role": "robot", "content": "x"}]}])),
+         ["data.sources.bad: {tmp}/bad.json[0]: messages[0] has unknown role 'robot'"]),
+    Case("record-wrong-type", "data file", "a field of the wrong type",
+         lambda t, d: with_source(t, d, "bad.jsonl", '{"prompt": "p", "completion": 42}\n'),
+         ["data.sources.bad: {tmp}/bad.jsonl:1: 'completion' must be a string, got int"]),
+    Case("json-not-a-list", "data file", "a .json file holding one object instead of a list",
+         lambda t, d: with_source(t, d, "bad.json", '{"text": "one record"}'),
+         ["data.sources.bad: {tmp}/bad.json: a .json data file must hold a list of records"]),
+    Case("source-empty", "data file", "an empty source",
+         lambda t, d: with_source(t, d, "bad.jsonl", ""),
+         ["data.sources.bad: {tmp}/bad.jsonl holds no records"]),
+    Case("source-not-utf8", "data file", "a source that is not UTF-8 text",
+         lambda t, d: with_source(t, d, "bad.jsonl", b'{"text": "\xff\xfe"}\n'),
+         ["data.sources.bad: {tmp}/bad.jsonl: not UTF-8 text"]),
+    Case("no-room-for-a-response", "data file", "max_length too short for any response token",
+         lambda t, d: reweight(t, d, data__max_length=8),
+         ["data.sources.clean: no record of {demo}/data/clean.jsonl keeps a response token within data.max_length=8",
+          "data.validation: no record of"]),
+    # -- model folders ---------------------------------------------------------------------------------------
+    Case("model-missing", "model folder", "a model folder that does not exist",
+         lambda t, d: reweight(t, d, model=str(t / "no-model")),
+         ["model: folder not found: {tmp}/no-model"]),
+    Case("model-no-config", "model folder", "a folder without config.json",
+         lambda t, d: with_model(t, d, drop="config.json"),
+         ["model: {tmp}/model is not a model folder (no config.json)"]),
+    Case("model-no-weights", "model folder", "a folder without weights",
+         lambda t, d: with_model(t, d, drop="model.safetensors"),
+         ["model: {tmp}/model has no weights"]),
+    Case("model-bad-config", "model folder", "a config.json that is not JSON",
+         lambda t, d: with_model(t, d, replace={"config.json": "{oops"}),
+         ["model: {tmp}/model/config.json is not valid JSON"]),
+    Case("model-no-tokenizer", "model folder", "a model folder without tokenizer files",
+         lambda t, d: _no_tokenizer(t, d),
+         ["model: {tmp}/model has no tokenizer files"]),
+    # -- weights files (sample) ------------------------------------------------------------------------------
+    Case("weights-format", "weights file", "a wrong format tag",
+         lambda t, d: weights_doc(t, d, format="scalebio-weights/0"),
+         ["{tmp}/weights.json: format is 'scalebio-weights/0', expected 'scalebio-weights/1'"]),
+    Case("weights-sum", "weights file", "weights that do not sum to 1",
+         lambda t, d: weights_doc(t, d, weights={"clean": 0.6, "noisy": 0.6}),
+         ["{tmp}/weights.json: weights sum to 1.200000000, not 1"]),
+    Case("weights-negative", "weights file", "a negative weight",
+         lambda t, d: weights_doc(t, d, weights={"clean": 1.5, "noisy": -0.5}),
+         ["{tmp}/weights.json: weights.noisy = -0.5 is outside [0, 1]"]),
+    Case("weights-unknown-source", "weights file", "a weight for a source the file does not list",
+         lambda t, d: weights_doc(t, d, weights={"clean": 0.6, "mystery": 0.4}),
+         ["{tmp}/weights.json: weights names source 'mystery', which is not among its sources"]),
+    Case("weights-changed-source", "weights file", "a source file edited after reweighting",
+         changed_source,
+         ["{tmp}/weights.json: source 'clean' changed since the weights were learned: {tmp}/clean.jsonl"]),
+    Case("weights-not-json", "weights file", "a weights file that is not JSON",
+         lambda t, d: (["sample", "--weights", str(text(t, "w.json", "{")), "-n", "3", "-o", str(t / "s.jsonl")],
+                       t / "s.jsonl"),
+         ["{tmp}/w.json: not a valid weights file (not JSON"]),
+    Case("sample-source-too-small", "weights file", "more samples than a source has, without replacement",
+         lambda t, d: (weights_doc(t, d)[0][:4] + ["1200", "--output", str(t / "sample.jsonl")], t / "sample.jsonl"),
+         ["source 'clean' has 600 records but 720 were asked for without replacement"]),
+    # -- other commands --------------------------------------------------------------------------------------
+    Case("finetune-no-data", "recipe", "finetune with neither finetune.data nor finetune.weights",
+         lambda t, d: (["finetune", "--config", str(recipe(t, d))], t / "run" / "config.json"),
+         ["finetune: set exactly one of finetune.data"]),
+    Case("eval-not-a-model", "model folder", "eval of a folder that holds no model",
+         lambda t, d: (["eval", "--model", str(t), "--data", f"x={d / 'data' / 'test.jsonl'}", "-o",
+                        str(t / "r.json")], t / "r.json"),
+         ["--model {tmp}: not a model folder (no config.json)"]),
+    Case("resume-not-a-checkpoint", "command line", "--resume pointing at a folder that is no checkpoint",
+         lambda t, d: reweight(t, d, "--resume", str(t)),
+         ["--resume {tmp}: not a complete checkpoint folder"]),
+]
+
+
+def _no_tokenizer(tmp: Path, demo: Path) -> tuple[list[str], Path]:
+    import shutil
+
+    model = tmp / "model"
+    shutil.copytree(demo / "model", model)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model / name).unlink()
+    return reweight(tmp, demo, model=str(model))
