@@ -148,3 +148,15 @@ def test_zero_layers_trains_every_block(tokenizer) -> None:
     lisa = Lisa(model, AdamW(model.parameters(), lr=1e-3), layers=0, interval=20, seed=0)
     assert not lisa.enabled and not lisa.update(0)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_optimizer_state_follows_active_blocks_not_model_depth(tokenizer) -> None:
+    """8 or 16 blocks, 2 active: the same optimizer state (the reference implementations grow with depth)."""
+    sizes = {}
+    for layers in (8, 16):
+        model = tiny(tokenizer, "llama", layers=layers)
+        engine = Engine(model, lr=1e-3, weight_decay=0.0, max_grad_norm=None, total_steps=10, warmup_ratio=0.0,
+                        lisa=LisaConfig(layers=2, interval=2), seed=0, dist=CPU)
+        train_steps(engine, tokenizer, range(6))  # three draws: state of earlier draws must be gone
+        sizes[layers] = engine.optimizer.state_bytes()
+    assert sizes[8] == sizes[16]

@@ -139,10 +139,10 @@ def test_non_finite_loss_stops_with_status_1_and_keeps_the_last_good_checkpoint(
     calls = {"n": 0}
     real = reweight.example_losses
 
-    def poisoned(logits, batch):  # 3 calls per step here (u on B, w on B, w on V): step 13 turns NaN
+    def poisoned(logits, batch):  # 2 calls per step (u on B, w on B and V together): step 13 turns NaN
         calls["n"] += 1
         sums, counts = real(logits, batch)
-        return (sums * float("nan"), counts) if calls["n"] > 36 else (sums, counts)
+        return (sums * float("nan"), counts) if calls["n"] > 24 else (sums, counts)
 
     monkeypatch.setattr(reweight, "example_losses", poisoned)
     recipe = write_recipe(tmp_path / "recipe.yaml", demo)

@@ -9,7 +9,10 @@ the whole batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
@@ -63,8 +66,9 @@ class MicroBatch:
                           self.num_tokens)
 
 
-def collate(examples: list[tuple[np.ndarray, np.ndarray]], sources: list[int], pad_id: int) -> MicroBatch:
-    """Right-pad token ids and masks to the longest example."""
+def collate(examples: list[tuple[np.ndarray, np.ndarray]], sources: list[int], pad_id: int,
+            pin: bool = False) -> MicroBatch:
+    """Right-pad token ids and masks to the longest example (in pinned memory when bound for a GPU)."""
     width = max(len(ids) for ids, _ in examples)
     input_ids = np.full((len(examples), width), pad_id, dtype=np.int64)
     attention = np.zeros((len(examples), width), dtype=np.int64)
@@ -73,12 +77,15 @@ def collate(examples: list[tuple[np.ndarray, np.ndarray]], sources: list[int], p
         input_ids[row, : len(ids)] = ids
         attention[row, : len(ids)] = 1
         trainable[row, : len(ids)] = mask
-    return MicroBatch(torch.from_numpy(input_ids), torch.from_numpy(attention), torch.from_numpy(trainable),
-                      torch.tensor(sources, dtype=torch.long), int(attention.sum()))
+    tensors = [torch.from_numpy(input_ids), torch.from_numpy(attention), torch.from_numpy(trainable),
+               torch.tensor(sources, dtype=torch.long)]
+    if pin:  # lets .to(cuda, non_blocking=True) overlap the copy with compute
+        tensors = [t.pin_memory() for t in tensors]
+    return MicroBatch(*tensors, int(attention.sum()))
 
 
 def micro_batches(items: list[tuple[int, int]], data: list[TokenizedData], micro_batch_size: int,
-                  pad_id: int) -> list[MicroBatch]:
+                  pad_id: int, pin: bool = False) -> list[MicroBatch]:
     """Split one process's `(source, example)` items into micro-batches of similar lengths (less padding).
 
     The chunk count depends only on len(items), so every process runs the same number of forward passes.
@@ -90,7 +97,7 @@ def micro_batches(items: list[tuple[int, int]], data: list[TokenizedData], micro
     batches = []
     for chunk in chunks:
         picked = [order[i] for i in chunk]
-        batches.append(collate([data[s].example(i) for s, i in picked], [s for s, _ in picked], pad_id))
+        batches.append(collate([data[s].example(i) for s, i in picked], [s for s, _ in picked], pad_id, pin))
     return batches
 
 
@@ -101,3 +108,29 @@ def response_token_count(items: list[tuple[int, int]], data: list[TokenizedData]
         _, mask = data[s].example(i)
         total += int(mask[1:].sum())
     return total
+
+
+T = TypeVar("T")
+
+
+class Prefetcher(Generic[T]):
+    """Builds step t+1's batches on a worker thread while step t computes (tokenization is long done; this is
+    sampling, padding and pinning, which would otherwise sit between two steps)."""
+
+    def __init__(self, build: Callable[[int], T], steps: range):
+        self.build, self.steps = build, steps
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scalebio-prefetch")
+        self.pending: dict[int, Future[T]] = {}
+
+    def get(self, step: int) -> T:
+        future = self.pending.pop(step, None) or self.pool.submit(self.build, step)
+        result = future.result()
+        if step + 1 in self.steps:
+            self.pending[step + 1] = self.pool.submit(self.build, step + 1)
+        return result
+
+    def __enter__(self) -> "Prefetcher[T]":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)

@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from scalebio_cli import checkpoint, distributed, weights_file
-from scalebio_cli.batching import CursorSampler, micro_batches, response_token_count
+from scalebio_cli.batching import CursorSampler, MicroBatch, micro_batches, response_token_count
 from scalebio_cli.config import Recipe
 from scalebio_cli.console import console, format_weights
 from scalebio_cli.dataset import TokenizedData, describe, timed_load
@@ -61,6 +61,24 @@ class TrainStream:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for sampler, cursor in zip(self.samplers, state["cursors"]):
             sampler.cursor = cursor
+
+
+def sft_step(engine: Engine, micro: list[MicroBatch], response_tokens: int, dist: distributed.DistInfo,
+             stop_requested: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One optimizer step on the token-mean loss of the global batch; no host-device synchronisation.
+
+    Returns (global token-loss sum, processes asking to stop, gradient norm).
+    """
+    loss_sum = torch.zeros((), dtype=torch.float32, device=dist.device)
+    for i, mb in enumerate(micro):
+        with engine.sync_context(i == len(micro) - 1):
+            sums, _ = example_losses(engine(mb), mb)
+            engine.backward(sums.sum() / response_tokens)
+        loss_sum += sums.detach().sum()
+    grad_norm = engine.step()
+    vote = torch.full((1,), float(stop_requested), device=dist.device)
+    totals = distributed.all_reduce_sum(torch.cat([loss_sum.view(1), vote]), dist)
+    return totals[0], totals[1], grad_norm
 
 
 def training_files(recipe: Recipe) -> tuple[dict[str, str], list[float]]:
@@ -166,21 +184,13 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
         for step in range(start, steps):
             engine.lisa.update(step)
             items = stream.take(step, ft.batch_size)
-            response_tokens = response_token_count(items, stream.data)
             micro = micro_batches(items[dist.rank:: dist.world_size], stream.data, ft.micro_batch_size,
-                                  tokenizer.pad_token_id)
-            loss_sum = torch.zeros((), dtype=torch.float32, device=dist.device)
-            for i, mb in enumerate(micro):
-                mb = mb.to(dist.device)
-                with engine.sync_context(i == len(micro) - 1):
-                    sums, _ = example_losses(engine(mb), mb)
-                    engine.backward(sums.sum() / response_tokens)
-                loss_sum += sums.detach().sum()
-                tokens += mb.num_tokens * dist.world_size
-            grad_norm = engine.step()
-            stop_flag = torch.ones(1, device=dist.device) if signals.received else torch.zeros(1, device=dist.device)
-            totals = distributed.all_reduce_sum(torch.cat([loss_sum.view(1), stop_flag]), dist)
-            guard.observe(step + 1, totals[:1] / response_tokens)
+                                  tokenizer.pad_token_id, pin=dist.device.type == "cuda")
+            response_tokens = response_token_count(items, stream.data)
+            loss_sum, stop_votes, grad_norm = sft_step(engine, [mb.to(dist.device) for mb in micro], response_tokens,
+                                                       dist, stop_requested=signals.received is not None)
+            tokens += sum(mb.num_tokens for mb in micro) * dist.world_size
+            guard.observe(step + 1, (loss_sum / response_tokens).view(1))
 
             done = step + 1
             if done % ft.eval_every == 0 or done == steps:
@@ -188,7 +198,7 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
             if done % ft.log_every == 0 or done == steps:
                 guard.check()
                 now = time.perf_counter()
-                record = {"step": done, "loss": float(totals[0]) / response_tokens, "lr": engine.lr,
+                record = {"step": done, "loss": float(loss_sum) / response_tokens, "lr": engine.lr,
                           "grad_norm": None if grad_norm is None else float(grad_norm),
                           "tokens_per_s": tokens / (now - last_time)}
                 tokens, last_time = 0, now
@@ -201,7 +211,7 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
                                            f"{record['tokens_per_s']:,.0f} tok/s")
             progress.advance(task)
 
-            stop = (totals[-1].item() > 0) if dist.distributed else signals.received is not None
+            stop = (stop_votes.item() > 0) if dist.distributed else signals.received is not None
             periodic = recipe.checkpoint.every and done % recipe.checkpoint.every == 0
             if (stop or periodic) and done < steps:
                 guard.check()

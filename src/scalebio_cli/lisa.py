@@ -38,6 +38,7 @@ class Lisa:
         self.enabled = 0 < layers < len(self.blocks)
         self.active: list[int] = list(range(len(self.blocks)))
         self.draw: int | None = None
+        self.cut_backward = True  # False reproduces the reference implementations (benchmarks only)
         if self.enabled:
             self.blocks[0].register_forward_pre_hook(self._cut_below_active, with_kwargs=True)
 
@@ -64,7 +65,7 @@ class Lisa:
                 self.optimizer.release(block.parameters())
 
     def _cut_below_active(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if self.lowest_active == 0:
+        if self.lowest_active == 0 or not self.cut_backward:
             return None
         if args:
             return (args[0].detach(), *args[1:]), kwargs

@@ -21,7 +21,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from scalebio_cli import checkpoint, distributed, weights_file
-from scalebio_cli.batching import CursorSampler, MicroBatch, balanced_counts, micro_batches, response_token_count
+from scalebio_cli.batching import (CursorSampler, MicroBatch, Prefetcher, balanced_counts, micro_batches,
+                                   response_token_count)
 from scalebio_cli.bilevel import SourceWeights
 from scalebio_cli.config import Recipe
 from scalebio_cli.console import console, format_weights
@@ -41,38 +42,44 @@ VALIDATION_STREAM = 10_000  # sampler stream of the validation set; source k use
 class StepBatches:
     """One step's data on this process, with the global normalisers every process agrees on."""
 
-    train: list[MicroBatch]
-    val: list[MicroBatch]
+    u: list[MicroBatch]  # this process's share of B
+    w: list[MicroBatch]  # this process's share of B and V together; validation rows have source == K
     source_counts: torch.Tensor  # [K] examples of each source in the global batch
     val_tokens: int  # response tokens in the global validation batch
-    num_tokens: int  # non-padding tokens this process feeds through one model pass of B, plus V
+    num_tokens: int  # non-padding tokens this process feeds through u and w
+    sampler_state: dict[str, Any]  # sampler positions after this step's draws (what a checkpoint stores)
+
+    def to(self, device: torch.device) -> "StepBatches":
+        return StepBatches([b.to(device) for b in self.u], [b.to(device) for b in self.w],
+                           self.source_counts.to(device), self.val_tokens, self.num_tokens, self.sampler_state)
 
 
 class BatchPlan:
-    """Seeded samplers for every source and the validation set; the same draws on every process."""
+    """Seeded samplers for every source and the validation set; the same draws on every process.
+
+    `next` runs on the prefetch thread (batching.Prefetcher): it only touches numpy and CPU tensors.
+    """
 
     def __init__(self, sources: list[TokenizedData], val: TokenizedData, recipe: Recipe, dist: distributed.DistInfo,
                  pad_id: int):
-        self.sources, self.val, self.dist, self.pad_id = sources, val, dist, pad_id
-        self.rw = recipe.reweight
+        self.data = [*sources, val]  # the validation set is "source" K
+        self.dist, self.pad_id, self.rw = dist, pad_id, recipe.reweight
         self.samplers = [CursorSampler(len(d), recipe.seed, k) for k, d in enumerate(sources)]
         self.val_sampler = CursorSampler(len(val), recipe.seed, VALIDATION_STREAM)
+        self.pin = dist.device.type == "cuda"
 
     def next(self, step: int) -> StepBatches:
-        counts = balanced_counts(self.rw.batch_size, len(self.sources), step)
+        k_val = len(self.samplers)
+        counts = balanced_counts(self.rw.batch_size, k_val, step)
         items = [(k, int(i)) for k, n in enumerate(counts) for i in self.samplers[k].take(n)]
-        val_items = [(0, int(i)) for i in self.val_sampler.take(self.rw.val_batch_size)]
+        val_items = [(k_val, int(i)) for i in self.val_sampler.take(self.rw.val_batch_size)]
         rank, world = self.dist.rank, self.dist.world_size
-        mine, val_mine = items[rank::world], val_items[rank::world]
-        train = micro_batches(mine, self.sources, self.rw.micro_batch_size, self.pad_id)
-        val = micro_batches(val_mine, [self.val], self.rw.micro_batch_size, self.pad_id)
-        return StepBatches(
-            train=[b.to(self.dist.device) for b in train],
-            val=[b.to(self.dist.device) for b in val],
-            source_counts=torch.tensor(counts, dtype=torch.float32, device=self.dist.device),
-            val_tokens=response_token_count(val_items, [self.val]),
-            num_tokens=sum(b.num_tokens for b in train + val),
-        )
+        u = micro_batches(items[rank::world], self.data, self.rw.micro_batch_size, self.pad_id, self.pin)
+        w = micro_batches(items[rank::world] + val_items[rank::world], self.data, self.rw.micro_batch_size,
+                          self.pad_id, self.pin)
+        return StepBatches(u, w, torch.tensor(counts, dtype=torch.float32),
+                           val_tokens=response_token_count(val_items, self.data),
+                           num_tokens=sum(b.num_tokens for b in u + w), sampler_state=self.state_dict())
 
     def state_dict(self) -> dict[str, Any]:
         return {"sources": [s.cursor for s in self.samplers], "validation": self.val_sampler.cursor}
@@ -164,13 +171,11 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
     weights_sum = torch.zeros(len(names), dtype=torch.float64, device=dist.device)
     start = 0
 
-    def state() -> dict[str, Any]:
-        return {"u": u.state_dict(), "w": w.state_dict(), "lambda": lam.state_dict(), "plan": plan.state_dict(),
-                "trajectory": trajectory, "weights_sum": weights_sum}
-
-    def save_checkpoint(done: int) -> Path:
+    def save_checkpoint(done: int, sampler_state: dict[str, Any]) -> Path:
+        trainer = {"u": u.state_dict(), "w": w.state_dict(), "lambda": lam.state_dict(), "plan": sampler_state,
+                   "trajectory": trajectory, "weights_sum": weights_sum}
         return checkpoint.save(
-            out, done, {"model_u": model_u.state_dict(), "model_w": model_w.state_dict(), "trainer": state()},
+            out, done, {"model_u": model_u.state_dict(), "model_w": model_w.state_dict(), "trainer": trainer},
             {"stage": "reweight", "world_size": dist.world_size, "config": recipe.to_dict(),
              "data_sha256": fingerprints},
             recipe.checkpoint.keep, dist.rank, per_rank={"rng": checkpoint.rng_state()},
@@ -200,34 +205,13 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
     progress = _progress(dist.is_main)
     task = progress.add_task("reweight", total=rw.steps, completed=start,
                              info=format_weights(trajectory[-1]["weights"], 14))
-    with progress, signals.installed():
+    with progress, signals.installed(), Prefetcher(plan.next, range(start, rw.steps)) as prefetched:
         for step in range(start, rw.steps):
             u.lisa.update(step)
             w.lisa.update(step)
-            batch = plan.next(step)
-            s = lam.probs()
-            # alpha * s_k / n_k: the gradient of alpha * L2 = alpha * sum_k s_k * mean_k(loss) per example.
-            coef = rw.alpha * s / batch.source_counts
-
-            sums_u = _train_pass(u, batch.train, coef, len(names), sync_last=True)
-            grad_norm_u = u.step(clip_scale=rw.alpha)
-
-            sums_w = _train_pass(w, batch.train, coef, len(names), sync_last=not batch.val)
-            l1_sum = torch.zeros((), dtype=torch.float32, device=dist.device)
-            for i, mb in enumerate(batch.val):
-                with w.sync_context(i == len(batch.val) - 1):
-                    token_sums, _ = example_losses(w(mb), mb)
-                    w.backward(token_sums.sum() / batch.val_tokens)
-                l1_sum += token_sums.detach().sum()
-            grad_norm_w = w.step(clip_scale=rw.alpha)
-
-            # One all-reduce for everything the lam step, the logs and the stop decision need.
-            stop_flag = torch.ones(1, device=dist.device) if signals.received else torch.zeros(1, device=dist.device)
-            totals = distributed.all_reduce_sum(torch.cat([sums_u, sums_w, l1_sum.view(1), stop_flag]), dist)
-            m_u = totals[: len(names)] / batch.source_counts
-            m_w = totals[len(names): 2 * len(names)] / batch.source_counts
-            lam_grad = lam.step(m_w, m_u, rw.alpha)
-            guard.observe(step + 1, torch.cat([m_u, m_w, totals[2 * len(names)].view(1), lam.lam.detach()]))
+            batch = prefetched.get(step).to(dist.device)
+            result = bilevel_step(u, w, lam, batch, rw.alpha, dist, stop_requested=signals.received is not None)
+            guard.observe(step + 1, torch.cat([result.m_u, result.m_w, result.l1_sum.view(1), lam.lam.detach()]))
             if step >= avg_from:
                 weights_sum += lam.probs(torch.float64)
             tokens_since_log += batch.num_tokens * dist.world_size
@@ -240,15 +224,15 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
                 trajectory.append({"step": done, "weights": weights})
                 record = {
                     "step": done,
-                    "L1": float(totals[2 * len(names)] / batch.val_tokens),
-                    "L2_u": float(torch.dot(s, m_u)),
-                    "L2_w": float(torch.dot(s, m_w)),
-                    "loss_u": dict(zip(names, m_u.tolist())),
-                    "loss_w": dict(zip(names, m_w.tolist())),
+                    "L1": float(result.l1_sum / batch.val_tokens),
+                    "L2_u": float(torch.dot(result.s, result.m_u)),
+                    "L2_w": float(torch.dot(result.s, result.m_w)),
+                    "loss_u": dict(zip(names, result.m_u.tolist())),
+                    "loss_w": dict(zip(names, result.m_w.tolist())),
                     "weights": weights,
-                    "lambda_grad": dict(zip(names, lam_grad.tolist())),
-                    "grad_norm_u": None if grad_norm_u is None else float(grad_norm_u),
-                    "grad_norm_w": None if grad_norm_w is None else float(grad_norm_w),
+                    "lambda_grad": dict(zip(names, result.lam_grad.tolist())),
+                    "grad_norm_u": None if result.grad_norm_u is None else float(result.grad_norm_u),
+                    "grad_norm_w": None if result.grad_norm_w is None else float(result.grad_norm_w),
                     "lr_u": u.lr, "lr_w": w.lr, "lr_lambda": lam.lr,
                     "active_blocks": u.lisa.active if u.lisa.enabled else "all",
                     "tokens_per_s": tokens_since_log / (now - last_log_time),
@@ -264,11 +248,11 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
             progress.advance(task)
 
             # A signal on any process stops every process at the same step (the flag rode the all-reduce).
-            stop = (totals[-1].item() > 0) if dist.distributed else signals.received is not None
+            stop = (result.stop_votes.item() > 0) if dist.distributed else signals.received is not None
             periodic = recipe.checkpoint.every and done % recipe.checkpoint.every == 0
             if (stop or periodic) and done < rw.steps:  # after the last step, finishing beats checkpointing
                 guard.check()
-                path = save_checkpoint(done)
+                path = save_checkpoint(done, batch.sampler_state)
                 if stop:
                     raise TrainingStopped(f"stopped by {signals.received or 'a signal on another process'} after "
                                           f"step {done} of {rw.steps}; checkpoint saved to {path}; continue with "
@@ -292,17 +276,59 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
     return path
 
 
-def _train_pass(engine: Engine, micro: list[MicroBatch], coef: torch.Tensor, num_sources: int,
-                sync_last: bool) -> torch.Tensor:
-    """Forward/backward of alpha * L2 over this process's share of B; returns per-source sums of example losses."""
-    sums = torch.zeros(num_sources, dtype=torch.float32, device=coef.device)
+@dataclass
+class StepResult:
+    s: torch.Tensor  # the weights the step used
+    m_u: torch.Tensor  # [K] per-source mean losses of u on B (global)
+    m_w: torch.Tensor  # [K] the same for w
+    l1_sum: torch.Tensor  # token-loss sum of w on V (global); L1 = l1_sum / val_tokens
+    lam_grad: torch.Tensor
+    grad_norm_u: torch.Tensor | None
+    grad_norm_w: torch.Tensor | None
+    stop_votes: torch.Tensor  # processes that asked to stop (rides the step's all-reduce)
+
+
+def bilevel_step(u: Engine, w: Engine, lam: SourceWeights, batch: StepBatches, alpha: float,
+                 dist: distributed.DistInfo, stop_requested: bool = False) -> StepResult:
+    """One ScaleBiO step (u-step, w-step, lam-step) on prepared batches; no host-device synchronisation."""
+    s = lam.probs()
+    # alpha * s_k / n_k: the gradient of alpha * L2 = alpha * sum_k s_k * mean_k(loss) per example.
+    coef = alpha * s / batch.source_counts
+    sums_u, _ = _pass(u, batch.u, coef, batch.val_tokens)  # alpha * L2(u) on B
+    grad_norm_u = u.step(clip_scale=alpha)
+    sums_w, l1_sum = _pass(w, batch.w, coef, batch.val_tokens)  # alpha * L2(w) on B + L1(w) on V
+    grad_norm_w = w.step(clip_scale=alpha)
+    # One all-reduce for everything the lam step, the logs and the stop decision need.
+    vote = torch.full((1,), float(stop_requested), device=s.device)
+    totals = distributed.all_reduce_sum(torch.cat([sums_u, sums_w, l1_sum.view(1), vote]), dist)
+    k = s.shape[0]
+    m_u, m_w = totals[:k] / batch.source_counts, totals[k: 2 * k] / batch.source_counts
+    lam_grad = lam.step(m_w, m_u, alpha)
+    return StepResult(s, m_u, m_w, totals[2 * k], lam_grad, grad_norm_u, grad_norm_w, totals[-1])
+
+
+def _pass(engine: Engine, micro: list[MicroBatch], coef: torch.Tensor, val_tokens: int) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
+    """One forward/backward of a model copy over its micro-batches; returns (per-source sums of example losses,
+    validation token-loss sum).
+
+    Rows of source k < K weigh alpha * s_k / n_k times their mean token loss (alpha * L2); validation rows (source
+    K) weigh their token-loss sum / the global validation token count (L1). w's step takes B and V in one pass:
+    the same gradient as two passes, without a second pass's fixed cost.
+    """
+    num_sources = coef.shape[0]
+    coef = torch.cat([coef, coef.new_zeros(1)])
+    sums = torch.zeros(num_sources + 1, dtype=torch.float32, device=coef.device)
+    l1_sum = torch.zeros((), dtype=torch.float32, device=coef.device)
     for i, mb in enumerate(micro):
-        with engine.sync_context(sync_last and i == len(micro) - 1):
+        with engine.sync_context(i == len(micro) - 1):
             token_sums, counts = example_losses(engine(mb), mb)
             per_example = token_sums / counts
-            engine.backward((coef[mb.source] * per_example).sum())
+            is_val = mb.source == num_sources
+            engine.backward(torch.where(is_val, token_sums / val_tokens, coef[mb.source] * per_example).sum())
         sums.index_add_(0, mb.source, per_example.detach())
-    return sums
+        l1_sum += (token_sums.detach() * is_val).sum()
+    return sums[:num_sources], l1_sum
 
 
 def _source_info(path: str | None, data: TokenizedData) -> dict[str, Any]:

@@ -1,0 +1,224 @@
+"""How close is a ScaleBiO step to its floor, and what does LISA save? Prints a table, appends docs/benchmarks.md.
+
+    python scripts/bench_reweight.py                      # CPU: 8-block Llama d=256, ~2 min on 2 cores
+    python scripts/bench_reweight.py --device cuda --preset 1b
+
+A reweight step is one forward/backward of u on B, and of w on B and V (one pass here), plus two optimizer steps
+and the tiny lam step. Its floor is (2 + |V|/|B|) plain SFT steps on B with the same LISA setting, so
+overhead = reweight_time / ((2 + |V|/|B|) * sft_time). Each setting runs in its own process so peak memory (RSS on
+CPU, torch.cuda.max_memory_allocated on GPU) is its own; on CPU the memory reported is the peak RSS above the
+process's RSS after imports and data (the interpreter and libraries are the same in every setting).
+
+Settings: sft / reweight with LISA (2 active blocks), with all blocks, and "reference": LISA as the reference
+implementations do it (optimizer state for every parameter, never freed; backward through the frozen blocks).
+The timed functions are the ones the CLI runs (reweight.bilevel_step, finetune.sft_step) on prepared batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PRESETS = {
+    "cpu": dict(layers=8, hidden=256, heads=4, vocab=2048, seq=128, batch=16, val_batch=8, micro=16),
+    "1b": dict(layers=16, hidden=2048, heads=16, vocab=32000, seq=1024, batch=16, val_batch=8, micro=4),
+}
+SETTINGS = ["sft-lisa", "reweight-lisa", "sft-all", "reweight-all", "reweight-reference"]
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def child(setting: str, args: argparse.Namespace) -> dict:
+    """Build model and data, time `steps` steps of one setting, measure its peak memory."""
+    import numpy as np
+    import torch
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from scalebio_cli.bilevel import SourceWeights
+    from scalebio_cli.config import LisaConfig, Recipe
+    from scalebio_cli.dataset import TokenizedData
+    from scalebio_cli.distributed import DistInfo
+    from scalebio_cli.engine import Engine
+    from scalebio_cli.finetune import sft_step
+    from scalebio_cli.reweight import BatchPlan, bilevel_step
+
+    p = PRESETS[args.preset]
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dist = DistInfo(0, 1, 0, device)
+    rng = np.random.default_rng(0)
+
+    def data(n: int) -> TokenizedData:  # prompts of ~1/4 of the length, the rest response
+        lengths = rng.integers(p["seq"] * 3 // 4, p["seq"] + 1, n)
+        ids = rng.integers(10, p["vocab"], int(lengths.sum())).astype(np.int32)
+        mask = np.concatenate([np.arange(n_) >= n_ // 4 for n_ in lengths])
+        return TokenizedData(None, "", ids, mask, np.concatenate([[0], np.cumsum(lengths)]), np.arange(n), n)
+
+    sources, val = [data(256) for _ in range(4)], data(128)
+    baseline = rss_bytes()  # interpreter, libraries and data: the same in every setting
+
+    config = LlamaConfig(vocab_size=p["vocab"], hidden_size=p["hidden"], intermediate_size=int(p["hidden"] * 2.6875),
+                         num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
+                         num_key_value_heads=p["heads"], max_position_embeddings=p["seq"])
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    model.config.use_cache = False
+    lisa = LisaConfig(layers=0 if setting.endswith("-all") else args.lisa, interval=args.interval)
+    kwargs = dict(weight_decay=0.0, max_grad_norm=1.0, total_steps=10_000, warmup_ratio=0.0, lisa=lisa, seed=0,
+                  dist=dist)
+
+    recipe = Recipe(model="bench", output_dir="")
+    recipe.reweight.batch_size, recipe.reweight.val_batch_size = p["batch"], p["val_batch"]
+    recipe.reweight.micro_batch_size = p["micro"]
+    plan = BatchPlan(sources, val, recipe, dist, pad_id=0)
+
+    if setting.startswith("sft"):
+        engines = [Engine(model, lr=1e-4, **kwargs)]
+        batches = [plan.next(i) for i in range(args.steps)]  # the same B as the reweight settings
+        response_tokens = [sum(int(m.trainable[:, 1:].sum()) for m in b.u) for b in batches]
+
+        def step(i: int) -> None:
+            sft_step(engines[0], batches[i].to(device).u, response_tokens[i], dist)
+    else:
+        import copy
+
+        u = Engine(model, lr=1e-4, **kwargs)
+        w = Engine(copy.deepcopy(model), lr=1e-4, **kwargs)
+        engines = [u, w]
+        lam = SourceWeights(len(sources), 1e-2, 10_000, 0.0, device)
+        batches = [plan.next(i) for i in range(args.steps)]
+
+        def step(i: int) -> None:
+            bilevel_step(u, w, lam, batches[i].to(device), alpha=10.0, dist=dist)
+
+    if setting == "reweight-reference":
+        for e in engines:  # the reference's choices: state for every parameter, never freed; no backward cut
+            e.optimizer.release = lambda params: None
+            e.lisa.cut_backward = False
+            for prm in e.model.parameters():
+                e.optimizer.state[prm] = {"step": 0, "exp_avg": torch.zeros_like(prm, dtype=torch.float32),
+                                          "exp_avg_sq": torch.zeros_like(prm, dtype=torch.float32),
+                                          **({"master": prm.detach().float()} if prm.dtype != torch.float32 else {})}
+
+    times = []
+    for i in range(args.steps):
+        for e in engines:
+            e.lisa.update(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    measured = times[args.warmup:]
+    tokens = [b.num_tokens for b in batches]
+    sft_tokens = [sum(m.num_tokens for m in b.u) for b in batches]
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    moved = statistics.median(sft_tokens if setting.startswith("sft") else tokens)
+    return {"setting": setting, "median_s": statistics.median(measured), "peak_bytes": peak,
+            "tokens_per_s": moved / statistics.median(measured),
+            "optimizer_state_bytes": sum(e.optimizer.state_bytes() for e in engines),
+            "params": sum(x.numel() for x in model.parameters())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--preset", default=None, choices=list(PRESETS), help="model and batch sizes")
+    parser.add_argument("--lisa", type=int, default=2, help="active blocks in the LISA settings")
+    parser.add_argument("--interval", type=int, default=4, help="LISA re-draw interval (short, so the median "
+                                                                     "covers several draws)")
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--no-record", action="store_true", help="do not append to docs/benchmarks.md")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.preset = args.preset or ("cpu" if args.device == "cpu" else "1b")
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child, args)))
+        return
+
+    results = {}
+    for setting in SETTINGS:
+        cmd = [sys.executable, __file__, "--child", setting, "--device", args.device, "--preset", args.preset,
+               "--lisa", str(args.lisa), "--interval", str(args.interval), "--steps", str(args.steps),
+               "--warmup", str(args.warmup)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"}
+                             if args.device == "cpu" else None)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            sys.exit(f"{setting} failed:\n{out.stderr[-3000:]}")
+        results[setting] = json.loads(line[len("RESULT "):])
+        print(f"  {setting}: {results[setting]['median_s'] * 1000:.1f} ms", file=sys.stderr)
+
+    p = PRESETS[args.preset]
+    floor = 2 + p["val_batch"] / p["batch"]
+    r = results
+    overhead = {kind: r[f"reweight-{kind}"]["median_s"] / (floor * r[f"sft-{kind}"]["median_s"])
+                for kind in ("lisa", "all")}
+    memory_ratio = r["reweight-lisa"]["peak_bytes"] / r["sft-lisa"]["peak_bytes"]
+    mib = 1 / 2**20
+    device_name = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores" if args.device == "cpu"
+                   else __import__("torch").cuda.get_device_name())
+    mem_label = "peak RSS above baseline" if args.device == "cpu" else "peak CUDA memory"
+    lines = [
+        f"### {datetime.now(timezone.utc):%Y-%m-%d} · {args.device} ({device_name}) · preset `{args.preset}`",
+        "",
+        f"Llama {p['layers']} blocks, d={p['hidden']}, vocab {p['vocab']}, {r['sft-lisa']['params'] / 1e6:.1f}M "
+        f"parameters, {'bf16' if args.device == 'cuda' else 'fp32'}; |B|={p['batch']}, |V|={p['val_batch']}, "
+        f"~{p['seq']} tokens per example, micro-batch {p['micro']}; LISA {args.lisa} blocks re-drawn every "
+        f"{args.interval} steps; median of "
+        f"{args.steps - args.warmup} steps after {args.warmup} warm-up. `python scripts/bench_reweight.py "
+        f"--device {args.device} --preset {args.preset}`.",
+        "",
+        f"| setting | step (ms) | tokens/s | {mem_label} (MiB) | optimizer state (MiB) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for setting in SETTINGS:
+        x = r[setting]
+        lines.append(f"| {setting} | {x['median_s'] * 1000:.1f} | {x['tokens_per_s']:,.0f} | "
+                     f"{x['peak_bytes'] * mib:,.1f} | {x['optimizer_state_bytes'] * mib:,.1f} |")
+    lines += [
+        "",
+        f"- overhead = reweight / ((2 + |V|/|B|) x sft) = {overhead['lisa']:.3f} with LISA, "
+        f"{overhead['all']:.3f} with all blocks (target <= {1.10 if args.device == 'cpu' else 1.05})",
+        f"- memory: LISA reweight / LISA SFT = {memory_ratio:.2f} (target <= 2.3)",
+        f"- LISA vs all blocks: reweight step {r['reweight-all']['median_s'] / r['reweight-lisa']['median_s']:.2f}x "
+        f"faster, {r['reweight-all']['peak_bytes'] / r['reweight-lisa']['peak_bytes']:.2f}x less memory",
+        f"- the reference implementations' LISA (optimizer state for all parameters, never freed; backward through "
+        f"frozen blocks): {r['reweight-reference']['peak_bytes'] * mib:,.1f} MiB and "
+        f"{r['reweight-reference']['median_s'] * 1000:.1f} ms per step, vs {r['reweight-lisa']['peak_bytes'] * mib:,.1f} "
+        f"MiB and {r['reweight-lisa']['median_s'] * 1000:.1f} ms here "
+        f"({r['reweight-reference']['optimizer_state_bytes'] / max(1, r['reweight-lisa']['optimizer_state_bytes']):.1f}x "
+        f"the optimizer state)",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_record:
+        doc = ROOT / "docs" / "benchmarks.md"
+        head = "# Benchmarks\n\nAppended by the scripts in `scripts/`; newest last.\n"
+        existing = doc.read_text() if doc.exists() else head
+        doc.write_text(existing.rstrip() + "\n\n## reweight step vs its floor, LISA memory\n\n" + text + "\n")
+
+
+if __name__ == "__main__":
+    main()
