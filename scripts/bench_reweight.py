@@ -79,7 +79,7 @@ def child(setting: str, args: argparse.Namespace) -> dict:
         model = LlamaForCausalLM(config).to(dtype)
     model.config.use_cache = False
     lisa = LisaConfig(layers=0 if setting.endswith("-all") else args.lisa, interval=args.interval)
-    kwargs = dict(weight_decay=0.0, max_grad_norm=1.0, total_steps=10_000, warmup_ratio=0.0, lisa=lisa, seed=0,
+    kwargs = dict(weight_decay=0.0, max_grad_norm=10.0, total_steps=10_000, warmup_ratio=0.0, lisa=lisa, seed=0,
                   dist=dist)
 
     recipe = Recipe(model="bench", output_dir="")
@@ -118,7 +118,7 @@ def child(setting: str, args: argparse.Namespace) -> dict:
     times = []
     for i in range(args.steps):
         for e in engines:
-            e.lisa.update(i)
+            e.begin_step(i)
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()

@@ -11,7 +11,6 @@ from scalebio_cli.distributed import DistInfo
 from scalebio_cli.engine import Engine
 from scalebio_cli.lisa import Lisa, draw_blocks
 from scalebio_cli.modeling import find_blocks
-from scalebio_cli.optim import AdamW
 from scalebio_cli.tiny import build_model
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -48,7 +47,7 @@ def train_steps(engine: Engine, tokenizer, steps: range) -> None:
     from scalebio_cli.losses import example_losses
 
     for step in steps:
-        engine.lisa.update(step)
+        engine.begin_step(step)
         mb = batch_for(tokenizer, seed=step)
         sums, counts = example_losses(engine(mb), mb)
         engine.backward((sums / counts).mean())
@@ -103,7 +102,7 @@ def test_no_backward_below_the_lowest_active_block(tokenizer) -> None:
     from scalebio_cli.losses import example_losses
 
     model = tiny(tokenizer, "llama", layers=8)
-    lisa = Lisa(model, AdamW(model.parameters(), lr=1e-3), layers=2, interval=1, seed=0)
+    lisa = Lisa(model, layers=2, interval=1, seed=0)
     lisa.activate([3, 6])
     fired: list[int] = []
     for i, block in enumerate(lisa.blocks):
@@ -122,7 +121,7 @@ def test_block_zero_active_lets_gradient_reach_embeddings(tokenizer) -> None:
     from scalebio_cli.losses import example_losses
 
     model = tiny(tokenizer, "llama", layers=4)
-    lisa = Lisa(model, AdamW(model.parameters(), lr=1e-3), layers=2, interval=1, seed=0)
+    lisa = Lisa(model, layers=2, interval=1, seed=0)
     lisa.activate([0, 2])
     mb = batch_for(tokenizer)
     sums, counts = example_losses(model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits, mb)
@@ -135,8 +134,8 @@ def test_draws_are_seeded_identical_for_u_and_w_and_cover_blocks(tokenizer) -> N
     draws = [tuple(draw_blocks(8, 2, seed=0, draw=d)) for d in range(50)]
     assert len(set(draws)) > 10 and {i for d in draws for i in d} == set(range(8))
     u, w = tiny(tokenizer, "llama", 8), tiny(tokenizer, "llama", 8)
-    lisa_u = Lisa(u, AdamW(u.parameters(), lr=1e-3), layers=2, interval=20, seed=7)
-    lisa_w = Lisa(w, AdamW(w.parameters(), lr=1e-3), layers=2, interval=20, seed=7)
+    lisa_u = Lisa(u, layers=2, interval=20, seed=7)
+    lisa_w = Lisa(w, layers=2, interval=20, seed=7)
     for step in range(0, 200, 7):
         lisa_u.update(step)
         lisa_w.update(step)
@@ -145,7 +144,7 @@ def test_draws_are_seeded_identical_for_u_and_w_and_cover_blocks(tokenizer) -> N
 
 def test_zero_layers_trains_every_block(tokenizer) -> None:
     model = tiny(tokenizer, "gpt2", layers=4)
-    lisa = Lisa(model, AdamW(model.parameters(), lr=1e-3), layers=0, interval=20, seed=0)
+    lisa = Lisa(model, layers=0, interval=20, seed=0)
     assert not lisa.enabled and not lisa.update(0)
     assert all(p.requires_grad for p in model.parameters())
 

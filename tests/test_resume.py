@@ -122,8 +122,11 @@ def test_resume_path_must_be_a_checkpoint(demo: Path, tmp_path: Path) -> None:
 
 def test_half_written_checkpoint_is_ignored(tmp_path: Path) -> None:
     from scalebio_cli import checkpoint
+    from scalebio_cli.distributed import DistInfo
 
-    good = checkpoint.save(tmp_path, 10, {"x": torch.ones(2)}, {"stage": "reweight"}, keep=3)
+    single = DistInfo(0, 1, 0, torch.device("cpu"))
+    good = checkpoint.save(tmp_path, 10, {"stage": "reweight"}, keep=3, dist=single,
+                           write=lambda folder: torch.save(torch.ones(2), folder / "x.pt"))
     (tmp_path / "checkpoints" / ".step-000020.tmp").mkdir()  # a crash mid-write leaves only this
     (tmp_path / "checkpoints" / "step-000030").mkdir()  # no meta.json: incomplete
     assert checkpoint.resolve_resume(tmp_path, "auto") == good

@@ -84,6 +84,11 @@ def collate(examples: list[tuple[np.ndarray, np.ndarray]], sources: list[int], p
     return MicroBatch(*tensors, int(attention.sum()))
 
 
+def num_micro_batches(num_items: int, micro_batch_size: int) -> int:
+    """How many forward passes `micro_batches` makes of `num_items` items (DeepSpeed must know it up front)."""
+    return -(-num_items // micro_batch_size)
+
+
 def micro_batches(items: list[tuple[int, int]], data: list[TokenizedData], micro_batch_size: int,
                   pad_id: int, pin: bool = False) -> list[MicroBatch]:
     """Split one process's `(source, example)` items into micro-batches of similar lengths (less padding).
@@ -93,7 +98,7 @@ def micro_batches(items: list[tuple[int, int]], data: list[TokenizedData], micro
     if not items:
         return []
     order = sorted(items, key=lambda it: int(data[it[0]].lengths[it[1]]))
-    chunks = np.array_split(np.arange(len(order)), -(-len(order) // micro_batch_size))
+    chunks = np.array_split(np.arange(len(order)), num_micro_batches(len(order), micro_batch_size))
     batches = []
     for chunk in chunks:
         picked = [order[i] for i in chunk]

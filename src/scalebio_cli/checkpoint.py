@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from scalebio_cli import __version__
+from scalebio_cli.distributed import DistInfo, barrier
 from scalebio_cli.errors import InputError
 
 PREFIX = "step-"
@@ -47,38 +49,31 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
     return path
 
 
-def save(output_dir: str | Path, step: int, components: dict[str, Any], meta: dict[str, Any], keep: int,
-         rank: int = 0, per_rank: dict[str, Any] | None = None, barrier: Any = None) -> Path:
+def save(output_dir: str | Path, step: int, meta: dict[str, Any], keep: int, dist: DistInfo,
+         write: Callable[[Path], None]) -> Path:
     """Write a checkpoint atomically and keep the newest `keep`. Every process calls it (collective).
 
-    `components` are written by rank 0; `per_rank` (e.g. RNG states) by every rank into its own file.
+    `write(folder)` runs on every process and writes its part (engines save themselves; rank 0 the rest).
     """
     root = checkpoints_dir(output_dir)
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / f".{final.name}.tmp"
-    if rank == 0:
+    if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    if barrier:
-        barrier()
-    for name, value in (per_rank or {}).items():
-        torch.save(value, tmp / f"{name}-rank{rank}.pt")
-    if rank == 0:
-        for name, value in components.items():
-            torch.save(value, tmp / f"{name}.pt")
-    if barrier:
-        barrier()
-    if rank == 0:
+    barrier(dist)
+    write(tmp)
+    barrier(dist)
+    if dist.is_main:
         info = {"step": step, "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "version": __version__, **meta}
+                "version": __version__, "world_size": dist.world_size, **meta}
         (tmp / "meta.json").write_text(json.dumps(info, indent=2))
         if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
         for old in complete_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    if barrier:
-        barrier()
+    barrier(dist)
     return final
 
 

@@ -106,6 +106,7 @@ class Recipe:
     seed: int = 0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     trust_remote_code: bool = False  # run modelling code shipped inside the model folder
+    deepspeed: str | None = None  # a DeepSpeed config (JSON): train u, w / the model with DeepSpeed ZeRO
     data: DataConfig = field(default_factory=DataConfig)
     reweight: ReweightConfig = field(default_factory=ReweightConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -248,7 +249,7 @@ def _resolve_model(path: str, base: Path) -> str:
     return path if (looks_like_hub_id and not local.exists()) else str(local)
 
 
-PATH_KEYS = ("model", "tokenizer", "output_dir", "data.validation", "data.cache_dir", "finetune.data",
+PATH_KEYS = ("model", "tokenizer", "output_dir", "deepspeed", "data.validation", "data.cache_dir", "finetune.data",
              "finetune.weights", "finetune.validation")
 
 
@@ -269,6 +270,7 @@ def resolve_paths(recipe: Recipe, base: Path) -> None:
     if recipe.tokenizer:
         recipe.tokenizer = _resolve_model(recipe.tokenizer, base)
     recipe.output_dir = _resolve(recipe.output_dir, base) or ""
+    recipe.deepspeed = _resolve(recipe.deepspeed, base)
     recipe.data.sources = {name: _resolve(p, base) or "" for name, p in recipe.data.sources.items()}
     recipe.data.validation = _resolve(recipe.data.validation, base)
     recipe.data.cache_dir = _resolve(recipe.data.cache_dir, base)

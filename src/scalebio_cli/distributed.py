@@ -29,8 +29,11 @@ class DistInfo:
         return self.world_size > 1
 
 
-def setup(device: str = "auto") -> DistInfo:
-    """Join the process group the launcher prepared (if any) and pick this process's device."""
+def setup(device: str = "auto", need_group: bool = False) -> DistInfo:
+    """Join the process group the launcher prepared (if any) and pick this process's device.
+
+    `need_group`: make a one-process group when no launcher made one (DeepSpeed always needs a group).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -40,9 +43,20 @@ def setup(device: str = "auto") -> DistInfo:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or need_group) and not dist.is_initialized():
+        if world_size == 1 and "MASTER_ADDR" not in os.environ:
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                              LOCAL_RANK="0")
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return DistInfo(rank, world_size, local_rank, dev)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -21,11 +21,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from scalebio_cli import checkpoint, distributed, weights_file
-from scalebio_cli.batching import CursorSampler, MicroBatch, micro_batches, response_token_count
+from scalebio_cli.batching import CursorSampler, MicroBatch, micro_batches, num_micro_batches, response_token_count
 from scalebio_cli.config import Recipe
 from scalebio_cli.console import console, format_weights
 from scalebio_cli.dataset import TokenizedData, describe, timed_load
-from scalebio_cli.engine import Engine
+from scalebio_cli.engine import TrainEngine, load_deepspeed_config, make_engine, zero3_loading
 from scalebio_cli.errors import InputError, TrainingStopped
 from scalebio_cli.evaluate import dataset_loss
 from scalebio_cli.losses import example_losses
@@ -63,7 +63,7 @@ class TrainStream:
             sampler.cursor = cursor
 
 
-def sft_step(engine: Engine, micro: list[MicroBatch], response_tokens: int, dist: distributed.DistInfo,
+def sft_step(engine: TrainEngine, micro: list[MicroBatch], response_tokens: int, dist: distributed.DistInfo,
              stop_requested: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One optimizer step on the token-mean loss of the global batch; no host-device synchronisation.
 
@@ -102,7 +102,7 @@ RESULT_KEYS = ("model", "tokenizer", "seed", "precision", "trust_remote_code", "
 
 def run(recipe: Recipe, resume: str | None = None, force: bool = False) -> Path:
     """Fine-tune per `recipe`; returns the model folder. `resume`/`force` as for reweight."""
-    dist = distributed.setup()
+    dist = distributed.setup(need_group=bool(recipe.deepspeed))
     try:
         return _run(recipe, dist, resume, force)
     finally:
@@ -141,11 +141,14 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
     stream = TrainStream([loaded[n] for n in files], mix, recipe.seed)
     steps = max(1, math.ceil(ft.epochs * stream.size / ft.batch_size))
 
-    model = load_model(recipe.model, resolve_dtype(recipe.precision, dist.device), dist.device,
-                       recipe.trust_remote_code)
-    engine = Engine(model, lr=ft.lr, weight_decay=ft.weight_decay, max_grad_norm=ft.max_grad_norm,
-                    total_steps=steps, warmup_ratio=ft.warmup_ratio, lisa=ft.lisa, seed=recipe.seed, dist=dist,
-                    gradient_checkpointing=ft.gradient_checkpointing)
+    dtype = resolve_dtype(recipe.precision, dist.device)
+    ds_config = load_deepspeed_config(recipe.deepspeed) if recipe.deepspeed else None
+    with zero3_loading(ds_config, dtype == torch.bfloat16, dist.world_size):
+        model = load_model(recipe.model, dtype, dist.device, recipe.trust_remote_code)
+    engine = make_engine(model, lr=ft.lr, weight_decay=ft.weight_decay, max_grad_norm=ft.max_grad_norm,
+                         total_steps=steps, warmup_ratio=ft.warmup_ratio, lisa=ft.lisa, seed=recipe.seed, dist=dist,
+                         gradient_checkpointing=ft.gradient_checkpointing, ds_config=ds_config,
+                         micro_batches=num_micro_batches(ft.batch_size // dist.world_size, ft.micro_batch_size))
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         mode = f"LISA {ft.lisa.layers} of {len(engine.lisa.blocks)} blocks" if engine.lisa.enabled else "all blocks"
@@ -155,10 +158,9 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
     start = 0
     if start_from is not None:
         start = checkpoint.meta(start_from)["step"]
-        model.load_state_dict(checkpoint.load(start_from, "model"))
-        saved = checkpoint.load(start_from, "trainer")
-        engine.load_state_dict(saved["engine"])
-        stream.load_state_dict(saved["stream"])
+        engine.begin_step(start - 1)  # the LISA draw the checkpoint was written under
+        engine.load(start_from, "model")
+        stream.load_state_dict(checkpoint.load(start_from, "trainer")["stream"])
         checkpoint.set_rng_state(checkpoint.load(start_from, "rng", dist.rank))
         if dist.is_main:
             console.print(f"[bold]resumed[/] from {escape(str(start_from))} (step {start} of {steps})")
@@ -182,7 +184,7 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
     task = progress.add_task("finetune", total=steps, completed=start, info="")
     with progress, signals.installed():
         for step in range(start, steps):
-            engine.lisa.update(step)
+            engine.begin_step(step)
             items = stream.take(step, ft.batch_size)
             micro = micro_batches(items[dist.rank:: dist.world_size], stream.data, ft.micro_batch_size,
                                   tokenizer.pad_token_id, pin=dist.device.type == "cuda")
@@ -215,21 +217,24 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
             periodic = recipe.checkpoint.every and done % recipe.checkpoint.every == 0
             if (stop or periodic) and done < steps:
                 guard.check()
-                path = checkpoint.save(
-                    out, done, {"model": model.state_dict(),
-                                "trainer": {"engine": engine.state_dict(), "stream": stream.state_dict()}},
-                    {"stage": "finetune", "world_size": dist.world_size, "config": recipe.to_dict(),
-                     "data_sha256": fingerprints},
-                    recipe.checkpoint.keep, dist.rank, per_rank={"rng": checkpoint.rng_state()},
-                    barrier=lambda: distributed.barrier(dist))
+                def write(folder: Path) -> None:
+                    engine.save(folder, "model")
+                    if dist.is_main:
+                        torch.save({"stream": stream.state_dict()}, folder / "trainer.pt")
+                    torch.save(checkpoint.rng_state(), folder / f"rng-rank{dist.rank}.pt")
+
+                path = checkpoint.save(out, done, {"stage": "finetune", "config": recipe.to_dict(),
+                                                   "data_sha256": fingerprints},
+                                       recipe.checkpoint.keep, dist, write)
                 if stop:
                     raise TrainingStopped(f"stopped by {signals.received or 'a signal on another process'} after "
                                           f"step {done} of {steps}; checkpoint saved to {path}; continue with "
                                           "--resume auto")
 
     guard.check()
+    weights = engine.full_state_dict()  # collective under ZeRO-3: every process takes part
     if dist.is_main:
-        save_model(model, tokenizer, out)
+        save_model(model, tokenizer, out, weights)
         console.print(f"[bold green]saved[/] {escape(str(out))}" + ("" if val_loss is None else f" (validation loss {val_loss:.4f})"))
     distributed.barrier(dist)
     return out
@@ -239,7 +244,7 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "mo
                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
-def save_model(model: torch.nn.Module, tokenizer: Any, out: Path) -> None:
+def save_model(model: torch.nn.Module, tokenizer: Any, out: Path, state_dict: dict[str, Any] | None = None) -> None:
     """Write a Hugging Face folder into `out` without ever leaving a half-written model there.
 
     Files are saved into a temporary folder first and moved in with config.json last: a folder that has
@@ -247,7 +252,7 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out: Path) -> None:
     """
     tmp = Path(tempfile.mkdtemp(prefix=".model-tmp-", dir=out))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         for stale in MODEL_FILES:  # a previous model's files must not mix with the new ones
             (out / stale).unlink(missing_ok=True)

@@ -2,20 +2,21 @@
 
 Embeddings, final norm and LM head (everything outside the block list) stay trainable. The draw is a pure function
 of (seed, draw index), so every rank and both model copies (u and w) get the same blocks, and a resumed run
-continues with exactly the draws it would have had. Frozen blocks lose their optimizer state. Blocks below the
-lowest active block run without building an autograd graph: their input is detached, so no backward pass (and no
-activation memory) is spent on them; the input embedding then learns only through a tied LM head.
+continues with exactly the draws it would have had. What a re-draw means for the optimizer (free the frozen
+blocks' state; or, under DeepSpeed, zero their learning rate) is the engine's business (engine.py). Blocks below
+the lowest active block run without building an autograd graph: their input is detached, so no backward pass (and
+no activation memory) is spent on them; the input embedding then learns only through a tied LM head.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from torch import nn
 
 from scalebio_cli.modeling import find_blocks
-from scalebio_cli.optim import AdamW
 
 _STREAM = 0x115A  # separates LISA's random stream from the data samplers' streams under the same seed
 
@@ -27,11 +28,10 @@ def draw_blocks(num_blocks: int, layers: int, seed: int, draw: int) -> list[int]
 
 
 class Lisa:
-    """Freezes and unfreezes the blocks of one model copy and keeps its optimizer state to the active blocks."""
+    """Freezes and unfreezes the blocks of one model copy."""
 
-    def __init__(self, model: nn.Module, optimizer: AdamW, layers: int, interval: int, seed: int):
+    def __init__(self, model: nn.Module, layers: int, interval: int, seed: int):
         self.blocks = find_blocks(model)
-        self.optimizer = optimizer
         self.layers = layers
         self.interval = interval
         self.seed = seed
@@ -56,13 +56,14 @@ class Lisa:
 
     def activate(self, active: list[int]) -> None:
         self.active = sorted(active)
-        keep = set(self.active)
         for i, block in enumerate(self.blocks):
-            trainable = i in keep
             for p in block.parameters():
-                p.requires_grad_(trainable)
-            if not trainable:
-                self.optimizer.release(block.parameters())
+                p.requires_grad_(i in self.active)
+
+    def frozen_parameters(self) -> Iterator[nn.Parameter]:
+        for i, block in enumerate(self.blocks):
+            if i not in self.active:
+                yield from block.parameters()
 
     def _cut_below_active(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self.lowest_active == 0 or not self.cut_backward:

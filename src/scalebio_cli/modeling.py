@@ -50,6 +50,11 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device, trust_remote
     return model.to(device)
 
 
+def count_parameters(module: nn.Module) -> int:
+    """Parameters of `module`, also when ZeRO-3 has partitioned them (their full size is then `ds_numel`)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+
+
 def find_blocks(model: nn.Module) -> nn.ModuleList:
     """The list of decoder blocks: the ModuleList of identical modules whose length is the model's layer count.
 
@@ -67,7 +72,7 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
             continue
         if expected is not None and len(module) != expected:
             continue
-        size = sum(p.numel() for p in module.parameters())
+        size = count_parameters(module)
         candidates.append((size, name, module))
     if not candidates:
         raise ValueError(f"cannot find the transformer blocks of {type(model).__name__} (no ModuleList of "

@@ -22,16 +22,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from scalebio_cli import checkpoint, distributed, weights_file
 from scalebio_cli.batching import (CursorSampler, MicroBatch, Prefetcher, balanced_counts, micro_batches,
-                                   response_token_count)
+                                   num_micro_batches, response_token_count)
 from scalebio_cli.bilevel import SourceWeights
 from scalebio_cli.config import Recipe
 from scalebio_cli.console import console, format_weights
 from scalebio_cli.dataset import TokenizedData, describe, timed_load
-from scalebio_cli.engine import Engine
+from scalebio_cli.engine import TrainEngine, load_deepspeed_config, make_engine, zero3_loading
 from scalebio_cli.errors import InputError, TrainingStopped
 from scalebio_cli.losses import example_losses
 from scalebio_cli.metrics import MetricsLog, plot_weights
-from scalebio_cli.modeling import load_model, load_tokenizer, resolve_dtype
+from scalebio_cli.modeling import count_parameters, load_model, load_tokenizer, resolve_dtype
 from scalebio_cli.render import Renderer
 from scalebio_cli.stopping import FiniteGuard, StopSignals
 
@@ -126,7 +126,7 @@ def run(recipe: Recipe, resume: str | None = None, force: bool = False) -> Path:
     `resume`: None (start fresh), "auto" (the latest complete checkpoint in output_dir, if any) or a checkpoint
     folder. `force`: resume even if the recipe changed in a key that changes the result.
     """
-    dist = distributed.setup()
+    dist = distributed.setup(need_group=bool(recipe.deepspeed))
     try:
         return _run(recipe, dist, resume, force)
     finally:
@@ -151,20 +151,29 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
     plan = BatchPlan(sources, val, recipe, dist, tokenizer.pad_token_id)
 
     dtype = resolve_dtype(recipe.precision, dist.device)
-    model_u = load_model(recipe.model, dtype, dist.device, recipe.trust_remote_code)
-    model_w = copy.deepcopy(model_u)
-    engine_kwargs = dict(weight_decay=rw.weight_decay, max_grad_norm=rw.max_grad_norm, total_steps=rw.steps,
-                         warmup_ratio=rw.warmup_ratio, lisa=rw.lisa, seed=recipe.seed, dist=dist,
-                         gradient_checkpointing=rw.gradient_checkpointing)
-    u = Engine(model_u, lr=rw.lr_u, **engine_kwargs)
-    w = Engine(model_w, lr=rw.lr_w, **engine_kwargs)
+    ds_config = load_deepspeed_config(recipe.deepspeed) if recipe.deepspeed else None
+    with zero3_loading(ds_config, dtype == torch.bfloat16, dist.world_size):  # ZeRO-3: each process loads only its shards
+        model_u = load_model(recipe.model, dtype, dist.device, recipe.trust_remote_code)
+        model_w = (copy.deepcopy(model_u) if ds_config is None
+                   else load_model(recipe.model, dtype, dist.device, recipe.trust_remote_code))
+    local_batch = rw.batch_size // dist.world_size
+    engine_kwargs = dict(weight_decay=rw.weight_decay, total_steps=rw.steps, warmup_ratio=rw.warmup_ratio,
+                         lisa=rw.lisa, seed=recipe.seed, dist=dist, gradient_checkpointing=rw.gradient_checkpointing,
+                         # both objectives carry alpha * L2, so the clipping threshold scales with alpha
+                         max_grad_norm=None if rw.max_grad_norm is None else rw.max_grad_norm * rw.alpha,
+                         ds_config=ds_config)
+    u = make_engine(model_u, lr=rw.lr_u, micro_batches=num_micro_batches(local_batch, rw.micro_batch_size),
+                    **engine_kwargs)
+    w = make_engine(model_w, lr=rw.lr_w, micro_batches=num_micro_batches(
+        local_batch + rw.val_batch_size // dist.world_size, rw.micro_batch_size), **engine_kwargs)
     lam = SourceWeights(len(names), rw.lr_lambda, rw.steps, rw.warmup_ratio, dist.device)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)  # only now: bad inputs leave nothing behind
         lisa = (f"LISA {rw.lisa.layers} of {len(u.lisa.blocks)} blocks every {rw.lisa.interval} steps"
                 if u.lisa.enabled else f"all {len(u.lisa.blocks)} blocks")
-        console.print(f"[dim]model[/] {escape(recipe.model)} ({sum(p.numel() for p in model_u.parameters()) / 1e6:.1f}M "
-                      f"parameters, {dtype}, {dist.device}, {dist.world_size} process(es), {lisa})")
+        engine = "DeepSpeed" if ds_config else ("DDP" if dist.distributed else "single process")
+        console.print(f"[dim]model[/] {escape(recipe.model)} ({count_parameters(model_u) / 1e6:.1f}M parameters, "
+                      f"{dtype}, {dist.device}, {engine} x {dist.world_size}, {lisa})")
 
     trajectory = [{"step": 0, "weights": lam.as_dict(names)}]
     avg_from = rw.steps // 2  # weights_averaged: mean of s after each step of the second half
@@ -172,22 +181,24 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
     start = 0
 
     def save_checkpoint(done: int, sampler_state: dict[str, Any]) -> Path:
-        trainer = {"u": u.state_dict(), "w": w.state_dict(), "lambda": lam.state_dict(), "plan": sampler_state,
-                   "trajectory": trajectory, "weights_sum": weights_sum}
-        return checkpoint.save(
-            out, done, {"model_u": model_u.state_dict(), "model_w": model_w.state_dict(), "trainer": trainer},
-            {"stage": "reweight", "world_size": dist.world_size, "config": recipe.to_dict(),
-             "data_sha256": fingerprints},
-            recipe.checkpoint.keep, dist.rank, per_rank={"rng": checkpoint.rng_state()},
-            barrier=lambda: distributed.barrier(dist))
+        def write(folder: Path) -> None:
+            u.save(folder, "u")
+            w.save(folder, "w")
+            if dist.is_main:
+                torch.save({"lambda": lam.state_dict(), "plan": sampler_state, "trajectory": trajectory,
+                            "weights_sum": weights_sum}, folder / "trainer.pt")
+            torch.save(checkpoint.rng_state(), folder / f"rng-rank{dist.rank}.pt")
+
+        meta = {"stage": "reweight", "config": recipe.to_dict(), "data_sha256": fingerprints}
+        return checkpoint.save(out, done, meta, recipe.checkpoint.keep, dist, write)
 
     if start_from is not None:
         start = checkpoint.meta(start_from)["step"]
-        model_u.load_state_dict(checkpoint.load(start_from, "model_u"))
-        model_w.load_state_dict(checkpoint.load(start_from, "model_w"))
+        u.begin_step(start - 1)  # the LISA draw the checkpoint was written under, before its state comes back
+        w.begin_step(start - 1)
+        u.load(start_from, "u")
+        w.load(start_from, "w")
         saved = checkpoint.load(start_from, "trainer")
-        u.load_state_dict(saved["u"])
-        w.load_state_dict(saved["w"])
         lam.load_state_dict(saved["lambda"])
         plan.load_state_dict(saved["plan"])
         trajectory = saved["trajectory"]
@@ -207,8 +218,8 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
                              info=format_weights(trajectory[-1]["weights"], 14))
     with progress, signals.installed(), Prefetcher(plan.next, range(start, rw.steps)) as prefetched:
         for step in range(start, rw.steps):
-            u.lisa.update(step)
-            w.lisa.update(step)
+            u.begin_step(step)
+            w.begin_step(step)
             batch = prefetched.get(step).to(dist.device)
             result = bilevel_step(u, w, lam, batch, rw.alpha, dist, stop_requested=signals.received is not None)
             guard.observe(step + 1, torch.cat([result.m_u, result.m_w, result.l1_sum.view(1), lam.lam.detach()]))
@@ -288,16 +299,16 @@ class StepResult:
     stop_votes: torch.Tensor  # processes that asked to stop (rides the step's all-reduce)
 
 
-def bilevel_step(u: Engine, w: Engine, lam: SourceWeights, batch: StepBatches, alpha: float,
+def bilevel_step(u: TrainEngine, w: TrainEngine, lam: SourceWeights, batch: StepBatches, alpha: float,
                  dist: distributed.DistInfo, stop_requested: bool = False) -> StepResult:
     """One ScaleBiO step (u-step, w-step, lam-step) on prepared batches; no host-device synchronisation."""
     s = lam.probs()
     # alpha * s_k / n_k: the gradient of alpha * L2 = alpha * sum_k s_k * mean_k(loss) per example.
     coef = alpha * s / batch.source_counts
     sums_u, _ = _pass(u, batch.u, coef, batch.val_tokens)  # alpha * L2(u) on B
-    grad_norm_u = u.step(clip_scale=alpha)
+    grad_norm_u = u.step()
     sums_w, l1_sum = _pass(w, batch.w, coef, batch.val_tokens)  # alpha * L2(w) on B + L1(w) on V
-    grad_norm_w = w.step(clip_scale=alpha)
+    grad_norm_w = w.step()
     # One all-reduce for everything the lam step, the logs and the stop decision need.
     vote = torch.full((1,), float(stop_requested), device=s.device)
     totals = distributed.all_reduce_sum(torch.cat([sums_u, sums_w, l1_sum.view(1), vote]), dist)
@@ -307,7 +318,7 @@ def bilevel_step(u: Engine, w: Engine, lam: SourceWeights, batch: StepBatches, a
     return StepResult(s, m_u, m_w, totals[2 * k], lam_grad, grad_norm_u, grad_norm_w, totals[-1])
 
 
-def _pass(engine: Engine, micro: list[MicroBatch], coef: torch.Tensor, val_tokens: int) -> tuple[torch.Tensor,
+def _pass(engine: TrainEngine, micro: list[MicroBatch], coef: torch.Tensor, val_tokens: int) -> tuple[torch.Tensor,
                                                                                                   torch.Tensor]:
     """One forward/backward of a model copy over its micro-batches; returns (per-source sums of example losses,
     validation token-loss sum).

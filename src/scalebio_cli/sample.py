@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,10 +129,9 @@ def run(weights: dict[str, float], sources: dict[str, str], num_samples: int, ou
                                  "was it modified during sampling?")
         scratch.flush()
         with atomic_path(output) as tmp, open(tmp, "wb") as out:
-            if num_samples:
-                with mmap.mmap(scratch.fileno(), 0, access=mmap.ACCESS_READ) as view:
-                    for off, length in zip(offsets.tolist(), lengths.tolist()):
-                        out.write(view[off: off + length])
+            fd = scratch.fileno()
+            for off, length in zip(offsets.tolist(), lengths.tolist()):  # positioned reads: no file in memory
+                out.write(os.pread(fd, length, off))
     manifest = {"num_samples": num_samples, "counts": counts, "weights_file": weights_file, "seed": seed,
                 "replacement": replacement, "weights": weights, "sources": {n: str(sources[n]) for n in names},
                 "output": str(output)}
