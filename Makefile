@@ -36,6 +36,11 @@ pipeline: install
 instruct-math: install
 	$(BIN)/python scripts/run_instruct_math.py
 
+# Speed and memory targets: append measured tables to docs/benchmarks.md (~3 min on 2 CPU cores).
+bench: install
+	$(BIN)/python scripts/bench_reweight.py
+	$(BIN)/python scripts/bench_sample.py
+
 test: install
 	$(BIN)/python -m pytest -q
 

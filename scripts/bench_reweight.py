@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--lisa", type=int, default=2, help="active blocks in the LISA settings")
     parser.add_argument("--interval", type=int, default=4, help="LISA re-draw interval (short, so the median "
                                                                      "covers several draws)")
-    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--no-record", action="store_true", help="do not append to docs/benchmarks.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)

@@ -210,6 +210,12 @@ CASES = [
     Case("sample-source-too-small", "weights file", "more samples than a source has, without replacement",
          lambda t, d: (weights_doc(t, d)[0][:4] + ["1200", "--output", str(t / "sample.jsonl")], t / "sample.jsonl"),
          ["source 'clean' has 600 records but 720 were asked for without replacement"]),
+    Case("deepspeed-config-missing", "recipe", "a DeepSpeed config file that does not exist",
+         lambda t, d: reweight(t, d, deepspeed=str(t / "zero9.json")),
+         ["deepspeed: config file not found: {tmp}/zero9.json"]),
+    Case("deepspeed-bad-stage", "recipe", "a DeepSpeed config with an impossible ZeRO stage",
+         lambda t, d: reweight(t, d, deepspeed=str(text(t, "z.json", '{"zero_optimization": {"stage": 5}}'))),
+         ["deepspeed: {tmp}/z.json: zero_optimization.stage must be 0, 1, 2 or 3, got 5"]),
     # -- other commands --------------------------------------------------------------------------------------
     Case("finetune-no-data", "recipe", "finetune with neither finetune.data nor finetune.weights",
          lambda t, d: (["finetune", "--config", str(recipe(t, d))], t / "run" / "config.json"),

@@ -108,4 +108,4 @@ def test_every_shipped_recipe_loads_and_says_how_to_run_it(path: Path) -> None:
     recipe = load_recipe(path)
     assert isinstance(recipe, Recipe)
     first = path.read_text().splitlines()[0]
-    assert first.startswith("# ") and "scalebio " in first and path.name in first
+    assert first.startswith("# ") and "scalebio" in first and " reweight --config " in first and path.name in first

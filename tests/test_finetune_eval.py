@@ -29,9 +29,16 @@ def finetune(tmp_path: Path, demo: Path, **finetune_keys) -> tuple[subprocess.Co
     return result, recipe.parent / "run"
 
 
-def test_full_finetune_changes_every_parameter_and_saves_a_loadable_folder(demo: Path, tmp_path: Path) -> None:
-    result, out = finetune(tmp_path, demo)
+@pytest.fixture(scope="module")
+def finetuned(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+    """A full-parameter fine-tune of the demo model on the clean source (6 steps)."""
+    result, out = finetune(tmp_path_factory.mktemp("ft"), demo)
     assert result.returncode == 0, result.stderr
+    return result, out
+
+
+def test_full_finetune_changes_every_parameter_and_saves_a_loadable_folder(finetuned, demo: Path) -> None:
+    result, out = finetuned
     assert result.stdout.strip() == str(out)
     before, after = tensors(demo / "model"), tensors(out)
     assert before.keys() == after.keys()
@@ -84,15 +91,8 @@ def test_finetune_needs_exactly_one_data_choice(demo: Path, tmp_path: Path) -> N
     assert result.returncode == 2 and "set exactly one of finetune.data" in result.stderr
 
 
-@pytest.fixture(scope="module")
-def finetuned(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("ft")
-    result, out = finetune(tmp, demo)
-    assert result.returncode == 0, result.stderr
-    return out
-
-
-def test_eval_reports_loss_perplexity_and_accuracy(finetuned: Path, demo: Path, tmp_path: Path) -> None:
+def test_eval_reports_loss_perplexity_and_accuracy(finetuned, demo: Path, tmp_path: Path) -> None:
+    finetuned = finetuned[1]
     out = tmp_path / "result.json"
     result = run_cli("eval", "--model", str(finetuned), "--data", f"test={demo / 'data' / 'test.jsonl'}",
                      "--data", f"noisy={demo / 'data' / 'noisy.json'}", "--output", str(out), "--generate",
@@ -127,8 +127,9 @@ def test_extract_answer(text: str, answer: str | None) -> None:
     assert extract_answer(text) == answer
 
 
-def test_lm_eval_task_offline(finetuned: Path, tmp_path: Path) -> None:
+def test_lm_eval_task_offline(finetuned, tmp_path: Path) -> None:
     pytest.importorskip("lm_eval")
+    finetuned = finetuned[1]
     docs = tmp_path / "mc.jsonl"
     docs.write_text("".join(json.dumps({"question": f"What is {a} + {b}?", "choices": [str(a + b), str(a + b + 7)],
                                         "label": 0}) + "\n" for a, b in [(2, 3), (10, 4), (7, 7), (20, 1)]))
@@ -155,11 +156,13 @@ metric_list:
 
 def test_pipeline_scalebio_sampling_beats_uniform(demo: Path, tmp_path: Path) -> None:
     """reweight -> sample (ScaleBiO, uniform) -> finetune each -> eval on the held-out test set."""
-    recipe = write_recipe(tmp_path / "recipe.yaml", demo, finetune={**FT, "epochs": 1})
+    recipe = write_recipe(tmp_path / "recipe.yaml", demo, finetune={**FT, "epochs": 1},
+                          reweight={"steps": 100, "alpha": 1, "lr_u": 3e-3, "lr_w": 3e-3, "lr_lambda": 2e-2,
+                                    "batch_size": 24, "val_batch_size": 8, "micro_batch_size": 32, "log_every": 20})
     run = tmp_path / "pipeline"
     env = {**os.environ, "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}"}
     result = subprocess.run([str(ROOT / "scripts" / "pipeline.sh"), str(recipe), str(demo / "data" / "test.jsonl"),
-                             str(run), "480"], capture_output=True, text=True, env=env, timeout=900)
+                             str(run), "320"], capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     comparison = json.loads((run / "comparison.json").read_text())
     assert comparison["scalebio"]["test_loss"] < comparison["uniform"]["test_loss"]

@@ -99,19 +99,25 @@ def test_finetune_sigkill_then_resume_gives_the_same_model(demo: Path, tmp_path:
 
 
 def test_resume_refuses_a_changed_recipe_unless_forced(demo: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from scalebio_cli import cli
+
+    def reweight(*args: str):  # in-process: the modules are loaded once, each run costs its steps only
+        return CliRunner().invoke(cli.app, ["reweight", "--config", str(recipe), *args])
+
     recipe = write_recipe(tmp_path / "recipe.yaml", demo)
-    first = run_cli("reweight", "--config", str(recipe), "reweight.steps=12", "checkpoint.every=5")
-    assert first.returncode == 0, first.stderr
-    checkpoints = tmp_path / "run" / "checkpoints"
-    shutil.rmtree(checkpoints / "step-000010")  # pretend the run stopped at step 5
+    first = reweight("reweight.steps=12", "checkpoint.every=5")
+    assert first.exit_code == 0, first.output
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-000010")  # pretend the run stopped at step 5
     changed = ["reweight.steps=12", "checkpoint.every=5", "reweight.alpha=3", "seed=4", "reweight.log_every=3"]
-    result = run_cli("reweight", "--config", str(recipe), *changed, "--resume", "auto")
-    assert result.returncode == 2
-    assert "reweight.alpha: checkpoint 1.0, now 3.0" in result.stderr and "seed: checkpoint 0, now 4" in result.stderr
-    assert "log_every" not in result.stderr  # logging does not change the result
-    forced = run_cli("reweight", "--config", str(recipe), *changed, "--resume", "auto", "--force")
-    assert forced.returncode == 0, forced.stderr
-    assert "resumed from" in forced.stderr and "resuming despite differences" in forced.stderr
+    result = reweight(*changed, "--resume", "auto")
+    assert result.exit_code == 2
+    assert "reweight.alpha: checkpoint 1.0, now 3.0" in result.output and "seed: checkpoint 0, now 4" in result.output
+    assert "log_every" not in result.output  # logging does not change the result
+    forced = reweight(*changed, "--resume", "auto", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert "resumed from" in forced.output and "resuming despite differences" in forced.output
 
 
 def test_resume_path_must_be_a_checkpoint(demo: Path, tmp_path: Path) -> None:

@@ -79,6 +79,28 @@ def output_dir_problems(path: str) -> list[str]:
     return []
 
 
+def deepspeed_problems(path: str | None) -> list[str]:
+    if not path:
+        return []
+    import importlib.util
+
+    problems = []
+    if importlib.util.find_spec("deepspeed") is None:
+        problems.append("deepspeed: this recipe trains with DeepSpeed, which is not installed "
+                        "(pip install 'scalebio-cli[deepspeed]')")
+    p = Path(path)
+    if not p.is_file():
+        return problems + [f"deepspeed: config file not found: {p}"]
+    try:
+        config = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return problems + [f"deepspeed: {p} is not valid JSON ({exc})"]
+    stage = config.get("zero_optimization", {}).get("stage", 0) if isinstance(config, dict) else None
+    if stage not in (0, 1, 2, 3):
+        problems.append(f"deepspeed: {p}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    return problems
+
+
 def _models(recipe: Recipe) -> list[str]:
     problems = model_folder_problems("model", recipe.model, need_weights=True)
     if recipe.tokenizer:
@@ -105,7 +127,7 @@ def check_reweight(recipe: Recipe, where: str | Path = "recipe") -> None:
     for key in ("batch_size", "val_batch_size"):
         if getattr(rw, key) % world_size():
             problems.append(f"reweight.{key}: {getattr(rw, key)} does not divide over {world_size()} processes")
-    problems += _models(recipe) + output_dir_problems(recipe.output_dir)
+    problems += _models(recipe) + output_dir_problems(recipe.output_dir) + deepspeed_problems(recipe.deepspeed)
     for name, path in data.sources.items():
         problems += data_file_problems(f"data.sources.{name}", path)
     problems += data_file_problems("data.validation", data.validation)
@@ -120,7 +142,7 @@ def check_finetune(recipe: Recipe, where: str | Path = "recipe") -> None:
                         "weights.json to mix data.sources by)")
     if ft.batch_size % world_size():
         problems.append(f"finetune.batch_size: {ft.batch_size} does not divide over {world_size()} processes")
-    problems += _models(recipe) + output_dir_problems(recipe.output_dir)
+    problems += _models(recipe) + output_dir_problems(recipe.output_dir) + deepspeed_problems(recipe.deepspeed)
     problems += data_file_problems("finetune.data", ft.data) + data_file_problems("finetune.validation", ft.validation)
     if ft.weights:
         from scalebio_cli import weights_file
