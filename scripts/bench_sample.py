@@ -27,17 +27,19 @@ WEIGHTS = {"a": 0.4, "b": 0.3, "c": 0.2, "d": 0.1}
 
 def write_sources(folder: Path) -> dict[str, Path]:
     paths = {}
+    def record(name: str, i: int) -> dict:
+        return {"messages": [{"role": "user", "content": f"Question {i} from {name}: what is {i} + 7?"},
+                             {"role": "assistant", "content": f"{i} + 7 = {i + 7}. The answer is {i + 7}."}]}
+
     for name, n in SIZES.items():
-        record = lambda i: {"messages": [{"role": "user", "content": f"Question {i} from {name}: what is {i} + 7?"},  # noqa: E731
-                                         {"role": "assistant", "content": f"{i} + 7 = {i + 7}. The answer is {i + 7}."}]}
         if name == "d":
             path = folder / f"{name}.json"
             with path.open("w") as f:
-                f.write("[\n" + ",\n".join(json.dumps(record(i)) for i in range(n)) + "\n]\n")
+                f.write("[\n" + ",\n".join(json.dumps(record(name, i)) for i in range(n)) + "\n]\n")
         else:
             path = folder / f"{name}.jsonl"
             with path.open("w") as f:
-                f.writelines(json.dumps(record(i)) + "\n" for i in range(n))
+                f.writelines(json.dumps(record(name, i)) + "\n" for i in range(n))
         paths[name] = path
     return paths
 

@@ -66,7 +66,8 @@ def record(doc: dict, comparison: dict, seconds: float, samples: int) -> None:
                      + ", ".join(f"{k} {v}" for k, v in r["counts"].items()) + " |")
     finetune_body = "\n".join([
         f"Each: {samples:,} records sampled with replacement (seed 0), one epoch of full fine-tuning of the same tiny "
-        f"model (batch {ft['batch_size']}, lr {ft['lr']}, seed 0), loss on the 280 held-out test.json records.",
+        f"model (batch {ft['batch_size']}, lr {ft['lr']}, seed 0), loss on the 280 held-out test.json records "
+        "(proportional = uniform: every source has 3,000 records).",
         "", *table])
     RESULTS.parent.mkdir(exist_ok=True)
     text = RESULTS.read_text() if RESULTS.exists() else "# Results\n"

@@ -123,7 +123,7 @@ def test_adamw_matches_torch_adamw_in_fp32() -> None:
     b = [torch.nn.Parameter(p.detach().clone()) for p in a]
     ours = AdamW(a, lr=1e-2, weight_decay=0.1)
     ref = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.1, foreach=True)
-    for step in range(6):
+    for _ in range(6):
         grads = [torch.randn_like(p) for p in a]
         for p, q, g in zip(a, b, grads):
             p.grad, q.grad = g.clone(), g.clone()

@@ -1,7 +1,6 @@
 """Never lose a run: kill it, resume it, get bitwise the same result; stop cleanly at non-finite values."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess

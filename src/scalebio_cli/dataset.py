@@ -11,6 +11,7 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,24 @@ def describe(name: str, data: TokenizedData, seconds: float | None = None) -> st
     return escape(", ".join(parts))
 
 
-def timed_load(path: str | Path, renderer: Renderer, cache_dir: str | Path | None = None) -> tuple[TokenizedData, float]:
-    start = time.perf_counter()
-    data = load_tokenized(path, renderer, cache_dir)
-    return data, time.perf_counter() - start
+def load_all(files: list[tuple[str, str]], renderer: Renderer, cache_dir: str | Path | None, *, is_main: bool = True,
+             barrier: Callable[[], None] = lambda: None, log: Callable[[str], None] = lambda line: None
+             ) -> list[TokenizedData]:
+    """Tokenize (or read from the cache) each `(key, path)`. The main process goes first, so that the others find
+    the cache filled instead of all tokenizing the same files at once.
+
+    Raises InputError naming every file that keeps no record with a response token within max_length.
+    """
+    loaded: list[TokenizedData] = []
+    for main_turn in (True, False):
+        if main_turn == is_main:
+            for key, path in files:
+                start = time.perf_counter()
+                loaded.append(load_tokenized(path, renderer, cache_dir))
+                log(describe(key, loaded[-1], time.perf_counter() - start))
+        barrier()
+    empty = [f"{key}: no record of {path} keeps a response token within data.max_length={renderer.max_length} "
+             "(raise data.max_length, or shorten the prompts)" for (key, path), d in zip(files, loaded) if not len(d)]
+    if empty:
+        raise InputError(empty)
+    return loaded

@@ -24,7 +24,7 @@ from scalebio_cli import checkpoint, distributed, weights_file
 from scalebio_cli.batching import CursorSampler, MicroBatch, micro_batches, num_micro_batches, response_token_count
 from scalebio_cli.config import Recipe
 from scalebio_cli.console import console, format_weights
-from scalebio_cli.dataset import TokenizedData, describe, timed_load
+from scalebio_cli.dataset import TokenizedData, load_all
 from scalebio_cli.engine import TrainEngine, load_deepspeed_config, make_engine, zero3_loading
 from scalebio_cli.errors import InputError, TrainingStopped
 from scalebio_cli.evaluate import dataset_loss
@@ -118,20 +118,12 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
 
     tokenizer = load_tokenizer(recipe.tokenizer_path, recipe.trust_remote_code)
     renderer = Renderer(tokenizer, recipe.data.max_length)
-    named = {**files, **({"validation": ft.validation} if ft.validation else {})}
-    loaded: dict[str, TokenizedData] = {}
-    for turn in ("main", "others"):  # rank 0 fills the tokenization cache, the others read it
-        if (turn == "main") == dist.is_main:
-            for name, path in named.items():
-                loaded[name], seconds = timed_load(path, renderer, recipe.data.cache_dir)
-                if dist.is_main:
-                    console.print(f"[dim]data[/] {describe(name, loaded[name], seconds)}")
-        distributed.barrier(dist)
-    empty = [f"{named[n]}: no record has a response token within data.max_length={recipe.data.max_length}"
-             for n, d in loaded.items() if len(d) == 0]
-    if empty:
-        raise InputError(empty)
-    val = loaded.pop("validation", None)
+    keys = ["finetune.data" if len(files) == 1 else f"data.sources.{n}" for n in files]
+    named = list(zip(keys, files.values())) + ([("finetune.validation", ft.validation)] if ft.validation else [])
+    data = load_all(named, renderer, recipe.data.cache_dir, is_main=dist.is_main,
+                    barrier=lambda: distributed.barrier(dist), log=lambda line: console.print(f"[dim]data[/] {line}"))
+    loaded = dict(zip(files, data))
+    val = data[-1] if ft.validation else None
     fingerprints = {n: loaded[n].sha256 for n in files}
     if start_from is not None:
         accepted = checkpoint.check_resumable(start_from, "finetune", recipe.to_dict(), fingerprints, RESULT_KEYS,

@@ -26,9 +26,9 @@ from scalebio_cli.batching import (CursorSampler, MicroBatch, Prefetcher, balanc
 from scalebio_cli.bilevel import SourceWeights
 from scalebio_cli.config import Recipe
 from scalebio_cli.console import console, format_weights
-from scalebio_cli.dataset import TokenizedData, describe, timed_load
+from scalebio_cli.dataset import TokenizedData, load_all
 from scalebio_cli.engine import TrainEngine, load_deepspeed_config, make_engine, zero3_loading
-from scalebio_cli.errors import InputError, TrainingStopped
+from scalebio_cli.errors import TrainingStopped
 from scalebio_cli.losses import example_losses
 from scalebio_cli.metrics import MetricsLog, plot_weights
 from scalebio_cli.modeling import count_parameters, load_model, load_tokenizer, resolve_dtype
@@ -91,25 +91,11 @@ class BatchPlan:
 
 
 def load_data(recipe: Recipe, renderer: Renderer, dist: distributed.DistInfo) -> tuple[list[TokenizedData], TokenizedData]:
-    """Tokenize (or load from cache) every source and the validation set. Rank 0 fills the cache first.
-
-    Every file that keeps no record with a response token within max_length is reported, all at once.
-    """
+    """Every source and the validation set, tokenized (or from the cache)."""
     files = [(f"data.sources.{n}", p) for n, p in recipe.data.sources.items()]
-    files.append(("data.validation", recipe.data.validation))
-    loaded: list[TokenizedData] = []
-    for turn in ("main", "others"):
-        if (turn == "main") == dist.is_main:
-            for key, path in files:
-                data, seconds = timed_load(path, renderer, recipe.data.cache_dir)
-                loaded.append(data)
-                if dist.is_main:
-                    console.print(f"[dim]data[/] {describe(key.split('.')[-1], data, seconds)}")
-        distributed.barrier(dist)
-    empty = [f"{key}: no record of {path} keeps a response token within data.max_length={recipe.data.max_length} "
-             f"(raise data.max_length, or shorten the prompts)" for (key, path), d in zip(files, loaded) if not len(d)]
-    if empty:
-        raise InputError(empty)
+    files.append(("data.validation", recipe.data.validation or ""))
+    loaded = load_all(files, renderer, recipe.data.cache_dir, is_main=dist.is_main,
+                      barrier=lambda: distributed.barrier(dist), log=lambda line: console.print(f"[dim]data[/] {line}"))
     return loaded[:-1], loaded[-1]
 
 

@@ -75,7 +75,7 @@ def _iter_chosen(path: Path, chosen: np.ndarray) -> Iterator[tuple[int, dict[str
                 if target is None:
                     return
     else:
-        for index, (where, record) in enumerate(iter_records(path)):
+        for index, (_, record) in enumerate(iter_records(path)):
             if index == target:
                 yield index, record
                 target = next(wanted, None)
