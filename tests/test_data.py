@@ -7,7 +7,7 @@ import pytest
 
 from scalebio_cli.dataset import load_tokenized
 from scalebio_cli.errors import InputError
-from scalebio_cli.records import Turn, file_format, iter_examples
+from scalebio_cli.records import Turn, detect_format, iter_examples
 from scalebio_cli.render import Renderer
 
 
@@ -152,13 +152,11 @@ def test_json_array_streams_across_chunks(tmp_path: Path) -> None:
     assert got == records
 
 
-def test_formats_detected(tmp_path: Path) -> None:
+def test_formats_detected() -> None:
     cases = {"messages": {"messages": []}, "sharegpt": {"items": []}, "alpaca": {"instruction": "", "output": ""},
-             "prompt_completion": {"prompt": "", "completion": ""}, "text": {"text": ""}}
+             "prompt_completion": {"prompt": "", "completion": ""}, "text": {"text": ""}, None: {"question": "q"}}
     for fmt, record in cases.items():
-        path = tmp_path / f"{fmt}.jsonl"
-        path.write_text(json.dumps(record) + "\n")
-        assert file_format(path) == fmt
+        assert detect_format(record) == fmt
 
 
 def test_encode_prompt_ends_with_generation_prompt(tokenizer) -> None:

@@ -16,7 +16,6 @@ from typing import Any
 from scalebio_cli.errors import InputError
 
 EXTENSIONS = (".json", ".jsonl", ".parquet")
-FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 
 _ROLES = {
     "system": "system",
@@ -210,13 +209,3 @@ def iter_examples(path: str | Path) -> Iterator[tuple[str, Example]]:
                 "conversations/items (sharegpt), instruction+output (alpaca), prompt+completion, text"
             )
         yield where, normalize(record, fmt, where)
-
-
-def file_format(path: str | Path) -> str | None:
-    """The format of a data file, from its first record (None when the file is empty)."""
-    for where, record in iter_records(path):
-        fmt = detect_format(record)
-        if fmt is None:
-            raise InputError(f"{where}: unknown record format")
-        return fmt
-    return None
