@@ -78,7 +78,7 @@ def test_sigterm_checkpoints_stops_with_status_1_then_resumes(demo: Path, tmp_pa
     assert json.loads((out / "weights.json").read_text())["weights"] == reference["weights"]
 
 
-def test_finetune_sigkill_then_resume_gives_the_same_model(demo: Path, tmp_path: Path) -> None:
+def test_finetune_sigterm_and_sigkill_then_resume_give_the_same_model(demo: Path, tmp_path: Path) -> None:
     ft = {"data": str(demo / "data" / "clean.jsonl"), "epochs": 1, "lr": 3e-3, "batch_size": 8,
           "micro_batch_size": 4, "log_every": 5, "lisa": {"layers": 2, "interval": 7}}
     args = ["checkpoint.every=10"]
@@ -86,11 +86,16 @@ def test_finetune_sigkill_then_resume_gives_the_same_model(demo: Path, tmp_path:
     assert run_cli("finetune", "--config", str(ref), *args).returncode == 0
     recipe = write_recipe(tmp_path / "killed" / "recipe.yaml", demo, finetune=ft)
     out = recipe.parent / "run"
-    proc = start_cli("finetune", "--config", str(recipe), *args)
-    wait_for(out / "checkpoints" / "step-000030", proc)
+    proc = start_cli("finetune", "--config", str(recipe), *args)  # 1st interruption: SIGTERM
+    wait_for(out / "checkpoints" / "step-000010", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "stopped by SIGTERM" in stderr
+    proc = start_cli("finetune", "--config", str(recipe), *args, "--resume", "auto")  # 2nd: SIGKILL
+    wait_for(out / "checkpoints" / "step-000040", proc)
     proc.kill()
     proc.wait()
-    assert not (out / "config.json").exists()  # no model folder from the killed run
+    assert not (out / "config.json").exists()  # no model folder from an interrupted run
     result = run_cli("finetune", "--config", str(recipe), *args, "--resume", "auto")
     assert result.returncode == 0, result.stderr
     a, b = load_file(str(ref.parent / "run" / "model.safetensors")), load_file(str(out / "model.safetensors"))

@@ -1,4 +1,4 @@
-"""Process-group setup for runs launched by torchrun / accelerate / deepspeed, and the few reductions we need.
+"""Process-group setup for runs launched by torchrun or the deepspeed launcher, and the few reductions we need.
 
 The launcher owns the topology; this module only asks "which rank am I, on which device?" and sums tensors.
 A plain `scalebio ...` (no launcher) is world size 1 and never touches torch.distributed.
