@@ -90,7 +90,7 @@ def child(setting: str, args: argparse.Namespace) -> dict:
     if setting.startswith("sft"):
         engines = [Engine(model, lr=1e-4, **kwargs)]
         batches = [plan.next(i) for i in range(args.steps)]  # the same B as the reweight settings
-        response_tokens = [sum(int(m.trainable[:, 1:].sum()) for m in b.u) for b in batches]
+        response_tokens = [sum(m.num_loss_tokens for m in b.u) for b in batches]
 
         def step(i: int) -> None:
             sft_step(engines[0], batches[i].to(device).u, response_tokens[i], dist)

@@ -53,22 +53,32 @@ def balanced_counts(batch_size: int, num_sources: int, step: int) -> list[int]:
 
 @dataclass
 class MicroBatch:
+    """Padded token ids plus where the loss is taken, worked out on the CPU so the loss needs no device sync."""
+
     input_ids: torch.Tensor  # [b, T] long
     attention_mask: torch.Tensor  # [b, T] long
-    trainable: torch.Tensor  # [b, T] bool: the loss is taken on these tokens
-    source: torch.Tensor  # [b] long, source index (0 for validation examples)
+    source: torch.Tensor  # [b] long, source index (K = the validation set in reweight)
+    loss_rows: torch.Tensor  # [n] long: row of each response token ...
+    loss_cols: torch.Tensor  # [n] long: ... and the position whose logits predict it (token position - 1)
+    loss_targets: torch.Tensor  # [n] long: the response token ids
+    loss_counts: torch.Tensor  # [b] float32: response tokens per row
     num_tokens: int  # non-padding tokens
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.loss_rows.shape[0])
 
     def to(self, device: torch.device) -> "MicroBatch":
         nb = device.type == "cuda"
-        return MicroBatch(self.input_ids.to(device, non_blocking=nb), self.attention_mask.to(device, non_blocking=nb),
-                          self.trainable.to(device, non_blocking=nb), self.source.to(device, non_blocking=nb),
-                          self.num_tokens)
+        moved = [t.to(device, non_blocking=nb) for t in (self.input_ids, self.attention_mask, self.source,
+                                                          self.loss_rows, self.loss_cols, self.loss_targets,
+                                                          self.loss_counts)]
+        return MicroBatch(*moved, self.num_tokens)
 
 
 def collate(examples: list[tuple[np.ndarray, np.ndarray]], sources: list[int], pad_id: int,
             pin: bool = False) -> MicroBatch:
-    """Right-pad token ids and masks to the longest example (in pinned memory when bound for a GPU)."""
+    """Right-pad token ids to the longest example and list the response positions (pinned memory for a GPU)."""
     width = max(len(ids) for ids, _ in examples)
     input_ids = np.full((len(examples), width), pad_id, dtype=np.int64)
     attention = np.zeros((len(examples), width), dtype=np.int64)
@@ -77,8 +87,12 @@ def collate(examples: list[tuple[np.ndarray, np.ndarray]], sources: list[int], p
         input_ids[row, : len(ids)] = ids
         attention[row, : len(ids)] = 1
         trainable[row, : len(ids)] = mask
-    tensors = [torch.from_numpy(input_ids), torch.from_numpy(attention), torch.from_numpy(trainable),
-               torch.tensor(sources, dtype=torch.long)]
+    # Token t is predicted by the logits at t - 1; position 0 is predicted by nothing.
+    rows, positions = np.nonzero(trainable[:, 1:])
+    positions = positions + 1
+    tensors = [torch.from_numpy(input_ids), torch.from_numpy(attention), torch.tensor(sources, dtype=torch.long),
+               torch.from_numpy(rows), torch.from_numpy(positions - 1), torch.from_numpy(input_ids[rows, positions]),
+               torch.from_numpy(trainable[:, 1:].sum(axis=1).astype(np.float32))]
     if pin:  # lets .to(cuda, non_blocking=True) overlap the copy with compute
         tensors = [t.pin_memory() for t in tensors]
     return MicroBatch(*tensors, int(attention.sum()))

@@ -32,7 +32,7 @@ from scalebio_cli.losses import example_losses
 from scalebio_cli.metrics import MetricsLog
 from scalebio_cli.modeling import load_model, load_tokenizer, resolve_dtype
 from scalebio_cli.render import Renderer
-from scalebio_cli.stopping import FiniteGuard, StopSignals
+from scalebio_cli.stopping import FiniteGuard, StopSignals, StopVote
 
 _MIX_STREAM = 0xF17E  # the per-step source draw of weights mode
 
@@ -159,6 +159,7 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
     metrics = MetricsLog(out / "metrics.jsonl", start) if dist.is_main else None
     guard = FiniteGuard(["loss"], dist.device)
     signals = StopSignals()
+    stop_vote = StopVote(signals, dist.distributed)
 
     def validate(step: int) -> float | None:
         if val is None:
@@ -205,7 +206,7 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
                                            f"{record['tokens_per_s']:,.0f} tok/s")
             progress.advance(task)
 
-            stop = (stop_votes.item() > 0) if dist.distributed else signals.received is not None
+            stop = stop_vote(stop_votes)
             periodic = recipe.checkpoint.every and done % recipe.checkpoint.every == 0
             if (stop or periodic) and done < steps:
                 guard.check()

@@ -33,7 +33,7 @@ from scalebio_cli.losses import example_losses
 from scalebio_cli.metrics import MetricsLog, plot_weights
 from scalebio_cli.modeling import count_parameters, load_model, load_tokenizer, resolve_dtype
 from scalebio_cli.render import Renderer
-from scalebio_cli.stopping import FiniteGuard, StopSignals
+from scalebio_cli.stopping import FiniteGuard, StopSignals, StopVote
 
 VALIDATION_STREAM = 10_000  # sampler stream of the validation set; source k uses stream k
 
@@ -77,7 +77,8 @@ class BatchPlan:
         u = micro_batches(items[rank::world], self.data, self.rw.micro_batch_size, self.pad_id, self.pin)
         w = micro_batches(items[rank::world] + val_items[rank::world], self.data, self.rw.micro_batch_size,
                           self.pad_id, self.pin)
-        return StepBatches(u, w, torch.tensor(counts, dtype=torch.float32),
+        source_counts = torch.tensor(counts, dtype=torch.float32)
+        return StepBatches(u, w, source_counts.pin_memory() if self.pin else source_counts,
                            val_tokens=response_token_count(val_items, self.data),
                            num_tokens=sum(b.num_tokens for b in u + w), sampler_state=self.state_dict())
 
@@ -197,6 +198,7 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
     guard = FiniteGuard([f"loss_u[{n}]" for n in names] + [f"loss_w[{n}]" for n in names] + ["L1_sum"]
                         + [f"lambda[{n}]" for n in names], dist.device)
     signals = StopSignals()
+    stop_vote = StopVote(signals, dist.distributed)
     tokens_since_log, last_log_time = 0, time.perf_counter()
 
     progress = _progress(dist.is_main)
@@ -244,8 +246,8 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
                 progress.update(task, info=format_weights(weights, 14))
             progress.advance(task)
 
-            # A signal on any process stops every process at the same step (the flag rode the all-reduce).
-            stop = (result.stop_votes.item() > 0) if dist.distributed else signals.received is not None
+            # A signal on any process stops every process at the same step (the vote rode the all-reduce).
+            stop = stop_vote(result.stop_votes)
             periodic = recipe.checkpoint.every and done % recipe.checkpoint.every == 0
             if (stop or periodic) and done < rw.steps:  # after the last step, finishing beats checkpointing
                 guard.check()

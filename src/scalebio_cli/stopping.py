@@ -60,3 +60,34 @@ class FiniteGuard:
         if step >= 0:
             shown = ", ".join(f"{label} {value:.6g}" for label, value in zip(self.labels, self.values.tolist()))
             raise TrainingStopped(f"non-finite values at step {step}: {shown}")
+
+
+class StopVote:
+    """Agrees across processes on when to stop, without stalling the GPU.
+
+    Every step's vote (processes that received a signal, summed by the step's all-reduce) is copied to the host
+    without blocking and read one step later, by which time the next step is already queued: every process
+    decides at the same step, and the device never waits for the host. In one process the signal flag is read
+    directly.
+    """
+
+    def __init__(self, signals: StopSignals, distributed: bool):
+        self.signals, self.distributed = signals, distributed
+        self.pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+
+    def __call__(self, votes: torch.Tensor) -> bool:
+        """Record this step's `votes`; True if the previous step's votes asked to stop."""
+        if not self.distributed:
+            return self.signals.received is not None
+        previous = self.pending
+        on_gpu = votes.device.type == "cuda"
+        host = votes.detach().to("cpu", non_blocking=on_gpu)
+        event = torch.cuda.Event() if on_gpu else None
+        if event is not None:
+            event.record()
+        self.pending = (host, event)
+        if previous is None:
+            return False
+        if previous[1] is not None:
+            previous[1].synchronize()  # that step finished long ago; the current one keeps the GPU busy
+        return bool(previous[0].item() > 0)
