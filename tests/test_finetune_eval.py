@@ -108,6 +108,15 @@ def test_eval_reports_loss_perplexity_and_accuracy(finetuned, demo: Path, tmp_pa
     assert "perplexity" in result.stderr  # the table
 
 
+def test_eval_without_output_prints_the_results_on_stdout(finetuned, demo: Path, tmp_path: Path) -> None:
+    result = run_cli("eval", "--model", str(finetuned[1]), "--data", f"test={demo / 'data' / 'test.jsonl'}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)  # nothing else on stdout: the JSON pipes into jq
+    assert doc["results"]["test"]["num_examples"] == 200
+    assert list(tmp_path.iterdir()) == []  # and no file was written
+
+
 def test_eval_bad_input(tmp_path: Path, demo: Path) -> None:
     result = run_cli("eval", "--model", str(tmp_path), "--data", "x=/nope.jsonl")
     assert result.returncode == 2

@@ -7,6 +7,7 @@ else.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -220,7 +221,7 @@ def evaluate(
     """Mean response-token loss and perplexity of MODEL on each data file (and more, on request).
 
     Prints a table on stderr; with --output writes {"model": ..., "results": {NAME: {"loss", "perplexity",
-    "num_examples", ...}}} and prints its path on stdout.
+    "num_examples", ...}}} and prints its path on stdout, without it prints that JSON on stdout.
     """
 
     def body() -> Any:
@@ -245,11 +246,13 @@ def evaluate(
         console.print(stage.format_table(doc))
         for task, metrics in doc.get("lm_eval", {}).items():
             console.print(f"lm-eval {task}: " + ", ".join(f"{k} {v}" for k, v in metrics.items()), markup=False)
-        return output
+        return output if output is not None else doc
 
     result = guarded(body)
-    if result is not None:
+    if isinstance(result, Path):
         _print_result(result)
+    elif result is not None and os.environ.get("RANK", "0") == "0":
+        typer.echo(json.dumps(result, indent=2))  # no --output: the results themselves go to the pipe
 
 
 def _print_result(path: Path) -> None:

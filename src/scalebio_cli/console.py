@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Column
 
 console = Console(stderr=True, highlight=False)
 
@@ -14,3 +16,22 @@ def format_weights(weights: dict[str, float], width: int = 0) -> str:
         return name if width <= 0 or len(name) <= width else name[: width - 1] + "…"
 
     return " · ".join(f"{escape(short(k))} {v:.3f}" for k, v in weights.items())
+
+
+def step_progress(label: str, enabled: bool = True) -> Progress:
+    """A progress bar for `label` with a free-text `info` field (current weights, loss) after it.
+
+    The info field gets what is left of the line and is cut with an ellipsis: left to rich, a long field squeezes
+    every column (`200/2…  0:0…`), which is what a log file or an 80-column CI console would show.
+    """
+    def fixed() -> Column:
+        return Column(no_wrap=True)
+
+    info_width = max(12, console.width - 64)  # 64: label, bar, "12345/12345", two times, separators
+    return Progress(
+        TextColumn(f"[bold]{label}", table_column=fixed()), BarColumn(bar_width=20, table_column=fixed()),
+        MofNCompleteColumn(table_column=fixed()), TimeElapsedColumn(table_column=fixed()),
+        TextColumn("<", table_column=fixed()), TimeRemainingColumn(table_column=fixed()),
+        TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis", max_width=info_width)),
+        console=console, disable=not enabled,
+    )

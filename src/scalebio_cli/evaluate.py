@@ -14,6 +14,7 @@ from torch import nn
 
 from scalebio_cli import distributed
 from scalebio_cli.batching import micro_batches
+from scalebio_cli.console import step_progress
 from scalebio_cli.dataset import TokenizedData
 from scalebio_cli.errors import InputError
 from scalebio_cli.losses import example_losses
@@ -90,7 +91,7 @@ def extract_answer(text: str) -> str | None:
 
 @torch.no_grad()
 def exact_match(model: nn.Module, tokenizer: Any, renderer: Any, path: Path, batch_size: int, max_new_tokens: int,
-                device: torch.device) -> dict[str, Any]:
+                device: torch.device, show_progress: bool = True) -> dict[str, Any]:
     """Greedy generation on every record whose reference answer is checkable; accuracy of the extracted answers."""
     prompts, references = [], []
     for _, example in iter_examples(path):
@@ -109,20 +110,25 @@ def exact_match(model: nn.Module, tokenizer: Any, renderer: Any, path: Path, bat
     was_training = model.training
     model.eval()
     correct = 0
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start: start + batch_size]
-        width = max(len(p) for p in chunk)
-        # Left padding: every prompt ends where generation starts.
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, p in enumerate(chunk):
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                             max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
-        for row, ref in enumerate(references[start: start + batch_size]):
-            text = tokenizer.decode(out[row, width:], skip_special_tokens=True)
-            correct += int(extract_answer(text) == ref)
+    progress = step_progress("generate", enabled=show_progress)
+    task = progress.add_task("generate", total=len(prompts), info=path.name)
+    with progress:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start: start + batch_size]
+            width = max(len(p) for p in chunk)
+            # Left padding: every prompt ends where generation starts.
+            ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, p in enumerate(chunk):
+                ids[row, width - len(p):] = torch.tensor(p)
+                mask[row, width - len(p):] = 1
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+            for row, ref in enumerate(references[start: start + batch_size]):
+                text = tokenizer.decode(out[row, width:], skip_special_tokens=True)
+                correct += int(extract_answer(text) == ref)
+            done = start + len(chunk)
+            progress.update(task, completed=done, info=f"{path.name}: {correct}/{done} correct")
     model.train(was_training)
     return {"accuracy": correct / len(prompts), "num_checked": len(prompts)}
 
@@ -149,7 +155,8 @@ def run(model_dir: str, data: dict[str, str], *, output: Path | None, batch_size
         entry: dict[str, Any] = {"loss": loss, "perplexity": math.exp(loss) if math.isfinite(loss) else None,
                                  "num_examples": len(tokenized[name]), "num_tokens": tokens}
         if generate:
-            entry.update(exact_match(model, tokenizer, renderer, Path(path), batch_size, max_new_tokens, dist.device))
+            entry.update(exact_match(model, tokenizer, renderer, Path(path), batch_size, max_new_tokens, dist.device,
+                                     show_progress=dist.is_main))
         results[name] = entry
     doc: dict[str, Any] = {"model": str(model_dir), "results": results}
     if lm_eval_tasks:

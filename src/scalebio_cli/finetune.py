@@ -18,12 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from scalebio_cli import checkpoint, distributed, weights_file
 from scalebio_cli.batching import CursorSampler, MicroBatch, micro_batches, num_micro_batches, response_token_count
 from scalebio_cli.config import Recipe
-from scalebio_cli.console import console, format_weights
+from scalebio_cli.console import console, format_weights, step_progress
 from scalebio_cli.dataset import TokenizedData, load_all
 from scalebio_cli.engine import TrainEngine, load_deepspeed_config, make_engine, zero3_loading
 from scalebio_cli.errors import InputError, TrainingStopped
@@ -171,9 +170,7 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
 
     val_loss = validate(0) if start == 0 else None
     tokens, last_time = 0, time.perf_counter()
-    progress = Progress(TextColumn("[bold]finetune"), BarColumn(bar_width=24), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TextColumn("<"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                        console=console, disable=not dist.is_main)
+    progress = step_progress("finetune", dist.is_main)
     task = progress.add_task("finetune", total=steps, completed=start, info="")
     with progress, signals.installed():
         for step in range(start, steps):
@@ -203,7 +200,7 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
                 progress.update(task, info=info)
                 if dist.is_main:
                     progress.console.print(f"step {done:>5}/{steps}  {info}  lr {engine.lr:.2e}  "
-                                           f"{record['tokens_per_s']:,.0f} tok/s")
+                                           f"{record['tokens_per_s']:,.0f} tok/s", soft_wrap=True)
             progress.advance(task)
 
             stop = stop_vote(stop_votes)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from scalebio_cli.console import console
 from scalebio_cli.errors import InputError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -41,6 +42,14 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
 
 def load_model(path: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False) -> nn.Module:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    # transformers' own tqdm bars (loading and saving shards) help on a terminal, once; in a log file they are
+    # carriage-return noise, and under torchrun every process would draw one.
+    if console.is_terminal and int(os.environ.get("RANK", "0")) == 0:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
 
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)

@@ -18,14 +18,13 @@ from typing import Any
 
 import torch
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from scalebio_cli import checkpoint, distributed, weights_file
 from scalebio_cli.batching import (CursorSampler, MicroBatch, Prefetcher, balanced_counts, micro_batches,
                                    num_micro_batches, response_token_count)
 from scalebio_cli.bilevel import SourceWeights
 from scalebio_cli.config import Recipe
-from scalebio_cli.console import console, format_weights
+from scalebio_cli.console import console, format_weights, step_progress
 from scalebio_cli.dataset import TokenizedData, load_all
 from scalebio_cli.engine import TrainEngine, load_deepspeed_config, make_engine, zero3_loading
 from scalebio_cli.errors import TrainingStopped
@@ -201,7 +200,7 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
     stop_vote = StopVote(signals, dist.distributed)
     tokens_since_log, last_log_time = 0, time.perf_counter()
 
-    progress = _progress(dist.is_main)
+    progress = step_progress("reweight", dist.is_main)
     task = progress.add_task("reweight", total=rw.steps, completed=start,
                              info=format_weights(trajectory[-1]["weights"], 14))
     with progress, signals.installed(), Prefetcher(plan.next, range(start, rw.steps)) as prefetched:
@@ -242,7 +241,7 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
                     progress.console.print(
                         f"step {done:>5}/{rw.steps}  L1 {record['L1']:.4f}  L2(u) {record['L2_u']:.4f}  "
                         f"L2(w) {record['L2_w']:.4f}  {record['tokens_per_s']:,.0f} tok/s  | "
-                        f"{format_weights(weights)}")
+                        f"{format_weights(weights)}", soft_wrap=True)
                 progress.update(task, info=format_weights(weights, 14))
             progress.advance(task)
 
@@ -334,10 +333,3 @@ def _source_info(path: str | None, data: TokenizedData) -> dict[str, Any]:
     return {"path": str(Path(path).resolve()), "num_examples": data.num_records, "num_trainable": len(data),
             "sha256": data.sha256}
 
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]reweight"), BarColumn(bar_width=24), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("<"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-        console=console, disable=not enabled, transient=False,
-    )
