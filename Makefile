@@ -11,7 +11,7 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-slow pipeline instruct-math bench clean
+.PHONY: install demo test test-slow lint pipeline instruct-math bench clean
 
 install: $(VENV)/.installed
 
@@ -46,6 +46,10 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
+
+# Style and common bugs (rules in pyproject.toml); kept out of `make test` so a new ruff release cannot turn CI red.
+lint: install
+	$(BIN)/ruff check src tests scripts
 
 clean:
 	rm -rf runs demo .cache

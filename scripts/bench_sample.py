@@ -91,7 +91,8 @@ def main() -> None:
     print(text)
     if not args.no_record:
         doc = ROOT / "docs" / "benchmarks.md"
-        existing = doc.read_text() if doc.exists() else "# Benchmarks\n\nAppended by the scripts in `scripts/`; newest last.\n"
+        header = "# Benchmarks\n\nAppended by the scripts in `scripts/`; newest last.\n"
+        existing = doc.read_text() if doc.exists() else header
         doc.write_text(existing.rstrip() + "\n\n## sample: 1,000,000 records, streamed\n\n" + text + "\n")
 
 

@@ -51,7 +51,8 @@ def record(doc: dict, comparison: dict, seconds: float, samples: int) -> None:
     rows = ["| source | ScaleBiO weight | averaged (2nd half) | paper, Llama-3-8B (of 10 sources) |",
             "|---|---:|---:|---:|"]
     for name, weight in sorted(doc["weights"].items(), key=lambda kv: -kv[1]):
-        rows.append(f"| {name} | {weight:.3f} | {doc['weights_averaged'][name]:.3f} | {PAPER.get(name, float('nan')):.3f} |")
+        paper = PAPER.get(name, float("nan"))
+        rows.append(f"| {name} | {weight:.3f} | {doc['weights_averaged'][name]:.3f} | {paper:.3f} |")
     cfg = doc["config"]["reweight"]
     body = "\n".join([
         f"Run: `python scripts/run_instruct_math.py` ({doc['steps']} steps, tiny 8-block Llama d=128 built locally, "

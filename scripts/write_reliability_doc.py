@@ -19,7 +19,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from bad_inputs import CASES  # noqa: E402
-
 from scalebio_cli.tiny import corpus_texts, make_demo_data, save_tiny_model  # noqa: E402
 
 HEADER = """# Reliability

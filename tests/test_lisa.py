@@ -90,7 +90,8 @@ def test_optimizer_state_only_for_active_blocks_and_freed_on_redraw(engine: Engi
         train_steps(engine, tokenizer, range(draw * 5, draw * 5 + 5))
         active = engine.lisa.active
         seen |= set(active)
-        with_state = {i for i, b in enumerate(engine.lisa.blocks) for p in b.parameters() if p in engine.optimizer.state}
+        with_state = {i for i, b in enumerate(engine.lisa.blocks)
+                      for p in b.parameters() if p in engine.optimizer.state}
         assert with_state == set(active)
         expected = always + fp32_moments(p for i in active for p in engine.lisa.blocks[i].parameters())
         assert engine.optimizer.state_bytes() == expected  # follows the active blocks, not the model

@@ -34,7 +34,7 @@ def test_clean_source_wins_and_corrupted_source_loses(demo_run) -> None:
 
 def test_weights_file_follows_the_contract(demo_run, demo: Path) -> None:
     _, doc = demo_run
-    assert CONTRACT_KEYS <= set(doc)
+    assert set(doc) >= CONTRACT_KEYS
     assert doc["format"] == "scalebio-weights/1"
     for key in ("weights", "weights_averaged"):
         assert list(doc[key]) == ["clean", "noisy", "offtopic"]
@@ -89,7 +89,7 @@ def test_bad_input_exits_2_with_one_clear_message(demo: Path, tmp_path: Path, ov
     recipe = write_recipe(tmp_path / "recipe.yaml", demo)
     result = run_cli("reweight", "--config", str(recipe), override)
     assert result.returncode == 2
-    assert message in result.stderr and str(recipe) in result.stderr or "file not found" in result.stderr
+    assert (message in result.stderr and str(recipe) in result.stderr) or "file not found" in result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
     assert not (tmp_path / "run" / "weights.json").exists()
 

@@ -68,7 +68,7 @@ class MicroBatch:
     def num_loss_tokens(self) -> int:
         return int(self.loss_rows.shape[0])
 
-    def to(self, device: torch.device) -> "MicroBatch":
+    def to(self, device: torch.device) -> MicroBatch:
         nb = device.type == "cuda"
         moved = [t.to(device, non_blocking=nb) for t in (self.input_ids, self.attention_mask, self.source,
                                                           self.loss_rows, self.loss_cols, self.loss_targets,
@@ -148,7 +148,7 @@ class Prefetcher(Generic[T]):
             self.pending[step + 1] = self.pool.submit(self.build, step + 1)
         return result
 
-    def __enter__(self) -> "Prefetcher[T]":
+    def __enter__(self) -> Prefetcher[T]:
         return self
 
     def __exit__(self, *exc: object) -> None:

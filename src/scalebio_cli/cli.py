@@ -133,8 +133,9 @@ def sample(
                                                              "sha256 recorded in the weights file.")] = False,
     sources: Annotated[list[str] | None, typer.Option("--sources", help="NAME=FILE, repeatable: the sources for "
                                                                         "uniform/proportional weights.")] = None,
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="Take the sources for "
-                                                "uniform/proportional weights from this recipe's data.sources.")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="Take the sources for uniform/proportional weights from this recipe's data.sources.")
+    ] = None,
 ) -> None:
     """Draw N records from the sources in proportion to their weights; writes OUT.jsonl and OUT.manifest.json.
 

@@ -138,7 +138,7 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key, problems)
     if origin is dict:
-        key_tp, val_tp = typing.get_args(tp)
+        _, val_tp = typing.get_args(tp)
         if not isinstance(value, dict):
             problems.append(f"{key}: expected a mapping of name: value, got {_describe(value)}")
             return {}
@@ -334,7 +334,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise InputError(f"{path}: recipe file not found")
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)

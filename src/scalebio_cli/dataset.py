@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -132,10 +132,9 @@ def load_tokenized(path: str | Path, renderer: Renderer, cache_dir: str | Path |
     data = TokenizedData(path, sha256, flat_ids, flat_mask, offsets, np.asarray(kept, dtype=np.int64), num_records)
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(cache_file) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, ids=data.ids, trainable=data.trainable, offsets=data.offsets,
-                         record_index=data.record_index, num_records=np.int64(num_records))
+        with atomic_path(cache_file) as tmp, open(tmp, "wb") as f:
+            np.savez(f, ids=data.ids, trainable=data.trainable, offsets=data.offsets,
+                     record_index=data.record_index, num_records=np.int64(num_records))
     except OSError:
         pass  # an unwritable cache only costs time
     return data

@@ -51,8 +51,9 @@ class Engine:
             no_buffer_sync = ({"forward_sync_buffers": False}
                               if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                               else {"broadcast_buffers": False})
-            self.module = DistributedDataParallel(model, find_unused_parameters=True, **no_buffer_sync,
-                                                  device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+            device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+            self.module = DistributedDataParallel(model, find_unused_parameters=True, device_ids=device_ids,
+                                                  **no_buffer_sync)
             self.grad_scale = float(dist.world_size)
         self.lisa = Lisa(model, lisa.layers, lisa.interval, seed)
 

@@ -143,7 +143,8 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         mode = f"LISA {ft.lisa.layers} of {len(engine.lisa.blocks)} blocks" if engine.lisa.enabled else "all blocks"
-        mixing = "" if len(files) == 1 else f", mixed by {escape(str(ft.weights))}: {format_weights(dict(zip(files, mix)))}"
+        mixing = ("" if len(files) == 1
+                  else f", mixed by {escape(str(ft.weights))}: {format_weights(dict(zip(files, mix)))}")
         console.print(f"[dim]finetune[/] {escape(recipe.model)}: {steps} steps of {ft.batch_size} examples "
                       f"({ft.epochs:g} epochs of {stream.size:,}), {mode}{mixing}")
     start = 0
@@ -225,7 +226,8 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
     weights = engine.full_state_dict()  # collective under ZeRO-3: every process takes part
     if dist.is_main:
         save_model(model, tokenizer, out, weights)
-        console.print(f"[bold green]saved[/] {escape(str(out))}" + ("" if val_loss is None else f" (validation loss {val_loss:.4f})"))
+        validation = "" if val_loss is None else f" (validation loss {val_loss:.4f})"
+        console.print(f"[bold green]saved[/] {escape(str(out))}{validation}")
     distributed.barrier(dist)
     return out
 

@@ -20,8 +20,15 @@ import torch
 from rich.markup import escape
 
 from scalebio_cli import checkpoint, distributed, weights_file
-from scalebio_cli.batching import (CursorSampler, MicroBatch, Prefetcher, balanced_counts, micro_batches,
-                                   num_micro_batches, response_token_count)
+from scalebio_cli.batching import (
+    CursorSampler,
+    MicroBatch,
+    Prefetcher,
+    balanced_counts,
+    micro_batches,
+    num_micro_batches,
+    response_token_count,
+)
 from scalebio_cli.bilevel import SourceWeights
 from scalebio_cli.config import Recipe
 from scalebio_cli.console import console, format_weights, step_progress
@@ -48,7 +55,7 @@ class StepBatches:
     num_tokens: int  # non-padding tokens this process feeds through u and w
     sampler_state: dict[str, Any]  # sampler positions after this step's draws (what a checkpoint stores)
 
-    def to(self, device: torch.device) -> "StepBatches":
+    def to(self, device: torch.device) -> StepBatches:
         return StepBatches([b.to(device) for b in self.u], [b.to(device) for b in self.w],
                            self.source_counts.to(device), self.val_tokens, self.num_tokens, self.sampler_state)
 
@@ -90,7 +97,8 @@ class BatchPlan:
         self.val_sampler.cursor = state["validation"]
 
 
-def load_data(recipe: Recipe, renderer: Renderer, dist: distributed.DistInfo) -> tuple[list[TokenizedData], TokenizedData]:
+def load_data(recipe: Recipe, renderer: Renderer,
+              dist: distributed.DistInfo) -> tuple[list[TokenizedData], TokenizedData]:
     """Every source and the validation set, tokenized (or from the cache)."""
     files = [(f"data.sources.{n}", p) for n, p in recipe.data.sources.items()]
     files.append(("data.validation", recipe.data.validation or ""))
@@ -138,7 +146,8 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
 
     dtype = resolve_dtype(recipe.precision, dist.device)
     ds_config = load_deepspeed_config(recipe.deepspeed) if recipe.deepspeed else None
-    with zero3_loading(ds_config, dtype == torch.bfloat16, dist.world_size):  # ZeRO-3: each process loads only its shards
+    # Under ZeRO-3 each process loads only its shards.
+    with zero3_loading(ds_config, dtype == torch.bfloat16, dist.world_size):
         model_u = load_model(recipe.model, dtype, dist.device, recipe.trust_remote_code)
         model_w = (copy.deepcopy(model_u) if ds_config is None
                    else load_model(recipe.model, dtype, dist.device, recipe.trust_remote_code))
@@ -269,7 +278,8 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
         weights_file.write(path, doc)
         plot_weights(trajectory, out / "weights.png")
         console.print(f"[bold green]weights[/] {format_weights(doc['weights'])}")
-        console.print(f"[dim]averaged over steps {avg_from + 1}-{rw.steps}:[/] {format_weights(doc['weights_averaged'])}")
+        console.print(f"[dim]averaged over steps {avg_from + 1}-{rw.steps}:[/] "
+                      f"{format_weights(doc['weights_averaged'])}")
     distributed.barrier(dist)
     return path
 

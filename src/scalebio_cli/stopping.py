@@ -27,7 +27,7 @@ class StopSignals:
         self.received = signal.Signals(signum).name
 
     @contextmanager
-    def installed(self) -> Iterator["StopSignals"]:
+    def installed(self) -> Iterator[StopSignals]:
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         for s in previous:
             signal.signal(s, self._handle)

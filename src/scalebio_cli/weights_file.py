@@ -35,7 +35,8 @@ def write(path: Path, doc: dict[str, Any]) -> None:
     write_json(path, doc)
 
 
-def load(path: str | Path, allow_changed_sources: bool = False, averaged: bool = False) -> tuple[dict[str, float], dict[str, Any]]:
+def load(path: str | Path, allow_changed_sources: bool = False,
+         averaged: bool = False) -> tuple[dict[str, float], dict[str, Any]]:
     """Read and validate a weights file. Returns (weights, document); every defect is an InputError naming it.
 
     Checks the format tag, that weights are numbers in [0, 1] summing to 1 (within 1e-6), that they name exactly
