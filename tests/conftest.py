@@ -70,4 +70,4 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
     """Run the real `scalebio` console entry point in a subprocess."""
     exe = shutil.which("scalebio", path=str(Path(sys.executable).parent)) or "scalebio"
     return subprocess.run([exe, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout,
-                          env={**os.environ, "COLUMNS": "200"})
+                          env={**os.environ, "COLUMNS": "80"})  # what CI logs get: messages must not wrap

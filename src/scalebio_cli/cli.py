@@ -47,7 +47,7 @@ def _fail(problems: list[str]) -> None:
     from scalebio_cli.console import console
 
     for problem in problems:  # problems quote user text (paths, `file.json[3]`, names): never read it as markup
-        console.print(f"[bold red]error:[/] {escape(problem)}", soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(problem)}")
 
 
 def guarded(fn: Callable[[], T]) -> T:
@@ -244,7 +244,7 @@ def evaluate(
                         batch_size=batch_size, max_length=max_length, generate=generate,
                         max_new_tokens=max_new_tokens, lm_eval_tasks=tasks, lm_eval_limit=lm_eval_limit,
                         precision=precision)
-        console.print(stage.format_table(doc))
+        console.print(stage.format_table(doc), soft_wrap=False)  # a table wraps its cells to the terminal
         for task, metrics in doc.get("lm_eval", {}).items():
             console.print(f"lm-eval {task}: " + ", ".join(f"{k} {v}" for k, v in metrics.items()), markup=False)
         return output if output is not None else doc

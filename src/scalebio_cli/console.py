@@ -7,7 +7,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Column
 
-console = Console(stderr=True, highlight=False)
+# soft_wrap: a message stays one line however narrow the terminal (or 80 columns when piped), so logs can be grepped
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def format_weights(weights: dict[str, float], width: int = 0) -> str:

@@ -201,7 +201,7 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
                 progress.update(task, info=info)
                 if dist.is_main:
                     progress.console.print(f"step {done:>5}/{steps}  {info}  lr {engine.lr:.2e}  "
-                                           f"{record['tokens_per_s']:,.0f} tok/s", soft_wrap=True)
+                                           f"{record['tokens_per_s']:,.0f} tok/s")
             progress.advance(task)
 
             stop = stop_vote(stop_votes)

@@ -250,7 +250,7 @@ def _run(recipe: Recipe, dist: distributed.DistInfo, resume: str | None, force: 
                     progress.console.print(
                         f"step {done:>5}/{rw.steps}  L1 {record['L1']:.4f}  L2(u) {record['L2_u']:.4f}  "
                         f"L2(w) {record['L2_w']:.4f}  {record['tokens_per_s']:,.0f} tok/s  | "
-                        f"{format_weights(weights)}", soft_wrap=True)
+                        f"{format_weights(weights)}")
                 progress.update(task, info=format_weights(weights, 14))
             progress.advance(task)
 
