@@ -11,7 +11,7 @@ process's RSS after imports and data (the interpreter and libraries are the same
 
 Settings: sft / reweight with LISA (2 active blocks), with all blocks, and "reference": LISA as the reference
 implementations do it (optimizer state for every parameter, never freed; backward through the frozen blocks).
-The timed functions are the ones the CLI runs (reweight.bilevel_step, finetune.sft_step) on prepared batches.
+The timed functions are the ones the CLI runs (bilevel.bilevel_step, sft.sft_step) on prepared batches.
 """
 
 from __future__ import annotations
@@ -47,13 +47,13 @@ def child(setting: str, args: argparse.Namespace) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from scalebio_cli.bilevel import SourceWeights
-    from scalebio_cli.config import LisaConfig, Recipe
-    from scalebio_cli.dataset import TokenizedData
-    from scalebio_cli.distributed import DistInfo
-    from scalebio_cli.engine import Engine
-    from scalebio_cli.finetune import sft_step
-    from scalebio_cli.reweight import BatchPlan, bilevel_step
+    from scalebio_cli.data.tokenized import TokenizedData
+    from scalebio_cli.recipe.schema import LisaConfig, Recipe
+    from scalebio_cli.stages.reweight import BatchPlan
+    from scalebio_cli.train.bilevel import SourceWeights, bilevel_step
+    from scalebio_cli.train.distributed import DistInfo
+    from scalebio_cli.train.engine import Engine
+    from scalebio_cli.train.sft import sft_step
 
     p = PRESETS[args.preset]
     torch.manual_seed(0)

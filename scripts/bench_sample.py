@@ -50,8 +50,8 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true", help="do not append to docs/benchmarks.md")
     args = parser.parse_args()
 
-    from scalebio_cli import weights_file
-    from scalebio_cli.dataset import file_sha256
+    from scalebio_cli.files import file_sha256
+    from scalebio_cli.results import weights_file
 
     exe = str(Path(sys.executable).parent / "scalebio")
     rows = []

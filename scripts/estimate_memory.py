@@ -43,7 +43,7 @@ def counts(arch: str) -> dict[str, int]:
     cls, config_cls = (LlamaForCausalLM, LlamaConfig) if family == "llama" else (Qwen2ForCausalLM, Qwen2Config)
     with torch.device("meta"):
         model = cls(config_cls(**kwargs))
-    from scalebio_cli.modeling import find_blocks
+    from scalebio_cli.train.modeling import find_blocks
 
     blocks = find_blocks(model)
     total = sum(p.numel() for p in model.parameters())

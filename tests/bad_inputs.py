@@ -65,8 +65,8 @@ def with_model(tmp: Path, demo: Path, drop: str | None = None, replace: dict | N
 
 
 def weights_doc(tmp: Path, demo: Path, **changes) -> tuple[list[str], Path]:
-    from scalebio_cli import weights_file
-    from scalebio_cli.dataset import file_sha256
+    from scalebio_cli.files import file_sha256
+    from scalebio_cli.results import weights_file
 
     srcs = {"clean": demo / "data" / "clean.jsonl", "noisy": demo / "data" / "noisy.json"}
     doc = weights_file.build(weights={"clean": 0.6, "noisy": 0.4}, weights_averaged={"clean": 0.6, "noisy": 0.4},
@@ -88,7 +88,7 @@ def changed_source(tmp: Path, demo: Path) -> tuple[list[str], Path]:
     args, out = weights_doc(tmp, demo)
     w = Path(args[2])
     doc = json.loads(w.read_text())
-    from scalebio_cli.dataset import file_sha256
+    from scalebio_cli.files import file_sha256
 
     doc["sources"]["clean"] = {"path": str(copy), "num_examples": 600, "sha256": file_sha256(copy)}
     w.write_text(json.dumps(doc))

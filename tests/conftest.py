@@ -18,7 +18,18 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["SCALEBIO_CACHE"] = tempfile.mkdtemp(prefix="scalebio-test-cache-")
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data" / "instruct-math"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests run where CUDA is available and are skipped, saying why, everywhere else."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +45,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(demo: Path):
-    from scalebio_cli.modeling import load_tokenizer
+    from scalebio_cli.train.modeling import load_tokenizer
 
     return load_tokenizer(str(demo / "model"))
 

@@ -5,12 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scalebio_cli.batching import CursorSampler, balanced_counts, collate, micro_batches
-from scalebio_cli.bilevel import SourceWeights, lambda_gradient
-from scalebio_cli.dataset import TokenizedData
-from scalebio_cli.losses import example_losses
-from scalebio_cli.optim import AdamW, warmup_cosine
+from scalebio_cli.data.batching import CursorSampler, balanced_counts, collate, micro_batches
+from scalebio_cli.data.tokenized import TokenizedData
 from scalebio_cli.tiny import build_model
+from scalebio_cli.train.bilevel import SourceWeights, lambda_gradient
+from scalebio_cli.train.losses import example_losses
+from scalebio_cli.train.optim import AdamW, warmup_cosine
 
 
 def fake_data(rng: np.random.Generator, n: int, vocab: int) -> TokenizedData:

@@ -3,8 +3,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scalebio_cli.config import Recipe, load_recipe, parse_overrides
 from scalebio_cli.errors import InputError
+from scalebio_cli.recipe.load import load_recipe, parse_overrides
+from scalebio_cli.recipe.schema import Recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from scalebio_cli.dataset import load_tokenized
+from scalebio_cli.data.records import Turn, detect_format, iter_examples
+from scalebio_cli.data.render import Renderer
+from scalebio_cli.data.tokenized import load_tokenized
 from scalebio_cli.errors import InputError
-from scalebio_cli.records import Turn, detect_format, iter_examples
-from scalebio_cli.render import Renderer
 
 
 def expected(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
@@ -143,7 +143,7 @@ def test_formats_may_mix_within_a_file(tmp_path: Path) -> None:
 
 
 def test_json_array_streams_across_chunks(tmp_path: Path) -> None:
-    from scalebio_cli.records import _iter_json_array
+    from scalebio_cli.data.records import _iter_json_array
 
     records = [{"text": f"record {i} " + "x" * (i % 50)} for i in range(300)]
     path = tmp_path / "big.json"

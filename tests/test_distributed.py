@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_cli, write_recipe
-from scalebio_cli.lisa import draw_blocks
+from scalebio_cli.train.lisa import draw_blocks
 
 pytest.importorskip("deepspeed")
 

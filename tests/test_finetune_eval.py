@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_cli, write_recipe
-from scalebio_cli.evaluate import extract_answer
-from scalebio_cli.lisa import draw_blocks
+from scalebio_cli.stages.evaluate import extract_answer
+from scalebio_cli.train.lisa import draw_blocks
 
 FT = {"epochs": 1, "lr": 3e-3, "batch_size": 16, "micro_batch_size": 8, "log_every": 5, "eval_every": 10}
 
@@ -69,8 +69,8 @@ def test_lisa_finetune_leaves_frozen_blocks_untouched(demo: Path, tmp_path: Path
 
 
 def test_finetune_mixes_sources_by_a_weights_file(demo: Path, tmp_path: Path) -> None:
-    from scalebio_cli import weights_file
-    from scalebio_cli.dataset import file_sha256
+    from scalebio_cli.files import file_sha256
+    from scalebio_cli.results import weights_file
 
     names = {"clean": demo / "data" / "clean.jsonl", "noisy": demo / "data" / "noisy.json"}
     w = tmp_path / "weights.json"

@@ -5,13 +5,13 @@ import pytest
 import torch
 from transformers import GemmaConfig, GemmaForCausalLM, MistralConfig, MistralForCausalLM
 
-from scalebio_cli.batching import collate
-from scalebio_cli.config import LisaConfig
-from scalebio_cli.distributed import DistInfo
-from scalebio_cli.engine import Engine
-from scalebio_cli.lisa import Lisa, draw_blocks
-from scalebio_cli.modeling import find_blocks
+from scalebio_cli.data.batching import collate
+from scalebio_cli.recipe.schema import LisaConfig
 from scalebio_cli.tiny import build_model
+from scalebio_cli.train.distributed import DistInfo
+from scalebio_cli.train.engine import Engine
+from scalebio_cli.train.lisa import Lisa, draw_blocks
+from scalebio_cli.train.modeling import find_blocks
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -44,7 +44,7 @@ def batch_for(tokenizer, n: int = 4, length: int = 12, seed: int = 0):
 
 
 def train_steps(engine: Engine, tokenizer, steps: range) -> None:
-    from scalebio_cli.losses import example_losses
+    from scalebio_cli.train.losses import example_losses
 
     for step in steps:
         engine.begin_step(step)
@@ -100,7 +100,7 @@ def test_optimizer_state_only_for_active_blocks_and_freed_on_redraw(engine: Engi
 
 @pytest.mark.filterwarnings("ignore:Full backward hook")
 def test_no_backward_below_the_lowest_active_block(tokenizer) -> None:
-    from scalebio_cli.losses import example_losses
+    from scalebio_cli.train.losses import example_losses
 
     model = tiny(tokenizer, "llama", layers=8)
     lisa = Lisa(model, layers=2, interval=1, seed=0)
@@ -119,7 +119,7 @@ def test_no_backward_below_the_lowest_active_block(tokenizer) -> None:
 
 
 def test_block_zero_active_lets_gradient_reach_embeddings(tokenizer) -> None:
-    from scalebio_cli.losses import example_losses
+    from scalebio_cli.train.losses import example_losses
 
     model = tiny(tokenizer, "llama", layers=4)
     lisa = Lisa(model, layers=2, interval=1, seed=0)

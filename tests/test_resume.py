@@ -131,8 +131,8 @@ def test_resume_path_must_be_a_checkpoint(demo: Path, tmp_path: Path) -> None:
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path: Path) -> None:
-    from scalebio_cli import checkpoint
-    from scalebio_cli.distributed import DistInfo
+    from scalebio_cli.train import checkpoint
+    from scalebio_cli.train.distributed import DistInfo
 
     single = DistInfo(0, 1, 0, torch.device("cpu"))
     good = checkpoint.save(tmp_path, 10, {"stage": "reweight"}, keep=3, dist=single,
@@ -147,17 +147,18 @@ def test_non_finite_loss_stops_with_status_1_and_keeps_the_last_good_checkpoint(
                                                                                   monkeypatch) -> None:
     from typer.testing import CliRunner
 
-    from scalebio_cli import cli, reweight
+    from scalebio_cli import cli
+    from scalebio_cli.train import bilevel
 
     calls = {"n": 0}
-    real = reweight.example_losses
+    real = bilevel.example_losses
 
     def poisoned(logits, batch):  # 2 calls per step (u on B, w on B and V together): step 13 turns NaN
         calls["n"] += 1
         sums, counts = real(logits, batch)
         return (sums * float("nan"), counts) if calls["n"] > 24 else (sums, counts)
 
-    monkeypatch.setattr(reweight, "example_losses", poisoned)
+    monkeypatch.setattr(bilevel, "example_losses", poisoned)
     recipe = write_recipe(tmp_path / "recipe.yaml", demo)
     result = CliRunner().invoke(cli.app, ["reweight", "--config", str(recipe), "reweight.steps=30",
                                           "reweight.log_every=5", "checkpoint.every=5", "checkpoint.keep=5"])

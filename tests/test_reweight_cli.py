@@ -110,7 +110,26 @@ def test_help_and_light_imports() -> None:
     assert run_cli("reweight", "--help").returncode == 0
     import subprocess
 
-    probe = "import scalebio_cli.cli, scalebio_cli.config, scalebio_cli.validate, sys; " \
+    probe = "import scalebio_cli.cli, scalebio_cli.recipe.load, scalebio_cli.recipe.preflight, sys; " \
             "print(sorted(m for m in ('torch', 'transformers', 'deepspeed', 'datasets') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_run_folder_records_its_recipe(demo_run) -> None:
+    out, doc = demo_run
+    import yaml
+
+    recorded = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recorded == doc["config"]  # the fully resolved recipe: overrides applied, paths absolute
+    assert Path(recorded["model"]).is_absolute()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_clean_wins_and_noisy_loses_on_other_seeds(demo: Path, tmp_path: Path, seed: int) -> None:
+    recipe = write_recipe(tmp_path / "recipe.yaml", demo)
+    result = run_cli("reweight", "--config", str(recipe), f"seed={seed}")
+    assert result.returncode == 0, result.stderr
+    w = json.loads((tmp_path / "run" / "weights.json").read_text())["weights"]
+    assert max(w, key=w.get) == "clean" and min(w, key=w.get) == "noisy", w

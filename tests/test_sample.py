@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from scalebio_cli import weights_file
-from scalebio_cli.dataset import file_sha256
-from scalebio_cli.sample import largest_remainder
+from scalebio_cli.files import file_sha256
+from scalebio_cli.results import weights_file
+from scalebio_cli.stages.sample import largest_remainder
 
 
 def test_largest_remainder_exact_and_fair() -> None:

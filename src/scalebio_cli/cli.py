@@ -18,6 +18,8 @@ import typer
 
 from scalebio_cli import __version__
 from scalebio_cli.errors import InputError, TrainingStopped
+from scalebio_cli.recipe.schema import PRECISIONS
+from scalebio_cli.train import process
 
 app = typer.Typer(
     name="scalebio",
@@ -88,12 +90,12 @@ def reweight(config: ConfigOption, overrides: OverridesArg = None, resume: Resum
     """
 
     def body() -> Any:
-        from scalebio_cli.config import load_recipe
-        from scalebio_cli.validate import check_reweight
+        from scalebio_cli.recipe import load_recipe
+        from scalebio_cli.recipe.preflight import check_reweight
 
         recipe = load_recipe(config, overrides)
         check_reweight(recipe, config)
-        from scalebio_cli import reweight as stage  # torch and transformers load only now
+        from scalebio_cli.stages import reweight as stage
 
         return stage.run(recipe, resume, force)
 
@@ -144,13 +146,13 @@ def sample(
     """
 
     def body() -> Path:
-        from scalebio_cli import sample as stage
-        from scalebio_cli import weights_file
+        from scalebio_cli.results import weights_file
+        from scalebio_cli.stages import sample as stage
 
         sizes = None
         if weights in ("uniform", "proportional"):
             if config is not None:
-                from scalebio_cli.config import load_recipe
+                from scalebio_cli.recipe import load_recipe
 
                 named = load_recipe(config).data.sources
             else:
@@ -189,12 +191,12 @@ def finetune(config: ConfigOption, overrides: OverridesArg = None, resume: Resum
     """
 
     def body() -> Any:
-        from scalebio_cli.config import load_recipe
-        from scalebio_cli.validate import check_finetune
+        from scalebio_cli.recipe import load_recipe
+        from scalebio_cli.recipe.preflight import check_finetune
 
         recipe = load_recipe(config, overrides)
         check_finetune(recipe, config)
-        from scalebio_cli import finetune as stage
+        from scalebio_cli.stages import finetune as stage
 
         return stage.run(recipe, resume, force)
 
@@ -232,12 +234,12 @@ def evaluate(
             problems.append("eval: give at least one --data NAME=FILE (or --lm-eval TASKS)")
         if not (model / "config.json").is_file():
             problems.append(f"--model {model}: not a model folder (no config.json)")
-        if precision not in ("auto", "fp32", "bf16"):
-            problems.append(f"--precision: must be auto, fp32 or bf16, got {precision!r}")
+        if precision not in PRECISIONS:
+            problems.append(f"--precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if problems:
             raise InputError(problems)
-        from scalebio_cli import evaluate as stage
         from scalebio_cli.console import console
+        from scalebio_cli.stages import evaluate as stage
 
         tasks = [t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval else None
         doc = stage.run(str(model.resolve()), named, output=output.resolve() if output else None,
@@ -252,17 +254,19 @@ def evaluate(
     result = guarded(body)
     if isinstance(result, Path):
         _print_result(result)
-    elif result is not None and os.environ.get("RANK", "0") == "0":
+    elif result is not None and process.is_main():
         typer.echo(json.dumps(result, indent=2))  # no --output: the results themselves go to the pipe
 
 
 def _print_result(path: Path) -> None:
     """The output path goes to stdout (for pipes), once, from the main process."""
-    if os.environ.get("RANK", "0") == "0":
+    if process.is_main():
         typer.echo(str(path))
 
 
 def main() -> None:
+    # Set at program start, never as a side effect of importing a module.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Typer's own usage errors (unknown option, missing --config) already exit with status 2.
     app(prog_name="scalebio")
 

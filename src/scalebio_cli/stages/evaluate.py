@@ -1,5 +1,5 @@
 """`scalebio eval`: response-token loss and perplexity per data file; exact-match accuracy from greedy generation;
-lm-evaluation-harness tasks. `dataset_loss` is also finetune's periodic validation loss.
+lm-evaluation-harness tasks.
 """
 
 from __future__ import annotations
@@ -12,34 +12,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from scalebio_cli import distributed
-from scalebio_cli.batching import micro_batches
 from scalebio_cli.console import step_progress
-from scalebio_cli.dataset import TokenizedData
+from scalebio_cli.data.records import iter_examples
 from scalebio_cli.errors import InputError
-from scalebio_cli.losses import example_losses
-from scalebio_cli.records import iter_examples
+from scalebio_cli.train import distributed
+from scalebio_cli.train.losses import dataset_loss
 
 # End-of-turn markers of common chat templates: generation stops at any of them, not only at EOS.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
-
-
-@torch.no_grad()
-def dataset_loss(model: nn.Module, data: TokenizedData, micro_batch_size: int, pad_id: int,
-                 dist: distributed.DistInfo) -> tuple[float, int]:
-    """Mean cross-entropy over every response token of `data` (all processes together), and the token count."""
-    was_training = model.training
-    model.eval()
-    items = [(0, i) for i in range(len(data))][dist.rank:: dist.world_size]
-    totals = torch.zeros(2, dtype=torch.float64, device=dist.device)
-    for mb in micro_batches(items, [data], micro_batch_size, pad_id):
-        mb = mb.to(dist.device)
-        sums, counts = example_losses(model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits, mb)
-        totals += torch.stack([sums.sum().double(), counts.sum().double()])
-    distributed.all_reduce_sum(totals, dist)
-    model.train(was_training)
-    tokens = int(totals[1].item())
-    return (totals[0].item() / tokens if tokens else float("nan")), tokens
 
 
 # -- exact-match answers ---------------------------------------------------------------------------------------
@@ -139,10 +119,10 @@ def exact_match(model: nn.Module, tokenizer: Any, renderer: Any, path: Path, bat
 def run(model_dir: str, data: dict[str, str], *, output: Path | None, batch_size: int = 8, max_length: int = 1024,
         generate: bool = False, max_new_tokens: int = 256, lm_eval_tasks: list[str] | None = None,
         lm_eval_limit: int | None = None, precision: str = "auto", trust_remote_code: bool = False) -> dict[str, Any]:
-    from scalebio_cli.atomic import write_json
-    from scalebio_cli.dataset import load_tokenized
-    from scalebio_cli.modeling import load_model, load_tokenizer, resolve_dtype
-    from scalebio_cli.render import Renderer
+    from scalebio_cli.data.render import Renderer
+    from scalebio_cli.data.tokenized import load_tokenized
+    from scalebio_cli.files import write_json
+    from scalebio_cli.train.modeling import load_model, load_tokenizer, resolve_dtype
 
     dist = distributed.setup()
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
@@ -191,7 +171,9 @@ def run_lm_eval(model_dir: str, tasks: list[str], limit: int | None, batch_size:
         else:
             names.append(task)
     manager = TaskManager(include_path=sorted(set(include)) or None)
-    dtype = "bfloat16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "float32"
+    from scalebio_cli.train.modeling import resolve_dtype
+
+    dtype = "bfloat16" if resolve_dtype(precision, device) == torch.bfloat16 else "float32"
     out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype={dtype}", tasks=names,
                                   task_manager=manager, limit=limit, batch_size=batch_size, device=str(device))
     return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from scalebio_cli.data.records import Example, Turn
 from scalebio_cli.errors import InputError
-from scalebio_cli.records import Example, Turn
 
 PLAIN_ROLE_PREFIX = {"system": "", "user": "User: "}
 PLAIN_GENERATION_PROMPT = "Assistant: "

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from scalebio_cli import __version__
-from scalebio_cli.distributed import DistInfo, barrier
 from scalebio_cli.errors import InputError
+from scalebio_cli.train.distributed import DistInfo, barrier
 
 PREFIX = "step-"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from scalebio_cli import __version__
-from scalebio_cli.atomic import write_json
+from scalebio_cli.files import write_json
 
 FORMAT = "scalebio-weights/1"
 
@@ -45,8 +45,8 @@ def load(path: str | Path, allow_changed_sources: bool = False,
     import json
     import math
 
-    from scalebio_cli.dataset import file_sha256
     from scalebio_cli.errors import InputError
+    from scalebio_cli.files import file_sha256
 
     path = Path(path)
     if not path.is_file():

@@ -1,8 +1,12 @@
-"""Loading models and tokenizers, and finding the transformer blocks of any causal LM without a model-type flag."""
+"""Loading and saving models and tokenizers, and finding the transformer blocks of any causal LM without a
+model-type flag."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,15 +14,12 @@ from torch import nn
 
 from scalebio_cli.console import console
 from scalebio_cli.errors import InputError
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if not torch.cuda.is_available():
-    # transformers probes deepspeed, which otherwise warns that it found no accelerator.
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+from scalebio_cli.train import process
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """`auto` means bf16 on a GPU and fp32 on a CPU (bf16 matmuls on CPU are slow and not bitwise stable)."""
+    """The one precision -> dtype rule: `auto` means bf16 on a GPU and fp32 on a CPU (bf16 matmuls on CPU are slow
+    and not bitwise stable)."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return torch.float32
@@ -46,7 +47,7 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device, trust_remote
 
     # transformers' own tqdm bars (loading and saving shards) help on a terminal, once; in a log file they are
     # carriage-return noise, and under torchrun every process would draw one.
-    if console.is_terminal and int(os.environ.get("RANK", "0")) == 0:
+    if console.is_terminal and process.is_main():
         hf_logging.enable_progress_bar()
     else:
         hf_logging.disable_progress_bar()
@@ -57,6 +58,14 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device, trust_remote
         raise InputError(f"{path}: cannot load a causal LM ({str(exc).splitlines()[0]})") from None
     model.config.use_cache = False  # training never reuses a KV cache
     return model.to(device)
+
+
+def prepare_for_training(model: nn.Module, gradient_checkpointing: bool) -> None:
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing: with LISA the lowest active block's input may need no grad, which the
+        # reentrant variant would turn into "no gradient for this block".
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -84,6 +93,31 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
         size = count_parameters(module)
         candidates.append((size, name, module))
     if not candidates:
-        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__} (no ModuleList of "
-                         f"{expected} identical blocks)")
+        raise InputError(f"{getattr(config, '_name_or_path', '') or 'model'}: cannot find the transformer blocks of "
+                         f"{type(model).__name__} (no ModuleList of {expected} identical blocks), which LISA "
+                         "trains a few at a time; set lisa.layers: 0 to train all parameters")
     return max(candidates, key=lambda c: c[0])[2]
+
+
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def save_hf_folder(model: torch.nn.Module, tokenizer: Any, out: Path, state_dict: dict[str, Any] | None = None) -> None:
+    """Write a Hugging Face folder into `out` without ever leaving a half-written model there.
+
+    Files are saved into a temporary folder first and moved in with config.json last: a folder that has
+    config.json is complete.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=".model-tmp-", dir=out))
+    try:
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for stale in MODEL_FILES:  # a previous model's files must not mix with the new ones
+            (out / stale).unlink(missing_ok=True)
+        for shard in out.glob("model-*-of-*.safetensors"):
+            shard.unlink()
+        for name in sorted((p.name for p in tmp.iterdir()), key=lambda n: n == "config.json"):
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

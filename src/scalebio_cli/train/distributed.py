@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from scalebio_cli.train import process
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -34,15 +36,15 @@ def setup(device: str = "auto", need_group: bool = False) -> DistInfo:
 
     `need_group`: make a one-process group when no launcher made one (DeepSpeed always needs a group).
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size, rank, local_rank = process.world_size(), process.rank(), process.local_rank()
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
+        # transformers probes deepspeed while loading a model; on a CPU run it would warn about no accelerator.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if (world_size > 1 or need_group) and not dist.is_initialized():
         if world_size == 1 and "MASTER_ADDR" not in os.environ:
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",

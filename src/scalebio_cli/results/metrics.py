@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from scalebio_cli.atomic import atomic_path
+from scalebio_cli.files import atomic_path
 
 
 class MetricsLog:

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from scalebio_cli.atomic import atomic_path, write_json
+from scalebio_cli.data.records import iter_records
 from scalebio_cli.errors import InputError
-from scalebio_cli.records import iter_records
+from scalebio_cli.files import atomic_path, write_json
 
 _STREAM = 0x5A3  # separates sample's random streams from reweight's under the same seed
 

@@ -1,7 +1,9 @@
-"""Atomic outputs: a failed command never leaves a partial file where the final output is expected."""
+"""Files on disk: atomic outputs (a failed command never leaves a partial file where the final output is expected)
+and content hashes (how a source file is recognised in weights.json, checkpoints and the token cache)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -51,3 +53,11 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from scalebio_cli.modeling import find_blocks
+from scalebio_cli.train.modeling import find_blocks
 
 _STREAM = 0x115A  # separates LISA's random stream from the data samplers' streams under the same seed
 

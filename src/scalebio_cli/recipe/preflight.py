@@ -11,17 +11,15 @@ import json
 import os
 from pathlib import Path
 
-from scalebio_cli.config import Recipe
+from scalebio_cli.data.records import EXTENSIONS, iter_examples
 from scalebio_cli.errors import InputError
-from scalebio_cli.records import EXTENSIONS, iter_examples
+from scalebio_cli.recipe.load import looks_like_hub_id
+from scalebio_cli.recipe.schema import Recipe
+from scalebio_cli.train import process
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def data_file_problems(key: str, path: str | None) -> list[str]:
@@ -47,8 +45,7 @@ def data_file_problems(key: str, path: str | None) -> list[str]:
 def model_folder_problems(key: str, path: str, need_weights: bool = True) -> list[str]:
     p = Path(path)
     if not p.exists():
-        looks_like_hub_id = not path.startswith((".", "/", "~")) and path.count("/") == 1
-        return [] if looks_like_hub_id else [f"{key}: folder not found: {p}"]
+        return [] if looks_like_hub_id(path) else [f"{key}: folder not found: {p}"]
     if not p.is_dir():
         return [f"{key}: not a folder: {p}"]
     problems = []
@@ -125,8 +122,8 @@ def check_reweight(recipe: Recipe, where: str | Path = "recipe") -> None:
         problems.append(f"reweight.batch_size: {rw.batch_size} is less than the {len(data.sources)} sources; "
                         "every source must appear in every batch")
     for key in ("batch_size", "val_batch_size"):
-        if getattr(rw, key) % world_size():
-            problems.append(f"reweight.{key}: {getattr(rw, key)} does not divide over {world_size()} processes")
+        if getattr(rw, key) % process.world_size():
+            problems.append(f"reweight.{key}: {getattr(rw, key)} does not divide over {process.world_size()} processes")
     problems += _models(recipe) + output_dir_problems(recipe.output_dir) + deepspeed_problems(recipe.deepspeed)
     for name, path in data.sources.items():
         problems += data_file_problems(f"data.sources.{name}", path)
@@ -140,12 +137,12 @@ def check_finetune(recipe: Recipe, where: str | Path = "recipe") -> None:
     if bool(ft.data) == bool(ft.weights):
         problems.append("finetune: set exactly one of finetune.data (a data file) and finetune.weights (a "
                         "weights.json to mix data.sources by)")
-    if ft.batch_size % world_size():
-        problems.append(f"finetune.batch_size: {ft.batch_size} does not divide over {world_size()} processes")
+    if ft.batch_size % process.world_size():
+        problems.append(f"finetune.batch_size: {ft.batch_size} does not divide over {process.world_size()} processes")
     problems += _models(recipe) + output_dir_problems(recipe.output_dir) + deepspeed_problems(recipe.deepspeed)
     problems += data_file_problems("finetune.data", ft.data) + data_file_problems("finetune.validation", ft.validation)
     if ft.weights:
-        from scalebio_cli import weights_file
+        from scalebio_cli.results import weights_file
 
         try:
             weights, doc = weights_file.load(ft.weights)

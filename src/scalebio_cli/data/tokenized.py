@@ -17,21 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from scalebio_cli.atomic import atomic_path
+from scalebio_cli.data.records import iter_examples
+from scalebio_cli.data.render import Renderer
 from scalebio_cli.errors import InputError
-from scalebio_cli.records import iter_examples
-from scalebio_cli.render import Renderer
+from scalebio_cli.files import atomic_path, file_sha256
 
 RENDER_VERSION = "1"  # bump when render.py changes what tokens an example becomes
 _CHUNK = 512  # examples rendered per batched tokenizer call
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -1,8 +1,8 @@
-"""Recipes: typed defaults, YAML, dotted `KEY=VALUE` overrides, and every problem reported at once.
+"""Reading a recipe: YAML, dotted `KEY=VALUE` overrides, relative paths, range checks, all problems at once.
 
-The dataclasses below are the schema. A recipe YAML overrides their defaults, command-line `a.b=value` overrides
-the YAML, relative paths are resolved against the recipe file's folder, and anything unknown or out of range is an
-`InputError` naming the key. This module imports nothing heavy: it runs before any model is loaded.
+A recipe YAML overrides the schema's defaults (schema.py), command-line `a.b=value` overrides the YAML, relative
+paths are resolved against the recipe file's folder, and anything unknown or out of range is an `InputError`
+naming the key. Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -11,15 +11,13 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from scalebio_cli.errors import InputError
-
-PRECISIONS = ("auto", "fp32", "bf16")
+from scalebio_cli.recipe.schema import PRECISIONS, PathKind, Recipe, path_fields
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -38,86 +36,6 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
-
-
-@dataclass
-class LisaConfig:
-    """Layerwise importance sampling: train `layers` random transformer blocks at a time."""
-
-    layers: int = 2  # blocks trainable at a time; 0 = all blocks (no LISA)
-    interval: int = 20  # steps between re-draws
-
-
-@dataclass
-class DataConfig:
-    sources: dict[str, str] = field(default_factory=dict)  # name -> file; order fixes the source index
-    validation: str | None = None  # required by reweight
-    max_length: int = 512  # tokens per example; longer examples are truncated on the right
-    cache_dir: str | None = None  # tokenized-data cache; default $SCALEBIO_CACHE or ~/.cache/scalebio
-
-
-@dataclass
-class ReweightConfig:
-    steps: int = 300
-    alpha: float = 10.0  # penalty weight
-    lr_u: float = 1e-5
-    lr_w: float = 1e-5
-    lr_lambda: float = 1e-2
-    batch_size: int = 32  # training examples per step, all sources and processes together
-    val_batch_size: int = 16  # validation examples per step, all processes together
-    micro_batch_size: int = 8  # examples per forward pass on one process (gradient accumulation)
-    warmup_ratio: float = 0.03  # linear warmup, then cosine decay (u, w and lambda, as the reference)
-    weight_decay: float = 5e-4  # AdamW decay of u and w (reference value)
-    max_grad_norm: float | None = 1.0  # clip u and w gradients at max_grad_norm * alpha; null = no clipping
-    log_every: int = 10  # steps between metrics lines and trajectory points
-    gradient_checkpointing: bool = False
-    lisa: LisaConfig = field(default_factory=LisaConfig)
-
-
-@dataclass
-class FinetuneConfig:
-    data: str | None = None  # a data file in any supported format ...
-    weights: str | None = None  # ... or a weights.json: mix data.sources by its weights
-    validation: str | None = None  # periodic held-out loss
-    epochs: float = 1.0
-    lr: float = 2e-5
-    batch_size: int = 32  # examples per optimizer step, all processes together
-    micro_batch_size: int = 8
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    log_every: int = 10
-    eval_every: int = 100  # steps between validation losses (when `validation` is set)
-    gradient_checkpointing: bool = False
-    lisa: LisaConfig = field(default_factory=lambda: LisaConfig(layers=0))
-
-
-@dataclass
-class CheckpointConfig:
-    every: int = 100  # steps between checkpoints (reweight and finetune); 0 = only on signals
-    keep: int = 2  # complete checkpoints kept
-
-
-@dataclass
-class Recipe:
-    model: str = ""  # a folder AutoModelForCausalLM loads (or a hub id on machines with a hub)
-    tokenizer: str | None = None  # defaults to `model`
-    output_dir: str = ""
-    seed: int = 0
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
-    trust_remote_code: bool = False  # run modelling code shipped inside the model folder
-    deepspeed: str | None = None  # a DeepSpeed config (JSON): train u, w / the model with DeepSpeed ZeRO
-    data: DataConfig = field(default_factory=DataConfig)
-    reweight: ReweightConfig = field(default_factory=ReweightConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-
-    @property
-    def tokenizer_path(self) -> str:
-        return self.tokenizer or self.model
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -240,43 +158,52 @@ def _resolve(path: str | None, base: Path) -> str | None:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-def _resolve_model(path: str, base: Path) -> str:
-    """A local folder resolves against the recipe folder; `org/name` that is not a local folder stays a hub id."""
+def looks_like_hub_id(path: str) -> bool:
+    """`org/name`, not written as a path: a model (or dataset) on a hub, unless a local folder has that name."""
+    return not path.startswith((".", "/", "~")) and path.count("/") == 1
+
+
+def _resolve_model(path: str | None, base: Path) -> str | None:
+    """A local folder resolves against `base`; `org/name` that is not a local folder stays a hub id."""
     if not path:
         return path
     local = Path(_resolve(path, base))  # type: ignore[arg-type]
-    looks_like_hub_id = not path.startswith((".", "/", "~")) and path.count("/") == 1
-    return path if (looks_like_hub_id and not local.exists()) else str(local)
+    return path if (looks_like_hub_id(path) and not local.exists()) else str(local)
 
 
-PATH_KEYS = ("model", "tokenizer", "output_dir", "deepspeed", "data.validation", "data.cache_dir", "finetune.data",
-             "finetune.weights", "finetune.validation")
+def _resolve_kind(kind: PathKind, value: Any, base: Path) -> Any:
+    if kind == "model" and isinstance(value, str):
+        return _resolve_model(value, base)
+    if kind == "file" and isinstance(value, str):
+        return _resolve(value, base)
+    if kind == "files" and isinstance(value, dict):
+        return {k: _resolve(v, base) if isinstance(v, str) else v for k, v in value.items()}
+    return value
 
 
 def _resolve_override(key: str, value: Any) -> Any:
     """A path given on the command line is relative to the current directory, as in any shell command."""
-    cwd = Path.cwd()
-    if key in ("model", "tokenizer") and isinstance(value, str):
-        return _resolve_model(value, cwd)
-    if (key in PATH_KEYS or key.startswith("data.sources.")) and isinstance(value, str):
-        return _resolve(value, cwd)
-    if key == "data.sources" and isinstance(value, dict):
-        return {k: _resolve(v, cwd) if isinstance(v, str) else v for k, v in value.items()}
+    kinds = path_fields()
+    if key in kinds:
+        return _resolve_kind(kinds[key], value, Path.cwd())
+    parent, _, _ = key.rpartition(".")
+    if kinds.get(parent) == "files" and isinstance(value, str):  # data.sources.NAME=FILE
+        return _resolve(value, Path.cwd())
     return value
 
 
+def _get(recipe: Any, dotted: str) -> tuple[Any, str]:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        recipe = getattr(recipe, part)
+    return recipe, leaf
+
+
 def resolve_paths(recipe: Recipe, base: Path) -> None:
-    recipe.model = _resolve_model(recipe.model, base)
-    if recipe.tokenizer:
-        recipe.tokenizer = _resolve_model(recipe.tokenizer, base)
-    recipe.output_dir = _resolve(recipe.output_dir, base) or ""
-    recipe.deepspeed = _resolve(recipe.deepspeed, base)
-    recipe.data.sources = {name: _resolve(p, base) or "" for name, p in recipe.data.sources.items()}
-    recipe.data.validation = _resolve(recipe.data.validation, base)
-    recipe.data.cache_dir = _resolve(recipe.data.cache_dir, base)
-    recipe.finetune.data = _resolve(recipe.finetune.data, base)
-    recipe.finetune.weights = _resolve(recipe.finetune.weights, base)
-    recipe.finetune.validation = _resolve(recipe.finetune.validation, base)
+    """Make every path field of `recipe` absolute (relative ones are relative to `base`)."""
+    for key, kind in path_fields().items():
+        owner, leaf = _get(recipe, key)
+        setattr(owner, leaf, _resolve_kind(kind, getattr(owner, leaf), base))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -355,10 +282,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return recipe
 
 
-def recipe_from_dict(tree: dict[str, Any]) -> Recipe:
-    """Rebuild a resolved recipe (e.g. the `config` stored in weights.json or a checkpoint)."""
-    problems: list[str] = []
-    recipe = _build(Recipe, tree, "", problems)
-    if problems:
-        raise InputError(problems)
-    return recipe
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML (what `recipe.yaml` in a run's folder holds): loads back to `recipe`."""
+    return ("# the fully resolved recipe this run ran (after overrides; paths absolute)\n"
+            + yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True))

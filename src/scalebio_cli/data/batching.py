@@ -17,7 +17,7 @@ from typing import Generic, TypeVar
 import numpy as np
 import torch
 
-from scalebio_cli.dataset import TokenizedData
+from scalebio_cli.data.tokenized import TokenizedData
 
 
 class CursorSampler:

@@ -1,0 +1,160 @@
+"""The recipe schema: typed dataclasses whose field metadata is the single source of truth.
+
+Every leaf field is declared with `setting(...)`, which says
+- `affects`: the stages whose result it changes (resuming a checkpoint of such a stage with the value changed is
+  refused without `--force`); `()` for keys that change how, not what (logging, micro-batching, output paths);
+- `path`: whether it names a file or folder (resolved against the recipe's folder), a model (a local folder, or a
+  hub id kept as written), or a mapping of names to files.
+
+`result_keys(stage)` and `path_fields()` are derived from it; tests/test_config.py fails if a field is unclassified.
+This module imports nothing heavy: it runs before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+PRECISIONS = ("auto", "fp32", "bf16")
+STAGES = ("reweight", "finetune")
+RW: tuple[str, ...] = ("reweight",)
+FT: tuple[str, ...] = ("finetune",)
+BOTH: tuple[str, ...] = STAGES
+NONE: tuple[str, ...] = ()
+
+PathKind = Literal["file", "model", "files"]
+
+
+def setting(default: Any = dataclasses.MISSING, *, affects: tuple[str, ...], path: PathKind | None = None,
+            factory: Any = dataclasses.MISSING) -> Any:
+    """A recipe field with its classification (see the module docstring)."""
+    meta = {"affects": affects, "path": path}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def section(factory: Any, stage: str | None = None) -> Any:
+    """A nested section: its own fields carry the classification; `stage` confines them to the stage that reads
+    the section (the shared LisaConfig of `reweight.lisa` changes only reweight's result)."""
+    return field(default_factory=factory, metadata={"section": True, "stage": stage})
+
+
+@dataclass
+class LisaConfig:
+    """Layerwise importance sampling: train `layers` random transformer blocks at a time."""
+
+    layers: int = setting(2, affects=BOTH)  # blocks trainable at a time; 0 = all blocks (no LISA)
+    interval: int = setting(20, affects=BOTH)  # steps between re-draws
+
+
+def _finetune_lisa() -> LisaConfig:
+    return LisaConfig(layers=0)
+
+
+@dataclass
+class DataConfig:
+    # name -> file; order fixes the source index
+    sources: dict[str, str] = setting(affects=BOTH, path="files", factory=dict)
+    validation: str | None = setting(None, affects=RW, path="file")  # required by reweight
+    max_length: int = setting(512, affects=BOTH)  # tokens per example; longer examples are cut on the right
+    # tokenized-data cache; default $SCALEBIO_CACHE or ~/.cache/scalebio
+    cache_dir: str | None = setting(None, affects=NONE, path="file")
+
+
+@dataclass
+class ReweightConfig:
+    steps: int = setting(300, affects=RW)
+    alpha: float = setting(10.0, affects=RW)  # penalty weight
+    lr_u: float = setting(1e-5, affects=RW)
+    lr_w: float = setting(1e-5, affects=RW)
+    lr_lambda: float = setting(1e-2, affects=RW)
+    batch_size: int = setting(32, affects=RW)  # training examples per step, all sources and processes together
+    val_batch_size: int = setting(16, affects=RW)  # validation examples per step, all processes together
+    # examples per forward pass on one process (gradient accumulation: the same gradient up to rounding)
+    micro_batch_size: int = setting(8, affects=NONE)
+    warmup_ratio: float = setting(0.03, affects=RW)  # linear warmup, then cosine decay (u, w and lambda)
+    weight_decay: float = setting(5e-4, affects=RW)  # AdamW decay of u and w (reference value)
+    # clip u and w gradients at max_grad_norm * alpha; null = no clipping
+    max_grad_norm: float | None = setting(1.0, affects=RW)
+    log_every: int = setting(10, affects=NONE)  # steps between metrics lines and trajectory points
+    gradient_checkpointing: bool = setting(False, affects=NONE)
+    lisa: LisaConfig = section(LisaConfig, stage="reweight")
+
+
+@dataclass
+class FinetuneConfig:
+    data: str | None = setting(None, affects=FT, path="file")  # a data file in any supported format ...
+    weights: str | None = setting(None, affects=FT, path="file")  # ... or a weights.json: mix data.sources
+    validation: str | None = setting(None, affects=NONE, path="file")  # periodic held-out loss
+    epochs: float = setting(1.0, affects=FT)
+    lr: float = setting(2e-5, affects=FT)
+    batch_size: int = setting(32, affects=FT)  # examples per optimizer step, all processes together
+    micro_batch_size: int = setting(8, affects=NONE)
+    warmup_ratio: float = setting(0.03, affects=FT)
+    weight_decay: float = setting(0.0, affects=FT)
+    max_grad_norm: float | None = setting(1.0, affects=FT)
+    log_every: int = setting(10, affects=NONE)
+    eval_every: int = setting(100, affects=NONE)  # steps between validation losses (when `validation` is set)
+    gradient_checkpointing: bool = setting(False, affects=NONE)
+    lisa: LisaConfig = section(_finetune_lisa, stage="finetune")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = setting(100, affects=NONE)  # steps between checkpoints (reweight and finetune); 0 = only on signals
+    keep: int = setting(2, affects=NONE)  # complete checkpoints kept
+
+
+@dataclass
+class Recipe:
+    # a folder AutoModelForCausalLM loads (or a hub id on machines with a hub)
+    model: str = setting("", affects=BOTH, path="model")
+    tokenizer: str | None = setting(None, affects=BOTH, path="model")  # defaults to `model`
+    output_dir: str = setting("", affects=NONE, path="file")
+    seed: int = setting(0, affects=BOTH)
+    precision: str = setting("auto", affects=BOTH)  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    trust_remote_code: bool = setting(False, affects=BOTH)  # run modelling code shipped inside the model folder
+    # a DeepSpeed config (JSON): train u, w / the model with DeepSpeed ZeRO (an engine: the same result)
+    deepspeed: str | None = setting(None, affects=NONE, path="file")
+    data: DataConfig = section(DataConfig)
+    reweight: ReweightConfig = section(ReweightConfig, stage="reweight")
+    finetune: FinetuneConfig = section(FinetuneConfig, stage="finetune")
+    checkpoint: CheckpointConfig = section(CheckpointConfig)
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.model
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the metadata says, derived once: the lists other modules used to keep by hand.
+
+
+def leaf_fields(cls: type = Recipe, prefix: str = "",
+                scope: str | None = None) -> list[tuple[str, dataclasses.Field[Any], str | None]]:
+    """Every (dotted key, field, stage scope) below `cls`, sections expanded."""
+    out: list[tuple[str, dataclasses.Field[Any], str | None]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("section"):
+            out += leaf_fields(hints[f.name], f"{prefix}{f.name}.", f.metadata.get("stage") or scope)
+        else:
+            out.append((f"{prefix}{f.name}", f, scope))
+    return out
+
+
+def result_keys(stage: str) -> tuple[str, ...]:
+    """Dotted keys whose change alters `stage`'s result (refused on --resume without --force)."""
+    return tuple(key for key, f, scope in leaf_fields()
+                 if stage in f.metadata["affects"] and scope in (None, stage))
+
+
+def path_fields() -> dict[str, PathKind]:
+    """Dotted key -> kind of path, for every field that names a file, folder or model."""
+    return {key: f.metadata["path"] for key, f, _ in leaf_fields() if f.metadata.get("path")}

@@ -1,0 +1,1 @@
+"""One module per command. Stages never import each other; what they share lives in data/, train/ and results/."""

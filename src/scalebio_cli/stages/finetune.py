@@ -1,0 +1,229 @@
+"""`scalebio finetune`: supervised fine-tuning on one data file, or on data.sources mixed by a weights file.
+
+Full-parameter or LISA (`finetune.lisa.layers`), AdamW with warmup + cosine, exact gradient accumulation (the loss
+is the token mean over the whole global batch, whatever the micro-batching), periodic validation loss, and a final
+Hugging Face model folder in output_dir that AutoModelForCausalLM and `scalebio eval` load.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.markup import escape
+
+from scalebio_cli.console import console, format_weights, step_progress
+from scalebio_cli.data.batching import CursorSampler, micro_batches, num_micro_batches, response_token_count
+from scalebio_cli.data.render import Renderer
+from scalebio_cli.data.tokenized import TokenizedData, load_all
+from scalebio_cli.errors import InputError
+from scalebio_cli.recipe import Recipe
+from scalebio_cli.results import weights_file
+from scalebio_cli.results.metrics import MetricsLog
+from scalebio_cli.train import checkpoint, distributed, loop
+from scalebio_cli.train.engine import TrainEngine, make_engine
+from scalebio_cli.train.losses import dataset_loss
+from scalebio_cli.train.modeling import load_model, load_tokenizer, resolve_dtype, save_hf_folder
+from scalebio_cli.train.sft import sft_step
+from scalebio_cli.train.stopping import FiniteGuard
+from scalebio_cli.train.zero import load_deepspeed_config, zero3_loading
+
+_MIX_STREAM = 0xF17E  # the per-step source draw of weights mode
+
+
+class TrainStream:
+    """Which examples each step trains on: one file in seeded epochs, or several files mixed by weights."""
+
+    def __init__(self, data: list[TokenizedData], weights: list[float], seed: int):
+        # Renormalised in float64: a hand-edited file whose weights sum to 1 within 1e-6 must not make numpy's
+        # multinomial (which checks the sum strictly) fail.
+        probs = np.asarray(weights, dtype=np.float64)
+        self.data, self.weights, self.seed = data, probs / probs.sum(), seed
+        self.samplers = [CursorSampler(len(d), seed, k) for k, d in enumerate(data)]
+
+    @property
+    def size(self) -> int:
+        return sum(len(d) for d in self.data)
+
+    def take(self, step: int, n: int) -> list[tuple[int, int]]:
+        if len(self.data) == 1:
+            counts = [n]
+        else:  # every step draws its source counts from its own seeded stream: resumable, rank-independent
+            counts = np.random.default_rng([self.seed, _MIX_STREAM, step]).multinomial(n, self.weights).tolist()
+        return [(k, int(i)) for k, c in enumerate(counts) for i in self.samplers[k].take(c)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cursors": [s.cursor for s in self.samplers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for sampler, cursor in zip(self.samplers, state["cursors"]):
+            sampler.cursor = cursor
+
+
+def training_files(recipe: Recipe) -> tuple[dict[str, str], list[float]]:
+    """The files to train on and their mixing weights (one file: weight 1)."""
+    ft = recipe.finetune
+    if ft.data:
+        return {"data": ft.data}, [1.0]
+    weights, doc = weights_file.load(ft.weights)  # type: ignore[arg-type]  (check_finetune ensured one is set)
+    sources = recipe.data.sources or {n: doc["sources"][n]["path"] for n in weights}
+    if set(sources) != set(weights):
+        raise InputError(f"{ft.weights}: its sources ({', '.join(weights)}) are not data.sources "
+                         f"({', '.join(sources)})")
+    return {n: sources[n] for n in weights}, [weights[n] for n in weights]
+
+
+@dataclass
+class FineTuning:
+    """Everything a finetune run holds: set up once, advanced by `train`."""
+
+    recipe: Recipe
+    dist: distributed.DistInfo
+    out: Path
+    files: dict[str, str]
+    mix: list[float]
+    stream: TrainStream
+    val: TokenizedData | None
+    model: torch.nn.Module
+    tokenizer: Any
+    engine: TrainEngine
+    steps: int
+    control: loop.StepControl
+    start: int = 0
+    val_loss: float | None = None
+
+
+def run(recipe: Recipe, resume: str | None = None, force: bool = False) -> Path:
+    """Fine-tune per `recipe`; returns the model folder. `resume`/`force` as for reweight."""
+    dist = distributed.setup(need_group=bool(recipe.deepspeed))
+    try:
+        start_from = checkpoint.resolve_resume(recipe.output_dir, resume)
+        ft = setup(recipe, dist, start_from, force)
+        if start_from is not None:
+            restore(ft, start_from)
+        train(ft)
+        return finish(ft)
+    finally:
+        distributed.teardown()
+
+
+def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, force: bool) -> FineTuning:
+    cfg = recipe.finetune
+    files, mix = training_files(recipe)
+    torch.manual_seed(recipe.seed)
+    tokenizer = load_tokenizer(recipe.tokenizer_path, recipe.trust_remote_code)
+    renderer = Renderer(tokenizer, recipe.data.max_length)
+    keys = ["finetune.data" if len(files) == 1 else f"data.sources.{n}" for n in files]
+    named = list(zip(keys, files.values())) + ([("finetune.validation", cfg.validation)] if cfg.validation else [])
+    data = load_all(named, renderer, recipe.data.cache_dir, is_main=dist.is_main,
+                    barrier=lambda: distributed.barrier(dist), log=lambda line: console.print(f"[dim]data[/] {line}"))
+    loaded = dict(zip(files, data))
+    fingerprints = {n: loaded[n].sha256 for n in files}
+    loop.check_resume(start_from, "finetune", recipe, fingerprints, force, dist)
+    stream = TrainStream([loaded[n] for n in files], mix, recipe.seed)
+    steps = max(1, math.ceil(cfg.epochs * stream.size / cfg.batch_size))
+
+    dtype = resolve_dtype(recipe.precision, dist.device)
+    ds_config = load_deepspeed_config(recipe.deepspeed) if recipe.deepspeed else None
+    with zero3_loading(ds_config, dtype == torch.bfloat16, dist.world_size):
+        model = load_model(recipe.model, dtype, dist.device, recipe.trust_remote_code)
+    engine = make_engine(model, lr=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+                         total_steps=steps, warmup_ratio=cfg.warmup_ratio, lisa=cfg.lisa, seed=recipe.seed, dist=dist,
+                         gradient_checkpointing=cfg.gradient_checkpointing, ds_config=ds_config,
+                         micro_batches=num_micro_batches(cfg.batch_size // dist.world_size, cfg.micro_batch_size))
+    out = loop.open_run_folder(recipe, dist)
+    if dist.is_main:
+        mode = f"LISA {cfg.lisa.layers} of {len(engine.lisa.blocks)} blocks" if engine.lisa.enabled else "all blocks"
+        mixing = ("" if len(files) == 1
+                  else f", mixed by {escape(str(cfg.weights))}: {format_weights(dict(zip(files, mix)))}")
+        console.print(f"[dim]finetune[/] {escape(recipe.model)}: {steps} steps of {cfg.batch_size} examples "
+                      f"({cfg.epochs:g} epochs of {stream.size:,}), {mode}{mixing}")
+    control = loop.StepControl("finetune", recipe, out, steps, dist, fingerprints, FiniteGuard(["loss"], dist.device))
+    val = data[-1] if cfg.validation else None
+    return FineTuning(recipe, dist, out, files, mix, stream, val, model, tokenizer, engine, steps, control)
+
+
+def restore(ft: FineTuning, start_from: Path) -> None:
+    ft.start = checkpoint.meta(start_from)["step"]
+    ft.engine.begin_step(ft.start - 1)  # the LISA draw the checkpoint was written under
+    ft.engine.load(start_from, "model")
+    ft.stream.load_state_dict(checkpoint.load(start_from, "trainer")["stream"])
+    checkpoint.set_rng_state(checkpoint.load(start_from, "rng", ft.dist.rank))
+    loop.announce_resume(start_from, ft.start, ft.steps, ft.dist)
+
+
+def checkpoint_writer(ft: FineTuning) -> Callable[[Path], None]:
+    def write(folder: Path) -> None:
+        ft.engine.save(folder, "model")
+        if ft.dist.is_main:
+            torch.save({"stream": ft.stream.state_dict()}, folder / "trainer.pt")
+        torch.save(checkpoint.rng_state(), folder / f"rng-rank{ft.dist.rank}.pt")
+
+    return write
+
+
+def validate(ft: FineTuning, step: int, metrics: MetricsLog | None) -> None:
+    """The held-out loss (finetune.validation), every eval_every steps."""
+    if ft.val is None:
+        return
+    ft.val_loss, _ = dataset_loss(ft.model, ft.val, ft.recipe.finetune.micro_batch_size, ft.tokenizer.pad_token_id,
+                                  ft.dist)
+    if metrics is not None:
+        metrics.write({"step": step, "val_loss": ft.val_loss})
+
+
+def train(ft: FineTuning) -> None:
+    """The loop: one SFT step on the token mean of each global batch; logs, validation, checkpoints and stops."""
+    cfg, dist, control = ft.recipe.finetune, ft.dist, ft.control
+    metrics = MetricsLog(ft.out / "metrics.jsonl", ft.start) if dist.is_main else None
+    if ft.start == 0:
+        validate(ft, 0, metrics)
+    throughput = loop.Throughput()
+    progress = step_progress("finetune", dist.is_main)
+    task = progress.add_task("finetune", total=ft.steps, completed=ft.start, info="")
+    with progress, control.signals.installed():
+        for step in range(ft.start, ft.steps):
+            ft.engine.begin_step(step)
+            items = ft.stream.take(step, cfg.batch_size)
+            micro = micro_batches(items[dist.rank:: dist.world_size], ft.stream.data, cfg.micro_batch_size,
+                                  ft.tokenizer.pad_token_id, pin=dist.device.type == "cuda")
+            response_tokens = response_token_count(items, ft.stream.data)
+            loss_sum, stop_votes, grad_norm = sft_step(ft.engine, [mb.to(dist.device) for mb in micro],
+                                                       response_tokens, dist, stop_requested=control.stop_requested)
+            throughput.add(sum(mb.num_tokens for mb in micro) * dist.world_size)
+            control.guard.observe(step + 1, (loss_sum / response_tokens).view(1))
+
+            done = step + 1
+            if done % cfg.eval_every == 0 or done == ft.steps:
+                validate(ft, done, metrics)
+            if done % cfg.log_every == 0 or done == ft.steps:
+                control.guard.check()
+                record = {"step": done, "loss": float(loss_sum) / response_tokens, "lr": ft.engine.lr,
+                          "grad_norm": None if grad_norm is None else float(grad_norm),
+                          "tokens_per_s": throughput.rate()}
+                if metrics is not None:
+                    metrics.write(record)
+                info = f"loss {record['loss']:.4f}" + ("" if ft.val_loss is None else f" · val {ft.val_loss:.4f}")
+                progress.update(task, info=info)
+                if dist.is_main:
+                    progress.console.print(f"step {done:>5}/{ft.steps}  {info}  lr {ft.engine.lr:.2e}  "
+                                           f"{record['tokens_per_s']:,.0f} tok/s")
+            progress.advance(task)
+            control.after_step(done, stop_votes, checkpoint_writer(ft))
+    control.guard.check()
+
+
+def finish(ft: FineTuning) -> Path:
+    """The Hugging Face folder (with the run's recipe.yaml beside it), written by the main process."""
+    weights = ft.engine.full_state_dict()  # collective under ZeRO-3: every process takes part
+    if ft.dist.is_main:
+        save_hf_folder(ft.model, ft.tokenizer, ft.out, weights)
+        validation = "" if ft.val_loss is None else f" (validation loss {ft.val_loss:.4f})"
+        console.print(f"[bold green]saved[/] {escape(str(ft.out))}{validation}")
+    distributed.barrier(ft.dist)
+    return ft.out

@@ -1,0 +1,284 @@
+"""`scalebio reweight`: learn source sampling weights with ScaleBiO (see ../shared/docs/ALGORITHM.md).
+
+Setup (data, the two model copies u and w, the source weights), then `train`: every step draws a balanced training
+batch B (every source present) and a validation batch V and takes one bilevel step (train/bilevel.py: u-step,
+w-step, lam-step); LISA re-draws the trainable blocks of u and w (the same blocks) every `interval` steps. Finish
+writes weights.json and weights.png.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.markup import escape
+
+from scalebio_cli.console import console, format_weights, step_progress
+from scalebio_cli.data.batching import (
+    CursorSampler,
+    Prefetcher,
+    balanced_counts,
+    micro_batches,
+    num_micro_batches,
+    response_token_count,
+)
+from scalebio_cli.data.render import Renderer
+from scalebio_cli.data.tokenized import TokenizedData, load_all
+from scalebio_cli.recipe import Recipe
+from scalebio_cli.results import weights_file
+from scalebio_cli.results.metrics import MetricsLog, plot_weights
+from scalebio_cli.train import checkpoint, distributed, loop
+from scalebio_cli.train.bilevel import SourceWeights, StepBatches, StepResult, bilevel_step
+from scalebio_cli.train.engine import TrainEngine, make_engine
+from scalebio_cli.train.modeling import count_parameters, load_model, load_tokenizer, resolve_dtype
+from scalebio_cli.train.stopping import FiniteGuard
+from scalebio_cli.train.zero import load_deepspeed_config, zero3_loading
+
+VALIDATION_STREAM = 10_000  # sampler stream of the validation set; source k uses stream k
+
+
+class BatchPlan:
+    """Seeded samplers for every source and the validation set; the same draws on every process.
+
+    `next` runs on the prefetch thread (batching.Prefetcher): it only touches numpy and CPU tensors.
+    """
+
+    def __init__(self, sources: list[TokenizedData], val: TokenizedData, recipe: Recipe, dist: distributed.DistInfo,
+                 pad_id: int):
+        self.data = [*sources, val]  # the validation set is "source" K
+        self.dist, self.pad_id, self.rw = dist, pad_id, recipe.reweight
+        self.samplers = [CursorSampler(len(d), recipe.seed, k) for k, d in enumerate(sources)]
+        self.val_sampler = CursorSampler(len(val), recipe.seed, VALIDATION_STREAM)
+        self.pin = dist.device.type == "cuda"
+
+    def next(self, step: int) -> StepBatches:
+        k_val = len(self.samplers)
+        counts = balanced_counts(self.rw.batch_size, k_val, step)
+        items = [(k, int(i)) for k, n in enumerate(counts) for i in self.samplers[k].take(n)]
+        val_items = [(k_val, int(i)) for i in self.val_sampler.take(self.rw.val_batch_size)]
+        rank, world = self.dist.rank, self.dist.world_size
+        u = micro_batches(items[rank::world], self.data, self.rw.micro_batch_size, self.pad_id, self.pin)
+        w = micro_batches(items[rank::world] + val_items[rank::world], self.data, self.rw.micro_batch_size,
+                          self.pad_id, self.pin)
+        source_counts = torch.tensor(counts, dtype=torch.float32)
+        return StepBatches(u, w, source_counts.pin_memory() if self.pin else source_counts,
+                           val_tokens=response_token_count(val_items, self.data),
+                           num_tokens=sum(b.num_tokens for b in u + w), sampler_state=self.state_dict())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sources": [s.cursor for s in self.samplers], "validation": self.val_sampler.cursor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for sampler, cursor in zip(self.samplers, state["sources"]):
+            sampler.cursor = cursor
+        self.val_sampler.cursor = state["validation"]
+
+
+def load_data(recipe: Recipe, renderer: Renderer,
+              dist: distributed.DistInfo) -> tuple[list[TokenizedData], TokenizedData]:
+    """Every source and the validation set, tokenized (or from the cache)."""
+    files = [(f"data.sources.{n}", p) for n, p in recipe.data.sources.items()]
+    files.append(("data.validation", recipe.data.validation or ""))
+    loaded = load_all(files, renderer, recipe.data.cache_dir, is_main=dist.is_main,
+                      barrier=lambda: distributed.barrier(dist), log=lambda line: console.print(f"[dim]data[/] {line}"))
+    return loaded[:-1], loaded[-1]
+
+
+@dataclass
+class Reweighting:
+    """Everything a reweight run holds: set up once, advanced by `train`, saved by checkpoints."""
+
+    recipe: Recipe
+    dist: distributed.DistInfo
+    out: Path
+    names: list[str]
+    sources: list[TokenizedData]
+    val: TokenizedData
+    plan: BatchPlan
+    u: TrainEngine
+    w: TrainEngine
+    lam: SourceWeights
+    control: loop.StepControl
+    start: int = 0
+    trajectory: list[dict[str, Any]] = field(default_factory=list)
+    weights_sum: torch.Tensor | None = None  # sum of s over the second half (weights_averaged)
+
+    @property
+    def avg_from(self) -> int:
+        return self.recipe.reweight.steps // 2
+
+
+def run(recipe: Recipe, resume: str | None = None, force: bool = False) -> Path:
+    """Run the reweighting described by `recipe`; returns the path of weights.json.
+
+    `resume`: None (start fresh), "auto" (the latest complete checkpoint in output_dir, if any) or a checkpoint
+    folder. `force`: resume even if the recipe changed in a key that changes the result.
+    """
+    dist = distributed.setup(need_group=bool(recipe.deepspeed))
+    try:
+        start_from = checkpoint.resolve_resume(recipe.output_dir, resume)
+        rw = setup(recipe, dist, start_from, force)
+        if start_from is not None:
+            restore(rw, start_from)
+        train(rw)
+        return finish(rw)
+    finally:
+        distributed.teardown()
+
+
+def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, force: bool) -> Reweighting:
+    """Data (tokenized, checked), the two model copies on their engines, the source weights."""
+    cfg, names = recipe.reweight, list(recipe.data.sources)
+    torch.manual_seed(recipe.seed)
+    tokenizer = load_tokenizer(recipe.tokenizer_path, recipe.trust_remote_code)
+    sources, val = load_data(recipe, Renderer(tokenizer, recipe.data.max_length), dist)
+    fingerprints = {n: d.sha256 for n, d in zip(names, sources)} | {"validation": val.sha256}
+    loop.check_resume(start_from, "reweight", recipe, fingerprints, force, dist)
+    plan = BatchPlan(sources, val, recipe, dist, tokenizer.pad_token_id)
+
+    dtype = resolve_dtype(recipe.precision, dist.device)
+    ds_config = load_deepspeed_config(recipe.deepspeed) if recipe.deepspeed else None
+    with zero3_loading(ds_config, dtype == torch.bfloat16, dist.world_size):  # ZeRO-3: each process its shards
+        model_u = load_model(recipe.model, dtype, dist.device, recipe.trust_remote_code)
+        model_w = (copy.deepcopy(model_u) if ds_config is None
+                   else load_model(recipe.model, dtype, dist.device, recipe.trust_remote_code))
+    local_batch = cfg.batch_size // dist.world_size
+    engine_kwargs = dict(weight_decay=cfg.weight_decay, total_steps=cfg.steps, warmup_ratio=cfg.warmup_ratio,
+                         lisa=cfg.lisa, seed=recipe.seed, dist=dist, gradient_checkpointing=cfg.gradient_checkpointing,
+                         # both objectives carry alpha * L2, so the clipping threshold scales with alpha
+                         max_grad_norm=None if cfg.max_grad_norm is None else cfg.max_grad_norm * cfg.alpha,
+                         ds_config=ds_config)
+    u = make_engine(model_u, lr=cfg.lr_u, micro_batches=num_micro_batches(local_batch, cfg.micro_batch_size),
+                    **engine_kwargs)
+    w = make_engine(model_w, lr=cfg.lr_w, micro_batches=num_micro_batches(
+        local_batch + cfg.val_batch_size // dist.world_size, cfg.micro_batch_size), **engine_kwargs)
+    lam = SourceWeights(len(names), cfg.lr_lambda, cfg.steps, cfg.warmup_ratio, dist.device)
+    out = loop.open_run_folder(recipe, dist)
+    if dist.is_main:
+        lisa = (f"LISA {cfg.lisa.layers} of {len(u.lisa.blocks)} blocks every {cfg.lisa.interval} steps"
+                if u.lisa.enabled else f"all {len(u.lisa.blocks)} blocks")
+        engine = "DeepSpeed" if ds_config else ("DDP" if dist.distributed else "single process")
+        console.print(f"[dim]model[/] {escape(recipe.model)} ({count_parameters(model_u) / 1e6:.1f}M parameters, "
+                      f"{dtype}, {dist.device}, {engine} x {dist.world_size}, {lisa})")
+    guard = FiniteGuard([f"loss_u[{n}]" for n in names] + [f"loss_w[{n}]" for n in names] + ["L1_sum"]
+                        + [f"lambda[{n}]" for n in names], dist.device)
+    control = loop.StepControl("reweight", recipe, out, cfg.steps, dist, fingerprints, guard)
+    return Reweighting(recipe, dist, out, names, sources, val, plan, u, w, lam, control,
+                       trajectory=[{"step": 0, "weights": lam.as_dict(names)}],
+                       weights_sum=torch.zeros(len(names), dtype=torch.float64, device=dist.device))
+
+
+def checkpoint_writer(rw: Reweighting, sampler_state: dict[str, Any]) -> Callable[[Path], None]:
+    """What every process writes into a checkpoint folder (StepControl.after_step decides when)."""
+    def write(folder: Path) -> None:
+        rw.u.save(folder, "u")
+        rw.w.save(folder, "w")
+        if rw.dist.is_main:
+            torch.save({"lambda": rw.lam.state_dict(), "plan": sampler_state, "trajectory": rw.trajectory,
+                        "weights_sum": rw.weights_sum}, folder / "trainer.pt")
+        torch.save(checkpoint.rng_state(), folder / f"rng-rank{rw.dist.rank}.pt")
+
+    return write
+
+
+def restore(rw: Reweighting, start_from: Path) -> None:
+    rw.start = checkpoint.meta(start_from)["step"]
+    rw.u.begin_step(rw.start - 1)  # the LISA draw the checkpoint was written under, before its state comes back
+    rw.w.begin_step(rw.start - 1)
+    rw.u.load(start_from, "u")
+    rw.w.load(start_from, "w")
+    saved = checkpoint.load(start_from, "trainer")
+    rw.lam.load_state_dict(saved["lambda"])
+    rw.plan.load_state_dict(saved["plan"])
+    rw.trajectory = saved["trajectory"]
+    rw.weights_sum = saved["weights_sum"].to(rw.dist.device)
+    checkpoint.set_rng_state(checkpoint.load(start_from, "rng", rw.dist.rank))
+    loop.announce_resume(start_from, rw.start, rw.recipe.reweight.steps, rw.dist)
+
+
+def train(rw: Reweighting) -> None:
+    """The loop: one bilevel step per step, a metrics line every log_every steps, checkpoints and stops."""
+    cfg, dist, control = rw.recipe.reweight, rw.dist, rw.control
+    metrics = MetricsLog(rw.out / "metrics.jsonl", rw.start) if dist.is_main else None
+    throughput = loop.Throughput()
+    progress = step_progress("reweight", dist.is_main)
+    task = progress.add_task("reweight", total=cfg.steps, completed=rw.start,
+                             info=format_weights(rw.trajectory[-1]["weights"], 14))
+    with progress, control.signals.installed(), Prefetcher(rw.plan.next, range(rw.start, cfg.steps)) as prefetched:
+        for step in range(rw.start, cfg.steps):
+            rw.u.begin_step(step)
+            rw.w.begin_step(step)
+            batch = prefetched.get(step).to(dist.device)
+            result = bilevel_step(rw.u, rw.w, rw.lam, batch, cfg.alpha, dist, stop_requested=control.stop_requested)
+            control.guard.observe(step + 1, torch.cat([result.m_u, result.m_w, result.l1_sum.view(1),
+                                                       rw.lam.lam.detach()]))
+            if step >= rw.avg_from:
+                rw.weights_sum += rw.lam.probs(torch.float64)
+            throughput.add(batch.num_tokens * dist.world_size)
+
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                control.guard.check()
+                record = metrics_record(rw, done, result, batch, throughput.rate())
+                rw.trajectory.append({"step": done, "weights": record["weights"]})
+                if metrics is not None:
+                    metrics.write(record)
+                    progress.console.print(
+                        f"step {done:>5}/{cfg.steps}  L1 {record['L1']:.4f}  L2(u) {record['L2_u']:.4f}  "
+                        f"L2(w) {record['L2_w']:.4f}  {record['tokens_per_s']:,.0f} tok/s  | "
+                        f"{format_weights(record['weights'])}")
+                progress.update(task, info=format_weights(record["weights"], 14))
+            progress.advance(task)
+            control.after_step(done, result.stop_votes, checkpoint_writer(rw, batch.sampler_state))
+    control.guard.check()
+
+
+def metrics_record(rw: Reweighting, done: int, result: StepResult, batch: StepBatches,
+                   tokens_per_s: float) -> dict[str, Any]:
+    """One metrics.jsonl line (host-device synchronisation: only on log steps)."""
+    names = rw.names
+    return {
+        "step": done,
+        "L1": float(result.l1_sum / batch.val_tokens),
+        "L2_u": float(torch.dot(result.s, result.m_u)),
+        "L2_w": float(torch.dot(result.s, result.m_w)),
+        "loss_u": dict(zip(names, result.m_u.tolist())),
+        "loss_w": dict(zip(names, result.m_w.tolist())),
+        "weights": rw.lam.as_dict(names),
+        "lambda_grad": dict(zip(names, result.lam_grad.tolist())),
+        "grad_norm_u": None if result.grad_norm_u is None else float(result.grad_norm_u),
+        "grad_norm_w": None if result.grad_norm_w is None else float(result.grad_norm_w),
+        "lr_u": rw.u.lr, "lr_w": rw.w.lr, "lr_lambda": rw.lam.lr,
+        "active_blocks": rw.u.lisa.active if rw.u.lisa.enabled else "all",
+        "tokens_per_s": tokens_per_s,
+    }
+
+
+def finish(rw: Reweighting) -> Path:
+    """weights.json (final and averaged weights, provenance) and weights.png, from the main process."""
+    cfg, names = rw.recipe.reweight, rw.names
+    final = rw.lam.as_dict(names)
+    averaged = dict(zip(names, (rw.weights_sum / (cfg.steps - rw.avg_from)).tolist()))
+    path = rw.out / "weights.json"
+    if rw.dist.is_main:
+        doc = weights_file.build(
+            weights=final, weights_averaged=averaged,
+            sources={n: _source_info(rw.recipe.data.sources[n], d) for n, d in zip(names, rw.sources)},
+            validation=_source_info(rw.recipe.data.validation, rw.val), trajectory=rw.trajectory, steps=cfg.steps,
+            seed=rw.recipe.seed, model=rw.recipe.model, config=rw.recipe.to_dict())
+        weights_file.write(path, doc)
+        plot_weights(rw.trajectory, rw.out / "weights.png")
+        console.print(f"[bold green]weights[/] {format_weights(doc['weights'])}")
+        console.print(f"[dim]averaged over steps {rw.avg_from + 1}-{cfg.steps}:[/] "
+                      f"{format_weights(doc['weights_averaged'])}")
+    distributed.barrier(rw.dist)
+    return path
+
+
+def _source_info(path: str | None, data: TokenizedData) -> dict[str, Any]:
+    return {"path": str(Path(path).resolve()), "num_examples": data.num_records, "num_trainable": len(data),
+            "sha256": data.sha256}

@@ -1,0 +1,143 @@
+"""One ScaleBiO step (see ../shared/docs/ALGORITHM.md), for u and w two copies of the base model and s = softmax(lam):
+
+  u-step:   AdamW on  alpha * L2(u, s)                  over B
+  w-step:   AdamW on  L1(w) over V  +  alpha * L2(w, s)  over the same B
+  lam-step: Adam on   alpha * J^T (m(w) - m(u)),  J = diag(s) - s s^T  (softmax Jacobian, symmetric)
+
+    F(lam) = alpha * (L2(w, s) - L2(u, s)),   L2(., s) = sum_k s_k m_k(.)
+
+The lam step needs only the per-source mean losses that the u- and w-steps already computed: no extra forward
+pass. Here live the step (`bilevel_step`), its inputs (`StepBatches`) and outputs (`StepResult`), and the source
+weights with their optimizer (`SourceWeights`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from scalebio_cli.data.batching import MicroBatch
+from scalebio_cli.train import distributed
+from scalebio_cli.train.engine import TrainEngine
+from scalebio_cli.train.losses import example_losses
+from scalebio_cli.train.optim import warmup_cosine
+
+
+def lambda_gradient(s: torch.Tensor, m_w: torch.Tensor, m_u: torch.Tensor, alpha: float) -> torch.Tensor:
+    d = m_w - m_u
+    return alpha * s * (d - torch.dot(s, d))  # = alpha * (diag(s) - s s^T) d, without forming the K x K matrix
+
+
+class SourceWeights:
+    """The logits lam (init 0: uniform), their Adam optimizer and learning-rate schedule."""
+
+    def __init__(self, num_sources: int, lr: float, total_steps: int, warmup_ratio: float, device: torch.device):
+        self.lam = torch.zeros(num_sources, dtype=torch.float32, device=device, requires_grad=True)
+        self.optimizer = torch.optim.Adam([self.lam], lr=lr, betas=(0.9, 0.999))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(total_steps, warmup_ratio))
+        self._lr = self.optimizer.param_groups[0]["lr"]
+
+    def probs(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.softmax(self.lam.detach().to(dtype), dim=0)
+
+    def as_dict(self, names: list[str]) -> dict[str, float]:
+        """The weights to report: a float64 softmax, so they sum to 1 to within 1e-15."""
+        return dict(zip(names, self.probs(torch.float64).tolist()))
+
+    def step(self, m_w: torch.Tensor, m_u: torch.Tensor, alpha: float) -> torch.Tensor:
+        """One Adam step on lam from the per-source means; returns the gradient used."""
+        grad = lambda_gradient(self.probs(), m_w, m_u, alpha)
+        self._lr = self.optimizer.param_groups[0]["lr"]
+        self.lam.grad = grad
+        self.optimizer.step()
+        self.scheduler.step()
+        self.lam.grad = None
+        return grad
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the latest step (the one its update used)."""
+        return self._lr
+
+    def state_dict(self) -> dict:
+        return {"lam": self.lam.detach().clone(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.lam.copy_(state["lam"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+@dataclass
+class StepBatches:
+    """One step's data on this process, with the global normalisers every process agrees on."""
+
+    u: list[MicroBatch]  # this process's share of B
+    w: list[MicroBatch]  # this process's share of B and V together; validation rows have source == K
+    source_counts: torch.Tensor  # [K] examples of each source in the global batch
+    val_tokens: int  # response tokens in the global validation batch
+    num_tokens: int  # non-padding tokens this process feeds through u and w
+    sampler_state: dict[str, Any]  # sampler positions after this step's draws (what a checkpoint stores)
+
+    def to(self, device: torch.device) -> StepBatches:
+        return StepBatches([b.to(device) for b in self.u], [b.to(device) for b in self.w],
+                           self.source_counts.to(device), self.val_tokens, self.num_tokens, self.sampler_state)
+
+
+@dataclass
+class StepResult:
+    s: torch.Tensor  # the weights the step used
+    m_u: torch.Tensor  # [K] per-source mean losses of u on B (global)
+    m_w: torch.Tensor  # [K] the same for w
+    l1_sum: torch.Tensor  # token-loss sum of w on V (global); L1 = l1_sum / val_tokens
+    lam_grad: torch.Tensor
+    grad_norm_u: torch.Tensor | None
+    grad_norm_w: torch.Tensor | None
+    stop_votes: torch.Tensor  # processes that asked to stop (rides the step's all-reduce)
+
+
+def bilevel_step(u: TrainEngine, w: TrainEngine, lam: SourceWeights, batch: StepBatches, alpha: float,
+                 dist: distributed.DistInfo, stop_requested: bool = False) -> StepResult:
+    """One ScaleBiO step (u-step, w-step, lam-step) on prepared batches; no host-device synchronisation."""
+    s = lam.probs()
+    # alpha * s_k / n_k: the gradient of alpha * L2 = alpha * sum_k s_k * mean_k(loss) per example.
+    coef = alpha * s / batch.source_counts
+    sums_u, _ = _pass(u, batch.u, coef, batch.val_tokens)  # alpha * L2(u) on B
+    grad_norm_u = u.step()
+    sums_w, l1_sum = _pass(w, batch.w, coef, batch.val_tokens)  # alpha * L2(w) on B + L1(w) on V
+    grad_norm_w = w.step()
+    # One all-reduce for everything the lam step, the logs and the stop decision need.
+    vote = torch.full((1,), float(stop_requested), device=s.device)
+    totals = distributed.all_reduce_sum(torch.cat([sums_u, sums_w, l1_sum.view(1), vote]), dist)
+    k = s.shape[0]
+    m_u, m_w = totals[:k] / batch.source_counts, totals[k: 2 * k] / batch.source_counts
+    lam_grad = lam.step(m_w, m_u, alpha)
+    return StepResult(s, m_u, m_w, totals[2 * k], lam_grad, grad_norm_u, grad_norm_w, totals[-1])
+
+
+def _pass(engine: TrainEngine, micro: list[MicroBatch], coef: torch.Tensor, val_tokens: int) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
+    """One forward/backward of a model copy over its micro-batches; returns (per-source sums of example losses,
+    validation token-loss sum).
+
+    Rows of source k < K weigh alpha * s_k / n_k times their mean token loss (alpha * L2); validation rows (source
+    K) weigh their token-loss sum / the global validation token count (L1). w's step takes B and V in one pass:
+    the same gradient as two passes, without a second pass's fixed cost.
+    """
+    num_sources = coef.shape[0]
+    coef = torch.cat([coef, coef.new_zeros(1)])
+    sums = torch.zeros(num_sources + 1, dtype=torch.float32, device=coef.device)
+    l1_sum = torch.zeros((), dtype=torch.float32, device=coef.device)
+    for i, mb in enumerate(micro):
+        with engine.sync_context(i == len(micro) - 1):
+            token_sums, counts = example_losses(engine(mb), mb)
+            per_example = token_sums / counts
+            is_val = mb.source == num_sources
+            engine.backward(torch.where(is_val, token_sums / val_tokens, coef[mb.source] * per_example).sum())
+        sums.index_add_(0, mb.source, per_example.detach())
+        l1_sum += (token_sums.detach() * is_val).sum()
+    return sums[:num_sources], l1_sum

@@ -1,0 +1,101 @@
+"""The pieces every training loop shares: the run's folder and recipe.yaml, resuming, and what happens after a
+step (a periodic checkpoint, or a checkpoint and a clean stop on SIGTERM/SIGINT). Plain functions and one small
+class, so reweight and finetune read as setup, loop, finish."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.markup import escape
+
+from scalebio_cli.console import console
+from scalebio_cli.errors import TrainingStopped
+from scalebio_cli.files import write_text
+from scalebio_cli.recipe import Recipe, dump_recipe
+from scalebio_cli.recipe.schema import result_keys
+from scalebio_cli.train import checkpoint
+from scalebio_cli.train.distributed import DistInfo
+from scalebio_cli.train.stopping import FiniteGuard, StopSignals, StopVote
+
+
+def open_run_folder(recipe: Recipe, dist: DistInfo) -> Path:
+    """Create output_dir (only now: bad inputs leave nothing behind) and record the resolved recipe there."""
+    out = Path(recipe.output_dir)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "recipe.yaml", dump_recipe(recipe))
+    return out
+
+
+def check_resume(start_from: Path | None, stage: str, recipe: Recipe, fingerprints: dict[str, str], force: bool,
+                 dist: DistInfo) -> None:
+    """Refuse to continue a checkpoint whose result-changing keys or data differ (unless --force, then warn)."""
+    if start_from is None:
+        return
+    accepted = checkpoint.check_resumable(start_from, stage, recipe.to_dict(), fingerprints, result_keys(stage),
+                                          force)
+    if accepted and dist.is_main:
+        console.print(f"[yellow]resuming despite differences (--force):[/] {escape('; '.join(accepted))}")
+
+
+def announce_resume(start_from: Path, step: int, total: int, dist: DistInfo) -> None:
+    if dist.is_main:
+        console.print(f"[bold]resumed[/] from {escape(str(start_from))} (step {step} of {total})")
+
+
+@dataclass
+class StepControl:
+    """After each step: checkpoint every `every` steps, and on a signal checkpoint and stop (every process at the
+    same step: the vote rides the step's all-reduce). Never after a non-finite step (the guard is checked first)."""
+
+    stage: str
+    recipe: Recipe
+    out: Path
+    total: int
+    dist: DistInfo
+    fingerprints: dict[str, str]
+    guard: FiniteGuard
+    signals: StopSignals = field(default_factory=StopSignals)
+    vote: StopVote = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.vote = StopVote(self.signals, self.dist.distributed)
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.signals.received is not None
+
+    def after_step(self, done: int, votes: torch.Tensor, write: Callable[[Path], None]) -> None:
+        stop = self.vote(votes)
+        every = self.recipe.checkpoint.every
+        periodic = every and done % every == 0
+        if not (stop or periodic) or done >= self.total:  # after the last step, finishing beats checkpointing
+            return
+        self.guard.check()
+        meta: dict[str, Any] = {"stage": self.stage, "config": self.recipe.to_dict(),
+                                "data_sha256": self.fingerprints}
+        path = checkpoint.save(self.out, done, meta, self.recipe.checkpoint.keep, self.dist, write)
+        if stop:
+            raise TrainingStopped(f"stopped by {self.signals.received or 'a signal on another process'} after step "
+                                  f"{done} of {self.total}; checkpoint saved to {path}; continue with --resume auto")
+
+
+class Throughput:
+    """Tokens per second since the previous log line."""
+
+    def __init__(self) -> None:
+        self.tokens, self.since = 0, time.perf_counter()
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        rate = self.tokens / (now - self.since)
+        self.tokens, self.since = 0, now
+        return rate

@@ -1,0 +1,169 @@
+"""The DeepSpeed ZeRO engine (stages 0-3, offloading, from the user's config file) behind train/engine.TrainEngine.
+
+LISA under ZeRO: every transformer block is its own optimizer parameter group. ZeRO's partitions cover every
+parameter from the start and it feeds frozen blocks zero gradients, so a frozen block's group gets learning rate
+and weight decay 0 (it does not move), and when a block becomes active its group's optimizer state (moments and
+step count) is zeroed: it starts fresh, exactly as our AdamW's released state does under the plain engine. Without
+that reset the step count and decayed moments of the frozen period would give the first real update the bias
+correction of a much later step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from scalebio_cli.data.batching import MicroBatch
+from scalebio_cli.errors import InputError
+from scalebio_cli.recipe.schema import LisaConfig
+from scalebio_cli.train.distributed import DistInfo
+from scalebio_cli.train.lisa import Lisa
+from scalebio_cli.train.modeling import prepare_for_training
+from scalebio_cli.train.optim import warmup_cosine
+
+
+class DeepSpeedEngine:
+    """A model copy trained by a DeepSpeed engine."""
+
+    def __init__(self, model: nn.Module, *, lr: float, weight_decay: float, max_grad_norm: float | None,
+                 total_steps: int, warmup_ratio: float, lisa: LisaConfig, seed: int, dist: DistInfo,
+                 gradient_checkpointing: bool = False, ds_config: dict[str, Any], micro_batches: int):
+        import deepspeed
+
+        self.model, self.dist = model, dist
+        prepare_for_training(model, gradient_checkpointing)
+        self.lisa = Lisa(model, lisa.layers, lisa.interval, seed)
+        in_blocks = {id(p) for block in self.lisa.blocks for p in block.parameters()}
+        groups = [{"params": list(block.parameters())} for block in self.lisa.blocks]
+        groups.append({"params": [p for p in model.parameters() if id(p) not in in_blocks]})
+        self.base_lr, self.weight_decay = lr, weight_decay
+        self.factor = warmup_cosine(total_steps, warmup_ratio)
+        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+        config = finalize_deepspeed_config(ds_config, micro_batches, dist.world_size, max_grad_norm,
+                                           bf16=next(model.parameters()).dtype == torch.bfloat16)
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        self.module = self.ds
+        self.grad_scale = float(dist.world_size)
+        self._lr = lr
+        self._active: set[int] = set(range(len(self.lisa.blocks)))
+
+    def begin_step(self, step: int) -> None:
+        """LISA draw (newly active blocks start from fresh state), then this step's learning rates: 0 (and no
+        decay) for the frozen blocks' groups."""
+        if self.lisa.update(step):
+            active = set(self.lisa.active)
+            for group in sorted(active - self._active):
+                reset_group_state(self.ds.optimizer, group)
+            self._active = active
+        self._lr = self.base_lr * self.factor(step)
+        frozen = set(range(len(self.lisa.blocks))) - set(self.lisa.active)
+        for i, group in enumerate(self.ds.optimizer.param_groups):
+            group["lr"] = 0.0 if i in frozen else self._lr
+            group["weight_decay"] = 0.0 if i in frozen else self.weight_decay
+
+    def __call__(self, batch: MicroBatch) -> torch.Tensor:
+        return self.ds(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+    def sync_context(self, sync: bool) -> AbstractContextManager[Any]:
+        # DeepSpeed reduces gradients at the accumulation boundary: the step's last micro-batch.
+        self.ds.set_gradient_accumulation_boundary(sync)
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss * self.grad_scale, scale_wrt_gas=False)
+
+    def step(self) -> torch.Tensor | None:
+        self.ds.step()  # the boundary was set on the last micro-batch: this is the optimizer step
+        norm = self.ds.get_global_grad_norm()
+        return None if norm is None else torch.as_tensor(norm, dtype=torch.float32)
+
+    @property
+    def lr(self) -> float:
+        return self._lr
+
+    def save(self, folder: Path, name: str) -> None:
+        self.ds.save_checkpoint(str(folder / name), tag="state", save_latest=False)
+
+    def load(self, folder: Path, name: str) -> None:
+        if not (folder / name / "state").is_dir():
+            raise InputError(f"{folder}: checkpoint has no DeepSpeed state '{name}/state' (was it written by a run "
+                             "without `deepspeed:` in its recipe?)")
+        path, _ = self.ds.load_checkpoint(str(folder / name), tag="state", load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
+        if path is None:
+            raise InputError(f"{folder / name}: DeepSpeed could not load this checkpoint")
+        self._active = set(self.lisa.active)  # the state saved under this draw is the state to continue from
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        if self.ds.zero_optimization_stage() == 3:
+            state = self.ds._zero3_consolidated_16bit_state_dict()  # gathers the shards; collective
+            return state if self.dist.is_main else None
+        return self.model.state_dict() if self.dist.is_main else None
+
+
+def _group_partitions(zero_optimizer: Any, group: int) -> list[torch.Tensor]:
+    """The fp32 tensors the inner optimizer steps for client parameter group `group` on this process."""
+    if hasattr(zero_optimizer, "sub_group_to_group_id"):  # ZeRO-3: a group is split into sub-groups
+        return [zero_optimizer.fp32_partitioned_groups_flat[sub]
+                for sub, g in sorted(zero_optimizer.sub_group_to_group_id.items()) if g == group]
+    if hasattr(zero_optimizer, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        return [zero_optimizer.single_partition_of_fp32_groups[group]]
+    return list(zero_optimizer.param_groups[group]["params"])  # stage 0: the client optimizer itself
+
+
+def reset_group_state(zero_optimizer: Any, group: int) -> None:
+    """Zero the Adam moments and step count of one parameter group, as if it had never been stepped."""
+    inner = getattr(zero_optimizer, "optimizer", zero_optimizer)
+    for tensor in _group_partitions(zero_optimizer, group):
+        state = inner.state.get(tensor)
+        if not state:
+            continue  # never stepped: already fresh
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                value.zero_()
+            elif key == "step":
+                state[key] = 0
+
+
+def load_deepspeed_config(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def finalize_deepspeed_config(base: dict[str, Any], micro_batches: int, world_size: int,
+                              max_grad_norm: float | None, bf16: bool) -> dict[str, Any]:
+    """The user's DeepSpeed config with the values scalebio owns filled in.
+
+    Batch sizes are bookkeeping only (our micro-batches are counted, each with its own rows, and the engine is
+    told the accumulation boundary). Clipping and precision follow the recipe.
+    """
+    config = copy.deepcopy(base)
+    config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=micro_batches,
+                  train_batch_size=micro_batches * world_size, gradient_clipping=max_grad_norm or 0.0,
+                  zero_allow_untested_optimizer=True, wall_clock_breakdown=False)
+    config.setdefault("steps_per_print", 1 << 30)
+    config.pop("fp16", None)
+    config["bf16"] = {"enabled": bf16}
+    return config
+
+
+@contextmanager
+def zero3_loading(ds_config: dict[str, Any] | None, bf16: bool, world_size: int) -> Iterator[None]:
+    """Under ZeRO-3, models loaded inside this block are partitioned as they load (transformers' zero.Init), so no
+    process ever holds a whole 30B model. Elsewhere a no-op."""
+    if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # zero.Init asks deepspeed.comm for the world size; bind it to the process group we already joined.
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    marker = HfDeepSpeedConfig(finalize_deepspeed_config(ds_config, 1, world_size, None, bf16))  # noqa: F841
+    yield

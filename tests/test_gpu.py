@@ -1,0 +1,57 @@
+"""On a CUDA device: the bilevel step in bf16 follows the fp32 CPU step (within bf16 noise), and a reweight run
+through the CLI is deterministic up to that noise. Skipped without a GPU (conftest)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli, write_recipe
+
+pytestmark = pytest.mark.gpu
+
+
+def _step(device: str, dtype: torch.dtype, tokenizer) -> torch.Tensor:
+    from scalebio_cli.data.batching import collate
+    from scalebio_cli.recipe.schema import LisaConfig
+    from scalebio_cli.tiny import build_model
+    from scalebio_cli.train.bilevel import SourceWeights, StepBatches, bilevel_step
+    from scalebio_cli.train.distributed import DistInfo
+    from scalebio_cli.train.engine import Engine
+
+    dev = torch.device(device)
+    dist = DistInfo(0, 1, 0, dev)
+    engines = []
+    for _ in range(2):
+        model = build_model(tokenizer, "llama", layers=2, hidden=64).to(dev, dtype)
+        engines.append(Engine(model, lr=1e-3, weight_decay=0.0, max_grad_norm=None, total_steps=4,
+                              warmup_ratio=0.0, lisa=LisaConfig(layers=0), seed=0, dist=dist))
+    gen = torch.Generator().manual_seed(0)
+    examples = [(torch.randint(5, len(tokenizer), (12,), generator=gen).numpy().astype("int32"),
+                 torch.tensor([False] * 6 + [True] * 6).numpy()) for _ in range(6)]
+    u = [collate(examples[:4], [0, 1, 0, 1], tokenizer.pad_token_id)]
+    w = [collate(examples, [0, 1, 0, 1, 2, 2], tokenizer.pad_token_id)]
+    batch = StepBatches(u, w, torch.tensor([2.0, 2.0]), val_tokens=10, num_tokens=0, sampler_state={}).to(dev)
+    lam = SourceWeights(2, 1e-2, 4, 0.0, dev)
+    result = bilevel_step(engines[0], engines[1], lam, batch, alpha=10.0, dist=dist)
+    return torch.cat([result.m_u, result.m_w]).float().cpu()
+
+
+def test_bf16_cuda_step_follows_the_fp32_cpu_step(tokenizer) -> None:
+    cpu = _step("cpu", torch.float32, tokenizer)
+    cuda = _step("cuda", torch.bfloat16, tokenizer)
+    assert torch.allclose(cpu, cuda, rtol=2e-2, atol=2e-2), (cpu, cuda)
+
+
+def test_cuda_reweight_runs_are_repeatable(demo: Path, tmp_path: Path) -> None:
+    weights = []
+    for run in ("a", "b"):
+        recipe = write_recipe(tmp_path / run / "recipe.yaml", demo)
+        result = run_cli("reweight", "--config", str(recipe), "reweight.steps=20")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "cuda" in result.stderr
+        weights.append(json.loads((recipe.parent / "run" / "weights.json").read_text())["weights"])
+    assert max(abs(weights[0][k] - weights[1][k]) for k in weights[0]) < 1e-2
