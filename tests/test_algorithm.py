@@ -23,7 +23,7 @@ def fake_data(rng: np.random.Generator, n: int, vocab: int) -> TokenizedData:
         offsets.append(offsets[-1] + prompt + response)
     return TokenizedData(path=None, sha256="", ids=np.concatenate(ids).astype(np.int32),
                          trainable=np.concatenate(masks), offsets=np.array(offsets), record_index=np.arange(n),
-                         num_records=n)
+                         num_records=n, full_lengths=np.diff(offsets).astype(np.int32), max_length=64)
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +169,32 @@ def test_samplers_are_balanced_seeded_and_cover_every_example() -> None:
     resumed = CursorSampler(10, seed=3, stream=1, cursor=a.cursor)
     assert resumed.take(5).tolist() == a.take(5).tolist()  # the cursor is the whole state
     assert CursorSampler(10, seed=3, stream=2).take(10).tolist() != first.tolist()
+
+
+def test_pooled_batches_follow_source_sizes_and_absent_sources_add_nothing(model, tokenizer) -> None:
+    """batch_composition: pooled (the reference's batches): counts follow the source sizes; a source missing from a
+    step's batch gives m_u = m_w = 0 there (no NaN), so it adds nothing to the lam gradient's difference."""
+    from scalebio_cli.recipe.schema import Recipe
+    from scalebio_cli.stages.reweight import BatchPlan
+    from scalebio_cli.train.distributed import DistInfo
+
+    rng = np.random.default_rng(3)
+    sources = [fake_data(rng, 300, len(tokenizer)), fake_data(rng, 100, len(tokenizer)), fake_data(rng, 4, 50)]
+    recipe = Recipe(model="m", output_dir="o")
+    recipe.reweight.batch_size, recipe.reweight.batch_composition = 8, "pooled"
+    plan = BatchPlan(sources, fake_data(rng, 10, len(tokenizer)), recipe, DistInfo(0, 1, 0, torch.device("cpu")), 0)
+    counts = np.array([plan.next(step).source_counts.tolist() for step in range(200)])
+    share = counts.sum(axis=0) / counts.sum()
+    assert np.allclose(share, [300 / 404, 100 / 404, 4 / 404], atol=0.03)
+    assert (counts[:, 2] == 0).any()  # the small source is absent from some batches
+    again = BatchPlan(sources, fake_data(rng, 10, len(tokenizer)), recipe, DistInfo(0, 1, 0, torch.device("cpu")), 0)
+    assert again.next(0).source_counts.tolist() == counts[0].tolist()  # seeded per step: resumable
+
+
+def test_hand_edited_mixture_weights_are_renormalised(tokenizer) -> None:
+    from scalebio_cli.stages.finetune import TrainStream
+
+    rng = np.random.default_rng(4)
+    stream = TrainStream([fake_data(rng, 20, len(tokenizer)), fake_data(rng, 20, len(tokenizer))],
+                         [0.7000004, 0.3000004], seed=0)  # sums to 1 + 8e-7: passes the weights-file check
+    assert len(stream.take(0, 10)) == 10  # numpy's multinomial would reject the raw weights

@@ -90,7 +90,47 @@ def test_plain_layout_without_chat_template(tmp_path: Path, tokenizer) -> None:
     plain.chat_template = None
     record = {"messages": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]}
     enc = encode_file(tmp_path, plain, "m.jsonl", json.dumps(record) + "\n")
-    check(plain, enc, [("<s>User: What is 2 + 3?\n\nAssistant: ", False), ("5</s>", True)])
+    check(plain, enc, [("<s>User: What is 2 + 3?\n\nAssistant:", False), (" 5</s>", True)])
+
+
+RECORDS = {
+    "messages": {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+3?"},
+                              {"role": "assistant", "content": "5"}, {"role": "user", "content": "And 4 + 4?"},
+                              {"role": "assistant", "content": " 8, I think."}]},
+    "sharegpt": {"conversations": [{"from": "human", "value": "Reverse: a b"}, {"from": "gpt", "value": "b a"}]},
+    "alpaca": {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    "prompt_completion": {"prompt": "Say hi ", "completion": " hi"},
+    "text": {"text": "apple river stone"},
+}
+
+
+@pytest.mark.parametrize("template", [True, False])
+@pytest.mark.parametrize("fmt", list(RECORDS))
+def test_tokens_are_the_tokenization_of_the_whole_text(tmp_path: Path, tokenizer, fmt: str, template: bool) -> None:
+    """No unnatural split at a prompt/response boundary: the rendered tokens equal tokenizer(the whole text), and
+    the trainable tokens decode to the response segments."""
+    tok = tokenizer if template else tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    if not template:
+        tok.chat_template = None
+    enc = encode_file(tmp_path, tok, "r.jsonl", json.dumps(RECORDS[fmt]) + "\n")
+    renderer = Renderer(tok, 512)
+    (where, example), = list(iter_examples(tmp_path / "r.jsonl"))
+    segments = [(t, train) for t, train in renderer.segments(example, where) if t]
+    whole = "".join(t for t, _ in segments)
+    assert enc.input_ids == tok(whole, add_special_tokens=False)["input_ids"]
+    assert tok.decode([t for t, m in zip(enc.input_ids, enc.trainable) if m]) == "".join(
+        t for t, train in segments if train)
+
+
+def test_plain_prompt_for_generation_keeps_earlier_replies(tokenizer) -> None:
+    plain = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    plain.chat_template = None
+    turns = [Turn("user", "Q1"), Turn("assistant", "A1"), Turn("user", "Q2"), Turn("assistant", "A2")]
+    prompt = plain.decode(Renderer(plain, 512).encode_prompt(turns))
+    assert prompt == "<s>User: Q1\n\nAssistant: A1</s>\n\nUser: Q2\n\nAssistant:"
+    full = Renderer(plain, 512).encode(turns)
+    assert full.input_ids[: len(Renderer(plain, 512).encode_prompt(turns))] == Renderer(plain, 512).encode_prompt(
+        turns)  # the generation prompt is a prefix of the trained sequence: inference sees what training saw
 
 
 def test_truncation_and_skipped_records(tmp_path: Path, tokenizer) -> None:
@@ -100,10 +140,11 @@ def test_truncation_and_skipped_records(tmp_path: Path, tokenizer) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     data = load_tokenized(path, Renderer(tokenizer, max_length=32), cache_dir=tmp_path / "cache")
     assert data.num_records == 2 and len(data) == 1 and data.num_skipped == 1
+    assert data.num_truncated == 1 and data.full_lengths[0] > 32  # the skipped record was cut, and is counted
     assert data.record_index.tolist() == [1]
     assert all(length <= 32 for length in data.lengths)
     again = load_tokenized(path, Renderer(tokenizer, max_length=32), cache_dir=tmp_path / "cache")
-    assert again.from_cache and again.ids.tolist() == data.ids.tolist()
+    assert again.from_cache and again.ids.tolist() == data.ids.tolist() and again.num_truncated == 1
     different_length = load_tokenized(path, Renderer(tokenizer, max_length=48), cache_dir=tmp_path / "cache")
     assert not different_length.from_cache  # max_length is part of the cache key
 
@@ -163,3 +204,23 @@ def test_encode_prompt_ends_with_generation_prompt(tokenizer) -> None:
     turns = [Turn("user", "What is 2 + 3?"), Turn("assistant", "5")]
     ids = Renderer(tokenizer, 64).encode_prompt(turns)
     assert tokenizer.decode(ids) == "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_truncation_warning_names_the_source_and_a_max_length_that_fits(tmp_path: Path, tokenizer) -> None:
+    from scalebio_cli.data.tokenized import load_all
+
+    records = [{"prompt": "What is 1 + 1?", "completion": "2 " * (40 if i % 10 == 0 else 2)} for i in range(40)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    warnings, logs = [], []
+    (data,) = load_all([("data.sources.long", str(path))], Renderer(tokenizer, max_length=32), tmp_path / "cache",
+                       log=logs.append, warn=warnings.append)
+    assert data.num_truncated == 4  # 10% of the records
+    assert "4 truncated at max_length 32" in logs[0]
+    (warning,) = warnings
+    assert warning.startswith("data.sources.long: 10.0% of the records (4 of 40)")
+    assert f"data.max_length={data.length_covering(0.99)} keeps 99%" in warning
+    assert data.length_covering(0.99) > 32
+    short = load_all([("data.sources.short", str(path))], Renderer(tokenizer, max_length=128), tmp_path / "cache",
+                     warn=warnings.append)
+    assert short[0].num_truncated == 0 and len(warnings) == 1  # nothing cut: no warning

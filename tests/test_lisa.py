@@ -103,7 +103,7 @@ def test_no_backward_below_the_lowest_active_block(tokenizer) -> None:
     from scalebio_cli.train.losses import example_losses
 
     model = tiny(tokenizer, "llama", layers=8)
-    lisa = Lisa(model, layers=2, interval=1, seed=0)
+    lisa = Lisa(model, layers=2, interval=1, seed=0, train_embeddings=False)
     lisa.activate([3, 6])
     fired: list[int] = []
     for i, block in enumerate(lisa.blocks):
@@ -118,16 +118,41 @@ def test_no_backward_below_the_lowest_active_block(tokenizer) -> None:
     assert model.lm_head.weight.grad is not None and model.model.norm.weight.grad is not None
 
 
-def test_block_zero_active_lets_gradient_reach_embeddings(tokenizer) -> None:
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_by_default_embeddings_get_the_full_backward_gradient(tokenizer, arch: str) -> None:
+    """LISA with 1 of 4 blocks active (not block 0): the input (and GPT-2 position) embeddings get exactly the
+    gradient a full-parameter backward gives them, every draw."""
+    from scalebio_cli.train.losses import example_losses
+
+    def embedding_grads(model, layers: int, active: list[int] | None) -> dict[str, torch.Tensor]:
+        lisa = Lisa(model, layers=layers, interval=1, seed=0)
+        if active is not None:
+            lisa.activate(active)
+        mb = batch_for(tokenizer)
+        sums, counts = example_losses(model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits, mb)
+        (sums / counts).mean().backward()
+        names = [n for n, _ in model.named_parameters() if "wte" in n or "wpe" in n or "embed_tokens" in n]
+        return {n: p.grad.clone() for n, p in model.named_parameters() if n in names}
+
+    full = embedding_grads(tiny(tokenizer, arch, layers=4), 0, None)
+    for active in ([2], [3], [1]):
+        lisa_grads = embedding_grads(tiny(tokenizer, arch, layers=4), 1, active)
+        assert lisa_grads.keys() == full.keys() and full
+        for name in full:
+            assert torch.allclose(lisa_grads[name], full[name], atol=1e-6), (name, active)
+
+
+def test_cut_embeddings_stay_frozen_even_with_block_zero_active(tokenizer) -> None:
     from scalebio_cli.train.losses import example_losses
 
     model = tiny(tokenizer, "llama", layers=4)
-    lisa = Lisa(model, layers=2, interval=1, seed=0)
+    lisa = Lisa(model, layers=2, interval=1, seed=0, train_embeddings=False)
     lisa.activate([0, 2])
     mb = batch_for(tokenizer)
     sums, counts = example_losses(model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits, mb)
     (sums / counts).mean().backward()
-    assert model.get_input_embeddings().weight.grad is not None
+    assert model.get_input_embeddings().weight.grad is None
+    assert all(p.grad is not None for p in lisa.blocks[0].parameters())
 
 
 def test_draws_are_seeded_identical_for_u_and_w_and_cover_blocks(tokenizer) -> None:
@@ -160,3 +185,27 @@ def test_optimizer_state_follows_active_blocks_not_model_depth(tokenizer) -> Non
         train_steps(engine, tokenizer, range(6))  # three draws: state of earlier draws must be gone
         sizes[layers] = engine.optimizer.state_bytes()
     assert sizes[8] == sizes[16]
+
+
+def test_a_model_without_a_block_list_is_a_clear_input_error() -> None:
+    from scalebio_cli.errors import InputError
+    from scalebio_cli.train.modeling import find_blocks
+
+    class NoBlocks(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+    with pytest.raises(InputError, match="cannot find the transformer blocks.*lisa.layers: 0"):
+        find_blocks(NoBlocks())
+
+
+def test_resuming_a_non_deepspeed_checkpoint_under_deepspeed_is_a_clear_input_error(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from scalebio_cli.errors import InputError
+    from scalebio_cli.train.zero import DeepSpeedEngine
+
+    (tmp_path / "u.pt").write_bytes(b"")  # what the plain engine writes
+    with pytest.raises(InputError, match="no DeepSpeed state 'u/state'"):
+        DeepSpeedEngine.load(SimpleNamespace(), tmp_path, "u")

@@ -43,6 +43,7 @@ def test_weights_file_follows_the_contract(demo_run, demo: Path) -> None:
     clean = doc["sources"]["clean"]
     assert clean["path"] == str(demo / "data" / "clean.jsonl") and clean["num_examples"] == 600
     assert len(clean["sha256"]) == 64
+    assert clean["num_truncated"] == 0 and doc["validation"]["num_truncated"] == 0  # the demo fits max_length 64
     assert doc["trajectory"][0] == {"step": 0, "weights": {k: pytest.approx(1 / 3) for k in doc["weights"]}}
     assert doc["trajectory"][-1]["step"] == 200 and doc["trajectory"][-1]["weights"] == doc["weights"]
     assert [p["step"] for p in doc["trajectory"]] == list(range(0, 201, 20))

@@ -18,7 +18,7 @@ import typer
 
 from scalebio_cli import __version__
 from scalebio_cli.errors import InputError, TrainingStopped
-from scalebio_cli.recipe.schema import PRECISIONS
+from scalebio_cli.recipe.schema import PRECISIONS, DataConfig
 from scalebio_cli.train import process
 
 app = typer.Typer(
@@ -205,7 +205,8 @@ def finetune(config: ConfigOption, overrides: OverridesArg = None, resume: Resum
 
 @app.command(name="eval")
 def evaluate(
-    model: Annotated[Path, typer.Option(help="A model folder (e.g. the output_dir of `scalebio finetune`).",
+    model: Annotated[Path, typer.Option(help="A model folder (e.g. the output_dir of `scalebio finetune`), or a "
+                                              ".gguf file.",
                                         show_default=False)],
     data: Annotated[list[str] | None, typer.Option(help="NAME=FILE, repeatable: data files to measure on.",
                                                    show_default=False)] = None,
@@ -215,7 +216,9 @@ def evaluate(
                                            "a trailing number).")] = False,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation length limit.")] = 256,
     batch_size: Annotated[int, typer.Option(min=1, help="Examples per forward pass.")] = 8,
-    max_length: Annotated[int, typer.Option(min=8, help="Tokens per example (longer ones are truncated).")] = 1024,
+    max_length: Annotated[int, typer.Option(min=8, help="Tokens per example (longer ones are truncated): use the "
+                                            "recipe's data.max_length, so eval loss matches reweight's validation "
+                                            "loss.")] = DataConfig().max_length,
     lm_eval: Annotated[str | None, typer.Option("--lm-eval", help="Comma-separated lm-evaluation-harness tasks: "
                                                 "names, or paths to local task YAML files.")] = None,
     lm_eval_limit: Annotated[int | None, typer.Option(help="Examples per lm-eval task (for quick checks).")] = None,
@@ -232,7 +235,11 @@ def evaluate(
         problems = [f"--data {n}: file not found: {p}" for n, p in named.items() if not Path(p).is_file()]
         if not named and not lm_eval:
             problems.append("eval: give at least one --data NAME=FILE (or --lm-eval TASKS)")
-        if not (model / "config.json").is_file():
+        if model.suffix == ".gguf":
+            from scalebio_cli.recipe.preflight import model_folder_problems
+
+            problems += model_folder_problems("--model", str(model))
+        elif not (model / "config.json").is_file():
             problems.append(f"--model {model}: not a model folder (no config.json)")
         if precision not in PRECISIONS:
             problems.append(f"--precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}")

@@ -1,11 +1,15 @@
 """Render an example to token ids and a trainable mask (True exactly on response tokens).
 
-A conversation is cut into alternating prompt and response text segments, each tokenized on its own and
-concatenated. The prompt segment ends with the generation prompt (e.g. `<|im_start|>assistant\\n`), so the tokens
-the model is trained to produce are exactly the tokens it would generate at inference after `apply_chat_template(
-..., add_generation_prompt=True)`; no token straddles the prompt/response boundary. Chat templates carry their own
-special tokens (BOS included), so segments are tokenized without adding any (the reference code's double-BOS bug).
-Tokenizers without a chat template get a plain `User:`/`Assistant:` layout with BOS/EOS added by hand.
+A conversation is cut into alternating prompt and response text segments. The prompt segment ends with the
+generation prompt (e.g. `<|im_start|>assistant\\n`), so the tokens the model is trained to produce are the tokens
+it would generate at inference after `apply_chat_template(..., add_generation_prompt=True)`. The whole text is then
+tokenized at once (a fast tokenizer reports each token's character span, which says whether it lies in a response
+segment), so the tokens are exactly the tokenization of the whole conversation, never an unnatural split at a
+segment boundary (`' ', '5'` instead of `' 5'`). Chat templates carry their own special tokens (BOS included), so
+nothing is added (the reference code's double-BOS bug). Tokenizers without a chat template get a plain layout,
+`User: ...\\n\\nAssistant: ...`, whose prompt ends at `Assistant:` so that the response starts with its natural
+leading-space token, with BOS/EOS added by hand. Slow (non-Rust) tokenizers report no spans: their segments are
+tokenized one by one.
 """
 
 from __future__ import annotations
@@ -13,17 +17,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from scalebio_cli.data.records import Example, Turn
 from scalebio_cli.errors import InputError
 
 PLAIN_ROLE_PREFIX = {"system": "", "user": "User: "}
-PLAIN_GENERATION_PROMPT = "Assistant: "
+PLAIN_GENERATION_PROMPT = "Assistant:"
+PLAIN_RESPONSE_PREFIX = " "  # belongs to the response: `' 5'` is one token in most vocabularies
 
 
 @dataclass
 class Encoded:
     input_ids: list[int]
     trainable: list[bool]  # per token: is it a response token (the loss is taken on it)?
+    full_length: int = 0  # tokens before truncation to max_length
+
+    @property
+    def truncated(self) -> bool:
+        return self.full_length > len(self.input_ids)
 
     @property
     def num_trainable(self) -> int:
@@ -76,7 +88,7 @@ class Renderer:
         for turn in turns:
             if turn.role == "assistant":
                 segments.append((prompt + PLAIN_GENERATION_PROMPT, False))
-                segments.append((turn.content + (tok.eos_token or ""), True))
+                segments.append((PLAIN_RESPONSE_PREFIX + turn.content + (tok.eos_token or ""), True))
                 prompt = "\n\n"
             else:
                 prompt += PLAIN_ROLE_PREFIX[turn.role] + turn.content + "\n\n"
@@ -96,9 +108,34 @@ class Renderer:
     def encode_many(self, items: list[tuple[Example, str]]) -> list[Encoded]:
         """Encode `(example, where)` pairs with one batched tokenizer call; truncated on the right to max_length."""
         all_segments = [[(t, train) for t, train in self.segments(ex, where) if t] for ex, where in items]
+        if not all_segments:
+            return []
+        if getattr(self.tokenizer, "is_fast", False):
+            encoded = self._encode_whole(all_segments)
+        else:
+            encoded = self._encode_by_segment(all_segments)
+        return [Encoded(ids[: self.max_length], mask[: self.max_length], len(ids)) for ids, mask in encoded]
+
+    def _encode_whole(self, all_segments: list[list[tuple[str, bool]]]) -> list[tuple[list[int], list[bool]]]:
+        """Tokenize each whole text; a token is trainable when it starts inside a response segment."""
+        texts = ["".join(text for text, _ in segments) for segments in all_segments]
+        batch = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        out = []
+        for segments, ids, offsets in zip(all_segments, batch["input_ids"], batch["offset_mapping"]):
+            bounds, pos = [], 0  # [start0, end0, start1, end1, ...] of the response segments, ascending
+            for text, train in segments:
+                if train:
+                    bounds += [pos, pos + len(text)]
+                pos += len(text)
+            starts = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 0]
+            inside = np.searchsorted(np.asarray(bounds, dtype=np.int64), starts, side="right") % 2 == 1
+            out.append((list(ids), inside.tolist()))
+        return out
+
+    def _encode_by_segment(self, all_segments: list[list[tuple[str, bool]]]) -> list[tuple[list[int], list[bool]]]:
         flat = [text for segments in all_segments for text, _ in segments]
-        pieces = iter(self.tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
-        encoded = []
+        pieces = iter(self.tokenizer(flat, add_special_tokens=False)["input_ids"])
+        out = []
         for segments in all_segments:
             ids: list[int] = []
             trainable: list[bool] = []
@@ -106,8 +143,8 @@ class Renderer:
                 piece = next(pieces)
                 ids.extend(piece)
                 trainable.extend([train] * len(piece))
-            encoded.append(Encoded(ids[: self.max_length], trainable[: self.max_length]))
-        return encoded
+            out.append((ids, trainable))
+        return out
 
     def encode(self, example: Example, where: str = "record") -> Encoded:
         return self.encode_many([(example, where)])[0]
@@ -118,7 +155,7 @@ class Renderer:
         context = turns[:last]
         if self.has_template:
             text = self._template(context, generation_prompt=True)
-        else:
+        else:  # everything up to the generation prompt, earlier assistant replies included
             segments = self._plain_segments(context + [Turn("assistant", "")])
-            text = "".join(t for t, train in segments if not train)
+            text = "".join(t for t, _ in segments[:-1])
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -22,7 +22,7 @@ from scalebio_cli.data.render import Renderer
 from scalebio_cli.errors import InputError
 from scalebio_cli.files import atomic_path, file_sha256
 
-RENDER_VERSION = "1"  # bump when render.py changes what tokens an example becomes
+RENDER_VERSION = "2"  # bump when render.py changes what tokens an example becomes
 _CHUNK = 512  # examples rendered per batched tokenizer call
 
 
@@ -55,7 +55,18 @@ class TokenizedData:
     offsets: np.ndarray  # int64, example i is ids[offsets[i]:offsets[i+1]]
     record_index: np.ndarray  # int64, position of each kept example in the file
     num_records: int  # records in the file, kept or not
+    full_lengths: np.ndarray  # int32, per record of the file: tokens before truncation to max_length
+    max_length: int
     from_cache: bool = False
+
+    @property
+    def num_truncated(self) -> int:
+        """Records of the file cut by max_length (kept or, with no response token left, skipped)."""
+        return int((self.full_lengths > self.max_length).sum())
+
+    def length_covering(self, fraction: float) -> int:
+        """The smallest max_length that would keep `fraction` of the records whole."""
+        return int(np.quantile(self.full_lengths, fraction, method="higher")) if len(self.full_lengths) else 0
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -73,28 +84,29 @@ class TokenizedData:
         return self.ids[lo:hi], self.trainable[lo:hi]
 
 
-def _tokenize(path: Path, renderer: Renderer) -> tuple[list[list[int]], list[list[bool]], list[int], int]:
+def _tokenize(path: Path, renderer: Renderer) -> tuple[list[list[int]], list[list[bool]], list[int], list[int]]:
+    """Token ids and masks of the kept records, their indices, and every record's untruncated length."""
     ids: list[list[int]] = []
     masks: list[list[bool]] = []
     kept: list[int] = []
-    num_records = 0
+    full_lengths: list[int] = []
     pending: list[tuple[int, str, Any]] = []
 
     def flush() -> None:
         for (index, _, _), enc in zip(pending, renderer.encode_many([(ex, where) for _, where, ex in pending])):
+            full_lengths.append(enc.full_length)
             if enc.num_trainable > 0:
                 ids.append(enc.input_ids)
                 masks.append(enc.trainable)
                 kept.append(index)
         pending.clear()
 
-    for where, example in iter_examples(path):
-        pending.append((num_records, where, example))
-        num_records += 1
+    for index, (where, example) in enumerate(iter_examples(path)):
+        pending.append((index, where, example))
         if len(pending) >= _CHUNK:
             flush()
     flush()
-    return ids, masks, kept, num_records
+    return ids, masks, kept, full_lengths
 
 
 def load_tokenized(path: str | Path, renderer: Renderer, cache_dir: str | Path | None = None,
@@ -112,21 +124,24 @@ def load_tokenized(path: str | Path, renderer: Renderer, cache_dir: str | Path |
         try:
             with np.load(cache_file) as z:
                 return TokenizedData(path, sha256, z["ids"], z["trainable"], z["offsets"], z["record_index"],
-                                     int(z["num_records"]), from_cache=True)
+                                     int(z["num_records"]), z["full_lengths"], renderer.max_length, from_cache=True)
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is rebuilt below
 
-    ids, masks, kept, num_records = _tokenize(path, renderer)
+    ids, masks, kept, full_lengths = _tokenize(path, renderer)
+    num_records = len(full_lengths)
     offsets = np.zeros(len(ids) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(x) for x in ids])
     flat_ids = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1]))
     flat_mask = np.fromiter((m for x in masks for m in x), dtype=bool, count=int(offsets[-1]))
-    data = TokenizedData(path, sha256, flat_ids, flat_mask, offsets, np.asarray(kept, dtype=np.int64), num_records)
+    data = TokenizedData(path, sha256, flat_ids, flat_mask, offsets, np.asarray(kept, dtype=np.int64), num_records,
+                         np.asarray(full_lengths, dtype=np.int32), renderer.max_length)
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cache_file) as tmp, open(tmp, "wb") as f:
             np.savez(f, ids=data.ids, trainable=data.trainable, offsets=data.offsets,
-                     record_index=data.record_index, num_records=np.int64(num_records))
+                     record_index=data.record_index, num_records=np.int64(num_records),
+                     full_lengths=data.full_lengths)
     except OSError:
         pass  # an unwritable cache only costs time
     return data
@@ -137,15 +152,32 @@ def describe(name: str, data: TokenizedData, seconds: float | None = None) -> st
     parts = [f"{name}: {len(data):,} examples, {int(data.trainable.sum()):,} response tokens"]
     if data.num_skipped:
         parts.append(f"{data.num_skipped:,} of {data.num_records:,} records skipped (no response token left)")
+    parts.append(f"{data.num_truncated:,} truncated at max_length {data.max_length}")
     parts.append("from cache" if data.from_cache else f"tokenized in {seconds or 0:.1f}s")
     from rich.markup import escape
 
     return escape(", ".join(parts))
 
 
+TRUNCATION_WARNING = 0.05  # warn when a file loses more than this fraction of its records to truncation
+
+
+def truncation_warning(name: str, data: TokenizedData) -> str | None:
+    """A warning when truncation cuts more than 5% of a file's records (it shifts that source's mean loss and cuts
+    exactly the long answers, e.g. final answers of math solutions), with the max_length that keeps 99% whole."""
+    if not data.num_records or data.num_truncated <= TRUNCATION_WARNING * data.num_records:
+        return None
+    from rich.markup import escape
+
+    share = data.num_truncated / data.num_records
+    return escape(f"{name}: {share:.1%} of the records ({data.num_truncated:,} of {data.num_records:,}) are longer "
+                  f"than data.max_length={data.max_length} and were cut; data.max_length={data.length_covering(0.99)} "
+                  "keeps 99% of them whole")
+
+
 def load_all(files: list[tuple[str, str]], renderer: Renderer, cache_dir: str | Path | None, *, is_main: bool = True,
-             barrier: Callable[[], None] = lambda: None, log: Callable[[str], None] = lambda line: None
-             ) -> list[TokenizedData]:
+             barrier: Callable[[], None] = lambda: None, log: Callable[[str], None] = lambda line: None,
+             warn: Callable[[str], None] = lambda line: None) -> list[TokenizedData]:
     """Tokenize (or read from the cache) each `(key, path)`. The main process goes first, so that the others find
     the cache filled instead of all tokenizing the same files at once.
 
@@ -158,6 +190,9 @@ def load_all(files: list[tuple[str, str]], renderer: Renderer, cache_dir: str | 
                 start = time.perf_counter()
                 loaded.append(load_tokenized(path, renderer, cache_dir))
                 log(describe(key, loaded[-1], time.perf_counter() - start))
+                warning = truncation_warning(key, loaded[-1])
+                if warning:
+                    warn(warning)
         barrier()
     empty = [f"{key}: no record of {path} keeps a response token within data.max_length={renderer.max_length} "
              "(raise data.max_length, or shorten the prompts)" for (key, path), d in zip(files, loaded) if not len(d)]

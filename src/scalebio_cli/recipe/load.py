@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from scalebio_cli.errors import InputError
-from scalebio_cli.recipe.schema import PRECISIONS, PathKind, Recipe, path_fields
+from scalebio_cli.recipe.schema import BATCH_COMPOSITIONS, PRECISIONS, PathKind, Recipe, path_fields
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -242,6 +242,8 @@ def _check_ranges(recipe: Recipe) -> list[str]:
         need(cfg.lisa.layers >= 0, f"{section}.lisa.layers: must be >= 0 (0 = all blocks), got {cfg.lisa.layers}")
         need(cfg.lisa.interval >= 1, f"{section}.lisa.interval: must be >= 1, got {cfg.lisa.interval}")
     need(rw.val_batch_size >= 1, f"reweight.val_batch_size: must be >= 1, got {rw.val_batch_size}")
+    need(rw.batch_composition in BATCH_COMPOSITIONS, f"reweight.batch_composition: must be one of "
+         f"{', '.join(BATCH_COMPOSITIONS)}, got {rw.batch_composition!r}")
     ft = recipe.finetune
     need(ft.epochs > 0, f"finetune.epochs: must be > 0, got {ft.epochs}")
     need(0 < ft.lr < 10, f"finetune.lr: must be in (0, 10), got {ft.lr}")

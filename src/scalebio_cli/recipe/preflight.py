@@ -44,6 +44,12 @@ def data_file_problems(key: str, path: str | None) -> list[str]:
 
 def model_folder_problems(key: str, path: str, need_weights: bool = True) -> list[str]:
     p = Path(path)
+    if p.suffix == ".gguf":  # one file holds weights, tokenizer and chat template
+        if not p.is_file():
+            return [f"{key}: GGUF file not found: {p}"]
+        with p.open("rb") as f:
+            magic = f.read(4)
+        return [] if magic == b"GGUF" else [f"{key}: {p} is not a GGUF file (it does not start with 'GGUF')"]
     if not p.exists():
         return [] if looks_like_hub_id(path) else [f"{key}: folder not found: {p}"]
     if not p.is_dir():
@@ -118,7 +124,7 @@ def check_reweight(recipe: Recipe, where: str | Path = "recipe") -> None:
         problems.append(f"data.sources: reweight needs at least 2 sources, got {len(data.sources)}")
     if not data.validation:
         problems.append("data.validation: reweight needs a validation file (what the model should become good at)")
-    if rw.batch_size < len(data.sources):
+    if rw.batch_composition == "balanced" and rw.batch_size < len(data.sources):
         problems.append(f"reweight.batch_size: {rw.batch_size} is less than the {len(data.sources)} sources; "
                         "every source must appear in every batch")
     for key in ("batch_size", "val_batch_size"):

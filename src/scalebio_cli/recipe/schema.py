@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 PRECISIONS = ("auto", "fp32", "bf16")
+BATCH_COMPOSITIONS = ("balanced", "pooled")
 STAGES = ("reweight", "finetune")
 RW: tuple[str, ...] = ("reweight",)
 FT: tuple[str, ...] = ("finetune",)
@@ -46,8 +47,11 @@ def section(factory: Any, stage: str | None = None) -> Any:
 class LisaConfig:
     """Layerwise importance sampling: train `layers` random transformer blocks at a time."""
 
-    layers: int = setting(2, affects=BOTH)  # blocks trainable at a time; 0 = all blocks (no LISA)
+    layers: int = setting(4, affects=BOTH)  # blocks trainable at a time (the reference's 8B script); 0 = all blocks
     interval: int = setting(20, affects=BOTH)  # steps between re-draws
+    # true: the backward pass reaches the input embeddings every step (they learn, as ALGORITHM.md says); false:
+    # it stops at the lowest active block (cheaper) and the input embeddings are frozen (tied heads still learn)
+    train_embeddings: bool = setting(True, affects=BOTH)
 
 
 def _finetune_lisa() -> LisaConfig:
@@ -59,7 +63,7 @@ class DataConfig:
     # name -> file; order fixes the source index
     sources: dict[str, str] = setting(affects=BOTH, path="files", factory=dict)
     validation: str | None = setting(None, affects=RW, path="file")  # required by reweight
-    max_length: int = setting(512, affects=BOTH)  # tokens per example; longer examples are cut on the right
+    max_length: int = setting(1024, affects=BOTH)  # tokens per example; longer examples are cut on the right
     # tokenized-data cache; default $SCALEBIO_CACHE or ~/.cache/scalebio
     cache_dir: str | None = setting(None, affects=NONE, path="file")
 
@@ -72,7 +76,11 @@ class ReweightConfig:
     lr_w: float = setting(1e-5, affects=RW)
     lr_lambda: float = setting(1e-2, affects=RW)
     batch_size: int = setting(32, affects=RW)  # training examples per step, all sources and processes together
-    val_batch_size: int = setting(16, affects=RW)  # validation examples per step, all processes together
+    # validation examples per step, all processes together (the reference validates on as many as it trains on)
+    val_batch_size: int = setting(32, affects=RW)
+    # balanced: every source equally often in every batch (an unbiased estimate of sum_k s_k m_k, lower variance for
+    # small sources); pooled: drawn from all sources pooled, proportional to their sizes (the reference's batches)
+    batch_composition: str = setting("balanced", affects=RW)
     # examples per forward pass on one process (gradient accumulation: the same gradient up to rounding)
     micro_batch_size: int = setting(8, affects=NONE)
     warmup_ratio: float = setting(0.03, affects=RW)  # linear warmup, then cosine decay (u, w and lambda)

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.markup import escape
 from torch import nn
 
-from scalebio_cli.console import step_progress
+from scalebio_cli.console import console, step_progress
 from scalebio_cli.data.records import iter_examples
 from scalebio_cli.errors import InputError
 from scalebio_cli.train import distributed
@@ -120,7 +121,7 @@ def run(model_dir: str, data: dict[str, str], *, output: Path | None, batch_size
         generate: bool = False, max_new_tokens: int = 256, lm_eval_tasks: list[str] | None = None,
         lm_eval_limit: int | None = None, precision: str = "auto", trust_remote_code: bool = False) -> dict[str, Any]:
     from scalebio_cli.data.render import Renderer
-    from scalebio_cli.data.tokenized import load_tokenized
+    from scalebio_cli.data.tokenized import describe, load_tokenized, truncation_warning
     from scalebio_cli.files import write_json
     from scalebio_cli.train.modeling import load_model, load_tokenizer, resolve_dtype
 
@@ -128,6 +129,13 @@ def run(model_dir: str, data: dict[str, str], *, output: Path | None, batch_size
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     renderer = Renderer(tokenizer, max_length)
     tokenized = {name: load_tokenized(path, renderer) for name, path in data.items()}
+    if dist.is_main:
+        console.print(f"[dim]eval[/] {escape(model_dir)}: max_length {max_length}")
+        for name, tok in tokenized.items():
+            console.print(f"[dim]data[/] {describe(name, tok)}")
+            warning = truncation_warning(name, tok)
+            if warning:
+                console.print(f"[bold yellow]warning:[/] {warning}")
     model = load_model(model_dir, resolve_dtype(precision, dist.device), dist.device, trust_remote_code)
     results: dict[str, Any] = {}
     for name, path in data.items():

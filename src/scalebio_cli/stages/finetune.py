@@ -20,7 +20,7 @@ from rich.markup import escape
 from scalebio_cli.console import console, format_weights, step_progress
 from scalebio_cli.data.batching import CursorSampler, micro_batches, num_micro_batches, response_token_count
 from scalebio_cli.data.render import Renderer
-from scalebio_cli.data.tokenized import TokenizedData, load_all
+from scalebio_cli.data.tokenized import TokenizedData
 from scalebio_cli.errors import InputError
 from scalebio_cli.recipe import Recipe
 from scalebio_cli.results import weights_file
@@ -120,8 +120,7 @@ def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, f
     renderer = Renderer(tokenizer, recipe.data.max_length)
     keys = ["finetune.data" if len(files) == 1 else f"data.sources.{n}" for n in files]
     named = list(zip(keys, files.values())) + ([("finetune.validation", cfg.validation)] if cfg.validation else [])
-    data = load_all(named, renderer, recipe.data.cache_dir, is_main=dist.is_main,
-                    barrier=lambda: distributed.barrier(dist), log=lambda line: console.print(f"[dim]data[/] {line}"))
+    data = loop.load_data_files(named, renderer, recipe, dist)
     loaded = dict(zip(files, data))
     fingerprints = {n: loaded[n].sha256 for n in files}
     loop.check_resume(start_from, "finetune", recipe, fingerprints, force, dist)

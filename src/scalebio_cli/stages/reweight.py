@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.markup import escape
 
@@ -27,7 +28,7 @@ from scalebio_cli.data.batching import (
     response_token_count,
 )
 from scalebio_cli.data.render import Renderer
-from scalebio_cli.data.tokenized import TokenizedData, load_all
+from scalebio_cli.data.tokenized import TokenizedData
 from scalebio_cli.recipe import Recipe
 from scalebio_cli.results import weights_file
 from scalebio_cli.results.metrics import MetricsLog, plot_weights
@@ -39,6 +40,7 @@ from scalebio_cli.train.stopping import FiniteGuard
 from scalebio_cli.train.zero import load_deepspeed_config, zero3_loading
 
 VALIDATION_STREAM = 10_000  # sampler stream of the validation set; source k uses stream k
+_POOLED_STREAM = 0xB001  # the per-step source counts of pooled batches
 
 
 class BatchPlan:
@@ -52,12 +54,18 @@ class BatchPlan:
         self.data = [*sources, val]  # the validation set is "source" K
         self.dist, self.pad_id, self.rw = dist, pad_id, recipe.reweight
         self.samplers = [CursorSampler(len(d), recipe.seed, k) for k, d in enumerate(sources)]
+        sizes = np.asarray([len(d) for d in sources], dtype=np.float64)
+        self.pool, self.seed = sizes / sizes.sum(), recipe.seed
         self.val_sampler = CursorSampler(len(val), recipe.seed, VALIDATION_STREAM)
         self.pin = dist.device.type == "cuda"
 
     def next(self, step: int) -> StepBatches:
         k_val = len(self.samplers)
-        counts = balanced_counts(self.rw.batch_size, k_val, step)
+        if self.rw.batch_composition == "pooled":  # the reference's batches: proportional to source sizes
+            rng = np.random.default_rng([self.seed, _POOLED_STREAM, step])
+            counts = rng.multinomial(self.rw.batch_size, self.pool).tolist()
+        else:
+            counts = balanced_counts(self.rw.batch_size, k_val, step)
         items = [(k, int(i)) for k, n in enumerate(counts) for i in self.samplers[k].take(n)]
         val_items = [(k_val, int(i)) for i in self.val_sampler.take(self.rw.val_batch_size)]
         rank, world = self.dist.rank, self.dist.world_size
@@ -83,8 +91,7 @@ def load_data(recipe: Recipe, renderer: Renderer,
     """Every source and the validation set, tokenized (or from the cache)."""
     files = [(f"data.sources.{n}", p) for n, p in recipe.data.sources.items()]
     files.append(("data.validation", recipe.data.validation or ""))
-    loaded = load_all(files, renderer, recipe.data.cache_dir, is_main=dist.is_main,
-                      barrier=lambda: distributed.barrier(dist), log=lambda line: console.print(f"[dim]data[/] {line}"))
+    loaded = loop.load_data_files(files, renderer, recipe, dist)
     return loaded[:-1], loaded[-1]
 
 
@@ -281,4 +288,4 @@ def finish(rw: Reweighting) -> Path:
 
 def _source_info(path: str | None, data: TokenizedData) -> dict[str, Any]:
     return {"path": str(Path(path).resolve()), "num_examples": data.num_records, "num_trainable": len(data),
-            "sha256": data.sha256}
+            "num_truncated": data.num_truncated, "sha256": data.sha256}

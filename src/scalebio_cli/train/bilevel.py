@@ -104,8 +104,11 @@ def bilevel_step(u: TrainEngine, w: TrainEngine, lam: SourceWeights, batch: Step
                  dist: distributed.DistInfo, stop_requested: bool = False) -> StepResult:
     """One ScaleBiO step (u-step, w-step, lam-step) on prepared batches; no host-device synchronisation."""
     s = lam.probs()
+    # A source absent from a (pooled) batch has no mean: counting it once makes its m_u = m_w = 0, so it adds
+    # nothing to the lam gradient's difference d. Balanced batches hold every source (the clamp changes nothing).
+    counts = batch.source_counts.clamp(min=1.0)
     # alpha * s_k / n_k: the gradient of alpha * L2 = alpha * sum_k s_k * mean_k(loss) per example.
-    coef = alpha * s / batch.source_counts
+    coef = alpha * s / counts
     sums_u, _ = _pass(u, batch.u, coef, batch.val_tokens)  # alpha * L2(u) on B
     grad_norm_u = u.step()
     sums_w, l1_sum = _pass(w, batch.w, coef, batch.val_tokens)  # alpha * L2(w) on B + L1(w) on V
@@ -114,7 +117,7 @@ def bilevel_step(u: TrainEngine, w: TrainEngine, lam: SourceWeights, batch: Step
     vote = torch.full((1,), float(stop_requested), device=s.device)
     totals = distributed.all_reduce_sum(torch.cat([sums_u, sums_w, l1_sum.view(1), vote]), dist)
     k = s.shape[0]
-    m_u, m_w = totals[:k] / batch.source_counts, totals[k: 2 * k] / batch.source_counts
+    m_u, m_w = totals[:k] / counts, totals[k: 2 * k] / counts
     lam_grad = lam.step(m_w, m_u, alpha)
     return StepResult(s, m_u, m_w, totals[2 * k], lam_grad, grad_norm_u, grad_norm_w, totals[-1])
 

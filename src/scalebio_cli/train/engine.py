@@ -88,7 +88,7 @@ class Engine:
             self.module = DistributedDataParallel(model, find_unused_parameters=True, device_ids=device_ids,
                                                   **no_buffer_sync)
             self.grad_scale = float(dist.world_size)
-        self.lisa = Lisa(model, lisa.layers, lisa.interval, seed)
+        self.lisa = Lisa(model, lisa.layers, lisa.interval, seed, lisa.train_embeddings)
         self._lr = lr
 
     def begin_step(self, step: int) -> None:

@@ -14,11 +14,13 @@ import torch
 from rich.markup import escape
 
 from scalebio_cli.console import console
+from scalebio_cli.data.render import Renderer
+from scalebio_cli.data.tokenized import TokenizedData, load_all
 from scalebio_cli.errors import TrainingStopped
 from scalebio_cli.files import write_text
 from scalebio_cli.recipe import Recipe, dump_recipe
 from scalebio_cli.recipe.schema import result_keys
-from scalebio_cli.train import checkpoint
+from scalebio_cli.train import checkpoint, distributed
 from scalebio_cli.train.distributed import DistInfo
 from scalebio_cli.train.stopping import FiniteGuard, StopSignals, StopVote
 
@@ -30,6 +32,14 @@ def open_run_folder(recipe: Recipe, dist: DistInfo) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "recipe.yaml", dump_recipe(recipe))
     return out
+
+
+def load_data_files(files: list[tuple[str, str]], renderer: Renderer, recipe: Recipe,
+                    dist: DistInfo) -> list[TokenizedData]:
+    """Tokenize (or read from the cache) each `(recipe key, path)`, logging sizes and warning about truncation."""
+    return load_all(files, renderer, recipe.data.cache_dir, is_main=dist.is_main,
+                    barrier=lambda: distributed.barrier(dist), log=lambda line: console.print(f"[dim]data[/] {line}"),
+                    warn=lambda line: console.print(f"[bold yellow]warning:[/] {line}"))
 
 
 def check_resume(start_from: Path | None, stage: str, recipe: Recipe, fingerprints: dict[str, str], force: bool,

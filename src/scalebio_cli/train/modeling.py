@@ -25,11 +25,26 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def is_gguf(path: str) -> bool:
+    return str(path).endswith(".gguf")
+
+
+def _source(path: str) -> tuple[str, dict[str, Any]]:
+    """What `from_pretrained` needs: a folder (or hub id), or a GGUF file as (its folder, gguf_file=name).
+    transformers dequantizes a GGUF file into a normal float model; its tokenizer and chat template come from the
+    same file."""
+    if is_gguf(path):
+        file = Path(path)
+        return str(file.parent), {"gguf_file": file.name}
+    return path, {}
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
+    where, extra = _source(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: cannot load a tokenizer ({str(exc).splitlines()[0]})") from None
     if tokenizer.pad_token is None:
@@ -52,10 +67,17 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device, trust_remote
     else:
         hf_logging.disable_progress_bar()
 
+    where, extra = _source(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: cannot load a causal LM ({str(exc).splitlines()[0]})") from None
+    if getattr(model.config, "quantization_config", None) is not None and is_gguf(path):
+        # Dequantized on load: the weights are plain floats now. The marker would make save_pretrained refuse
+        # ("quantized with gguf, not serializable"), and a fine-tuned model is a plain folder.
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
     model.config.use_cache = False  # training never reuses a KV cache
     return model.to(device)
 

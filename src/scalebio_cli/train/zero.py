@@ -39,10 +39,17 @@ class DeepSpeedEngine:
 
         self.model, self.dist = model, dist
         prepare_for_training(model, gradient_checkpointing)
-        self.lisa = Lisa(model, lisa.layers, lisa.interval, seed)
+        self.lisa = Lisa(model, lisa.layers, lisa.interval, seed, lisa.train_embeddings)
         in_blocks = {id(p) for block in self.lisa.blocks for p in block.parameters()}
+        fixed = {id(p) for p in self.lisa.frozen_upstream}
         groups = [{"params": list(block.parameters())} for block in self.lisa.blocks]
-        groups.append({"params": [p for p in model.parameters() if id(p) not in in_blocks]})
+        groups.append({"params": [p for p in model.parameters() if id(p) not in in_blocks | fixed]})
+        # Frozen input embeddings (lisa.train_embeddings: false) get zero gradients from ZeRO: a group of their
+        # own with learning rate and decay 0 keeps them exactly still, as the plain engine (no gradient) does.
+        self.never_trained: set[int] = set()
+        if fixed:
+            self.never_trained = {len(groups)}
+            groups.append({"params": list(self.lisa.frozen_upstream)})
         self.base_lr, self.weight_decay = lr, weight_decay
         self.factor = warmup_cosine(total_steps, warmup_ratio)
         optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
@@ -63,7 +70,7 @@ class DeepSpeedEngine:
                 reset_group_state(self.ds.optimizer, group)
             self._active = active
         self._lr = self.base_lr * self.factor(step)
-        frozen = set(range(len(self.lisa.blocks))) - set(self.lisa.active)
+        frozen = (set(range(len(self.lisa.blocks))) - set(self.lisa.active)) | self.never_trained
         for i, group in enumerate(self.ds.optimizer.param_groups):
             group["lr"] = 0.0 if i in frozen else self._lr
             group["weight_decay"] = 0.0 if i in frozen else self.weight_decay

@@ -1,0 +1,245 @@
+"""Do the learned weights separate clean from corrupted data on a real pretrained model? A denoising benchmark.
+
+    python scripts/bench_quality.py                          # SmolLM2-135M-Instruct on CPU, LISA default, seed 0
+    python scripts/bench_quality.py --seeds 0 1 2 --variants default full
+    python scripts/bench_quality.py --device cuda --preset gpu --seeds 0 1 2 --variants all
+
+Sources, all built from ../shared/data/instruct-math (short general-instruction records of GPT4-LLM-Cleaned and
+GPTeacher, and short MathInstruct records), disjoint from each other and from the validation set:
+
+  clean      correct responses (general and math), drawn like the validation set
+  dot        responses replaced by "." (the paper's denoising corruption)
+  shuffled   the words of each response shuffled
+  swapped    responses taken from other records (answers that do not belong to the question)
+  wrong      math responses with every number changed (wrong final answers)
+
+The right answer: `clean` gets the largest weight and every corrupted source less than uniform. Each variant x seed
+is one real `scalebio reweight` run (a subprocess); the script prints the weights per logged step and a table,
+draws the weights over steps, and writes the section "Real-model quality" of docs/results.md with the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data" / "instruct-math"
+SOURCES = ("clean", "dot", "shuffled", "swapped", "wrong")
+# Budget presets: CPU fits 2 cores (tens of steps, short records); GPU is the reference's scale.
+PRESETS = {
+    "cpu": {"steps": 40, "batch_size": 9, "val_batch_size": 3, "micro_batch_size": 11, "max_length": 128,
+            "log_every": 5},
+    "gpu": {"steps": 300, "batch_size": 60, "val_batch_size": 60, "micro_batch_size": 20, "max_length": 512,
+            "log_every": 10},
+}
+# The study's settings, each one change from `default` (KEY=VALUE overrides of the reweight recipe).
+VARIANTS: dict[str, list[str]] = {
+    "default": [],
+    "full": ["reweight.lisa.layers=0"],
+    "cut-embeddings": ["reweight.lisa.train_embeddings=false"],
+    "lisa-2": ["reweight.lisa.layers=2"],
+    "lisa-8": ["reweight.lisa.layers=8"],
+    "interval-5": ["reweight.lisa.interval=5"],
+    "no-warmup": ["reweight.warmup_ratio=0"],
+    "no-clipping": ["reweight.max_grad_norm=null"],
+    "no-weight-decay": ["reweight.weight_decay=0"],
+    "alpha-1": ["reweight.alpha=1"],
+    "lr-1e-4": ["reweight.lr_u=1e-4", "reweight.lr_w=1e-4"],
+    "val-batch-9": ["reweight.val_batch_size=9"],
+}
+
+
+def short_records(name: str, max_prompt: int = 160, max_response: int = 180) -> list[dict]:
+    records = json.loads((SHARED / f"train_{name}.json").read_text())
+    return [r for r in records if len(r["items"]) == 2 and len(r["items"][0]["value"]) <= max_prompt
+            and 30 <= len(r["items"][1]["value"]) <= max_response]
+
+
+def _with_response(record: dict, response: str) -> dict:
+    return {"items": [record["items"][0], {"from": "gpt", "value": response}]}
+
+
+def build_data(out: Path, seed: int = 0) -> dict[str, Path]:
+    """Write the five sources and the validation set (sharegpt JSON) into `out`; returns their paths."""
+    rng = random.Random(seed)
+    general = short_records("GPT4-LLM-Cleaned") + short_records("GPTeacher-General-Instruct")
+    math = short_records("MathInstruct")
+    rng.shuffle(general)
+    rng.shuffle(math)
+    g = iter(general)
+    m = iter(math)
+
+    def take(it, n: int) -> list[dict]:
+        return [next(it) for _ in range(n)]
+
+    val = take(g, 60) + take(m, 30)
+    clean = take(g, 160) + take(m, 60)
+    dot = [_with_response(r, ".") for r in take(g, 160)]
+    shuffled = []
+    for r in take(g, 160):
+        words = r["items"][1]["value"].split()
+        rng.shuffle(words)
+        shuffled.append(_with_response(r, " ".join(words)))
+    base = take(g, 160)
+    donors = base[1:] + base[:1]  # a derangement: every record gets another record's response
+    swapped = [_with_response(r, d["items"][1]["value"]) for r, d in zip(base, donors)]
+
+    def perturb(match: re.Match) -> str:
+        value = int(match.group())
+        return str(value + rng.choice([-1, 1]) * rng.randint(1, max(2, value // 2 + 1)))
+
+    wrong = [_with_response(r, re.sub(r"\d+", perturb, r["items"][1]["value"])) for r in take(m, 120)
+             if re.search(r"\d", r["items"][1]["value"])]
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, records in [("clean", clean), ("dot", dot), ("shuffled", shuffled), ("swapped", swapped),
+                          ("wrong", wrong), ("val", val)]:
+        rng.shuffle(records)
+        paths[name] = out / f"{name}.json"
+        paths[name].write_text(json.dumps(records, ensure_ascii=False))
+    return paths
+
+
+def model_path(args: argparse.Namespace) -> str:
+    if args.model:
+        return args.model
+    flag = ["--gguf"] if args.gguf else []
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "get_smollm2.py"), *flag], capture_output=True,
+                         text=True)
+    if out.returncode != 0:
+        sys.exit(f"SmolLM2 is not available ({out.stderr.strip()})")
+    return out.stdout.strip().splitlines()[-1]
+
+
+def run_variant(name: str, seed: int, args: argparse.Namespace, paths: dict[str, Path], model: str) -> dict:
+    preset = PRESETS[args.preset]
+    out = args.work / "runs" / f"{name}-seed{seed}"
+    recipe = {
+        "model": model, "output_dir": str(out), "seed": seed,
+        "data": {"sources": {n: str(paths[n]) for n in SOURCES}, "validation": str(paths["val"]),
+                 "max_length": preset["max_length"]},
+        "reweight": {"steps": preset["steps"], "alpha": 10, "lr_u": 1e-5, "lr_w": 1e-5, "lr_lambda": 5e-2,
+                     "batch_size": preset["batch_size"], "val_batch_size": preset["val_batch_size"],
+                     "micro_batch_size": preset["micro_batch_size"], "log_every": preset["log_every"]},
+        "checkpoint": {"every": 0},
+    }
+    path = args.work / "recipes" / f"{name}-seed{seed}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    exe = Path(sys.executable).parent / "scalebio"
+    start = time.perf_counter()
+    result = subprocess.run([str(exe), "reweight", "--config", str(path), *args.overrides, *VARIANTS[name]],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{name} seed {seed} failed:\n{result.stderr[-3000:]}")
+    doc = json.loads((out / "weights.json").read_text())
+    return {"variant": name, "seed": seed, "weights": doc["weights"], "trajectory": doc["trajectory"],
+            "seconds": time.perf_counter() - start, "overrides": VARIANTS[name]}
+
+
+def passes(weights: dict[str, float]) -> bool:
+    uniform = 1 / len(weights)
+    return max(weights, key=weights.get) == "clean" and all(weights[n] < uniform for n in weights if n != "clean")
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = sorted({r["variant"] for r in results}, key=list(VARIANTS).index)
+    fig, axes = plt.subplots(1, len(variants), figsize=(4.2 * len(variants), 3.4), dpi=110, squeeze=False)
+    for ax, variant in zip(axes[0], variants):
+        for r in (x for x in results if x["variant"] == variant):
+            steps = [p["step"] for p in r["trajectory"]]
+            for i, source in enumerate(SOURCES):
+                ax.plot(steps, [p["weights"][source] for p in r["trajectory"]], color=f"C{i}", linewidth=1.4,
+                        alpha=0.85, label=source if r["seed"] == results[0]["seed"] else None)
+        ax.axhline(1 / len(SOURCES), color="grey", linestyle=":", linewidth=1)
+        ax.set_title(variant)
+        ax.set_xlabel("step")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("sampling weight")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def report(results: list[dict], args: argparse.Namespace, command: str) -> str:
+    lines = [f"Model `{Path(args.model_label).name}`, preset `{args.preset}` ({json.dumps(PRESETS[args.preset])}), "
+             f"alpha 10, lr_u = lr_w = 1e-5, lr_lambda 5e-2, {args.device}. Passes: clean largest and every "
+             "corrupted source below uniform (0.200).", "", f"`{command}`", "",
+             "| variant | seed | " + " | ".join(SOURCES) + " | passes | minutes |",
+             "|---|---:|" + "---:|" * len(SOURCES) + "---|---:|"]
+    for r in results:
+        w = r["weights"]
+        lines.append(f"| {r['variant']} | {r['seed']} | " + " | ".join(f"{w[n]:.3f}" for n in SOURCES)
+                     + f" | {'yes' if passes(w) else 'no'} | {r['seconds'] / 60:.1f} |")
+    return "\n".join(lines)
+
+
+def write_results(text: str, plot_name: str) -> None:
+    doc = ROOT / "docs" / "results.md"
+    head = "\n## Real-model quality: denoising on SmolLM2-135M-Instruct\n\n"
+    body = head + text + f"\n\n![weights over steps]({plot_name})\n"
+    existing = doc.read_text() if doc.exists() else "# Results\n"
+    doc.write_text(existing.rstrip() + "\n" + body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a model folder or .gguf (default: SmolLM2 via scripts/get_smollm2.py)")
+    parser.add_argument("--gguf", action="store_true", help="use the GGUF file itself instead of the folder")
+    parser.add_argument("--preset", default="cpu", choices=list(PRESETS))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--variants", nargs="+", default=["default"], help=f"any of {', '.join(VARIANTS)}, or all")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "quality")
+    parser.add_argument("--no-record", action="store_true", help="do not append to docs/results.md")
+    parser.add_argument("overrides", nargs="*", help="extra KEY=VALUE recipe overrides for every run")
+    args = parser.parse_args()
+    if not SHARED.is_dir():
+        sys.exit(f"{SHARED} not found: the benchmark builds its sources from instruct-math")
+    variants = list(VARIANTS) if args.variants == ["all"] else args.variants
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    if args.device == "cpu":
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    paths = build_data(args.work / "data")
+    model = model_path(args)
+    args.model_label = model
+    results = []
+    for variant in variants:
+        for seed in args.seeds:
+            r = run_variant(variant, seed, args, paths, model)
+            results.append(r)
+            steps = " | ".join(f"{p['step']}: " + " ".join(f"{p['weights'][n]:.2f}" for n in SOURCES)
+                               for p in r["trajectory"])
+            print(f"{variant} seed {seed} ({r['seconds'] / 60:.1f} min) [{' '.join(SOURCES)}] {steps}",
+                  file=sys.stderr)
+    command = "python scripts/bench_quality.py " + " ".join(sys.argv[1:])
+    text = report(results, args, command)
+    print(text)
+    plot_name = f"quality-{args.preset}.png"
+    plot(results, ROOT / "docs" / plot_name)
+    (args.work / "results.json").write_text(json.dumps(results, indent=1))
+    if not args.no_record:
+        write_results(text, plot_name)
+
+
+if __name__ == "__main__":
+    main()
