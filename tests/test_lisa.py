@@ -196,7 +196,7 @@ def test_a_model_without_a_block_list_is_a_clear_input_error() -> None:
             super().__init__()
             self.proj = torch.nn.Linear(4, 4)
 
-    with pytest.raises(InputError, match="cannot find the transformer blocks.*lisa.layers: 0"):
+    with pytest.raises(InputError, match=r"cannot find the transformer blocks.*lisa\.layers: 0"):
         find_blocks(NoBlocks())
 
 
