@@ -211,6 +211,7 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true", help="do not append to docs/results.md")
     parser.add_argument("overrides", nargs="*", help="extra KEY=VALUE recipe overrides for every run")
     args = parser.parse_args()
+    args.work = args.work.resolve()  # recipes name absolute paths
     if not SHARED.is_dir():
         sys.exit(f"{SHARED} not found: the benchmark builds its sources from instruct-math")
     variants = list(VARIANTS) if args.variants == ["all"] else args.variants

@@ -34,8 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PRESETS = {
     "cpu": dict(layers=8, hidden=256, heads=4, vocab=2048, seq=128, batch=16, val_batch=8, micro=16),
     "1b": dict(layers=16, hidden=2048, heads=16, vocab=32000, seq=1024, batch=16, val_batch=8, micro=4),
+    # the real vocabulary: SmolLM2-135M-Instruct (scripts/get_smollm2.py), 49,152 tokens, tied head
+    "smollm2": dict(layers=30, hidden=576, heads=9, vocab=49152, seq=256, batch=8, val_batch=8, micro=8),
 }
-SETTINGS = ["sft-lisa", "reweight-lisa", "reweight-lisa-cut", "sft-all", "reweight-all", "reweight-reference"]
+SETTINGS = ["sft-lisa", "reweight-lisa", "reweight-lisa-cut", "reweight-lisa-logits", "sft-all", "reweight-all",
+            "reweight-reference"]
 
 
 def rss_bytes() -> int:
@@ -74,11 +77,19 @@ def child(setting: str, args: argparse.Namespace) -> dict:
     sources, val = [data(256) for _ in range(4)], data(128)
     baseline = rss_bytes()  # interpreter, libraries and data: the same in every setting
 
-    config = LlamaConfig(vocab_size=p["vocab"], hidden_size=p["hidden"], intermediate_size=int(p["hidden"] * 2.6875),
-                         num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
-                         num_key_value_heads=p["heads"], max_position_embeddings=p["seq"])
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
+    if args.preset == "smollm2":
+        from scalebio_cli.train.modeling import load_model
+
+        folder = subprocess.run([sys.executable, str(ROOT / "scripts" / "get_smollm2.py")], capture_output=True,
+                                text=True, check=True).stdout.strip().splitlines()[-1]
+        model = load_model(folder, dtype, device)
+    else:
+        config = LlamaConfig(vocab_size=p["vocab"], hidden_size=p["hidden"],
+                             intermediate_size=int(p["hidden"] * 2.6875), num_hidden_layers=p["layers"],
+                             num_attention_heads=p["heads"], num_key_value_heads=p["heads"],
+                             max_position_embeddings=p["seq"])
+        with torch.device(device):
+            model = LlamaForCausalLM(config).to(dtype)
     model.config.use_cache = False
     lisa = LisaConfig(layers=0 if setting.endswith("-all") else args.lisa, interval=args.interval,
                       train_embeddings=not setting.endswith("-cut"))
@@ -109,6 +120,9 @@ def child(setting: str, args: argparse.Namespace) -> dict:
         def step(i: int) -> None:
             bilevel_step(u, w, lam, batches[i].to(device), alpha=10.0, dist=dist)
 
+    if setting.endswith("-logits"):  # before head-only losses: full [b, T, vocab] logits, then a gather
+        for e in engines:
+            e.module.head_only = False
     if setting == "reweight-reference":
         for e in engines:  # the reference's choice: state for every parameter, never freed
             e.optimizer.release = lambda params: None
@@ -142,6 +156,41 @@ def child(setting: str, args: argparse.Namespace) -> dict:
             "params": sum(x.numel() for x in model.parameters())}
 
 
+def summary(r: dict, p: dict, args: argparse.Namespace, mib: float) -> list[str]:
+    """The ratios the targets are stated in, for the settings that ran."""
+    floor = 2 + p["val_batch"] / p["batch"]
+    out = []
+    for kind in ("lisa", "all"):
+        if f"reweight-{kind}" in r and f"sft-{kind}" in r:
+            overhead = r[f"reweight-{kind}"]["median_s"] / (floor * r[f"sft-{kind}"]["median_s"])
+            out.append(f"- overhead ({kind}) = reweight / ((2 + |V|/|B|) x sft) = {overhead:.3f} "
+                       f"(target <= {1.10 if args.device == 'cpu' else 1.05})")
+    if {"reweight-lisa", "sft-lisa"} <= set(r):
+        out.append(f"- memory: LISA reweight / LISA SFT = "
+                   f"{r['reweight-lisa']['peak_bytes'] / r['sft-lisa']['peak_bytes']:.2f} (target <= 2.3)")
+    if {"reweight-lisa", "reweight-all"} <= set(r):
+        out.append(f"- LISA vs all blocks: reweight step "
+                   f"{r['reweight-all']['median_s'] / r['reweight-lisa']['median_s']:.2f}x faster, "
+                   f"{r['reweight-all']['peak_bytes'] / r['reweight-lisa']['peak_bytes']:.2f}x less memory")
+    if {"reweight-lisa", "reweight-lisa-cut"} <= set(r):
+        out.append(f"- embeddings trained (default) vs cut at the lowest active block (`lisa.train_embeddings: "
+                   f"false`): {r['reweight-lisa']['median_s'] * 1000:.1f} vs "
+                   f"{r['reweight-lisa-cut']['median_s'] * 1000:.1f} ms per step, "
+                   f"{r['reweight-lisa']['peak_bytes'] * mib:,.1f} vs "
+                   f"{r['reweight-lisa-cut']['peak_bytes'] * mib:,.1f} MiB")
+    if {"reweight-lisa", "reweight-lisa-logits"} <= set(r):
+        out.append(f"- LM head only at loss positions, chunked (default) vs full logits: peak memory "
+                   f"{r['reweight-lisa']['peak_bytes'] / r['reweight-lisa-logits']['peak_bytes']:.2f}x "
+                   f"(target <= 0.5 on the real vocabulary), step "
+                   f"{r['reweight-lisa-logits']['median_s'] / r['reweight-lisa']['median_s']:.2f}x faster")
+    if {"reweight-lisa", "reweight-reference"} <= set(r):
+        state = r["reweight-reference"]["optimizer_state_bytes"] / max(1, r["reweight-lisa"]["optimizer_state_bytes"])
+        out.append(f"- the reference implementations' LISA (optimizer state for all parameters, never freed): "
+                   f"{r['reweight-reference']['peak_bytes'] * mib:,.1f} MiB and "
+                   f"{r['reweight-reference']['median_s'] * 1000:.1f} ms per step ({state:.1f}x the optimizer state)")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -150,6 +199,8 @@ def main() -> None:
     parser.add_argument("--interval", type=int, default=4, help="LISA re-draw interval (short, so the median "
                                                                      "covers several draws)")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--settings", nargs="+", default=None, choices=SETTINGS,
+                        help="run only these (default: all; preset smollm2: LISA SFT/reweight, head-only vs logits)")
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--no-record", action="store_true", help="do not append to docs/benchmarks.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -159,8 +210,11 @@ def main() -> None:
         print("RESULT " + json.dumps(child(args.child, args)))
         return
 
+    if args.settings is None:
+        args.settings = (["sft-lisa", "reweight-lisa", "reweight-lisa-logits"] if args.preset == "smollm2"
+                         else SETTINGS)
     results = {}
-    for setting in SETTINGS:
+    for setting in args.settings:
         cmd = [sys.executable, __file__, "--child", setting, "--device", args.device, "--preset", args.preset,
                "--lisa", str(args.lisa), "--interval", str(args.interval), "--steps", str(args.steps),
                "--warmup", str(args.warmup)]
@@ -173,50 +227,30 @@ def main() -> None:
         print(f"  {setting}: {results[setting]['median_s'] * 1000:.1f} ms", file=sys.stderr)
 
     p = PRESETS[args.preset]
-    floor = 2 + p["val_batch"] / p["batch"]
     r = results
-    overhead = {kind: r[f"reweight-{kind}"]["median_s"] / (floor * r[f"sft-{kind}"]["median_s"])
-                for kind in ("lisa", "all")}
-    memory_ratio = r["reweight-lisa"]["peak_bytes"] / r["sft-lisa"]["peak_bytes"]
     mib = 1 / 2**20
-    reference_state = r['reweight-reference']['optimizer_state_bytes']
     device_name = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores" if args.device == "cpu"
                    else __import__("torch").cuda.get_device_name())
     mem_label = "peak RSS above baseline" if args.device == "cpu" else "peak CUDA memory"
+    params = next(iter(r.values()))["params"]
     lines = [
         f"### {datetime.now(timezone.utc):%Y-%m-%d} · {args.device} ({device_name}) · preset `{args.preset}`",
         "",
-        f"Llama {p['layers']} blocks, d={p['hidden']}, vocab {p['vocab']}, {r['sft-lisa']['params'] / 1e6:.1f}M "
+        f"Llama {p['layers']} blocks, d={p['hidden']}, vocab {p['vocab']}, {params / 1e6:.1f}M "
         f"parameters, {'bf16' if args.device == 'cuda' else 'fp32'}; |B|={p['batch']}, |V|={p['val_batch']}, "
         f"~{p['seq']} tokens per example, micro-batch {p['micro']}; LISA {args.lisa} blocks re-drawn every "
         f"{args.interval} steps; median of "
         f"{args.steps - args.warmup} steps after {args.warmup} warm-up. `python scripts/bench_reweight.py "
-        f"--device {args.device} --preset {args.preset}`.",
+        f"{' '.join(sys.argv[1:])}`.",
         "",
         f"| setting | step (ms) | tokens/s | {mem_label} (MiB) | optimizer state (MiB) |",
         "|---|---:|---:|---:|---:|",
     ]
-    for setting in SETTINGS:
+    for setting in args.settings:
         x = r[setting]
         lines.append(f"| {setting} | {x['median_s'] * 1000:.1f} | {x['tokens_per_s']:,.0f} | "
                      f"{x['peak_bytes'] * mib:,.1f} | {x['optimizer_state_bytes'] * mib:,.1f} |")
-    lines += [
-        "",
-        f"- overhead = reweight / ((2 + |V|/|B|) x sft) = {overhead['lisa']:.3f} with LISA, "
-        f"{overhead['all']:.3f} with all blocks (target <= {1.10 if args.device == 'cpu' else 1.05})",
-        f"- memory: LISA reweight / LISA SFT = {memory_ratio:.2f} (target <= 2.3)",
-        f"- LISA vs all blocks: reweight step {r['reweight-all']['median_s'] / r['reweight-lisa']['median_s']:.2f}x "
-        f"faster, {r['reweight-all']['peak_bytes'] / r['reweight-lisa']['peak_bytes']:.2f}x less memory",
-        f"- embeddings trained (default) vs cut at the lowest active block (`lisa.train_embeddings: false`): "
-        f"{r['reweight-lisa']['median_s'] * 1000:.1f} vs {r['reweight-lisa-cut']['median_s'] * 1000:.1f} ms "
-        "per step, "
-        f"{r['reweight-lisa']['peak_bytes'] * mib:,.1f} vs {r['reweight-lisa-cut']['peak_bytes'] * mib:,.1f} MiB",
-        "- the reference implementations' LISA (optimizer state for all parameters, never freed): "
-        f"{r['reweight-reference']['peak_bytes'] * mib:,.1f} MiB and "
-        f"{r['reweight-reference']['median_s'] * 1000:.1f} ms per step, "
-        f"vs {r['reweight-lisa']['peak_bytes'] * mib:,.1f} MiB and {r['reweight-lisa']['median_s'] * 1000:.1f} ms here "
-        f"({reference_state / max(1, r['reweight-lisa']['optimizer_state_bytes']):.1f}x the optimizer state)",
-    ]
+    lines += [""] + summary(r, p, args, mib)
     text = "\n".join(lines)
     print(text)
     if not args.no_record:

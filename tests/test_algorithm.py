@@ -198,3 +198,58 @@ def test_hand_edited_mixture_weights_are_renormalised(tokenizer) -> None:
     stream = TrainStream([fake_data(rng, 20, len(tokenizer)), fake_data(rng, 20, len(tokenizer))],
                          [0.7000004, 0.3000004], seed=0)  # sums to 1 + 8e-7: passes the weights-file check
     assert len(stream.take(0, 10)) == 10  # numpy's multinomial would reject the raw weights
+
+
+def test_lambda_options_relative_signal_delay_and_sgd() -> None:
+    s = torch.tensor([0.5, 0.3, 0.2])
+    m_u, m_w = torch.tensor([2.0, 0.1, 1.0]), torch.tensor([1.8, 0.12, 1.1])
+    relative = lambda_gradient(s, m_w, m_u, alpha=1.0, signal="relative")
+    d = (m_w - m_u) / m_u
+    assert torch.allclose(relative, s * (d - torch.dot(s, d)))
+    # w is 20% worse than u on the tiny-loss source 1 and 10% worse on source 2: the relative signal takes most
+    # weight from source 1, the raw difference (0.02 vs 0.1) from source 2
+    raw = lambda_gradient(s, m_w, m_u, alpha=1.0)
+    assert int(relative.argmax()) == 1 and int(raw.argmax()) == 2
+
+    delayed = SourceWeights(3, 0.1, 10, 0.0, torch.device("cpu"), delay=2)
+    for _ in range(2):
+        delayed.step(m_w, m_u, alpha=1.0)
+    assert torch.equal(delayed.lam.detach(), torch.zeros(3))  # uniform while u and w warm up
+    delayed.step(m_w, m_u, alpha=1.0)
+    assert not torch.equal(delayed.lam.detach(), torch.zeros(3))
+
+    sgd = SourceWeights(3, 0.1, 10, 0.0, torch.device("cpu"), optimizer="sgd")
+    grad = sgd.step(m_w, m_u, alpha=1.0)
+    assert torch.allclose(sgd.lam.detach(), -0.1 * grad)  # plain gradient descent: the step follows |grad|
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-tied"])
+def test_head_only_losses_and_gradients_equal_the_full_logits_path(tokenizer, arch: str) -> None:
+    """The LM head applied only at loss positions, in chunks under checkpointing (never the full logits): the
+    same per-example losses and the same gradients as full logits + gather, for tied and untied heads."""
+    from scalebio_cli.train.losses import ResponseLoss, response_losses
+
+    def fresh():
+        model = build_model(tokenizer, arch.split("-")[0], layers=2, hidden=32)
+        if arch == "llama-tied":
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model
+
+    rng = np.random.default_rng(5)
+    data = fake_data(rng, 6, len(tokenizer))
+    batch = collate([data.example(i) for i in range(6)], [0] * 6, pad_id=tokenizer.pad_token_id)
+    weights = torch.linspace(0.5, 2.0, 6)
+    results = []
+    for head_only in (False, True):
+        model = fresh()
+        loss = ResponseLoss(model, chunk_tokens=5)  # several chunks, the last one partial
+        assert loss.head_only
+        loss.head_only = head_only
+        sums, counts = response_losses(loss, batch)
+        (weights * sums / counts).sum().backward()
+        results.append((sums.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (full_sums, full_grads), (sums, grads) = results
+    assert torch.allclose(sums, full_sums, atol=1e-5, rtol=1e-5)
+    assert full_grads.keys() == grads.keys()
+    for name in full_grads:
+        assert torch.allclose(grads[name], full_grads[name], atol=1e-5, rtol=1e-4), name

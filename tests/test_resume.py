@@ -148,17 +148,17 @@ def test_non_finite_loss_stops_with_status_1_and_keeps_the_last_good_checkpoint(
     from typer.testing import CliRunner
 
     from scalebio_cli import cli
-    from scalebio_cli.train import bilevel
+    from scalebio_cli.train.engine import Engine
 
     calls = {"n": 0}
-    real = bilevel.example_losses
+    real = Engine.__call__
 
-    def poisoned(logits, batch):  # 2 calls per step (u on B, w on B and V together): step 13 turns NaN
+    def poisoned(self, batch):  # 2 calls per step (u on B, w on B and V together): step 13 turns NaN
         calls["n"] += 1
-        sums, counts = real(logits, batch)
+        sums, counts = real(self, batch)
         return (sums * float("nan"), counts) if calls["n"] > 24 else (sums, counts)
 
-    monkeypatch.setattr(bilevel, "example_losses", poisoned)
+    monkeypatch.setattr(Engine, "__call__", poisoned)
     recipe = write_recipe(tmp_path / "recipe.yaml", demo)
     result = CliRunner().invoke(cli.app, ["reweight", "--config", str(recipe), "reweight.steps=30",
                                           "reweight.log_every=5", "checkpoint.every=5", "checkpoint.keep=5"])

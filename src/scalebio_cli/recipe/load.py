@@ -17,7 +17,15 @@ from typing import Any
 import yaml
 
 from scalebio_cli.errors import InputError
-from scalebio_cli.recipe.schema import BATCH_COMPOSITIONS, PRECISIONS, PathKind, Recipe, path_fields
+from scalebio_cli.recipe.schema import (
+    BATCH_COMPOSITIONS,
+    LAMBDA_OPTIMIZERS,
+    LAMBDA_SIGNALS,
+    PRECISIONS,
+    PathKind,
+    Recipe,
+    path_fields,
+)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -242,6 +250,12 @@ def _check_ranges(recipe: Recipe) -> list[str]:
         need(cfg.lisa.layers >= 0, f"{section}.lisa.layers: must be >= 0 (0 = all blocks), got {cfg.lisa.layers}")
         need(cfg.lisa.interval >= 1, f"{section}.lisa.interval: must be >= 1, got {cfg.lisa.interval}")
     need(rw.val_batch_size >= 1, f"reweight.val_batch_size: must be >= 1, got {rw.val_batch_size}")
+    need(rw.lambda_optimizer in LAMBDA_OPTIMIZERS, f"reweight.lambda_optimizer: must be one of "
+         f"{', '.join(LAMBDA_OPTIMIZERS)}, got {rw.lambda_optimizer!r}")
+    need(rw.lambda_signal in LAMBDA_SIGNALS, f"reweight.lambda_signal: must be one of {', '.join(LAMBDA_SIGNALS)}, "
+         f"got {rw.lambda_signal!r}")
+    need(0 <= rw.lambda_delay < rw.steps, f"reweight.lambda_delay: must be in [0, reweight.steps), got "
+         f"{rw.lambda_delay}")
     need(rw.batch_composition in BATCH_COMPOSITIONS, f"reweight.batch_composition: must be one of "
          f"{', '.join(BATCH_COMPOSITIONS)}, got {rw.batch_composition!r}")
     ft = recipe.finetune

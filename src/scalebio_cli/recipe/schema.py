@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 PRECISIONS = ("auto", "fp32", "bf16")
 BATCH_COMPOSITIONS = ("balanced", "pooled")
+LAMBDA_OPTIMIZERS = ("adam", "sgd")
+LAMBDA_SIGNALS = ("difference", "relative")
 STAGES = ("reweight", "finetune")
 RW: tuple[str, ...] = ("reweight",)
 FT: tuple[str, ...] = ("finetune",)
@@ -75,6 +77,11 @@ class ReweightConfig:
     lr_u: float = setting(1e-5, affects=RW)
     lr_w: float = setting(1e-5, affects=RW)
     lr_lambda: float = setting(1e-2, affects=RW)
+    lambda_optimizer: str = setting("adam", affects=RW)  # adam (the reference) | sgd
+    # what the lam gradient alpha * J^T d is made of: difference (d = m(w) - m(u), the method as written) or
+    # relative (d = (m(w) - m(u)) / m(u): the same signal, comparable across sources whose losses differ in scale)
+    lambda_signal: str = setting("difference", affects=RW)
+    lambda_delay: int = setting(0, affects=RW)  # steps u and w train before lam moves (u warms up on the mixture)
     batch_size: int = setting(32, affects=RW)  # training examples per step, all sources and processes together
     # validation examples per step, all processes together (the reference validates on as many as it trains on)
     val_batch_size: int = setting(32, affects=RW)

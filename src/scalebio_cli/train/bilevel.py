@@ -21,21 +21,34 @@ import torch
 from scalebio_cli.data.batching import MicroBatch
 from scalebio_cli.train import distributed
 from scalebio_cli.train.engine import TrainEngine
-from scalebio_cli.train.losses import example_losses
 from scalebio_cli.train.optim import warmup_cosine
 
 
-def lambda_gradient(s: torch.Tensor, m_w: torch.Tensor, m_u: torch.Tensor, alpha: float) -> torch.Tensor:
+def lambda_gradient(s: torch.Tensor, m_w: torch.Tensor, m_u: torch.Tensor, alpha: float,
+                    signal: str = "difference") -> torch.Tensor:
+    """alpha * J^T d with J = diag(s) - s s^T. `signal` says what d is: `difference` = m(w) - m(u) (the method as
+    written); `relative` = (m(w) - m(u)) / m(u), the same signal scale-free across sources, so a source whose loss
+    is tiny (answers replaced by ".") is not favoured just because every loss difference on it is tiny."""
     d = m_w - m_u
+    if signal == "relative":
+        d = torch.where(m_u > 0, d / m_u.clamp(min=1e-12), torch.zeros_like(d))
     return alpha * s * (d - torch.dot(s, d))  # = alpha * (diag(s) - s s^T) d, without forming the K x K matrix
 
 
 class SourceWeights:
-    """The logits lam (init 0: uniform), their Adam optimizer and learning-rate schedule."""
+    """The logits lam (init 0: uniform), their optimizer (Adam as the reference, or SGD) and learning-rate schedule.
 
-    def __init__(self, num_sources: int, lr: float, total_steps: int, warmup_ratio: float, device: torch.device):
+    `delay`: the first `delay` steps leave lam at uniform while u and w train (u warms up on the mixture, and w
+    moves away from u, before their loss differences steer the weights)."""
+
+    def __init__(self, num_sources: int, lr: float, total_steps: int, warmup_ratio: float, device: torch.device,
+                 optimizer: str = "adam", signal: str = "difference", delay: int = 0):
         self.lam = torch.zeros(num_sources, dtype=torch.float32, device=device, requires_grad=True)
-        self.optimizer = torch.optim.Adam([self.lam], lr=lr, betas=(0.9, 0.999))
+        if optimizer == "sgd":
+            self.optimizer: torch.optim.Optimizer = torch.optim.SGD([self.lam], lr=lr)
+        else:
+            self.optimizer = torch.optim.Adam([self.lam], lr=lr, betas=(0.9, 0.999))
+        self.signal, self.delay, self.steps_seen = signal, delay, 0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(total_steps, warmup_ratio))
         self._lr = self.optimizer.param_groups[0]["lr"]
 
@@ -47,13 +60,15 @@ class SourceWeights:
         return dict(zip(names, self.probs(torch.float64).tolist()))
 
     def step(self, m_w: torch.Tensor, m_u: torch.Tensor, alpha: float) -> torch.Tensor:
-        """One Adam step on lam from the per-source means; returns the gradient used."""
-        grad = lambda_gradient(self.probs(), m_w, m_u, alpha)
+        """One optimizer step on lam from the per-source means; returns the gradient (also while delayed)."""
+        grad = lambda_gradient(self.probs(), m_w, m_u, alpha, self.signal)
         self._lr = self.optimizer.param_groups[0]["lr"]
-        self.lam.grad = grad
-        self.optimizer.step()
+        if self.steps_seen >= self.delay:
+            self.lam.grad = grad
+            self.optimizer.step()
+            self.lam.grad = None
         self.scheduler.step()
-        self.lam.grad = None
+        self.steps_seen += 1
         return grad
 
     @property
@@ -63,13 +78,14 @@ class SourceWeights:
 
     def state_dict(self) -> dict:
         return {"lam": self.lam.detach().clone(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict()}
+                "scheduler": self.scheduler.state_dict(), "steps_seen": self.steps_seen}
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
             self.lam.copy_(state["lam"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.steps_seen = state.get("steps_seen", self.scheduler.last_epoch)
 
 
 @dataclass
@@ -137,7 +153,7 @@ def _pass(engine: TrainEngine, micro: list[MicroBatch], coef: torch.Tensor, val_
     l1_sum = torch.zeros((), dtype=torch.float32, device=coef.device)
     for i, mb in enumerate(micro):
         with engine.sync_context(i == len(micro) - 1):
-            token_sums, counts = example_losses(engine(mb), mb)
+            token_sums, counts = engine(mb)
             per_example = token_sums / counts
             is_val = mb.source == num_sources
             engine.backward(torch.where(is_val, token_sums / val_tokens, coef[mb.source] * per_example).sum())

@@ -28,6 +28,7 @@ from scalebio_cli.data.batching import MicroBatch
 from scalebio_cli.recipe.schema import LisaConfig
 from scalebio_cli.train.distributed import DistInfo
 from scalebio_cli.train.lisa import Lisa
+from scalebio_cli.train.losses import ResponseLoss, response_losses
 from scalebio_cli.train.modeling import prepare_for_training
 from scalebio_cli.train.optim import AdamW, warmup_cosine
 
@@ -41,8 +42,8 @@ class TrainEngine(Protocol):
     def begin_step(self, step: int) -> None:
         """Apply the LISA draw and the learning rate of `step` (0-based), before its first forward."""
 
-    def __call__(self, batch: MicroBatch) -> torch.Tensor:
-        """Logits of one micro-batch."""
+    def __call__(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(loss sums, loss-token counts)` per example of one micro-batch (train/losses.ResponseLoss)."""
 
     def sync_context(self, sync: bool) -> AbstractContextManager[Any]:
         """Wrap each micro-batch's forward+backward; `sync` is True on the step's last micro-batch."""
@@ -76,7 +77,7 @@ class Engine:
         prepare_for_training(model, gradient_checkpointing)
         self.optimizer = AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(total_steps, warmup_ratio))
-        self.module: nn.Module = model
+        self.module: nn.Module = ResponseLoss(model)
         self.grad_scale = 1.0
         if dist.distributed:
             # Wrap while every parameter requires grad; LISA freezes afterwards. Unused (frozen) parameters
@@ -85,7 +86,7 @@ class Engine:
                               if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                               else {"broadcast_buffers": False})
             device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-            self.module = DistributedDataParallel(model, find_unused_parameters=True, device_ids=device_ids,
+            self.module = DistributedDataParallel(self.module, find_unused_parameters=True, device_ids=device_ids,
                                                   **no_buffer_sync)
             self.grad_scale = float(dist.world_size)
         self.lisa = Lisa(model, lisa.layers, lisa.interval, seed, lisa.train_embeddings)
@@ -97,8 +98,8 @@ class Engine:
             self.optimizer.release(self.lisa.frozen_parameters())
         self._lr = self.optimizer.param_groups[0]["lr"]  # the schedule has advanced to `step` by now
 
-    def __call__(self, batch: MicroBatch) -> torch.Tensor:
-        return self.module(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    def __call__(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return response_losses(self.module, batch)
 
     def sync_context(self, sync: bool) -> AbstractContextManager[Any]:
         """Gradient all-reduce happens only on the last micro-batch of a step."""

@@ -7,7 +7,6 @@ import torch
 from scalebio_cli.data.batching import MicroBatch
 from scalebio_cli.train import distributed
 from scalebio_cli.train.engine import TrainEngine
-from scalebio_cli.train.losses import example_losses
 
 
 def sft_step(engine: TrainEngine, micro: list[MicroBatch], response_tokens: int, dist: distributed.DistInfo,
@@ -19,7 +18,7 @@ def sft_step(engine: TrainEngine, micro: list[MicroBatch], response_tokens: int,
     loss_sum = torch.zeros((), dtype=torch.float32, device=dist.device)
     for i, mb in enumerate(micro):
         with engine.sync_context(i == len(micro) - 1):
-            sums, _ = example_losses(engine(mb), mb)
+            sums, _ = engine(mb)
             engine.backward(sums.sum() / response_tokens)
         loss_sum += sums.detach().sum()
     grad_norm = engine.step()

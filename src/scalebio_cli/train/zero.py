@@ -25,6 +25,7 @@ from scalebio_cli.errors import InputError
 from scalebio_cli.recipe.schema import LisaConfig
 from scalebio_cli.train.distributed import DistInfo
 from scalebio_cli.train.lisa import Lisa
+from scalebio_cli.train.losses import ResponseLoss, response_losses
 from scalebio_cli.train.modeling import prepare_for_training
 from scalebio_cli.train.optim import warmup_cosine
 
@@ -55,7 +56,8 @@ class DeepSpeedEngine:
         optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
         config = finalize_deepspeed_config(ds_config, micro_batches, dist.world_size, max_grad_norm,
                                            bf16=next(model.parameters()).dtype == torch.bfloat16)
-        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=ResponseLoss(model), optimizer=optimizer,
+                                                             config=config)
         self.module = self.ds
         self.grad_scale = float(dist.world_size)
         self._lr = lr
@@ -75,8 +77,8 @@ class DeepSpeedEngine:
             group["lr"] = 0.0 if i in frozen else self._lr
             group["weight_decay"] = 0.0 if i in frozen else self.weight_decay
 
-    def __call__(self, batch: MicroBatch) -> torch.Tensor:
-        return self.ds(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    def __call__(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return response_losses(self.ds, batch)
 
     def sync_context(self, sync: bool) -> AbstractContextManager[Any]:
         # DeepSpeed reduces gradients at the accumulation boundary: the step's last micro-batch.
@@ -111,7 +113,8 @@ class DeepSpeedEngine:
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         if self.ds.zero_optimization_stage() == 3:
             state = self.ds._zero3_consolidated_16bit_state_dict()  # gathers the shards; collective
-            return state if self.dist.is_main else None
+            # The engine wraps ResponseLoss(model): its keys carry the wrapper's `model.` prefix.
+            return {k.removeprefix("model."): v for k, v in state.items()} if self.dist.is_main else None
         return self.model.state_dict() if self.dist.is_main else None
 
 
