@@ -296,6 +296,8 @@ def run(weights: Path, target: str, output: Path | None = None, averaged: bool =
         raise InputError(f"--mix-strategy: must be one of {', '.join(MIX_STRATEGIES)}, got {opts.mix_strategy!r}")
     mix = load_mixture(weights, averaged, allow_changed_sources)
     out = (output or weights.parent / f"export-{target}").resolve()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--output {out}: exists and is not a folder (export writes a folder)")
     with atomic_path(out) as tmp:
         tmp.mkdir()
         made = EXPORTERS[target](mix, tmp, out, opts)
