@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline, as a user would chain it: reweight -> sample (ScaleBiO weights, and a baseline of the same
-# size) -> finetune each with the same steps and seed -> eval both on a held-out test set -> losses side by side.
+# size) -> finetune each with the same steps and seed -> eval both on a held-out test set -> losses side by side
+# -> one HTML report of the run and the results (RUN_DIR/report.html).
 #
 #   scripts/pipeline.sh RECIPE TEST_FILE [RUN_DIR] [NUM_SAMPLES] [BASELINES]
 #
@@ -26,6 +27,10 @@ for kind in scalebio $baselines; do
     finetune.weights=null
   scalebio eval --model "$run/finetune-$kind" --data test="$test_file" -o "$run/eval-$kind.json"
 done
+
+evals=()
+for kind in scalebio $baselines; do evals+=(--eval "$kind=$run/eval-$kind.json"); done
+scalebio report "$run/reweight" "${evals[@]}" -o "$run/report.html" >/dev/null
 
 python3 - "$run" scalebio $baselines <<'PY'
 import json, sys

@@ -77,6 +77,17 @@ def write_recipe(path: Path, demo: Path, **sections: object) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def reweighted(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One short reweight of the demo (20 steps, TensorBoard on), shared by the export, tracking and report tests:
+    its output folder (weights.json, metrics.jsonl, recipe.yaml, tensorboard/)."""
+    root = tmp_path_factory.mktemp("reweighted")
+    recipe = write_recipe(root / "recipe.yaml", demo, report_to=["tensorboard"])
+    result = run_cli("reweight", "--config", str(recipe), "reweight.steps=20", "reweight.log_every=5")
+    assert result.returncode == 0, result.stderr
+    return Path(result.stdout.strip()).parent
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """Run the real `scalebio` console entry point in a subprocess."""
     exe = shutil.which("scalebio", path=str(Path(sys.executable).parent)) or "scalebio"

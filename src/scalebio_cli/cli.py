@@ -124,8 +124,9 @@ def sample(
                                          show_default=False)],
     num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=0, help="Records to draw in total.",
                                              show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output .jsonl (a .manifest.json is written "
-                                                                 "beside it).", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output .jsonl, or .parquet (the type follows "
+                                                                 "the extension; a .manifest.json is written beside "
+                                                                 "it).", show_default=False)],
     seed: Annotated[int, typer.Option(help="Seed of the draw and the shuffle.")] = 0,
     replacement: Annotated[bool, typer.Option("--replacement/--no-replacement",
                                               help="Allow a record to be drawn more than once.")] = False,
@@ -138,6 +139,10 @@ def sample(
     config: Annotated[Path | None, typer.Option(
         "--config", "-c", help="Take the sources for uniform/proportional weights from this recipe's data.sources.")
     ] = None,
+    record_format: Annotated[str, typer.Option(
+        "--format", help="original: each record unchanged plus \"source\"; messages: every record normalised to "
+                         "{\"messages\": [...], \"source\": ...} (one schema for LLaMA-Factory, axolotl, TRL).")
+    ] = "original",
 ) -> None:
     """Draw N records from the sources in proportion to their weights; writes OUT.jsonl and OUT.manifest.json.
 
@@ -149,6 +154,8 @@ def sample(
         from scalebio_cli.results import weights_file
         from scalebio_cli.stages import sample as stage
 
+        if record_format not in stage.FORMATS:
+            raise InputError(f"--format: must be one of {', '.join(stage.FORMATS)}, got {record_format!r}")
         sizes = None
         if weights in ("uniform", "proportional"):
             if config is not None:
@@ -174,8 +181,42 @@ def sample(
             recorded = {n: doc["sources"][n].get("num_examples") for n in probs}
             if not allow_changed_sources and all(isinstance(v, int) for v in recorded.values()):
                 sizes = recorded  # the sha256 matched, so the recorded sizes are the files' sizes
-        stage.run(probs, named, num_samples, output.resolve(), seed, replacement, label, sizes)
+        stage.run(probs, named, num_samples, output.resolve(), seed, replacement, label, sizes, record_format)
         return output
+
+    _print_result(guarded(body))
+
+
+@app.command()
+def export(
+    weights: Annotated[Path, typer.Argument(help="A weights.json from `scalebio reweight`.", show_default=False)],
+    to: Annotated[str, typer.Option("--to", help="llamafactory, hf, axolotl, open-instruct, megatron or nemo.",
+                                    show_default=False)],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder to write (replaced as a whole); "
+                                                "default: export-TARGET beside the weights file.")] = None,
+    averaged: Annotated[bool, typer.Option("--averaged", help="Use weights_averaged instead of the final "
+                                                              "weights.")] = False,
+    mix_strategy: Annotated[str, typer.Option(help="llamafactory: interleave_under (stop when the first source "
+                                              "runs out), interleave_over, interleave_once or concat.")
+                            ] = "interleave_under",
+    num_samples: Annotated[int | None, typer.Option("--num-samples", "-n", min=1, help="open-instruct: records in "
+                                                    "the mixture (default: the most that repeat no record).")
+                           ] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="megatron: the tokenizer whose chat template renders the "
+                                                  "text (default: the weights file's model).")] = None,
+    seed: Annotated[int, typer.Option(help="open-instruct: seed of the order of the exported files.")] = 0,
+    allow_changed_sources: Annotated[bool, typer.Option(help="Export even if a source file no longer matches the "
+                                                             "sha256 recorded in the weights file.")] = False,
+) -> None:
+    """Write a folder the target tool trains from: the sources in one record schema plus the tool's mixing config,
+    whose probabilities are the weights (same order). Prints the folder on stdout.
+    """
+
+    def body() -> Path:
+        from scalebio_cli.stages import export as stage
+
+        opts = stage.Options(mix_strategy=mix_strategy, num_samples=num_samples, tokenizer=tokenizer, seed=seed)
+        return stage.run(weights, to, output, averaged, allow_changed_sources, opts)
 
     _print_result(guarded(body))
 
@@ -223,6 +264,9 @@ def evaluate(
                                                 "names, or paths to local task YAML files.")] = None,
     lm_eval_limit: Annotated[int | None, typer.Option(help="Examples per lm-eval task (for quick checks).")] = None,
     precision: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), fp32 or bf16.")] = "auto",
+    chat_template: Annotated[Path | None, typer.Option(help="A Jinja chat template that replaces the model's for "
+                                                       "rendering every record (as the recipe's "
+                                                       "data.chat_template).")] = None,
 ) -> None:
     """Mean response-token loss and perplexity of MODEL on each data file (and more, on request).
 
@@ -243,6 +287,10 @@ def evaluate(
             problems.append(f"--model {model}: not a model folder (no config.json)")
         if precision not in PRECISIONS:
             problems.append(f"--precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        from scalebio_cli.recipe.preflight import chat_template_problems
+
+        template = str(chat_template.resolve()) if chat_template else None
+        problems += chat_template_problems("--chat-template", template)
         if problems:
             raise InputError(problems)
         from scalebio_cli.console import console
@@ -252,7 +300,7 @@ def evaluate(
         doc = stage.run(str(model.resolve()), named, output=output.resolve() if output else None,
                         batch_size=batch_size, max_length=max_length, generate=generate,
                         max_new_tokens=max_new_tokens, lm_eval_tasks=tasks, lm_eval_limit=lm_eval_limit,
-                        precision=precision)
+                        precision=precision, chat_template=template)
         console.print(stage.format_table(doc), soft_wrap=False)  # a table wraps its cells to the terminal
         for task, metrics in doc.get("lm_eval", {}).items():
             console.print(f"lm-eval {task}: " + ", ".join(f"{k} {v}" for k, v in metrics.items()), markup=False)
@@ -263,6 +311,28 @@ def evaluate(
         _print_result(result)
     elif result is not None and process.is_main():
         typer.echo(json.dumps(result, indent=2))  # no --output: the results themselves go to the pipe
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A reweight run folder (its output_dir).", show_default=False)],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="The HTML file to write "
+                                                "(default: RUN/report.html).")] = None,
+    evals: Annotated[list[str] | None, typer.Option("--eval", help="NAME=RESULT.json, repeatable: results of "
+                                                    "`scalebio eval` to compare side by side.")] = None,
+) -> None:
+    """One self-contained HTML page of a run: weights, losses, lambda gradients and learning rates over the steps,
+    the final and averaged weights with source sizes, the recipe, and (with --eval) held-out results.
+    Prints the page's path on stdout.
+    """
+
+    def body() -> Path:
+        from scalebio_cli.stages import report as stage
+
+        named = _parse_named_files(evals or [], "--eval")
+        return stage.run(run_dir.resolve(), output.resolve() if output else None, named)
+
+    _print_result(guarded(body))
 
 
 def _print_result(path: Path) -> None:

@@ -22,6 +22,7 @@ from scalebio_cli.recipe.schema import (
     LAMBDA_OPTIMIZERS,
     LAMBDA_SIGNALS,
     PRECISIONS,
+    TRACKERS,
     PathKind,
     Recipe,
     path_fields,
@@ -63,6 +64,14 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key, problems)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):  # `report_to: tensorboard` (or the override report_to=tensorboard) means one item
+            value = [value]
+        if not isinstance(value, list):
+            problems.append(f"{key}: expected a list, got {_describe(value)}")
+            return []
+        return [_coerce(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(value)]
     if origin is dict:
         _, val_tp = typing.get_args(tp)
         if not isinstance(value, dict):
@@ -232,6 +241,9 @@ def _check_ranges(recipe: Recipe) -> list[str]:
     need(recipe.data.max_length >= 8, f"data.max_length: must be >= 8 tokens, got {recipe.data.max_length}")
     for name in recipe.data.sources:
         need(bool(name.strip()), "data.sources: a source has an empty name")
+    for name in recipe.report_to:
+        need(name in TRACKERS, f"report_to: unknown tracker {name!r} (use {' and/or '.join(TRACKERS)})")
+    need(len(set(recipe.report_to)) == len(recipe.report_to), "report_to: a tracker is named twice")
 
     rw = recipe.reweight
     need(rw.steps >= 1, f"reweight.steps: must be >= 1, got {rw.steps}")

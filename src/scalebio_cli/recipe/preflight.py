@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from scalebio_cli.data.records import EXTENSIONS, iter_examples
@@ -104,6 +105,43 @@ def deepspeed_problems(path: str | None) -> list[str]:
     return problems
 
 
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # report_to name -> the module it needs
+
+
+def tracking_problems(names: list[str]) -> list[str]:
+    import importlib.util
+
+    return [f"report_to: {name} is not installed (pip install 'scalebio-cli[tracking]', or pip install "
+            f"{TRACKER_MODULES[name]})" for name in names
+            if name in TRACKER_MODULES and importlib.util.find_spec(TRACKER_MODULES[name]) is None]
+
+
+def chat_template_problems(key: str, path: str | None) -> list[str]:
+    """The file exists and parses as Jinja the way transformers compiles chat templates."""
+    if not path:
+        return []
+    p = Path(path)
+    if not p.is_file():
+        return [f"{key}: file not found: {p}"]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return [f"{key}: cannot read {p} ({exc})"]
+    if not text.strip():
+        return [f"{key}: {p} is empty"]
+    import jinja2.ext
+    import jinja2.sandbox
+
+    # transformers adds a `{% generation %}` block tag for assistant masks; plain Jinja does not know it
+    source = re.sub(r"{%-?\s*(end)?generation\s*-?%}", "", text)
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(extensions=[jinja2.ext.loopcontrols])
+    try:
+        env.parse(source)
+    except jinja2.TemplateSyntaxError as exc:
+        return [f"{key}: {p}:{exc.lineno}: not a valid Jinja template ({exc.message})"]
+    return []
+
+
 def _models(recipe: Recipe) -> list[str]:
     problems = model_folder_problems("model", recipe.model, need_weights=True)
     if recipe.tokenizer:
@@ -131,6 +169,7 @@ def check_reweight(recipe: Recipe, where: str | Path = "recipe") -> None:
         if getattr(rw, key) % process.world_size():
             problems.append(f"reweight.{key}: {getattr(rw, key)} does not divide over {process.world_size()} processes")
     problems += _models(recipe) + output_dir_problems(recipe.output_dir) + deepspeed_problems(recipe.deepspeed)
+    problems += tracking_problems(recipe.report_to) + chat_template_problems("data.chat_template", data.chat_template)
     for name, path in data.sources.items():
         problems += data_file_problems(f"data.sources.{name}", path)
     problems += data_file_problems("data.validation", data.validation)
@@ -147,6 +186,8 @@ def check_finetune(recipe: Recipe, where: str | Path = "recipe") -> None:
         problems.append(f"finetune.batch_size: {ft.batch_size} does not divide over {process.world_size()} processes")
     problems += _models(recipe) + output_dir_problems(recipe.output_dir) + deepspeed_problems(recipe.deepspeed)
     problems += data_file_problems("finetune.data", ft.data) + data_file_problems("finetune.validation", ft.validation)
+    problems += tracking_problems(recipe.report_to)
+    problems += chat_template_problems("data.chat_template", recipe.data.chat_template)
     if ft.weights:
         from scalebio_cli.results import weights_file
 

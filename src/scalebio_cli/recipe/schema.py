@@ -21,6 +21,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 BATCH_COMPOSITIONS = ("balanced", "pooled")
 LAMBDA_OPTIMIZERS = ("adam", "sgd")
 LAMBDA_SIGNALS = ("difference", "relative")
+TRACKERS = ("tensorboard", "wandb")  # report_to values (results/tracking.py)
 STAGES = ("reweight", "finetune")
 RW: tuple[str, ...] = ("reweight",)
 FT: tuple[str, ...] = ("finetune",)
@@ -68,6 +69,8 @@ class DataConfig:
     max_length: int = setting(1024, affects=BOTH)  # tokens per example; longer examples are cut on the right
     # tokenized-data cache; default $SCALEBIO_CACHE or ~/.cache/scalebio
     cache_dir: str | None = setting(None, affects=NONE, path="file")
+    # a Jinja chat template that replaces the tokenizer's for every record (and is saved with the fine-tuned model)
+    chat_template: str | None = setting(None, affects=BOTH, path="file")
 
 
 @dataclass
@@ -134,6 +137,8 @@ class Recipe:
     trust_remote_code: bool = setting(False, affects=BOTH)  # run modelling code shipped inside the model folder
     # a DeepSpeed config (JSON): train u, w / the model with DeepSpeed ZeRO (an engine: the same result)
     deepspeed: str | None = setting(None, affects=NONE, path="file")
+    # trackers that receive every metrics line too: tensorboard (OUTPUT_DIR/tensorboard/), wandb
+    report_to: list[str] = setting(affects=NONE, factory=list)
     data: DataConfig = section(DataConfig)
     reweight: ReweightConfig = section(ReweightConfig, stage="reweight")
     finetune: FinetuneConfig = section(FinetuneConfig, stage="finetune")

@@ -1,19 +1,29 @@
-"""metrics.jsonl (one JSON line per log step) and the weights-over-steps plot."""
+"""metrics.jsonl (one JSON line per log step), the trackers that mirror it, and the weights-over-steps plot."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scalebio_cli.files import atomic_path
+from scalebio_cli.results.tracking import Trackers
+
+if TYPE_CHECKING:
+    from scalebio_cli.recipe.schema import Recipe
 
 
 class MetricsLog:
-    """Appends one JSON object per line; a resumed run drops lines past its restart step first."""
+    """Appends one JSON object per line; a resumed run drops lines past its restart step first.
 
-    def __init__(self, path: Path, start_step: int = 0):
+    With a `recipe` whose `report_to` names trackers, every line also goes to them (results/tracking.py): the one
+    place reweight and finetune write metrics, so both stages get tracking without knowing of it.
+    """
+
+    def __init__(self, path: Path, start_step: int = 0, recipe: Recipe | None = None):
         self.path = path
+        names = list(recipe.report_to) if recipe is not None else []
+        self.trackers = Trackers(names, path.parent, start_step, recipe.to_dict() if names and recipe else None)
         if start_step == 0:
             path.write_text("")
         elif path.exists():
@@ -23,6 +33,7 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        self.trackers.log(record)
 
 
 def plot_weights(trajectory: list[dict[str, Any]], path: Path, title: str = "ScaleBiO source weights") -> None:

@@ -119,14 +119,15 @@ def exact_match(model: nn.Module, tokenizer: Any, renderer: Any, path: Path, bat
 
 def run(model_dir: str, data: dict[str, str], *, output: Path | None, batch_size: int = 8, max_length: int = 1024,
         generate: bool = False, max_new_tokens: int = 256, lm_eval_tasks: list[str] | None = None,
-        lm_eval_limit: int | None = None, precision: str = "auto", trust_remote_code: bool = False) -> dict[str, Any]:
+        lm_eval_limit: int | None = None, precision: str = "auto", trust_remote_code: bool = False,
+        chat_template: str | None = None) -> dict[str, Any]:
     from scalebio_cli.data.render import Renderer
     from scalebio_cli.data.tokenized import describe, load_tokenized, truncation_warning
     from scalebio_cli.files import write_json
     from scalebio_cli.train.modeling import load_model, load_tokenizer, resolve_dtype
 
     dist = distributed.setup()
-    tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code, chat_template)
     renderer = Renderer(tokenizer, max_length)
     tokenized = {name: load_tokenized(path, renderer) for name, path in data.items()}
     if dist.is_main:

@@ -116,7 +116,8 @@ def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, f
     cfg = recipe.finetune
     files, mix = training_files(recipe)
     torch.manual_seed(recipe.seed)
-    tokenizer = load_tokenizer(recipe.tokenizer_path, recipe.trust_remote_code)
+    tokenizer = load_tokenizer(recipe.tokenizer_path, recipe.trust_remote_code,
+                               recipe.data.chat_template)
     renderer = Renderer(tokenizer, recipe.data.max_length)
     keys = ["finetune.data" if len(files) == 1 else f"data.sources.{n}" for n in files]
     named = list(zip(keys, files.values())) + ([("finetune.validation", cfg.validation)] if cfg.validation else [])
@@ -179,7 +180,7 @@ def validate(ft: FineTuning, step: int, metrics: MetricsLog | None) -> None:
 def train(ft: FineTuning) -> None:
     """The loop: one SFT step on the token mean of each global batch; logs, validation, checkpoints and stops."""
     cfg, dist, control = ft.recipe.finetune, ft.dist, ft.control
-    metrics = MetricsLog(ft.out / "metrics.jsonl", ft.start) if dist.is_main else None
+    metrics = MetricsLog(ft.out / "metrics.jsonl", ft.start, ft.recipe) if dist.is_main else None
     if ft.start == 0:
         validate(ft, 0, metrics)
     throughput = loop.Throughput()

@@ -141,7 +141,8 @@ def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, f
     """Data (tokenized, checked), the two model copies on their engines, the source weights."""
     cfg, names = recipe.reweight, list(recipe.data.sources)
     torch.manual_seed(recipe.seed)
-    tokenizer = load_tokenizer(recipe.tokenizer_path, recipe.trust_remote_code)
+    tokenizer = load_tokenizer(recipe.tokenizer_path, recipe.trust_remote_code,
+                               recipe.data.chat_template)
     sources, val = load_data(recipe, Renderer(tokenizer, recipe.data.max_length), dist)
     fingerprints = {n: d.sha256 for n, d in zip(names, sources)} | {"validation": val.sha256}
     loop.check_resume(start_from, "reweight", recipe, fingerprints, force, dist)
@@ -211,7 +212,7 @@ def restore(rw: Reweighting, start_from: Path) -> None:
 def train(rw: Reweighting) -> None:
     """The loop: one bilevel step per step, a metrics line every log_every steps, checkpoints and stops."""
     cfg, dist, control = rw.recipe.reweight, rw.dist, rw.control
-    metrics = MetricsLog(rw.out / "metrics.jsonl", rw.start) if dist.is_main else None
+    metrics = MetricsLog(rw.out / "metrics.jsonl", rw.start, rw.recipe) if dist.is_main else None
     throughput = loop.Throughput()
     progress = step_progress("reweight", dist.is_main)
     task = progress.add_task("reweight", total=cfg.steps, completed=rw.start,

@@ -3,12 +3,13 @@
 Counts are exact (largest-remainder rounding, so they add up to N). The records are streamed: each source file is
 read once and only the chosen records are parsed; chosen records are appended to a scratch file and the shuffled
 output is assembled from their byte offsets, so memory holds two integer arrays of length N, never whole files.
+`fmt="messages"` writes every record in one schema (`{"messages": [...], "source": NAME}`, data/normalize.py); an
+output ending in `.parquet` is written as JSON lines first and converted in batches (data/parquet_out.py).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -17,26 +18,22 @@ from typing import Any
 
 import numpy as np
 
+from scalebio_cli.data.mixture import largest_remainder
+from scalebio_cli.data.normalize import record_to_messages
+from scalebio_cli.data.parquet_out import jsonl_to_parquet
 from scalebio_cli.data.records import iter_records
 from scalebio_cli.errors import InputError
 from scalebio_cli.files import atomic_path, write_json
 
 _STREAM = 0x5A3  # separates sample's random streams from reweight's under the same seed
+FORMATS = ("original", "messages")
 
 
-def largest_remainder(total: int, weights: list[float]) -> list[int]:
-    """Integer counts proportional to `weights` that add up to exactly `total`.
-
-    Each source gets floor(total * w); the leftover units go to the largest fractional parts (ties: source order).
-    """
-    norm = sum(weights)
-    quotas = [total * w / norm for w in weights]
-    counts = [math.floor(q) for q in quotas]
-    leftover = total - sum(counts)
-    order = sorted(range(len(weights)), key=lambda k: (-(quotas[k] - counts[k]), k))
-    for k in order[:leftover]:
-        counts[k] += 1
-    return counts
+def output_record(record: Any, name: str, fmt: str, where: str) -> dict[str, Any]:
+    """What one drawn record becomes in the output: unchanged plus `source`, or normalised to messages."""
+    if fmt == "messages":
+        return {"messages": record_to_messages(record, where), "source": name}
+    return {**record, "source": name} if isinstance(record, dict) else {"record": record, "source": name}
 
 
 def count_records(path: str | Path) -> int:
@@ -84,8 +81,10 @@ def _iter_chosen(path: Path, chosen: np.ndarray) -> Iterator[tuple[int, dict[str
 
 
 def run(weights: dict[str, float], sources: dict[str, str], num_samples: int, output: Path, seed: int = 0,
-        replacement: bool = False, weights_file: str = "", sizes: dict[str, int] | None = None) -> dict[str, Any]:
-    """Write OUT.jsonl and OUT.manifest.json; returns the manifest. Raises InputError before writing anything."""
+        replacement: bool = False, weights_file: str = "", sizes: dict[str, int] | None = None,
+        fmt: str = "original") -> dict[str, Any]:
+    """Write OUT.jsonl (or OUT.parquet) and OUT.manifest.json; returns the manifest. Raises InputError before
+    writing anything."""
     names = list(weights)
     sizes = sizes or {name: count_records(sources[name]) for name in names}
     counts = dict(zip(names, largest_remainder(num_samples, [weights[n] for n in names])))
@@ -117,7 +116,7 @@ def run(weights: dict[str, float], sources: dict[str, str], num_samples: int, ou
             start += n
             j = 0
             for index, record in _iter_chosen(Path(sources[name]), picks):
-                record = {**record, "source": name} if isinstance(record, dict) else {"record": record, "source": name}
+                record = output_record(record, name, fmt, f"{sources[name]} record {index}")
                 line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
                 while j < n and picks[j] == index:  # a record drawn several times (replacement)
                     offsets[slots[j]] = scratch.tell()
@@ -128,13 +127,21 @@ def run(weights: dict[str, float], sources: dict[str, str], num_samples: int, ou
                 raise InputError(f"{sources[name]}: has fewer records than expected ({sizes[name]:,}); "
                                  "was it modified during sampling?")
         scratch.flush()
-        with atomic_path(output) as tmp, open(tmp, "wb") as out:
-            fd = scratch.fileno()
-            for off, length in zip(offsets.tolist(), lengths.tolist()):  # positioned reads: no file in memory
-                out.write(os.pread(fd, length, off))
+        with atomic_path(output) as tmp:
+            lines = tmp.with_name(tmp.name + ".jsonl") if output.suffix == ".parquet" else tmp
+            try:
+                with open(lines, "wb") as out:
+                    fd = scratch.fileno()
+                    for off, length in zip(offsets.tolist(), lengths.tolist()):  # positioned reads: no file in memory
+                        out.write(os.pread(fd, length, off))
+                if lines != tmp:
+                    jsonl_to_parquet(lines, tmp)
+            finally:
+                if lines != tmp:
+                    lines.unlink(missing_ok=True)
     manifest = {"num_samples": num_samples, "counts": counts, "weights_file": weights_file, "seed": seed,
                 "replacement": replacement, "weights": weights, "sources": {n: str(sources[n]) for n in names},
-                "output": str(output)}
+                "output": str(output), "format": fmt}
     write_json(manifest_path, manifest)
     return manifest
 

@@ -39,7 +39,9 @@ def _source(path: str) -> tuple[str, dict[str, Any]]:
     return path, {}
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: str | None = None) -> Any:
+    """The tokenizer at `path`, padded; `chat_template`: a Jinja file that replaces its chat template (rendering
+    then uses it for every record, the token cache is keyed by it, and save_pretrained stores it)."""
     from transformers import AutoTokenizer
 
     where, extra = _source(path)
@@ -47,6 +49,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: cannot load a tokenizer ({str(exc).splitlines()[0]})") from None
+    if chat_template:
+        try:
+            tokenizer.chat_template = Path(chat_template).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"{chat_template}: cannot read the chat template ({exc})") from None
     if tokenizer.pad_token is None:
         # Padding positions are masked out of attention and loss, so any existing token serves.
         fallback = tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token

@@ -1,0 +1,56 @@
+"""`scalebio report`: one self-contained HTML page of a run, with results side by side when given."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_cli
+
+
+def eval_result(path: Path, loss: float, accuracy: float | None) -> Path:
+    entry = {"loss": loss, "perplexity": 2.718 ** loss, "num_examples": 200, "num_tokens": 4000}
+    if accuracy is not None:
+        entry.update(accuracy=accuracy, num_checked=200)
+    path.write_text(json.dumps({"model": f"/m/{path.stem}", "results": {"test": entry}}))
+    return path
+
+
+def test_report_page_is_self_contained(reweighted: Path, tmp_path: Path) -> None:
+    a = eval_result(tmp_path / "scalebio.json", 2.77, 0.41)
+    b = eval_result(tmp_path / "uniform.json", 3.12, None)
+    out = tmp_path / "page" / "report.html"
+    result = run_cli("report", str(reweighted), "-o", str(out), "--eval", f"scalebio={a}", "--eval", f"uniform={b}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    page = out.read_text()
+    images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', page)
+    assert images[:5] == ["Source weights over steps", "Objectives", "Per-source losses", "Lambda gradients",
+                          "Learning rates"] and "evaluation" in images
+    assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from the network
+    doc = json.loads((reweighted / "weights.json").read_text())
+    for name, weight in doc["weights"].items():
+        assert f"<td>{name}</td><td class=n>{weight:.4f}</td>" in page
+    assert "<td class=n>-</td>" in page  # num_truncated not recorded by this weights file
+    assert "2.7700" in page and "0.410" in page and "reweight:" in page  # eval table and the recipe
+
+
+def test_report_of_a_folder_without_weights_exits_2(tmp_path: Path) -> None:
+    result = run_cli("report", str(tmp_path))
+    assert result.returncode == 2 and "weights.json" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="needs Chromium (apt-get install chromium)")
+def test_report_renders_in_a_headless_browser(reweighted: Path, tmp_path: Path) -> None:
+    page = tmp_path / "report.html"
+    assert run_cli("report", str(reweighted), "-o", str(page)).returncode == 0
+    png = tmp_path / "report.png"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "screenshot_report.py"), str(page), str(png),
+                    "--height", "900"], check=True, timeout=120)
+    assert png.stat().st_size > 50_000  # charts drawn, not a blank page
