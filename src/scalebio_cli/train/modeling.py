@@ -16,6 +16,11 @@ from scalebio_cli.console import console
 from scalebio_cli.errors import InputError
 from scalebio_cli.train import process
 
+try:
+    from safetensors import SafetensorError as _SafetensorError
+except ImportError:  # pragma: no cover - older safetensors keep it in the Rust module only
+    from safetensors._safetensors_rust import SafetensorError as _SafetensorError
+
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The one precision -> dtype rule: `auto` means bf16 on a GPU and fp32 on a CPU (bf16 matmuls on CPU are slow
@@ -25,13 +30,20 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: cannot load a tokenizer ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:
+        # A damaged tokenizer file surfaces as anything: a bare Exception from the Rust `tokenizers`, a KeyError or
+        # TypeError from transformers. Loading a tokenizer trains nothing, so a failure here is the folder's.
+        raise InputError(f"{path}: cannot load a tokenizer ({_first_line(exc)})") from None
     if tokenizer.pad_token is None:
         # Padding positions are masked out of attention and loss, so any existing token serves.
         fallback = tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token
@@ -54,8 +66,13 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device, trust_remote
 
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: cannot load a causal LM ({str(exc).splitlines()[0]})") from None
+    except torch.OutOfMemoryError:
+        raise  # the machine's limit, not the folder's fault (exit 1, with its traceback)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, EOFError, _SafetensorError) as exc:
+        # What a damaged folder raises from inside transformers: a truncated shard (SafetensorError), a config of
+        # the wrong shape (TypeError/KeyError), a cut pickle (EOFError, RuntimeError from the zip reader), tensors
+        # of the wrong size (RuntimeError). preflight names most of these first; this catches the rest.
+        raise InputError(f"{path}: cannot load a causal LM ({_first_line(exc)})") from None
     model.config.use_cache = False  # training never reuses a KV cache
     return model.to(device)
 
