@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from scalebio_cli.data.records import iter_records
+from scalebio_cli.data.records import count_records, iter_records
 from scalebio_cli.errors import InputError
 from scalebio_cli.files import atomic_path, write_json
 
@@ -37,19 +37,6 @@ def largest_remainder(total: int, weights: list[float]) -> list[int]:
     for k in order[:leftover]:
         counts[k] += 1
     return counts
-
-
-def count_records(path: str | Path) -> int:
-    """Records in a data file (a byte scan for .jsonl, metadata for .parquet, a streaming parse for .json)."""
-    path = Path(path)
-    if path.suffix == ".jsonl":
-        with path.open("rb") as f:
-            return sum(1 for line in f if line.strip())
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(path).metadata.num_rows
-    return sum(1 for _ in iter_records(path))
 
 
 def _iter_chosen(path: Path, chosen: np.ndarray) -> Iterator[tuple[int, dict[str, Any]]]:
