@@ -96,6 +96,49 @@ def changed_source(tmp: Path, demo: Path) -> tuple[list[str], Path]:
     return args, out
 
 
+def cut_model(tmp: Path, demo: Path) -> Path:
+    """A copy of the model whose model.safetensors was cut short (a copy interrupted, a full disk)."""
+    import shutil
+
+    model = tmp / "model"
+    shutil.copytree(demo / "model", model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return model
+
+
+def cut_weights(tmp: Path, demo: Path) -> tuple[list[str], Path]:
+    return reweight(tmp, demo, model=str(cut_model(tmp, demo)))
+
+
+def raw_recipe(tmp: Path, demo: Path, sources_yaml: str, *extra: str) -> tuple[list[str], Path]:
+    """A recipe written as text, for what YAML typing does to source names."""
+    body = (f"model: {demo}/model\noutput_dir: {tmp}/run\ndata:\n  sources:\n{sources_yaml}"
+            f"  validation: {demo}/data/val.jsonl\n  max_length: 64\nreweight: {{steps: 2, batch_size: 4, "
+            "val_batch_size: 2}\n")
+    return ["reweight", "--config", str(text(tmp, "r.yaml", body)), *extra], tmp / "run"
+
+
+def eval_on(tmp: Path, demo: Path, content: str, *extra: str) -> tuple[list[str], Path]:
+    data = text(tmp, "e.jsonl", content)
+    return ["eval", "--model", str(demo / "model"), "--data", f"e={data}", "-o", str(tmp / "r.json"), *extra], \
+        tmp / "r.json"
+
+
+def edited_weights(tmp: Path, demo: Path, edit: Callable[[dict], None]) -> tuple[list[str], Path]:
+    """A weights file as reweight writes it (with its recipe), then edited by hand."""
+    args, out = weights_doc(tmp, demo)
+    w = Path(args[2])
+    doc = json.loads(w.read_text())
+    doc["config"] = {"data": {"sources": {n: info["path"] for n, info in doc["sources"].items()}}}
+    edit(doc)
+    w.write_text(json.dumps(doc))
+    return args, out
+
+
+NO_ASSISTANT = json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]})
+
+
 def text(tmp: Path, name: str, content: str) -> Path:
     path = tmp / name
     path.write_text(content)
@@ -227,7 +270,94 @@ CASES = [
     Case("resume-not-a-checkpoint", "command line", "--resume pointing at a folder that is no checkpoint",
          lambda t, d: reweight(t, d, "--resume", str(t)),
          ["--resume {tmp}: not a complete checkpoint folder"]),
+    # -- damaged model folders (issue 19, class 1) -----------------------------------------------------------
+    Case("model-weights-cut-short", "model folder", "a model.safetensors cut short",
+         cut_weights, ["model: {tmp}/model/model.safetensors is cut short: its tensors need"]),
+    Case("model-config-not-object", "model folder", "a config.json that is valid JSON but a list",
+         lambda t, d: with_model(t, d, replace={"config.json": "[1, 2]"}),
+         ["model: {tmp}/model/config.json must hold a JSON object ({{...}}), got a list"]),
+    Case("model-tokenizer-not-tokenizer", "model folder", "a tokenizer.json that is JSON but no tokenizer",
+         lambda t, d: with_model(t, d, replace={"tokenizer.json": '{"vocab": [1, 2, 3]}'}),
+         ["model: {tmp}/model/tokenizer.json is not a tokenizer"]),
+    Case("eval-model-cut-short", "model folder", "eval of a model whose weights were cut short",
+         lambda t, d: (["eval", "--model", str(cut_model(t, d)), "--data", f"x={d / 'data' / 'test.jsonl'}", "-o",
+                        str(t / "r.json")], t / "r.json"),
+         ["--model: {tmp}/model/model.safetensors is cut short"]),
+    # -- numbers that pass a naive range check (class 2) -----------------------------------------------------
+    Case("recipe-nan", "recipe", "a float key holding .nan",
+         lambda t, d: reweight(t, d, reweight__alpha=float("nan")),
+         ["{tmp}/recipe.yaml: reweight.alpha: must be a finite number, got nan"]),
+    Case("override-inf", "command line", "an override setting a float to -.inf",
+         lambda t, d: reweight(t, d, "reweight.weight_decay=-.inf"),
+         ["reweight.weight_decay: must be a finite number, got -inf"]),
+    Case("override-overflow", "command line", "an override whose number overflows a float (1e999)",
+         lambda t, d: reweight(t, d, "finetune.epochs=1e999"),
+         ["finetune.epochs: must be a finite number, got '1e999'"]),
+    Case("recipe-seed-too-large", "recipe", "a seed beyond what numpy and torch seeding take",
+         lambda t, d: reweight(t, d, seed=2**32),
+         ["seed: must be in [0, 4294967295]"]),
+    Case("recipe-int-overflow", "recipe", "an integer beyond int64",
+         lambda t, d: reweight(t, d, reweight__steps=10**30),
+         ["reweight.steps: 1e+30 is too large"]),
+    Case("lisa-more-layers-than-model", "recipe", "lisa.layers above the model's number of blocks",
+         lambda t, d: reweight(t, d, reweight__lisa={"layers": 9, "interval": 2}),
+         ["reweight.lisa.layers: 9 is more than the 4 transformer blocks of {demo}/model"]),
+    Case("max-length-beyond-model", "recipe", "data.max_length above the model's max_position_embeddings",
+         lambda t, d: reweight(t, d, data__max_length=4096),
+         ["data.max_length: 4096 is more than the 1024 positions {demo}/model was built for"]),
+    # -- names that collide after YAML typing (class 3) ------------------------------------------------------
+    Case("source-names-same-string", "recipe", "sources `1:` and `\"1\":` (a number and a text)",
+         lambda t, d: raw_recipe(t, d, f"    1: {d}/data/clean.jsonl\n    \"1\": {d}/data/noisy.json\n"),
+         ["data.sources: the names 1 (int) and '1' (str) are both the name '1'"]),
+    Case("source-names-case", "recipe", "sources `Clean` and `clean`",
+         lambda t, d: raw_recipe(t, d, f"    Clean: {d}/data/clean.jsonl\n    clean: {d}/data/noisy.json\n"),
+         ["data.sources: the names 'Clean' (str) and 'clean' (str) differ only in case or Unicode form"]),
+    Case("source-names-unicode", "recipe", "sources `ﬁle` (a ligature) and `file` (NFKC-equal)",
+         lambda t, d: raw_recipe(t, d, f"    ﬁle: {d}/data/clean.jsonl\n    file: {d}/data/noisy.json\n"),
+         ["data.sources: the names 'ﬁle' (str) and 'file' (str) differ only in case or Unicode form"]),
+    # -- records that cannot train (class 4) -----------------------------------------------------------------
+    Case("chats-without-assistant", "data file", "a source whose conversations have no assistant turn",
+         lambda t, d: with_source(t, d, "bad.jsonl", NO_ASSISTANT + "\n" + NO_ASSISTANT + "\n"),
+         ["data.sources.bad: no record of {tmp}/bad.jsonl can be trained on: {tmp}/bad.jsonl:1: the conversation "
+          "has no assistant turn (nor do the other 1 records)"]),
+    Case("sample-uniform-unusable-source", "data file", "sample --weights uniform from a source nothing can train on",
+         lambda t, d: (["sample", "--weights", "uniform", "--sources", f"a={text(t, 'a.jsonl', NO_ASSISTANT)}",
+                        "--sources", f"b={d / 'data' / 'clean.jsonl'}", "-n", "4", "-o", str(t / "s.jsonl")],
+                       t / "s.jsonl"),
+         ["--sources a: no record of {tmp}/a.jsonl can be trained on: {tmp}/a.jsonl:1: the conversation has no "
+          "assistant turn"]),
+    # -- degenerate evaluation data (class 6) ----------------------------------------------------------------
+    Case("eval-empty-data", "data file", "eval of an empty data file",
+         lambda t, d: eval_on(t, d, ""), ["--data e: {tmp}/e.jsonl holds no records"]),
+    Case("eval-no-response-tokens", "data file", "eval where no record keeps a response token within --max-length",
+         lambda t, d: eval_on(t, d, json.dumps({"prompt": "word " * 40, "completion": "x"}) + "\n",
+                              "--max-length", "8"),
+         ["--data e: no record of {tmp}/e.jsonl keeps a response token within --max-length=8"]),
+    # -- hand-edited weights files (class 8) -----------------------------------------------------------------
+    Case("weights-num-examples-edited", "weights file", "a source's num_examples edited by hand",
+         lambda t, d: edited_weights(t, d, lambda doc: doc["sources"]["clean"].update(num_examples=500)),
+         ["{tmp}/weights.json: sources.clean.num_examples is 500 but {demo}/data/clean.jsonl holds 600 records"]),
+    Case("weights-sha-not-a-hash", "weights file", "a sha256 edited into something that is no hash",
+         lambda t, d: edited_weights(t, d, lambda doc: doc["sources"]["noisy"].update(sha256="abc")),
+         ["{tmp}/weights.json: sources.noisy.sha256 is 'abc', not a sha256"]),
+    Case("weights-renamed-source", "weights file", "a source renamed in weights and sources but not in the recipe",
+         lambda t, d: edited_weights(t, d, _rename_clean),
+         ["{tmp}/weights.json: sources (tidy, noisy) are not the sources of its recorded recipe"]),
+    Case("weights-duplicate-key", "weights file", "a weights file naming a source twice",
+         lambda t, d: _duplicate_weight(t, d), ["{tmp}/weights.json: not a valid weights file", "appears twice"]),
 ]
+
+
+def _rename_clean(doc: dict) -> None:
+    for key in ("weights", "weights_averaged", "sources"):
+        doc[key] = {("tidy" if n == "clean" else n): v for n, v in doc[key].items()}
+
+
+def _duplicate_weight(tmp: Path, demo: Path) -> tuple[list[str], Path]:
+    args, out = weights_doc(tmp, demo)
+    w = Path(args[2])
+    w.write_text(w.read_text().replace('"weights": {"clean": 0.6,', '"weights": {"clean": 0.6, "clean": 0.1,', 1))
+    return args, out
 
 
 def _no_tokenizer(tmp: Path, demo: Path) -> tuple[list[str], Path]:

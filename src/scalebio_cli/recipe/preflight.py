@@ -224,7 +224,7 @@ def model_files(path: str | None) -> dict[str, str]:
     folder = Path(path) if path else None
     if folder is None or not folder.is_dir():
         return {}
-    return {f"a file of the model {folder}": str(f) for f in sorted(folder.iterdir()) if f.is_file()}
+    return {f"{f.name} of the model {folder}": str(f) for f in sorted(folder.iterdir()) if f.is_file()}
 
 
 def _run_products_problems(recipe: Recipe, stage: str) -> list[str]:
