@@ -161,8 +161,9 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, f"{dotted}.", problems)
         else:
+            before = len(problems)
             coerced = _coerce(value, tp, dotted, problems)
-            if coerced is not None or value is None:
+            if len(problems) == before:  # a refused value keeps the default: `seed: null` must not reach the checks
                 kwargs[key] = coerced
     return cls(**kwargs)
 

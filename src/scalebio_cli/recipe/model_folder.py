@@ -15,12 +15,16 @@ is not a tokenizer). Here each file is checked for what makes it loadable, namin
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zipfile
 from pathlib import Path
 from typing import Any
 
 SAFETENSORS_MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
+# Bytes per element of the dtypes safetensors names; others (sub-byte formats) are left to the loader.
+DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+               "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def read_json_object(path: Path) -> tuple[dict[str, Any] | None, str | None]:
@@ -54,20 +58,42 @@ def safetensors_problem(path: Path) -> str | None:
         return f"{path} is damaged: its safetensors header is not JSON"
     if not isinstance(header, dict):
         return f"{path} is damaged: its safetensors header is not a JSON object"
-    end = 0
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-                and 0 <= offsets[0] <= offsets[1]):
-            return f"{path} is damaged: tensor {name!r} has no valid data_offsets in the header"
-        end = max(end, offsets[1])
+        problem = _tensor_problem(name, info)
+        if problem:
+            return f"{path} is damaged: {problem}"
+        spans.append((info["data_offsets"][0], info["data_offsets"][1], name))
+    end = 0
+    for start, stop, name in sorted(spans):
+        if start != end:  # safetensors requires the tensors to tile the data exactly, in order
+            return f"{path} is damaged: tensor {name!r} starts at byte {start:,} of the data, expected {end:,}"
+        end = stop
     data = size - 8 - n
     if data != end:
         what = "cut short" if data < end else "longer than its header says"
         return f"{path} is {what}: its tensors need {end:,} bytes of data, the file holds {data:,}"
     return None
+
+
+def _tensor_problem(name: str, info: Any) -> str | None:
+    offsets = info.get("data_offsets") if isinstance(info, dict) else None
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        return f"tensor {name!r} has no valid data_offsets in the header"
+    shape, width = info.get("shape"), DTYPE_BYTES.get(info.get("dtype"))
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        return f"tensor {name!r} has no valid shape in the header"
+    if width is not None and math.prod(shape) * width != offsets[1] - offsets[0]:
+        return (f"tensor {name!r} ({info['dtype']} {shape}) needs {math.prod(shape) * width:,} bytes, its offsets "
+                f"give {offsets[1] - offsets[0]:,}")
+    return None
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _index_problems(index: Path) -> list[str]:

@@ -24,6 +24,19 @@ from scalebio_cli.files import atomic_path, write_json
 _STREAM = 0x5A3  # separates sample's random streams from reweight's under the same seed
 
 
+# Characters that JSON leaves raw (ensure_ascii=False) but that line-based readers take for line breaks
+# (Python's str.splitlines, JavaScript): escaped, so one record stays one line for every reader.
+_LINE_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def json_line(record: Any) -> str:
+    """One JSON record as one line (UTF-8 kept readable, line separators escaped)."""
+    text = json.dumps(record, ensure_ascii=False)
+    for raw, escaped in _LINE_BREAKS.items():
+        text = text.replace(raw, escaped)
+    return text
+
+
 def largest_remainder(total: int, weights: list[float]) -> list[int]:
     """Integer counts proportional to `weights` that add up to exactly `total`.
 
@@ -105,7 +118,7 @@ def run(weights: dict[str, float], sources: dict[str, str], num_samples: int, ou
             j = 0
             for index, record in _iter_chosen(Path(sources[name]), picks):
                 record = {**record, "source": name} if isinstance(record, dict) else {"record": record, "source": name}
-                line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+                line = (json_line(record) + "\n").encode()
                 while j < n and picks[j] == index:  # a record drawn several times (replacement)
                     offsets[slots[j]] = scratch.tell()
                     lengths[slots[j]] = len(line)

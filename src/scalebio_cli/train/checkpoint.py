@@ -86,7 +86,8 @@ def load(path: Path, name: str, rank: int | None = None) -> Any:
         return torch.load(file, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
         # A file damaged after the checkpoint was completed (a copy cut short, a bad disk): name it and the way out.
-        raise InputError(f"{file}: damaged checkpoint file ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+        detail = (str(exc).strip().splitlines() or [""])[0][:200]  # EOFError has no message at all
+        raise InputError(f"{file}: damaged checkpoint file ({type(exc).__name__}{': ' + detail if detail else ''}); "
                          f"resume from an earlier checkpoint (--resume {path.parent}/step-...) or start over"
                          ) from None
 
@@ -100,8 +101,10 @@ def meta(path: Path) -> dict[str, Any]:
         raise InputError(f"{file}: damaged checkpoint metadata ({exc}); resume from an earlier checkpoint "
                          "(--resume PATH) or start over") from None
     step = info.get("step") if isinstance(info, dict) else None
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0 or not isinstance(info.get("config"), dict):
-        raise InputError(f"{file}: damaged checkpoint metadata (needs an integer 'step' and the run's 'config')")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0 or not isinstance(info.get("config"), dict) \
+            or not isinstance(info.get("data_sha256", {}), dict):
+        raise InputError(f"{file}: damaged checkpoint metadata (needs an integer 'step', the run's 'config' and "
+                         "its data files' 'data_sha256')")
     return info
 
 
