@@ -368,3 +368,88 @@ def _no_tokenizer(tmp: Path, demo: Path) -> tuple[list[str], Path]:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (model / name).unlink()
     return reweight(tmp, demo, model=str(model))
+
+
+# -- issue 19: classes of hostile input, where each is fixed, and what tests it ------------------------------
+
+
+@dataclass
+class HostileClass:
+    name: str
+    fix: str  # the module(s) and function(s) that own the fix
+    cases: list[str]  # ids of CASES above
+    tests: list[str]  # `module::test` in tests/ (test_hostile.py checks that each exists)
+
+
+HOSTILE = [
+    HostileClass("Damaged model folders and tokenizers",
+                 "recipe/model_folder.py (safetensors_problem, weights_problems, tokenizer_problems), "
+                 "recipe/preflight.py model_folder_problems; train/modeling.py load_model/load_tokenizer wrap errors",
+                 ["model-weights-cut-short", "model-config-not-object", "model-tokenizer-not-tokenizer",
+                  "eval-model-cut-short"],
+                 ["test_hostile::test_damaged_shards_and_pickles_are_named",
+                  "test_hostile::test_load_errors_behind_preflight_become_input_errors",
+                  "test_fuzz::test_fuzz_model_folders"]),
+    HostileClass("Numbers that pass a naive range check",
+                 "recipe/load.py _coerce (finite floats, int64), _check_ranges (seed <= 2**32-1); "
+                 "recipe/preflight.py model_fit_problems (lisa.layers, data.max_length vs config.json)",
+                 ["recipe-nan", "override-inf", "override-overflow", "recipe-seed-too-large", "recipe-int-overflow",
+                  "lisa-more-layers-than-model", "max-length-beyond-model"],
+                 ["test_hostile::test_non_finite_floats_are_refused_in_any_spelling",
+                  "test_hostile::test_integers_out_of_range_for_their_consumers",
+                  "test_hostile::test_finetune_lisa_layers_beyond_the_model_is_refused_before_any_output",
+                  "test_fuzz::test_fuzz_recipes"]),
+    HostileClass("Names that collide after YAML typing",
+                 "recipe/load.py name_clashes (via _coerce for every mapping; cli._parse_named_files for --sources, "
+                 "--data)",
+                 ["source-names-same-string", "source-names-case", "source-names-unicode"],
+                 ["test_hostile::test_source_names_that_are_one_name_are_refused",
+                  "test_hostile::test_named_files_on_the_command_line_are_folded_too"]),
+    HostileClass("Records that cannot train",
+                 "recipe/preflight.py data_file_problems (records.has_response), run for every command: "
+                 "check_sample, check_eval",
+                 ["chats-without-assistant", "sample-uniform-unusable-source"],
+                 ["test_hostile::test_a_few_chats_without_assistant_are_named_and_skipped",
+                  "test_hostile::test_eval_of_chats_without_assistant_is_refused", "test_fuzz::test_fuzz_records"]),
+    HostileClass("An output that is one of the inputs",
+                 "files.py same_file/clobbered_input; recipe/preflight.py output_file_problems, check_sample, "
+                 "check_eval, _run_products_problems",
+                 [],
+                 ["test_hostile::test_sample_output_naming_a_source_is_refused",
+                  "test_hostile::test_sample_output_naming_the_weights_or_validation_file_is_refused",
+                  "test_hostile::test_eval_output_naming_a_data_or_model_file_is_refused",
+                  "test_hostile::test_finetune_output_dir_that_is_the_base_model_is_refused"]),
+    HostileClass("Empty or degenerate evaluation data",
+                 "recipe/preflight.py check_eval; stages/evaluate.py run (no response token, non-finite loss), "
+                 "perplexity",
+                 ["eval-empty-data", "eval-no-response-tokens"],
+                 ["test_hostile::test_perplexity_never_overflows_to_inf",
+                  "test_hostile::test_eval_of_a_model_with_nan_weights_writes_no_results"]),
+    HostileClass("Resume after a crash",
+                 "results/metrics.py MetricsLog (torn lines dropped); train/checkpoint.py config_differences "
+                 "(reordered sources), meta/load (damaged files named)",
+                 [],
+                 ["test_hostile::test_resume_drops_a_torn_metrics_line_and_goes_on",
+                  "test_hostile::test_resume_refuses_changed_sources",
+                  "test_hostile::test_resume_refuses_a_source_changed_in_content",
+                  "test_hostile::test_a_damaged_checkpoint_file_is_named", "test_fuzz::test_fuzz_checkpoint_files"]),
+    HostileClass("A weights file edited by hand",
+                 "results/weights_file.py load (_field_problems, _recipe_problems, _file_problems, duplicate keys)",
+                 ["weights-num-examples-edited", "weights-sha-not-a-hash", "weights-renamed-source",
+                  "weights-duplicate-key"],
+                 ["test_hostile::test_allow_changed_sources_stays_the_escape", "test_fuzz::test_fuzz_weights_files"]),
+    HostileClass("A fresh run over another run",
+                 "results/run_folder.py check_fresh_start (refused; --resume auto or --force, which deletes the old "
+                 "checkpoints)",
+                 [],
+                 ["test_hostile::test_a_fresh_run_over_another_runs_checkpoints_is_refused",
+                  "test_hostile::test_force_starts_over_without_mixing_checkpoints"]),
+    HostileClass("Two runs into one output folder at once",
+                 "results/run_folder.py locked/claim/claim_output_file (fcntl.flock, rank 0 only), called by cli.py",
+                 [],
+                 ["test_hostile::test_a_second_run_into_a_held_folder_is_refused_at_once",
+                  "test_hostile::test_a_second_sample_into_the_same_output_is_refused",
+                  "test_hostile::test_a_stale_lock_of_a_dead_process_is_taken_over",
+                  "test_hostile::test_only_rank_0_takes_the_lock",
+                  "test_hostile::test_two_real_runs_the_second_is_refused_and_the_lock_dies_with_the_first"]),
+]

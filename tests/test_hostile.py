@@ -489,3 +489,33 @@ def test_recipe_yaml_of_a_run_still_loads(finished_run: Path) -> None:
     saved = finished_run / "run" / "recipe.yaml"
     assert load_recipe(saved).output_dir == str(finished_run / "run")
     assert yaml.safe_load(saved.read_text())["reweight"]["steps"] == 4
+
+
+# -- class 8 (beyond the catalogue) and the class table --------------------------------------------------------
+
+
+def test_allow_changed_sources_stays_the_escape(weights_and_sources, tmp_path: Path) -> None:
+    w, _ = weights_and_sources
+    doc = json.loads(w.read_text())
+    doc["sources"]["a"]["num_examples"] = 7  # edited: refused, then sampled anyway when asked to
+    w.write_text(json.dumps(doc))
+    assert_refused(invoke("sample", "--weights", w, "-n", "4", "-o", tmp_path / "s.jsonl"),
+                   "sources.a.num_examples is 7 but")
+    result = invoke("sample", "--weights", w, "-n", "4", "-o", tmp_path / "s.jsonl", "--allow-changed-sources")
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 4
+
+
+def test_every_class_has_two_tested_members_that_exist() -> None:
+    import ast
+
+    from bad_inputs import CASES, HOSTILE
+
+    ids = {c.id for c in CASES}
+    for cls in HOSTILE:
+        assert len(cls.cases) + len(cls.tests) >= 2, cls.name
+        assert set(cls.cases) <= ids, cls.name
+        for ref in cls.tests:
+            module, name = ref.split("::")
+            tree = ast.parse((Path(__file__).parent / f"{module}.py").read_text())
+            assert name in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, ref
