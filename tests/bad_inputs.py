@@ -319,7 +319,7 @@ CASES = [
     Case("chats-without-assistant", "data file", "a source whose conversations have no assistant turn",
          lambda t, d: with_source(t, d, "bad.jsonl", NO_ASSISTANT + "\n" + NO_ASSISTANT + "\n"),
          ["data.sources.bad: no record of {tmp}/bad.jsonl can be trained on: {tmp}/bad.jsonl:1: the conversation "
-          "has no assistant turn (nor do the other 1 records)"]),
+          "has no assistant turn (nor does the other record)"]),
     Case("sample-uniform-unusable-source", "data file", "sample --weights uniform from a source nothing can train on",
          lambda t, d: (["sample", "--weights", "uniform", "--sources", f"a={text(t, 'a.jsonl', NO_ASSISTANT)}",
                         "--sources", f"b={d / 'data' / 'clean.jsonl'}", "-n", "4", "-o", str(t / "s.jsonl")],

@@ -54,7 +54,7 @@ def data_file_problems(key: str, path: str | None) -> list[str]:
     if not count:
         return [f"{key}: {p} holds no records"]
     if len(unusable) == count:
-        others = f" (nor do the other {count - 1:,} records)" if count > 1 else ""
+        others = {1: "", 2: " (nor does the other record)"}.get(count, f" (nor do the other {count - 1:,} records)")
         return [f"{key}: no record of {p} can be trained on: {unusable[0]}: the conversation has no assistant "
                 f"turn{others}; the response must be an assistant/gpt turn"]
     if unusable and process.is_main():
