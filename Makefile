@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml $(TORCH_CONSTRAINT)
 # The main job on the bundled default: build a tiny model and demo data (cached), learn the source weights.
 demo: install
 	$(BIN)/python scripts/build_demo.py
-	$(BIN)/scalebio reweight --config recipes/demo.yaml
+	$(BIN)/scalebio reweight --config recipes/demo.yaml --force  # a rerun starts over (runs/demo holds the last run)
 	@echo "weights: runs/demo/weights.json   plot: runs/demo/weights.png   metrics: runs/demo/metrics.jsonl"
 
 # reweight -> sample (ScaleBiO and uniform) -> finetune both -> eval on the held-out demo test set.

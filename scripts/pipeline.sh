@@ -15,7 +15,8 @@ n=${4:-600}
 baselines=${5:-uniform}
 mkdir -p "$run"
 
-weights=$(scalebio reweight --config "$recipe" output_dir="$run/reweight")
+# --force: a rerun of the pipeline starts each run over instead of being refused by the last run's outputs
+weights=$(scalebio reweight --config "$recipe" output_dir="$run/reweight" --force)
 
 for kind in scalebio $baselines; do
   if [ "$kind" = scalebio ]; then
@@ -24,7 +25,7 @@ for kind in scalebio $baselines; do
     scalebio sample --weights "$kind" --config "$recipe" -n "$n" -o "$run/sample-$kind.jsonl" --seed 0 --replacement
   fi
   scalebio finetune --config "$recipe" output_dir="$run/finetune-$kind" finetune.data="$run/sample-$kind.jsonl" \
-    finetune.weights=null
+    finetune.weights=null --force
   scalebio eval --model "$run/finetune-$kind" --data test="$test_file" -o "$run/eval-$kind.json"
 done
 

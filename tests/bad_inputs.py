@@ -96,6 +96,49 @@ def changed_source(tmp: Path, demo: Path) -> tuple[list[str], Path]:
     return args, out
 
 
+def cut_model(tmp: Path, demo: Path) -> Path:
+    """A copy of the model whose model.safetensors was cut short (a copy interrupted, a full disk)."""
+    import shutil
+
+    model = tmp / "model"
+    shutil.copytree(demo / "model", model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return model
+
+
+def cut_weights(tmp: Path, demo: Path) -> tuple[list[str], Path]:
+    return reweight(tmp, demo, model=str(cut_model(tmp, demo)))
+
+
+def raw_recipe(tmp: Path, demo: Path, sources_yaml: str, *extra: str) -> tuple[list[str], Path]:
+    """A recipe written as text, for what YAML typing does to source names."""
+    body = (f"model: {demo}/model\noutput_dir: {tmp}/run\ndata:\n  sources:\n{sources_yaml}"
+            f"  validation: {demo}/data/val.jsonl\n  max_length: 64\nreweight: {{steps: 2, batch_size: 4, "
+            "val_batch_size: 2}\n")
+    return ["reweight", "--config", str(text(tmp, "r.yaml", body)), *extra], tmp / "run"
+
+
+def eval_on(tmp: Path, demo: Path, content: str, *extra: str) -> tuple[list[str], Path]:
+    data = text(tmp, "e.jsonl", content)
+    return ["eval", "--model", str(demo / "model"), "--data", f"e={data}", "-o", str(tmp / "r.json"), *extra], \
+        tmp / "r.json"
+
+
+def edited_weights(tmp: Path, demo: Path, edit: Callable[[dict], None]) -> tuple[list[str], Path]:
+    """A weights file as reweight writes it (with its recipe), then edited by hand."""
+    args, out = weights_doc(tmp, demo)
+    w = Path(args[2])
+    doc = json.loads(w.read_text())
+    doc["config"] = {"data": {"sources": {n: info["path"] for n, info in doc["sources"].items()}}}
+    edit(doc)
+    w.write_text(json.dumps(doc))
+    return args, out
+
+
+NO_ASSISTANT = json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]})
+
+
 def text(tmp: Path, name: str, content: str) -> Path:
     path = tmp / name
     path.write_text(content)
@@ -227,7 +270,94 @@ CASES = [
     Case("resume-not-a-checkpoint", "command line", "--resume pointing at a folder that is no checkpoint",
          lambda t, d: reweight(t, d, "--resume", str(t)),
          ["--resume {tmp}: not a complete checkpoint folder"]),
+    # -- damaged model folders (issue 19, class 1) -----------------------------------------------------------
+    Case("model-weights-cut-short", "model folder", "a model.safetensors cut short",
+         cut_weights, ["model: {tmp}/model/model.safetensors is cut short: its tensors need"]),
+    Case("model-config-not-object", "model folder", "a config.json that is valid JSON but a list",
+         lambda t, d: with_model(t, d, replace={"config.json": "[1, 2]"}),
+         ["model: {tmp}/model/config.json must hold a JSON object ({{...}}), got a list"]),
+    Case("model-tokenizer-not-tokenizer", "model folder", "a tokenizer.json that is JSON but no tokenizer",
+         lambda t, d: with_model(t, d, replace={"tokenizer.json": '{"vocab": [1, 2, 3]}'}),
+         ["model: {tmp}/model/tokenizer.json is not a tokenizer"]),
+    Case("eval-model-cut-short", "model folder", "eval of a model whose weights were cut short",
+         lambda t, d: (["eval", "--model", str(cut_model(t, d)), "--data", f"x={d / 'data' / 'test.jsonl'}", "-o",
+                        str(t / "r.json")], t / "r.json"),
+         ["--model: {tmp}/model/model.safetensors is cut short"]),
+    # -- numbers that pass a naive range check (class 2) -----------------------------------------------------
+    Case("recipe-nan", "recipe", "a float key holding .nan",
+         lambda t, d: reweight(t, d, reweight__alpha=float("nan")),
+         ["{tmp}/recipe.yaml: reweight.alpha: must be a finite number, got nan"]),
+    Case("override-inf", "command line", "an override setting a float to -.inf",
+         lambda t, d: reweight(t, d, "reweight.weight_decay=-.inf"),
+         ["reweight.weight_decay: must be a finite number, got -inf"]),
+    Case("override-overflow", "command line", "an override whose number overflows a float (1e999)",
+         lambda t, d: reweight(t, d, "finetune.epochs=1e999"),
+         ["finetune.epochs: must be a finite number, got '1e999'"]),
+    Case("recipe-seed-too-large", "recipe", "a seed beyond what numpy and torch seeding take",
+         lambda t, d: reweight(t, d, seed=2**32),
+         ["seed: must be in [0, 4294967295]"]),
+    Case("recipe-int-overflow", "recipe", "an integer beyond int64",
+         lambda t, d: reweight(t, d, reweight__steps=10**30),
+         ["reweight.steps: 1e+30 is too large"]),
+    Case("lisa-more-layers-than-model", "recipe", "lisa.layers above the model's number of blocks",
+         lambda t, d: reweight(t, d, reweight__lisa={"layers": 9, "interval": 2}),
+         ["reweight.lisa.layers: 9 is more than the 4 transformer blocks of {demo}/model"]),
+    Case("max-length-beyond-model", "recipe", "data.max_length above the model's max_position_embeddings",
+         lambda t, d: reweight(t, d, data__max_length=4096),
+         ["data.max_length: 4096 is more than the 1024 positions {demo}/model was built for"]),
+    # -- names that collide after YAML typing (class 3) ------------------------------------------------------
+    Case("source-names-same-string", "recipe", "sources `1:` and `\"1\":` (a number and a text)",
+         lambda t, d: raw_recipe(t, d, f"    1: {d}/data/clean.jsonl\n    \"1\": {d}/data/noisy.json\n"),
+         ["data.sources: the names 1 (int) and '1' (str) are both the name '1'"]),
+    Case("source-names-case", "recipe", "sources `Clean` and `clean`",
+         lambda t, d: raw_recipe(t, d, f"    Clean: {d}/data/clean.jsonl\n    clean: {d}/data/noisy.json\n"),
+         ["data.sources: the names 'Clean' (str) and 'clean' (str) differ only in case or Unicode form"]),
+    Case("source-names-unicode", "recipe", "sources `ﬁle` (a ligature) and `file` (NFKC-equal)",
+         lambda t, d: raw_recipe(t, d, f"    ﬁle: {d}/data/clean.jsonl\n    file: {d}/data/noisy.json\n"),
+         ["data.sources: the names 'ﬁle' (str) and 'file' (str) differ only in case or Unicode form"]),
+    # -- records that cannot train (class 4) -----------------------------------------------------------------
+    Case("chats-without-assistant", "data file", "a source whose conversations have no assistant turn",
+         lambda t, d: with_source(t, d, "bad.jsonl", NO_ASSISTANT + "\n" + NO_ASSISTANT + "\n"),
+         ["data.sources.bad: no record of {tmp}/bad.jsonl can be trained on: {tmp}/bad.jsonl:1: the conversation "
+          "has no assistant turn (nor does the other record)"]),
+    Case("sample-uniform-unusable-source", "data file", "sample --weights uniform from a source nothing can train on",
+         lambda t, d: (["sample", "--weights", "uniform", "--sources", f"a={text(t, 'a.jsonl', NO_ASSISTANT)}",
+                        "--sources", f"b={d / 'data' / 'clean.jsonl'}", "-n", "4", "-o", str(t / "s.jsonl")],
+                       t / "s.jsonl"),
+         ["--sources a: no record of {tmp}/a.jsonl can be trained on: {tmp}/a.jsonl:1: the conversation has no "
+          "assistant turn"]),
+    # -- degenerate evaluation data (class 6) ----------------------------------------------------------------
+    Case("eval-empty-data", "data file", "eval of an empty data file",
+         lambda t, d: eval_on(t, d, ""), ["--data e: {tmp}/e.jsonl holds no records"]),
+    Case("eval-no-response-tokens", "data file", "eval where no record keeps a response token within --max-length",
+         lambda t, d: eval_on(t, d, json.dumps({"prompt": "word " * 40, "completion": "x"}) + "\n",
+                              "--max-length", "8"),
+         ["--data e: no record of {tmp}/e.jsonl keeps a response token within --max-length=8"]),
+    # -- hand-edited weights files (class 8) -----------------------------------------------------------------
+    Case("weights-num-examples-edited", "weights file", "a source's num_examples edited by hand",
+         lambda t, d: edited_weights(t, d, lambda doc: doc["sources"]["clean"].update(num_examples=500)),
+         ["{tmp}/weights.json: sources.clean.num_examples is 500 but {demo}/data/clean.jsonl holds 600 records"]),
+    Case("weights-sha-not-a-hash", "weights file", "a sha256 edited into something that is no hash",
+         lambda t, d: edited_weights(t, d, lambda doc: doc["sources"]["noisy"].update(sha256="abc")),
+         ["{tmp}/weights.json: sources.noisy.sha256 is 'abc', not a sha256"]),
+    Case("weights-renamed-source", "weights file", "a source renamed in weights and sources but not in the recipe",
+         lambda t, d: edited_weights(t, d, _rename_clean),
+         ["{tmp}/weights.json: sources (tidy, noisy) are not the sources of its recorded recipe"]),
+    Case("weights-duplicate-key", "weights file", "a weights file naming a source twice",
+         lambda t, d: _duplicate_weight(t, d), ["{tmp}/weights.json: not a valid weights file", "appears twice"]),
 ]
+
+
+def _rename_clean(doc: dict) -> None:
+    for key in ("weights", "weights_averaged", "sources"):
+        doc[key] = {("tidy" if n == "clean" else n): v for n, v in doc[key].items()}
+
+
+def _duplicate_weight(tmp: Path, demo: Path) -> tuple[list[str], Path]:
+    args, out = weights_doc(tmp, demo)
+    w = Path(args[2])
+    w.write_text(w.read_text().replace('"weights": {"clean": 0.6,', '"weights": {"clean": 0.6, "clean": 0.1,', 1))
+    return args, out
 
 
 def _no_tokenizer(tmp: Path, demo: Path) -> tuple[list[str], Path]:
@@ -238,3 +368,88 @@ def _no_tokenizer(tmp: Path, demo: Path) -> tuple[list[str], Path]:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (model / name).unlink()
     return reweight(tmp, demo, model=str(model))
+
+
+# -- issue 19: classes of hostile input, where each is fixed, and what tests it ------------------------------
+
+
+@dataclass
+class HostileClass:
+    name: str
+    fix: str  # the module(s) and function(s) that own the fix
+    cases: list[str]  # ids of CASES above
+    tests: list[str]  # `module::test` in tests/ (test_hostile.py checks that each exists)
+
+
+HOSTILE = [
+    HostileClass("Damaged model folders and tokenizers",
+                 "recipe/model_folder.py (safetensors_problem, weights_problems, tokenizer_problems), "
+                 "recipe/preflight.py model_folder_problems; train/modeling.py load_model/load_tokenizer wrap errors",
+                 ["model-weights-cut-short", "model-config-not-object", "model-tokenizer-not-tokenizer",
+                  "eval-model-cut-short"],
+                 ["test_hostile::test_damaged_shards_and_pickles_are_named",
+                  "test_hostile::test_load_errors_behind_preflight_become_input_errors",
+                  "test_fuzz::test_fuzz_model_folders"]),
+    HostileClass("Numbers that pass a naive range check",
+                 "recipe/load.py _coerce (finite floats, int64), _check_ranges (seed <= 2**32-1); "
+                 "recipe/preflight.py model_fit_problems (lisa.layers, data.max_length vs config.json)",
+                 ["recipe-nan", "override-inf", "override-overflow", "recipe-seed-too-large", "recipe-int-overflow",
+                  "lisa-more-layers-than-model", "max-length-beyond-model"],
+                 ["test_hostile::test_non_finite_floats_are_refused_in_any_spelling",
+                  "test_hostile::test_integers_out_of_range_for_their_consumers",
+                  "test_hostile::test_finetune_lisa_layers_beyond_the_model_is_refused_before_any_output",
+                  "test_fuzz::test_fuzz_recipes"]),
+    HostileClass("Names that collide after YAML typing",
+                 "recipe/load.py name_clashes (via _coerce for every mapping; cli._parse_named_files for --sources, "
+                 "--data)",
+                 ["source-names-same-string", "source-names-case", "source-names-unicode"],
+                 ["test_hostile::test_source_names_that_are_one_name_are_refused",
+                  "test_hostile::test_named_files_on_the_command_line_are_folded_too"]),
+    HostileClass("Records that cannot train",
+                 "recipe/preflight.py data_file_problems (records.has_response), run for every command: "
+                 "check_sample, check_eval",
+                 ["chats-without-assistant", "sample-uniform-unusable-source"],
+                 ["test_hostile::test_a_few_chats_without_assistant_are_named_and_skipped",
+                  "test_hostile::test_eval_of_chats_without_assistant_is_refused", "test_fuzz::test_fuzz_records"]),
+    HostileClass("An output that is one of the inputs",
+                 "files.py same_file/clobbered_input; recipe/preflight.py output_file_problems, check_sample, "
+                 "check_eval, _run_products_problems",
+                 [],
+                 ["test_hostile::test_sample_output_naming_a_source_is_refused",
+                  "test_hostile::test_sample_output_naming_the_weights_or_validation_file_is_refused",
+                  "test_hostile::test_eval_output_naming_a_data_or_model_file_is_refused",
+                  "test_hostile::test_finetune_output_dir_that_is_the_base_model_is_refused"]),
+    HostileClass("Empty or degenerate evaluation data",
+                 "recipe/preflight.py check_eval; stages/evaluate.py run (no response token, non-finite loss), "
+                 "perplexity",
+                 ["eval-empty-data", "eval-no-response-tokens"],
+                 ["test_hostile::test_perplexity_never_overflows_to_inf",
+                  "test_hostile::test_eval_of_a_model_with_nan_weights_writes_no_results"]),
+    HostileClass("Resume after a crash",
+                 "results/metrics.py MetricsLog (torn lines dropped); train/checkpoint.py config_differences "
+                 "(reordered sources), meta/load (damaged files named)",
+                 [],
+                 ["test_hostile::test_resume_drops_a_torn_metrics_line_and_goes_on",
+                  "test_hostile::test_resume_refuses_changed_sources",
+                  "test_hostile::test_resume_refuses_a_source_changed_in_content",
+                  "test_hostile::test_a_damaged_checkpoint_file_is_named", "test_fuzz::test_fuzz_checkpoint_files"]),
+    HostileClass("A weights file edited by hand",
+                 "results/weights_file.py load (_field_problems, _recipe_problems, _file_problems, duplicate keys)",
+                 ["weights-num-examples-edited", "weights-sha-not-a-hash", "weights-renamed-source",
+                  "weights-duplicate-key"],
+                 ["test_hostile::test_allow_changed_sources_stays_the_escape", "test_fuzz::test_fuzz_weights_files"]),
+    HostileClass("A fresh run over another run",
+                 "results/run_folder.py check_fresh_start (refused; --resume auto or --force, which deletes the old "
+                 "checkpoints)",
+                 [],
+                 ["test_hostile::test_a_fresh_run_over_another_runs_checkpoints_is_refused",
+                  "test_hostile::test_force_starts_over_without_mixing_checkpoints"]),
+    HostileClass("Two runs into one output folder at once",
+                 "results/run_folder.py locked/claim/claim_output_file (fcntl.flock, rank 0 only), called by cli.py",
+                 [],
+                 ["test_hostile::test_a_second_run_into_a_held_folder_is_refused_at_once",
+                  "test_hostile::test_a_second_sample_into_the_same_output_is_refused",
+                  "test_hostile::test_a_stale_lock_of_a_dead_process_is_taken_over",
+                  "test_hostile::test_only_rank_0_takes_the_lock",
+                  "test_hostile::test_two_real_runs_the_second_is_refused_and_the_lock_dies_with_the_first"]),
+]

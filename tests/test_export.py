@@ -156,6 +156,7 @@ def test_bad_input_exits_2_with_no_output(weights, tmp_path: Path) -> None:
 
     doc = json.loads(Path(path).read_text())
     doc["sources"]["clean"] = {"path": str(source), "num_examples": 1, "sha256": file_sha256(source)}
+    doc["config"]["data"]["sources"]["clean"] = str(source)  # consistent, as a run on that file would write it
     odd = tmp_path / "odd-weights.json"
     odd.write_text(json.dumps(doc))
     result = run_cli("export", str(odd), "--to", "llamafactory", "-o", str(tmp_path / "lf"))

@@ -40,7 +40,9 @@ ResumeOption = Annotated[str | None, typer.Option(
     "--resume", help="Continue from a checkpoint: `auto` (the latest complete one in output_dir; start fresh if "
                      "none) or a checkpoint folder.", show_default=False)]
 ForceOption = Annotated[bool, typer.Option(
-    "--force", help="Resume even if the recipe differs from the checkpoint's in keys that change the result.")]
+    "--force", help="Resume even if the recipe differs from the checkpoint's in keys that change the result; "
+                    "without --resume, start over in an output_dir that holds another run (deleting its "
+                    "checkpoints).")]
 
 
 def _fail(problems: list[str]) -> None:
@@ -95,15 +97,20 @@ def reweight(config: ConfigOption, overrides: OverridesArg = None, resume: Resum
 
         recipe = load_recipe(config, overrides)
         check_reweight(recipe, config)
+        from scalebio_cli.results import run_folder
         from scalebio_cli.stages import reweight as stage
 
-        return stage.run(recipe, resume, force)
+        with run_folder.claim(recipe.output_dir, "reweight", resume, force):  # one run per folder, never two mixed
+            return stage.run(recipe, resume, force)
 
     _print_result(guarded(body))
 
 
 def _parse_named_files(items: list[str], option: str) -> dict[str, str]:
-    named, problems = {}, []
+    from scalebio_cli.recipe.load import name_clashes
+
+    named: dict[str, str] = {}
+    problems: list[str] = []
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
@@ -112,6 +119,7 @@ def _parse_named_files(items: list[str], option: str) -> dict[str, str]:
             problems.append(f"{option}: the name '{name}' is given twice")
         else:
             named[name] = str(Path(path).expanduser().resolve())
+    problems += name_clashes(option, list(named))
     if problems:
         raise InputError(problems)
     return named
@@ -151,24 +159,24 @@ def sample(
     """
 
     def body() -> Path:
-        from scalebio_cli.results import weights_file
+        from scalebio_cli.recipe.preflight import check_sample, model_files
+        from scalebio_cli.results import run_folder, weights_file
         from scalebio_cli.stages import sample as stage
 
         if record_format not in stage.FORMATS:
             raise InputError(f"--format: must be one of {', '.join(stage.FORMATS)}, got {record_format!r}")
-        sizes = None
+        sizes, inputs = None, {}
         if weights in ("uniform", "proportional"):
             if config is not None:
                 from scalebio_cli.recipe import load_recipe
 
-                named = load_recipe(config).data.sources
+                named, key = load_recipe(config).data.sources, "data.sources."
+                inputs = {"the recipe": str(config)}
             else:
-                named = _parse_named_files(sources or [], "--sources")
+                named, key = _parse_named_files(sources or [], "--sources"), "--sources "
             if not named:
                 raise InputError(f"--weights {weights}: name the sources with --sources NAME=FILE ... or --config")
-            missing = [f"--sources {n}: file not found: {p}" for n, p in named.items() if not Path(p).is_file()]
-            if missing:
-                raise InputError(missing)
+            check_sample(output, {f"{key}{n}": p for n, p in named.items()}, inputs, parse_records=True)
             probs, sizes = stage.baseline_weights(weights, named)
             label = weights
         else:
@@ -177,11 +185,18 @@ def sample(
                                  "names its own sources")
             probs, doc = weights_file.load(weights, allow_changed_sources, averaged)
             named = {n: doc["sources"][n]["path"] for n in probs}
+            validation = doc.get("validation") if isinstance(doc.get("validation"), dict) else {}
+            inputs = {"the weights file": weights, "the validation file": str(validation.get("path") or "")}
+            inputs |= model_files(doc.get("model") if isinstance(doc.get("model"), str) else None)
+            # Records of changed sources are no longer vouched for by the reweight run that read them.
+            check_sample(output, {f"source '{n}'": p for n, p in named.items()}, inputs,
+                         parse_records=allow_changed_sources)
             label = str(Path(weights).resolve())
             recorded = {n: doc["sources"][n].get("num_examples") for n in probs}
             if not allow_changed_sources and all(isinstance(v, int) for v in recorded.values()):
-                sizes = recorded  # the sha256 matched, so the recorded sizes are the files' sizes
-        stage.run(probs, named, num_samples, output.resolve(), seed, replacement, label, sizes, record_format)
+                sizes = recorded  # weights_file.load checked them against the files
+        with run_folder.claim_output_file(output.resolve()):
+            stage.run(probs, named, num_samples, output.resolve(), seed, replacement, label, sizes, record_format)
         return output
 
     _print_result(guarded(body))
@@ -237,9 +252,11 @@ def finetune(config: ConfigOption, overrides: OverridesArg = None, resume: Resum
 
         recipe = load_recipe(config, overrides)
         check_finetune(recipe, config)
+        from scalebio_cli.results import run_folder
         from scalebio_cli.stages import finetune as stage
 
-        return stage.run(recipe, resume, force)
+        with run_folder.claim(recipe.output_dir, "finetune", resume, force):  # one run per folder, never two mixed
+            return stage.run(recipe, resume, force)
 
     _print_result(guarded(body))
 
@@ -275,16 +292,12 @@ def evaluate(
     """
 
     def body() -> Any:
+        from scalebio_cli.recipe.preflight import check_eval
+
         named = _parse_named_files(data or [], "--data")
-        problems = [f"--data {n}: file not found: {p}" for n, p in named.items() if not Path(p).is_file()]
+        problems = []
         if not named and not lm_eval:
             problems.append("eval: give at least one --data NAME=FILE (or --lm-eval TASKS)")
-        if model.suffix == ".gguf":
-            from scalebio_cli.recipe.preflight import model_folder_problems
-
-            problems += model_folder_problems("--model", str(model))
-        elif not (model / "config.json").is_file():
-            problems.append(f"--model {model}: not a model folder (no config.json)")
         if precision not in PRECISIONS:
             problems.append(f"--precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         from scalebio_cli.recipe.preflight import chat_template_problems
@@ -293,6 +306,7 @@ def evaluate(
         problems += chat_template_problems("--chat-template", template)
         if problems:
             raise InputError(problems)
+        check_eval(model, named, output)
         from scalebio_cli.console import console
         from scalebio_cli.stages import evaluate as stage
 

@@ -61,3 +61,24 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether two paths name one file: written differently (relative, `..`), through a symlink, or a hard link."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist: they cannot be the same file
+        return False
+
+
+def clobbered_input(output: str | os.PathLike[str], inputs: dict[str, str | os.PathLike[str]]) -> str | None:
+    """The label of the first input that writing `output` would replace, or None.
+
+    `inputs` maps a label for the message (`--data test`, `source 'clean'`) to a path.
+    """
+    for label, path in inputs.items():
+        if path and same_file(output, path):
+            return label
+    return None

@@ -36,10 +36,15 @@ class Turn:
 Example = list[Turn] | str
 
 
+# What counts as a blank line: the whitespace `bytes.strip()` removes, so that counting records with a byte scan
+# (count_records, sample) and parsing them agree on every line (str.strip() also strips e.g. U+00A0 and U+001C).
+_BLANK = " \t\n\r\x0b\x0c"
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     with path.open("r", encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+            if not line.strip(_BLANK):
                 continue
             try:
                 yield f"{path}:{lineno}", json.loads(line)
@@ -193,6 +198,27 @@ def normalize(record: Any, fmt: str, where: str) -> Example:
             Turn("assistant", _text(record["completion"], where, "completion")),
         ]
     return _text(record["text"], where, "text")
+
+
+def has_response(example: Example) -> bool:
+    """Whether an example has anything to train on: a text, or a conversation with an assistant turn."""
+    return isinstance(example, str) or any(turn.role == "assistant" for turn in example)
+
+
+def count_records(path: str | Path) -> int:
+    """Records in a data file (a byte scan for .jsonl, metadata for .parquet, a streaming parse for .json)."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        with path.open("rb") as f:
+            return sum(1 for line in f if line.strip())
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except Exception as exc:  # pyarrow raises several types for a bad file
+            raise InputError(f"{path}: not a readable parquet file ({exc})") from None
+    return sum(1 for _ in iter_records(path))
 
 
 def iter_examples(path: str | Path) -> Iterator[tuple[str, Example]]:

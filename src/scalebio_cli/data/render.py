@@ -66,7 +66,7 @@ class Renderer:
         segments: list[tuple[str, bool]] = []
         done = ""  # text rendered so far
         for i, turn in enumerate(turns):
-            if turn.role != "assistant":
+            if turn.role != "assistant" or i == 0:  # an opening assistant turn has no prompt to render: context
                 continue
             prompt = self._template(turns[:i], generation_prompt=True)
             full = self._template(turns[: i + 1], generation_prompt=False)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,35 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
+# What consumes the integers: numpy arrays and torch tensors of int64 (steps, sizes, cursors), and the seeding of
+# numpy's legacy generator and of Python's `random`-compatible streams, which take 32-bit seeds.
+INT64_MAX = 2**63 - 1
+SEED_MAX = 2**32 - 1
+
+
+def fold_name(name: str) -> str:
+    """The form under which two names are the same to a case-insensitive, normalising file system (macOS, Windows)
+    or to a reader: Unicode NFKC (`ﬁ` = `fi`, full-width digits = ASCII digits) and case folded."""
+    return unicodedata.normalize("NFKC", name).casefold()
+
+
+def name_clashes(key: str, names: list[Any]) -> list[str]:
+    """Problems for names of one mapping that are one name once typed as text (`1` and `'1'`) or folded."""
+    problems: list[str] = []
+    seen: dict[str, Any] = {}
+    for name in names:
+        folded = fold_name(str(name))
+        if folded in seen:
+            other = seen[folded]
+            how = ("are both the name" if str(other) == str(name)
+                   else "differ only in case or Unicode form, which file systems and readers fold into")
+            problems.append(f"{key}: the names {_describe(other)} and {_describe(name)} {how} {str(name)!r}; "
+                            "rename one (names must stay distinct as text, whatever the case)")
+        else:
+            seen[folded] = name
+    return problems
+
+
 def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     """Check `value` against the annotation `tp`; return it converted, or record a problem."""
     origin = typing.get_origin(tp)
@@ -77,33 +108,54 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if not isinstance(value, dict):
             problems.append(f"{key}: expected a mapping of name: value, got {_describe(value)}")
             return {}
+        clashes = name_clashes(key, list(value))
+        if clashes:  # `str(k)` below would silently keep only the last of two such names
+            problems.extend(clashes)
+            return {}
         return {str(k): _coerce(v, val_tp, f"{key}.{k}", problems) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
         problems.append(f"{key}: expected true or false, got {_describe(value)}")
     elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        number = value if isinstance(value, int) and not isinstance(value, bool) else None
         if isinstance(value, float) and value.is_integer():
-            return int(value)
-        problems.append(f"{key}: expected an integer, got {_describe(value)}")
+            number = int(value)
+        if number is None:
+            problems.append(f"{key}: expected an integer, got {_describe(value)}")
+        elif abs(number) > INT64_MAX:  # would overflow the int64 arrays and tensors that hold it
+            problems.append(f"{key}: {number:.3g} is too large (at most {INT64_MAX:,})")
+        else:
+            return number
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            # PyYAML reads `1e-5` (no dot) as a string; accept any plain number written that way.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        problems.append(f"{key}: expected a number, got {_describe(value)}")
+        number = _float(value)
+        if number is None:
+            problems.append(f"{key}: expected a number, got {_describe(value)}")
+        elif not math.isfinite(number):  # `.inf`, `.nan`, `1e999`: pass every `x > 0` style check, poison training
+            problems.append(f"{key}: must be a finite number, got {value!r}")
+        else:
+            return number
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         problems.append(f"{key}: expected text, got {_describe(value)}")
     else:  # pragma: no cover - schema error, not user error
         raise TypeError(f"unsupported config type {tp} at {key}")
+    return None
+
+
+def _float(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond float range
+            return math.inf
+    if isinstance(value, str):
+        # PyYAML reads `1e-5` (no dot) as a string; accept any plain number written that way.
+        try:
+            return float(value)
+        except ValueError:
+            return None
     return None
 
 
@@ -126,8 +178,9 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, f"{dotted}.", problems)
         else:
+            before = len(problems)
             coerced = _coerce(value, tp, dotted, problems)
-            if coerced is not None or value is None:
+            if len(problems) == before:  # a refused value keeps the default: `seed: null` must not reach the checks
                 kwargs[key] = coerced
     return cls(**kwargs)
 
@@ -237,7 +290,8 @@ def _check_ranges(recipe: Recipe) -> list[str]:
     need(bool(recipe.model), "model: required (a model folder AutoModelForCausalLM can load)")
     need(bool(recipe.output_dir), "output_dir: required (where outputs are written)")
     need(recipe.precision in PRECISIONS, f"precision: must be one of {', '.join(PRECISIONS)}, got {recipe.precision!r}")
-    need(recipe.seed >= 0, f"seed: must be >= 0, got {recipe.seed}")
+    need(0 <= recipe.seed <= SEED_MAX, f"seed: must be in [0, {SEED_MAX}] (what numpy and torch seeding take), "
+         f"got {recipe.seed}")
     need(recipe.data.max_length >= 8, f"data.max_length: must be >= 8 tokens, got {recipe.data.max_length}")
     for name in recipe.data.sources:
         need(bool(name.strip()), "data.sources: a source has an empty name")

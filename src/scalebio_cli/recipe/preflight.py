@@ -12,14 +12,22 @@ import os
 import re
 from pathlib import Path
 
-from scalebio_cli.data.records import EXTENSIONS, iter_examples
+from rich.markup import escape
+
+from scalebio_cli.console import console
+from scalebio_cli.data.records import EXTENSIONS, has_response, iter_examples
 from scalebio_cli.errors import InputError
+from scalebio_cli.files import clobbered_input
+from scalebio_cli.recipe import model_folder
 from scalebio_cli.recipe.load import looks_like_hub_id
 from scalebio_cli.recipe.schema import Recipe
 from scalebio_cli.train import process
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
+# What finetune writes into output_dir (train/modeling.MODEL_FILES, kept torch-free here).
+MODEL_PRODUCTS = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                  "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -36,14 +44,28 @@ def data_file_problems(key: str, path: str | None) -> list[str]:
         return [f"{key}: not readable (permissions): {p}"]
     if p.suffix not in EXTENSIONS:
         return [f"{key}: unsupported file type '{p.suffix}' ({p}); use {', '.join(EXTENSIONS)}"]
+    count, unusable = 0, []
     try:
-        count = sum(1 for _ in iter_examples(p))
+        for where, example in iter_examples(p):
+            count += 1
+            if not has_response(example):
+                unusable.append(where)
     except InputError as exc:
         return [f"{key}: {problem}" for problem in exc.problems]
-    return [] if count else [f"{key}: {p} holds no records"]
+    if not count:
+        return [f"{key}: {p} holds no records"]
+    if len(unusable) == count:
+        others = {1: "", 2: " (nor does the other record)"}.get(count, f" (nor do the other {count - 1:,} records)")
+        return [f"{key}: no record of {p} can be trained on: {unusable[0]}: the conversation has no assistant "
+                f"turn{others}; the response must be an assistant/gpt turn"]
+    if unusable and process.is_main():
+        console.print(f"[yellow]warning:[/] {escape(key)}: {len(unusable):,} of {count:,} records have no assistant "
+                      f"turn and are skipped (first: {escape(unusable[0])})")
+    return []
 
 
-def model_folder_problems(key: str, path: str, need_weights: bool = True) -> list[str]:
+def model_folder_problems(key: str, path: str, need_weights: bool = True, need_tokenizer: bool = True) -> list[str]:
+    """Exists, has a config (a JSON object), undamaged weight files and a loadable-looking tokenizer."""
     p = Path(path)
     if p.suffix == ".gguf":  # one file holds weights, tokenizer and chat template
         if not p.is_file():
@@ -61,15 +83,36 @@ def model_folder_problems(key: str, path: str, need_weights: bool = True) -> lis
         if not config.is_file():
             problems.append(f"{key}: {p} is not a model folder (no config.json)")
         else:
-            try:
-                json.loads(config.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                problems.append(f"{key}: {config} is not valid JSON ({exc})")
+            _, problem = model_folder.read_json_object(config)
+            problems += [f"{key}: {problem}"] if problem else []
         if not any((p / name).is_file() for name in WEIGHT_FILES) and not list(p.glob("model-*.safetensors")):
             problems.append(f"{key}: {p} has no weights (expected {' or '.join(WEIGHT_FILES[:2])})")
+        else:
+            problems += [f"{key}: {problem}" for problem in model_folder.weights_problems(p)]
+    return problems + (_tokenizer_files(key, p) if need_tokenizer else [])
+
+
+def _tokenizer_files(key: str, p: Path) -> list[str]:
     if not any((p / name).is_file() for name in TOKENIZER_FILES):
-        problems.append(f"{key}: {p} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
-                        "set `tokenizer:` to a folder that has them")
+        return [f"{key}: {p} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                "set `tokenizer:` to a folder that has them"]
+    return [f"{key}: {problem}" for problem in model_folder.tokenizer_problems(p)]
+
+
+def model_fit_problems(recipe: Recipe, stage: str) -> list[str]:
+    """Values that are only wrong for this model (read from its config.json, before any weight loads)."""
+    config, _ = model_folder.read_json_object(Path(recipe.model) / "config.json")
+    if config is None:
+        return []  # a hub id, or a config problem reported by model_folder_problems
+    problems = []
+    blocks, positions = model_folder.num_blocks(config), model_folder.max_positions(config)
+    layers = (recipe.reweight if stage == "reweight" else recipe.finetune).lisa.layers
+    if blocks is not None and layers > blocks:
+        problems.append(f"{stage}.lisa.layers: {layers} is more than the {blocks} transformer blocks of "
+                        f"{recipe.model}; use at most {blocks} (or 0 for all blocks)")
+    if positions is not None and recipe.data.max_length > positions:
+        problems.append(f"data.max_length: {recipe.data.max_length} is more than the {positions} positions "
+                        f"{recipe.model} was built for (config.json); use at most {positions}")
     return problems
 
 
@@ -142,12 +185,11 @@ def chat_template_problems(key: str, path: str | None) -> list[str]:
     return []
 
 
-def _models(recipe: Recipe) -> list[str]:
-    problems = model_folder_problems("model", recipe.model, need_weights=True)
+def _models(recipe: Recipe, stage: str) -> list[str]:
+    problems = model_folder_problems("model", recipe.model, need_weights=True, need_tokenizer=not recipe.tokenizer)
     if recipe.tokenizer:
-        problems = [p for p in problems if "tokenizer files" not in p]
         problems += model_folder_problems("tokenizer", recipe.tokenizer, need_weights=False)
-    return problems
+    return problems + model_fit_problems(recipe, stage)
 
 
 def _raise(problems: list[str], where: str | Path) -> None:
@@ -168,7 +210,9 @@ def check_reweight(recipe: Recipe, where: str | Path = "recipe") -> None:
     for key in ("batch_size", "val_batch_size"):
         if getattr(rw, key) % process.world_size():
             problems.append(f"reweight.{key}: {getattr(rw, key)} does not divide over {process.world_size()} processes")
-    problems += _models(recipe) + output_dir_problems(recipe.output_dir) + deepspeed_problems(recipe.deepspeed)
+    problems += _models(recipe, "reweight") + output_dir_problems(recipe.output_dir)
+    problems += _run_products_problems(recipe, "reweight")
+    problems += deepspeed_problems(recipe.deepspeed)
     problems += tracking_problems(recipe.report_to) + chat_template_problems("data.chat_template", data.chat_template)
     for name, path in data.sources.items():
         problems += data_file_problems(f"data.sources.{name}", path)
@@ -184,7 +228,9 @@ def check_finetune(recipe: Recipe, where: str | Path = "recipe") -> None:
                         "weights.json to mix data.sources by)")
     if ft.batch_size % process.world_size():
         problems.append(f"finetune.batch_size: {ft.batch_size} does not divide over {process.world_size()} processes")
-    problems += _models(recipe) + output_dir_problems(recipe.output_dir) + deepspeed_problems(recipe.deepspeed)
+    problems += _models(recipe, "finetune") + output_dir_problems(recipe.output_dir)
+    problems += _run_products_problems(recipe, "finetune")
+    problems += deepspeed_problems(recipe.deepspeed)
     problems += data_file_problems("finetune.data", ft.data) + data_file_problems("finetune.validation", ft.validation)
     problems += tracking_problems(recipe.report_to)
     problems += chat_template_problems("data.chat_template", recipe.data.chat_template)
@@ -203,3 +249,78 @@ def check_finetune(recipe: Recipe, where: str | Path = "recipe") -> None:
             for name, path in sources.items():
                 problems += data_file_problems(f"data.sources.{name}", path)
     _raise(problems, where)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Outputs that would replace an input, and the commands without a recipe (sample, eval).
+
+
+def output_file_problems(option: str, output: Path, inputs: dict[str, str]) -> list[str]:
+    """`output` must not be an existing folder, nor any of `inputs` under another spelling, link or hard link."""
+    if output.is_dir():
+        return [f"{option} {output}: is a folder; name the file to write"]
+    clobbered = clobbered_input(output, inputs)
+    if clobbered:
+        return [f"{option} {output}: is {clobbered} ({inputs[clobbered]}), an input of this command; writing "
+                "there would destroy it: choose another output file"]
+    return []
+
+
+def model_files(path: str | None) -> dict[str, str]:
+    """Every file of a local model folder, labelled for output_file_problems."""
+    folder = Path(path) if path else None
+    if folder is None or not folder.is_dir():
+        return {}
+    return {f"{f.name} of the model {folder}": str(f) for f in sorted(folder.iterdir()) if f.is_file()}
+
+
+def _run_products_problems(recipe: Recipe, stage: str) -> list[str]:
+    """Files the run writes into output_dir must not be its inputs; finetune must not write over its base model."""
+    out = Path(recipe.output_dir)
+    problems = []
+    for key in ("model", "tokenizer"):
+        value = getattr(recipe, key)
+        if stage == "finetune" and value and Path(value).is_dir() and clobbered_input(out, {key: value}):
+            problems.append(f"output_dir: {out} is the {key} folder; the fine-tuned model would be written over "
+                            "it: choose another output_dir")
+    inputs = {f"data.sources.{n}": p for n, p in recipe.data.sources.items()}
+    inputs |= {"data.validation": recipe.data.validation or "", "finetune.data": recipe.finetune.data or "",
+               "finetune.weights": recipe.finetune.weights or "", "finetune.validation": recipe.finetune.validation
+               or "", "deepspeed": recipe.deepspeed or ""}
+    products = ("weights.json", "weights.png") if stage == "reweight" else MODEL_PRODUCTS
+    for name in (*products, "metrics.jsonl"):
+        clobbered = clobbered_input(out / name, inputs)
+        if clobbered:
+            problems.append(f"{clobbered}: {inputs[clobbered]} is where this run writes its {name}: move the input "
+                            "or choose another output_dir")
+    return problems
+
+
+def check_eval(model: Path, named: dict[str, str], output: Path | None) -> None:
+    """eval's inputs: a loadable-looking model folder, usable data files, and an output that is none of them."""
+    if model.suffix != ".gguf" and not (model / "config.json").is_file():
+        problems = [f"--model {model}: not a model folder (no config.json)"]
+    else:
+        problems = model_folder_problems("--model", str(model))  # a .gguf file: checked as one
+    for name, path in named.items():
+        problems += data_file_problems(f"--data {name}", path)
+    if output is not None:
+        inputs = {f"--data {n}": p for n, p in named.items()} | model_files(str(model))
+        problems += output_file_problems("--output", output, inputs)
+    if problems:
+        raise InputError(problems)
+
+
+def check_sample(output: Path, sources: dict[str, str], inputs: dict[str, str], parse_records: bool) -> None:
+    """sample's sources (labelled `--sources NAME` or `data.sources.NAME` -> path; every record parsed when no
+    weights file vouches for them) and its two outputs, which must be none of the sources nor `inputs`."""
+    problems = []
+    if parse_records:
+        for label, path in sources.items():
+            problems += data_file_problems(label, path)
+    inputs = sources | inputs
+    manifest = output.with_name(output.stem + ".manifest.json")
+    problems += output_file_problems("--output", output, inputs)
+    problems += output_file_problems("--output (its manifest)", manifest, inputs)
+    if problems:
+        raise InputError(problems)

@@ -13,8 +13,21 @@ if TYPE_CHECKING:
     from scalebio_cli.recipe.schema import Recipe
 
 
+def _step(line: str) -> int | None:
+    """The step of one metrics line, or None for a line a crash or a full disk tore (or anything else unreadable)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 class MetricsLog:
     """Appends one JSON object per line; a resumed run drops lines past its restart step first.
+
+    A run killed mid-write (SIGKILL, power loss, a full disk) can leave its last line cut short. Resuming drops
+    such lines, says so, and goes on: they are at most one log step, rewritten when the run gets there again.
 
     With a `recipe` whose `report_to` names trackers, every line also goes to them (results/tracking.py): the one
     place reweight and finetune write metrics, so both stages get tracking without knowing of it.
@@ -27,8 +40,19 @@ class MetricsLog:
         if start_step == 0:
             path.write_text("")
         elif path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+            lines = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+            steps = [_step(ln) for ln in lines]
+            kept = [ln for ln, step in zip(lines, steps) if step is not None and step <= start_step]
+            torn = [i + 1 for i, step in enumerate(steps) if step is None]
+            if torn:
+                from rich.markup import escape
+
+                from scalebio_cli.console import console
+
+                console.print(f"[yellow]warning:[/] {escape(str(path))}: dropped {len(torn)} unreadable line(s) "
+                              f"({', '.join(map(str, torn[:5]))}), cut short by the crash that stopped the run")
+            with atomic_path(path) as tmp:  # a second crash now must not lose the lines kept
+                tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:

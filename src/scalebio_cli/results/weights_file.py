@@ -35,37 +35,40 @@ def write(path: Path, doc: dict[str, Any]) -> None:
     write_json(path, doc)
 
 
-def load(path: str | Path, allow_changed_sources: bool = False,
-         averaged: bool = False) -> tuple[dict[str, float], dict[str, Any]]:
-    """Read and validate a weights file. Returns (weights, document); every defect is an InputError naming it.
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads keeps the last of two equal keys silently; in a hand-edited file that hides a source."""
+    doc: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in doc:
+            raise ValueError(f"the key {key!r} appears twice in one object")
+        doc[key] = value
+    return doc
 
-    Checks the format tag, that weights are numbers in [0, 1] summing to 1 (within 1e-6), that they name exactly
-    the recorded sources, and that each source file still exists with its recorded sha256.
-    """
+
+def _read(path: Path) -> dict[str, Any]:
     import json
-    import math
 
     from scalebio_cli.errors import InputError
-    from scalebio_cli.files import file_sha256
 
-    path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: weights file not found")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        doc = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_refuse_duplicates)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise InputError(f"{path}: not a valid weights file (not JSON: {exc})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
         raise InputError(f"{path}: format is {found!r}, expected {FORMAT!r} (a weights.json written by "
                          "`scalebio reweight`)")
-    key = "weights_averaged" if averaged else "weights"
-    weights, sources = doc.get(key), doc.get("sources")
+    return doc
+
+
+def _weight_problems(path: Path, key: str, weights: dict[str, Any], sources: dict[str, Any]) -> list[str]:
+    import math
+
     problems = []
-    if not isinstance(weights, dict) or not weights:
-        raise InputError(f"{path}: '{key}' must be a non-empty mapping of source name to weight")
-    if not isinstance(sources, dict):
-        raise InputError(f"{path}: 'sources' must map each source name to its path and sha256")
     for name, value in weights.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             problems.append(f"{path}: {key}.{name} is {value!r}, not a number")
@@ -80,18 +83,100 @@ def load(path: str | Path, allow_changed_sources: bool = False,
     for name in sources:
         if name not in weights:
             problems.append(f"{path}: source '{name}' has no weight in '{key}'")
-    for name, info in sources.items():
-        if name not in weights:
-            continue
-        if not isinstance(info, dict) or not isinstance(info.get("path"), str):
-            problems.append(f"{path}: sources.{name} must have a 'path'")
-            continue
-        source_path = Path(info["path"])
-        if not source_path.is_file():
-            problems.append(f"{path}: source '{name}' file not found: {source_path}")
-        elif not allow_changed_sources and file_sha256(source_path) != info.get("sha256"):
-            problems.append(f"{path}: source '{name}' changed since the weights were learned: {source_path} no "
-                            "longer matches its recorded sha256 (--allow-changed-sources to sample anyway)")
+    return problems
+
+
+def _field_problems(path: Path, name: str, info: Any) -> list[str]:
+    """The fields of sources.NAME that sample relies on, each of the right type."""
+    import re
+
+    if not isinstance(info, dict) or not isinstance(info.get("path"), str) or not info["path"]:
+        return [f"{path}: sources.{name} must have a 'path'"]
+    problems = []
+    if not isinstance(info.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", info["sha256"]):
+        problems.append(f"{path}: sources.{name}.sha256 is {info.get('sha256')!r}, not a sha256 (64 hex digits)")
+    count = info.get("num_examples")
+    if "num_examples" in info and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
+        problems.append(f"{path}: sources.{name}.num_examples is {count!r}, not a count of records")
+    return problems
+
+
+def _recipe_problems(path: Path, doc: dict[str, Any]) -> list[str]:
+    """The recorded recipe names the same sources, in the same files: a renamed source shows up here."""
+    config = doc.get("config")
+    recorded = config.get("data", {}).get("sources") if isinstance(config, dict) else None
+    if not isinstance(recorded, dict) or not recorded:
+        return []  # a file without its recipe (older, or built by hand on purpose): nothing to compare
+    sources = doc["sources"]
+    if list(recorded) != list(sources):
+        return [f"{path}: sources ({', '.join(sources)}) are not the sources of its recorded recipe, "
+                f"config.data.sources ({', '.join(recorded)}): was a name edited by hand?"]
+    return [f"{path}: sources.{name}.path is {info['path']} but config.data.sources.{name} is {recorded[name]}: "
+            "was it edited by hand?" for name, info in sources.items()
+            if isinstance(info, dict) and isinstance(recorded[name], str)
+            and Path(str(info.get("path"))).resolve() != Path(recorded[name]).resolve()]
+
+
+def _hash_and_count(source: Path) -> tuple[str, int]:
+    """sha256 and record count; one pass over a .jsonl (the hash needs every byte anyway)."""
+    import hashlib
+
+    from scalebio_cli.data.records import count_records
+    from scalebio_cli.files import file_sha256
+
+    if source.suffix != ".jsonl":
+        return file_sha256(source), count_records(source)
+    digest, count = hashlib.sha256(), 0
+    with source.open("rb") as f:
+        for line in f:
+            digest.update(line)
+            count += bool(line.strip())  # the blank-line rule of count_records
+    return digest.hexdigest(), count
+
+
+def _file_problems(path: Path, name: str, info: dict[str, Any], allow_changed_sources: bool) -> list[str]:
+    source = Path(info["path"])
+    if not source.is_file():
+        return [f"{path}: source '{name}' file not found: {source}"]
+    if allow_changed_sources:
+        return []
+    sha, count = _hash_and_count(source)
+    if sha != info.get("sha256"):
+        return [f"{path}: source '{name}' changed since the weights were learned: {source} no longer matches its "
+                "recorded sha256 (--allow-changed-sources to sample anyway)"]
+    if "num_examples" in info and info["num_examples"] != count:
+        return [f"{path}: sources.{name}.num_examples is {info['num_examples']:,} but {source} holds {count:,} "
+                "records (edited by hand? sample draws by this count)"]
+    return []
+
+
+def load(path: str | Path, allow_changed_sources: bool = False,
+         averaged: bool = False) -> tuple[dict[str, float], dict[str, Any]]:
+    """Read and validate a weights file. Returns (weights, document); every defect is an InputError naming it.
+
+    Checks every field sample relies on, as a hand edit may have changed any of them: the format tag; weights
+    that are numbers in [0, 1] summing to 1 (within 1e-6) over exactly the recorded sources; sources' names
+    against the recorded recipe; each source's path, sha256 (the file still matches it) and num_examples (the
+    file holds that many records). `allow_changed_sources` skips the two checks against the files' contents.
+    """
+    from scalebio_cli.errors import InputError
+
+    path = Path(path)
+    doc = _read(path)
+    key = "weights_averaged" if averaged else "weights"
+    weights, sources = doc.get(key), doc.get("sources")
+    if not isinstance(weights, dict) or not weights:
+        raise InputError(f"{path}: '{key}' must be a non-empty mapping of source name to weight")
+    if not isinstance(sources, dict):
+        raise InputError(f"{path}: 'sources' must map each source name to its path and sha256")
+    problems = _weight_problems(path, key, weights, sources)
+    fields = {name: _field_problems(path, name, info) for name, info in sources.items() if name in weights}
+    problems += [p for found in fields.values() for p in found]
+    if not problems:
+        problems += _recipe_problems(path, doc)
+    for name, found in fields.items():
+        if not found:
+            problems += _file_problems(path, name, sources[name], allow_changed_sources)
     if problems:
         raise InputError(problems)
     return {name: float(v) for name, v in weights.items()}, doc

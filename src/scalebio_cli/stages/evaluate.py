@@ -114,6 +114,14 @@ def exact_match(model: nn.Module, tokenizer: Any, renderer: Any, path: Path, bat
     return {"accuracy": correct / len(prompts), "num_checked": len(prompts)}
 
 
+def perplexity(loss: float) -> float | None:
+    """exp(loss), or None where it overflows a float (JSON has no inf; math.exp raises past ~709.78)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return None
+
+
 # -- the command -----------------------------------------------------------------------------------------------
 
 
@@ -130,6 +138,12 @@ def run(model_dir: str, data: dict[str, str], *, output: Path | None, batch_size
     tokenizer = load_tokenizer(model_dir, trust_remote_code, chat_template)
     renderer = Renderer(tokenizer, max_length)
     tokenized = {name: load_tokenized(path, renderer) for name, path in data.items()}
+    # A file with no response token left would give a loss of 0/0: say so before the model loads.
+    empty = [f"--data {name}: no record of {data[name]} keeps a response token within --max-length={max_length} "
+             "(raise --max-length, or check that records have responses)"
+             for name, d in tokenized.items() if not len(d)]
+    if empty:
+        raise InputError(empty)
     if dist.is_main:
         console.print(f"[dim]eval[/] {escape(model_dir)}: max_length {max_length}")
         for name, tok in tokenized.items():
@@ -141,7 +155,10 @@ def run(model_dir: str, data: dict[str, str], *, output: Path | None, batch_size
     results: dict[str, Any] = {}
     for name, path in data.items():
         loss, tokens = dataset_loss(model, tokenized[name], batch_size, tokenizer.pad_token_id, dist)
-        entry: dict[str, Any] = {"loss": loss, "perplexity": math.exp(loss) if math.isfinite(loss) else None,
+        if not math.isfinite(loss):  # finite inputs, so the weights are not: a damaged (or diverged) model
+            raise InputError(f"--model {model_dir}: its loss on --data {name} is {loss} (non-finite): the model's "
+                             "weights hold NaN or inf values; no results written")
+        entry: dict[str, Any] = {"loss": loss, "perplexity": perplexity(loss),
                                  "num_examples": len(tokenized[name]), "num_tokens": tokens}
         if generate:
             entry.update(exact_match(model, tokenizer, renderer, Path(path), batch_size, max_new_tokens, dist.device,

@@ -21,7 +21,7 @@ import numpy as np
 from scalebio_cli.data.mixture import largest_remainder
 from scalebio_cli.data.normalize import record_to_messages
 from scalebio_cli.data.parquet_out import jsonl_to_parquet
-from scalebio_cli.data.records import iter_records
+from scalebio_cli.data.records import count_records, iter_records
 from scalebio_cli.errors import InputError
 from scalebio_cli.files import atomic_path, write_json
 
@@ -36,17 +36,17 @@ def output_record(record: Any, name: str, fmt: str, where: str) -> dict[str, Any
     return {**record, "source": name} if isinstance(record, dict) else {"record": record, "source": name}
 
 
-def count_records(path: str | Path) -> int:
-    """Records in a data file (a byte scan for .jsonl, metadata for .parquet, a streaming parse for .json)."""
-    path = Path(path)
-    if path.suffix == ".jsonl":
-        with path.open("rb") as f:
-            return sum(1 for line in f if line.strip())
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+# Characters that JSON leaves raw (ensure_ascii=False) but that line-based readers take for line breaks
+# (Python's str.splitlines, JavaScript): escaped, so one record stays one line for every reader.
+_LINE_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 
-        return pq.ParquetFile(path).metadata.num_rows
-    return sum(1 for _ in iter_records(path))
+
+def json_line(record: Any) -> str:
+    """One JSON record as one line (UTF-8 kept readable, line separators escaped)."""
+    text = json.dumps(record, ensure_ascii=False)
+    for raw, escaped in _LINE_BREAKS.items():
+        text = text.replace(raw, escaped)
+    return text
 
 
 def _iter_chosen(path: Path, chosen: np.ndarray) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -117,7 +117,7 @@ def run(weights: dict[str, float], sources: dict[str, str], num_samples: int, ou
             j = 0
             for index, record in _iter_chosen(Path(sources[name]), picks):
                 record = output_record(record, name, fmt, f"{sources[name]} record {index}")
-                line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+                line = (json_line(record) + "\n").encode()
                 while j < n and picks[j] == index:  # a record drawn several times (replacement)
                     offsets[slots[j]] = scratch.tell()
                     lengths[slots[j]] = len(line)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -81,11 +82,30 @@ def load(path: Path, name: str, rank: int | None = None) -> Any:
     file = path / (f"{name}-rank{rank}.pt" if rank is not None else f"{name}.pt")
     if not file.is_file():
         raise InputError(f"{path}: checkpoint has no {file.name} (was it written by a different number of processes?)")
-    return torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
+        # A file damaged after the checkpoint was completed (a copy cut short, a bad disk): name it and the way out.
+        detail = (str(exc).strip().splitlines() or [""])[0][:200]  # EOFError has no message at all
+        raise InputError(f"{file}: damaged checkpoint file ({type(exc).__name__}{': ' + detail if detail else ''}); "
+                         f"resume from an earlier checkpoint (--resume {path.parent}/step-...) or start over"
+                         ) from None
 
 
 def meta(path: Path) -> dict[str, Any]:
-    return json.loads((path / "meta.json").read_text())
+    """A checkpoint's meta.json: a JSON object with an integer step and a stage, or an InputError naming it."""
+    file = path / "meta.json"
+    try:
+        info = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise InputError(f"{file}: damaged checkpoint metadata ({exc}); resume from an earlier checkpoint "
+                         "(--resume PATH) or start over") from None
+    step = info.get("step") if isinstance(info, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0 or not isinstance(info.get("config"), dict) \
+            or not isinstance(info.get("data_sha256", {}), dict):
+        raise InputError(f"{file}: damaged checkpoint metadata (needs an integer 'step', the run's 'config' and "
+                         "its data files' 'data_sha256')")
+    return info
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -102,7 +122,13 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], result_ke
     """Keys (dotted) under `result_keys` prefixes whose values differ between two resolved recipes."""
     a, b = flatten(saved), flatten(current)
     keys = sorted(k for k in set(a) | set(b) if k.startswith(result_keys))
-    return [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+    problems = [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+    old, new = a.get("data.sources"), b.get("data.sources")
+    if "data.sources" in keys and isinstance(old, dict) and isinstance(new, dict) and old == new \
+            and list(old) != list(new):
+        # Dicts compare equal in any order, but a source's position fixes its sampler stream and weight index.
+        problems.append(f"data.sources: reordered (checkpoint {', '.join(old)}; now {', '.join(new)})")
+    return problems
 
 
 def check_resumable(path: Path, stage: str, config: dict[str, Any], fingerprints: dict[str, str],

@@ -16,6 +16,11 @@ from scalebio_cli.console import console
 from scalebio_cli.errors import InputError
 from scalebio_cli.train import process
 
+try:
+    from safetensors import SafetensorError as _SafetensorError
+except ImportError:  # pragma: no cover - older safetensors keep it in the Rust module only
+    from safetensors._safetensors_rust import SafetensorError as _SafetensorError
+
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The one precision -> dtype rule: `auto` means bf16 on a GPU and fp32 on a CPU (bf16 matmuls on CPU are slow
@@ -39,6 +44,11 @@ def _source(path: str) -> tuple[str, dict[str, Any]]:
     return path, {}
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: str | None = None) -> Any:
     """The tokenizer at `path`, padded; `chat_template`: a Jinja file that replaces its chat template (rendering
     then uses it for every record, the token cache is keyed by it, and save_pretrained stores it)."""
@@ -47,8 +57,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: st
     where, extra = _source(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **extra)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: cannot load a tokenizer ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:
+        # A damaged tokenizer file surfaces as anything: a bare Exception from the Rust `tokenizers`, a KeyError or
+        # TypeError from transformers. Loading a tokenizer trains nothing, so a failure here is the folder's.
+        raise InputError(f"{path}: cannot load a tokenizer ({_first_line(exc)})") from None
     if chat_template:
         try:
             tokenizer.chat_template = Path(chat_template).read_text(encoding="utf-8")
@@ -77,8 +89,13 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device, trust_remote
     where, extra = _source(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: cannot load a causal LM ({str(exc).splitlines()[0]})") from None
+    except torch.OutOfMemoryError:
+        raise  # the machine's limit, not the folder's fault (exit 1, with its traceback)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, EOFError, _SafetensorError) as exc:
+        # What a damaged folder raises from inside transformers: a truncated shard (SafetensorError), a config of
+        # the wrong shape (TypeError/KeyError), a cut pickle (EOFError, RuntimeError from the zip reader), tensors
+        # of the wrong size (RuntimeError). preflight names most of these first; this catches the rest.
+        raise InputError(f"{path}: cannot load a causal LM ({_first_line(exc)})") from None
     if getattr(model.config, "quantization_config", None) is not None and is_gguf(path):
         # Dequantized on load: the weights are plain floats now. The marker would make save_pretrained refuse
         # ("quantized with gguf, not serializable"), and a fine-tuned model is a plain folder.
