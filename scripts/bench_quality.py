@@ -56,6 +56,12 @@ VARIANTS: dict[str, list[str]] = {
     "alpha-1": ["reweight.alpha=1"],
     "lr-1e-4": ["reweight.lr_u=1e-4", "reweight.lr_w=1e-4"],
     "val-batch-9": ["reweight.val_batch_size=9"],
+    # what may make LISA runs right within a small budget (ALGORITHM-level options, reference behaviour default)
+    "delay-10": ["reweight.lambda_delay=10"],
+    "relative": ["reweight.lambda_signal=relative"],
+    "relative-delay-10": ["reweight.lambda_signal=relative", "reweight.lambda_delay=10"],
+    "sgd-lambda": ["reweight.lambda_optimizer=sgd", "reweight.lr_lambda=50"],
+    "full-relative-delay-10": ["reweight.lisa.layers=0", "reweight.lambda_signal=relative", "reweight.lambda_delay=10"],
 }
 
 
