@@ -253,3 +253,14 @@ def test_head_only_losses_and_gradients_equal_the_full_logits_path(tokenizer, ar
     assert full_grads.keys() == grads.keys()
     for name in full_grads:
         assert torch.allclose(grads[name], full_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_a_source_named_validation_keeps_its_own_fingerprint(tokenizer) -> None:
+    from dataclasses import replace
+
+    from scalebio_cli.stages.reweight import data_fingerprints
+
+    rng = np.random.default_rng(6)
+    source, val = fake_data(rng, 4, len(tokenizer)), fake_data(rng, 4, len(tokenizer))
+    prints = data_fingerprints(["validation"], [replace(source, sha256="a" * 64)], replace(val, sha256="b" * 64))
+    assert prints == {"data.sources.validation": "a" * 64, "data.validation": "b" * 64}  # neither hides the other

@@ -137,6 +137,11 @@ def run(recipe: Recipe, resume: str | None = None, force: bool = False) -> Path:
         distributed.teardown()
 
 
+def data_fingerprints(names: list[str], sources: list[TokenizedData], val: TokenizedData) -> dict[str, str]:
+    """The sha256 of every data file, keyed by its recipe key (a source may itself be named `validation`)."""
+    return {f"data.sources.{n}": d.sha256 for n, d in zip(names, sources)} | {"data.validation": val.sha256}
+
+
 def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, force: bool) -> Reweighting:
     """Data (tokenized, checked), the two model copies on their engines, the source weights."""
     cfg, names = recipe.reweight, list(recipe.data.sources)
@@ -144,7 +149,7 @@ def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, f
     tokenizer = load_tokenizer(recipe.tokenizer_path, recipe.trust_remote_code,
                                recipe.data.chat_template)
     sources, val = load_data(recipe, Renderer(tokenizer, recipe.data.max_length), dist)
-    fingerprints = {n: d.sha256 for n, d in zip(names, sources)} | {"validation": val.sha256}
+    fingerprints = data_fingerprints(names, sources, val)
     loop.check_resume(start_from, "reweight", recipe, fingerprints, force, dist)
     plan = BatchPlan(sources, val, recipe, dist, tokenizer.pad_token_id)
 
