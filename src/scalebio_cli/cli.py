@@ -18,7 +18,7 @@ import typer
 
 from scalebio_cli import __version__
 from scalebio_cli.errors import InputError, TrainingStopped
-from scalebio_cli.recipe.schema import PRECISIONS, DataConfig
+from scalebio_cli.recipe.schema import DataConfig
 from scalebio_cli.train import process
 
 app = typer.Typer(
@@ -295,18 +295,8 @@ def evaluate(
         from scalebio_cli.recipe.preflight import check_eval
 
         named = _parse_named_files(data or [], "--data")
-        problems = []
-        if not named and not lm_eval:
-            problems.append("eval: give at least one --data NAME=FILE (or --lm-eval TASKS)")
-        if precision not in PRECISIONS:
-            problems.append(f"--precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        from scalebio_cli.recipe.preflight import chat_template_problems
-
         template = str(chat_template.resolve()) if chat_template else None
-        problems += chat_template_problems("--chat-template", template)
-        if problems:
-            raise InputError(problems)
-        check_eval(model, named, output)
+        check_eval(model, named, output, precision=precision, chat_template=template, lm_eval=bool(lm_eval))
         from scalebio_cli.console import console
         from scalebio_cli.stages import evaluate as stage
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from scalebio_cli.data.records import Example, Turn, detect_format, iter_examples, normalize
+from scalebio_cli.data.records import Example, Turn, iter_examples, to_example
 from scalebio_cli.errors import InputError
 
 
@@ -26,11 +26,7 @@ def to_messages(example: Example) -> list[dict[str, str]]:
 
 def record_to_messages(record: Any, where: str) -> list[dict[str, str]]:
     """One raw record (any supported format) as a messages list; an unknown format is an InputError at `where`."""
-    fmt = detect_format(record)
-    if fmt is None:
-        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise InputError(f"{where}: unknown record format (keys: {keys})")
-    return to_messages(normalize(record, fmt, where))
+    return to_messages(to_example(record, where))
 
 
 def alternation_problem(turns: list[Turn]) -> str | None:

@@ -200,6 +200,18 @@ def normalize(record: Any, fmt: str, where: str) -> Example:
     return _text(record["text"], where, "text")
 
 
+def to_example(record: Any, where: str) -> Example:
+    """One raw record of any supported format as a conversation or a text; an unknown format names `where`."""
+    fmt = detect_format(record)
+    if fmt is None:
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise InputError(
+            f"{where}: unknown record format (keys: {keys}); expected one of: messages, "
+            "conversations/items (sharegpt), instruction+output (alpaca), prompt+completion, text"
+        )
+    return normalize(record, fmt, where)
+
+
 def has_response(example: Example) -> bool:
     """Whether an example has anything to train on: a text, or a conversation with an assistant turn."""
     return isinstance(example, str) or any(turn.role == "assistant" for turn in example)
@@ -227,11 +239,4 @@ def iter_examples(path: str | Path) -> Iterator[tuple[str, Example]]:
     Detection is per record because files written by `scalebio sample` mix the formats of their sources.
     """
     for where, record in iter_records(path):
-        fmt = detect_format(record)
-        if fmt is None:
-            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise InputError(
-                f"{where}: unknown record format (keys: {keys}); expected one of: messages, "
-                "conversations/items (sharegpt), instruction+output (alpaca), prompt+completion, text"
-            )
-        yield where, normalize(record, fmt, where)
+        yield where, to_example(record, where)

@@ -21,6 +21,10 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+# What a Hugging Face model folder written by finetune holds (train/modeling.save_hf_folder replaces exactly these;
+# preflight recognises a folder that holds a model by them).
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 SAFETENSORS_MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
 # Bytes per element of the dtypes safetensors names; others (sub-byte formats) are left to the loader.
 DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,

@@ -20,14 +20,11 @@ from scalebio_cli.errors import InputError
 from scalebio_cli.files import clobbered_input
 from scalebio_cli.recipe import model_folder
 from scalebio_cli.recipe.load import looks_like_hub_id
-from scalebio_cli.recipe.schema import Recipe
+from scalebio_cli.recipe.schema import PRECISIONS, Recipe
 from scalebio_cli.train import process
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-# What finetune writes into output_dir (train/modeling.MODEL_FILES, kept torch-free here).
-MODEL_PRODUCTS = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-                  "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -287,7 +284,7 @@ def _run_products_problems(recipe: Recipe, stage: str) -> list[str]:
     inputs |= {"data.validation": recipe.data.validation or "", "finetune.data": recipe.finetune.data or "",
                "finetune.weights": recipe.finetune.weights or "", "finetune.validation": recipe.finetune.validation
                or "", "deepspeed": recipe.deepspeed or ""}
-    products = ("weights.json", "weights.png") if stage == "reweight" else MODEL_PRODUCTS
+    products = ("weights.json", "weights.png") if stage == "reweight" else model_folder.MODEL_FILES
     for name in (*products, "metrics.jsonl"):
         clobbered = clobbered_input(out / name, inputs)
         if clobbered:
@@ -296,12 +293,18 @@ def _run_products_problems(recipe: Recipe, stage: str) -> list[str]:
     return problems
 
 
-def check_eval(model: Path, named: dict[str, str], output: Path | None) -> None:
-    """eval's inputs: a loadable-looking model folder, usable data files, and an output that is none of them."""
+def check_eval(model: Path, named: dict[str, str], output: Path | None, *, precision: str = "auto",
+               chat_template: str | None = None, lm_eval: bool = False) -> None:
+    """eval's inputs: something to measure, a loadable-looking model folder (or .gguf file), usable data files, a
+    known precision, a valid chat template, and an output that is none of the inputs. All problems at once."""
+    problems = [] if named or lm_eval else ["eval: give at least one --data NAME=FILE (or --lm-eval TASKS)"]
+    if precision not in PRECISIONS:
+        problems.append(f"--precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    problems += chat_template_problems("--chat-template", chat_template)
     if model.suffix != ".gguf" and not (model / "config.json").is_file():
-        problems = [f"--model {model}: not a model folder (no config.json)"]
+        problems.append(f"--model {model}: not a model folder (no config.json)")
     else:
-        problems = model_folder_problems("--model", str(model))  # a .gguf file: checked as one
+        problems += model_folder_problems("--model", str(model))  # a .gguf file: checked as one
     for name, path in named.items():
         problems += data_file_problems(f"--data {name}", path)
     if output is not None:

@@ -32,7 +32,7 @@ from scalebio_cli.errors import InputError
 from scalebio_cli.train import process
 
 LOCK_NAME = ".scalebio.lock"
-CHECKPOINT_PREFIX = "step-"  # train/checkpoint.PREFIX (that module imports torch)
+CHECKPOINT_PREFIX = "step-"
 
 
 def _missing_parents(folder: Path) -> list[Path]:
@@ -113,19 +113,30 @@ def _command() -> str:
 # What a folder already holds.
 
 
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """`checkpoints/step-NNNNNN/` folders that have their meta.json (written last), oldest first. Torch-free, so the
+    CLI can look at a folder before any heavy import; train/checkpoint.py writes and reads by the same rule."""
+    root = checkpoints_dir(output_dir)
+    found = [p for p in (root.iterdir() if root.is_dir() else [])
+             if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX):].isdigit()
+             and (p / "meta.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
 def complete_steps(folder: Path) -> list[tuple[int, str]]:
-    """(step, stage) of every complete checkpoint (the rule of train/checkpoint.complete_checkpoints)."""
-    root = folder / "checkpoints"
+    """(step, stage) of every complete checkpoint."""
     found = []
-    for p in root.iterdir() if root.is_dir() else []:
-        suffix = p.name[len(CHECKPOINT_PREFIX):]
-        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() and (p / "meta.json").is_file():
-            try:
-                stage = json.loads((p / "meta.json").read_text()).get("stage", "?")
-            except (OSError, ValueError, AttributeError):
-                stage = "?"
-            found.append((int(suffix), str(stage)))
-    return sorted(found)
+    for p in complete_checkpoints(folder):
+        try:
+            stage = json.loads((p / "meta.json").read_text()).get("stage", "?")
+        except (OSError, ValueError, AttributeError):
+            stage = "?"
+        found.append((int(p.name[len(CHECKPOINT_PREFIX):]), str(stage)))
+    return found
 
 
 def held_results(folder: Path) -> list[str]:

@@ -228,10 +228,8 @@ def _renderer(mix: Mixture, opts: Options) -> Any:
     path = opts.tokenizer or config.get("tokenizer") or mix.doc.get("model")
     if not path:
         raise InputError(f"{mix.weights_file}: names no model; give --tokenizer DIR to render the text")
-    tokenizer = load_tokenizer(str(path), bool(config.get("trust_remote_code", False)))
-    template = (config.get("data") or {}).get("chat_template")
-    if template and not opts.tokenizer:
-        tokenizer.chat_template = Path(template).read_text(encoding="utf-8")  # what reweight rendered with
+    template = None if opts.tokenizer else (config.get("data") or {}).get("chat_template")  # what reweight used
+    tokenizer = load_tokenizer(str(path), bool(config.get("trust_remote_code", False)), template)
     return Renderer(tokenizer, max_length=1 << 30)
 
 

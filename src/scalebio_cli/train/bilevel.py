@@ -48,7 +48,7 @@ class SourceWeights:
             self.optimizer: torch.optim.Optimizer = torch.optim.SGD([self.lam], lr=lr)
         else:
             self.optimizer = torch.optim.Adam([self.lam], lr=lr, betas=(0.9, 0.999))
-        self.signal, self.delay, self.steps_seen = signal, delay, 0
+        self.signal, self.delay = signal, delay
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(total_steps, warmup_ratio))
         self._lr = self.optimizer.param_groups[0]["lr"]
 
@@ -63,12 +63,11 @@ class SourceWeights:
         """One optimizer step on lam from the per-source means; returns the gradient (also while delayed)."""
         grad = lambda_gradient(self.probs(), m_w, m_u, alpha, self.signal)
         self._lr = self.optimizer.param_groups[0]["lr"]
-        if self.steps_seen >= self.delay:
+        if self.scheduler.last_epoch >= self.delay:  # the schedule counts the steps taken so far
             self.lam.grad = grad
             self.optimizer.step()
             self.lam.grad = None
         self.scheduler.step()
-        self.steps_seen += 1
         return grad
 
     @property
@@ -78,14 +77,13 @@ class SourceWeights:
 
     def state_dict(self) -> dict:
         return {"lam": self.lam.detach().clone(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "steps_seen": self.steps_seen}
+                "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
             self.lam.copy_(state["lam"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.steps_seen = state.get("steps_seen", self.scheduler.last_epoch)
 
 
 @dataclass

@@ -20,21 +20,8 @@ import torch
 
 from scalebio_cli import __version__
 from scalebio_cli.errors import InputError
+from scalebio_cli.results.run_folder import CHECKPOINT_PREFIX, checkpoints_dir, complete_checkpoints
 from scalebio_cli.train.distributed import DistInfo, barrier
-
-PREFIX = "step-"
-
-
-def checkpoints_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    root = checkpoints_dir(output_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "meta.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
 def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
@@ -57,7 +44,7 @@ def save(output_dir: str | Path, step: int, meta: dict[str, Any], keep: int, dis
     `write(folder)` runs on every process and writes its part (engines save themselves; rank 0 the rest).
     """
     root = checkpoints_dir(output_dir)
-    final = root / f"{PREFIX}{step:06d}"
+    final = root / f"{CHECKPOINT_PREFIX}{step:06d}"
     tmp = root / f".{final.name}.tmp"
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -14,6 +14,7 @@ from torch import nn
 
 from scalebio_cli.console import console
 from scalebio_cli.errors import InputError
+from scalebio_cli.recipe.model_folder import MODEL_FILES
 from scalebio_cli.train import process
 
 try:
@@ -143,10 +144,6 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
                          f"{type(model).__name__} (no ModuleList of {expected} identical blocks), which LISA "
                          "trains a few at a time; set lisa.layers: 0 to train all parameters")
     return max(candidates, key=lambda c: c[0])[2]
-
-
-MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def save_hf_folder(model: torch.nn.Module, tokenizer: Any, out: Path, state_dict: dict[str, Any] | None = None) -> None:
