@@ -159,44 +159,28 @@ def sample(
     """
 
     def body() -> Path:
-        from scalebio_cli.recipe.preflight import check_sample, model_files
-        from scalebio_cli.results import run_folder, weights_file
+        from scalebio_cli.results import run_folder
         from scalebio_cli.stages import sample as stage
 
         if record_format not in stage.FORMATS:
             raise InputError(f"--format: must be one of {', '.join(stage.FORMATS)}, got {record_format!r}")
-        sizes, inputs = None, {}
         if weights in ("uniform", "proportional"):
             if config is not None:
                 from scalebio_cli.recipe import load_recipe
 
-                named, key = load_recipe(config).data.sources, "data.sources."
-                inputs = {"the recipe": str(config)}
+                draw = stage.baseline_draw(weights, load_recipe(config).data.sources, "data.sources.", output,
+                                           {"the recipe": str(config)})
             else:
-                named, key = _parse_named_files(sources or [], "--sources"), "--sources "
-            if not named:
-                raise InputError(f"--weights {weights}: name the sources with --sources NAME=FILE ... or --config")
-            check_sample(output, {f"{key}{n}": p for n, p in named.items()}, inputs, parse_records=True)
-            probs, sizes = stage.baseline_weights(weights, named)
-            label = weights
+                draw = stage.baseline_draw(weights, _parse_named_files(sources or [], "--sources"), "--sources ",
+                                           output)
+        elif sources or config:
+            raise InputError("--sources/--config go with --weights uniform|proportional; a weights file names its "
+                             "own sources")
         else:
-            if sources or config:
-                raise InputError("--sources/--config go with --weights uniform|proportional; a weights file "
-                                 "names its own sources")
-            probs, doc = weights_file.load(weights, allow_changed_sources, averaged)
-            named = {n: doc["sources"][n]["path"] for n in probs}
-            validation = doc.get("validation") if isinstance(doc.get("validation"), dict) else {}
-            inputs = {"the weights file": weights, "the validation file": str(validation.get("path") or "")}
-            inputs |= model_files(doc.get("model") if isinstance(doc.get("model"), str) else None)
-            # Records of changed sources are no longer vouched for by the reweight run that read them.
-            check_sample(output, {f"source '{n}'": p for n, p in named.items()}, inputs,
-                         parse_records=allow_changed_sources)
-            label = str(Path(weights).resolve())
-            recorded = {n: doc["sources"][n].get("num_examples") for n in probs}
-            if not allow_changed_sources and all(isinstance(v, int) for v in recorded.values()):
-                sizes = recorded  # weights_file.load checked them against the files
+            draw = stage.weights_file_draw(weights, output, allow_changed_sources, averaged)
         with run_folder.claim_output_file(output.resolve()):
-            stage.run(probs, named, num_samples, output.resolve(), seed, replacement, label, sizes, record_format)
+            stage.run(draw.probs, draw.sources, num_samples, output.resolve(), seed, replacement, draw.label,
+                      draw.sizes, record_format)
         return output
 
     _print_result(guarded(body))

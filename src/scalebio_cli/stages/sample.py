@@ -13,6 +13,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +156,43 @@ def baseline_weights(kind: str, sources: dict[str, str]) -> tuple[dict[str, floa
     if total == 0:
         raise InputError("proportional weights: the sources hold no records")
     return {name: n / total for name, n in sizes.items()}, sizes
+
+
+@dataclass
+class Draw:
+    """What to sample: the probabilities, the source files, how the manifest names the weights, known sizes."""
+
+    probs: dict[str, float]
+    sources: dict[str, str]
+    label: str
+    sizes: dict[str, int] | None = None
+
+
+def baseline_draw(kind: str, named: dict[str, str], key: str, output: Path,
+                  inputs: dict[str, str] | None = None) -> Draw:
+    """`--weights uniform|proportional` over `named` (`key` labels them in messages: `--sources ` or
+    `data.sources.`); every record of every source is checked first, since no reweight run vouches for them."""
+    from scalebio_cli.recipe.preflight import check_sample
+
+    if not named:
+        raise InputError(f"--weights {kind}: name the sources with --sources NAME=FILE ... or --config")
+    check_sample(output, {f"{key}{n}": p for n, p in named.items()}, inputs or {}, parse_records=True)
+    probs, sizes = baseline_weights(kind, named)
+    return Draw(probs, named, kind, sizes)
+
+
+def weights_file_draw(path: str, output: Path, allow_changed_sources: bool, averaged: bool) -> Draw:
+    """The weights (final or averaged) of a weights.json, validated, with the sources and sizes it records."""
+    from scalebio_cli.recipe.preflight import check_sample, model_files
+    from scalebio_cli.results import weights_file
+
+    probs, doc = weights_file.load(path, allow_changed_sources, averaged)
+    named = {n: doc["sources"][n]["path"] for n in probs}
+    validation = doc.get("validation") if isinstance(doc.get("validation"), dict) else {}
+    inputs = {"the weights file": path, "the validation file": str(validation.get("path") or "")}
+    inputs |= model_files(doc.get("model") if isinstance(doc.get("model"), str) else None)
+    # Records of changed sources are no longer vouched for by the reweight run that read them.
+    check_sample(output, {f"source '{n}'": p for n, p in named.items()}, inputs, parse_records=allow_changed_sources)
+    recorded = {n: doc["sources"][n].get("num_examples") for n in probs}
+    sizes = recorded if not allow_changed_sources and all(isinstance(v, int) for v in recorded.values()) else None
+    return Draw(probs, named, str(Path(path).resolve()), sizes)  # sizes: weights_file.load checked them
