@@ -5,13 +5,14 @@
     python scripts/bench_quality.py --device cuda --preset gpu --seeds 0 1 2 --variants all
 
 Sources, all built from ../shared/data/instruct-math (short general-instruction records of GPT4-LLM-Cleaned and
-GPTeacher, and short MathInstruct records), disjoint from each other and from the validation set:
+GPTeacher, and short MathInstruct records), disjoint from each other and from the validation set, each with the
+validation set's mix of 2 general records to 1 math record (so only the corruption tells them apart):
 
   clean      correct responses (general and math), drawn like the validation set
   dot        responses replaced by "." (the paper's denoising corruption)
   shuffled   the words of each response shuffled
   swapped    responses taken from other records (answers that do not belong to the question)
-  wrong      math responses with every number changed (wrong final answers)
+  wrong      every number in the answer changed (general answers that hold numbers; math: wrong final answers)
 
 The right answer: `clean` gets the largest weight and every corrupted source less than uniform. Each variant x seed
 is one real `scalebio reweight` run (a subprocess); the script prints the weights per logged step and a table,
@@ -35,9 +36,11 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data" / "instruct-math"
 SOURCES = ("clean", "dot", "shuffled", "swapped", "wrong")
+# Records per source: general-instruction and math, the validation set's 2:1 mix.
+PER_SOURCE_GENERAL, PER_SOURCE_MATH = 80, 40
 # Budget presets: CPU fits 2 cores (tens of steps, short records); GPU is the reference's scale.
 PRESETS = {
-    "cpu": {"steps": 40, "batch_size": 9, "val_batch_size": 3, "micro_batch_size": 11, "max_length": 128,
+    "cpu": {"steps": 60, "batch_size": 9, "val_batch_size": 3, "micro_batch_size": 11, "max_length": 128,
             "log_every": 5},
     "gpu": {"steps": 300, "batch_size": 60, "val_batch_size": 60, "micro_batch_size": 20, "max_length": 512,
             "log_every": 10},
@@ -61,6 +64,7 @@ VARIANTS: dict[str, list[str]] = {
     "relative": ["reweight.lambda_signal=relative"],
     "relative-delay-10": ["reweight.lambda_signal=relative", "reweight.lambda_delay=10"],
     "sgd-lambda": ["reweight.lambda_optimizer=sgd", "reweight.lr_lambda=50"],
+    "full-relative": ["reweight.lisa.layers=0", "reweight.lambda_signal=relative"],
     "full-relative-delay-10": ["reweight.lisa.layers=0", "reweight.lambda_signal=relative", "reweight.lambda_delay=10"],
 }
 
@@ -76,36 +80,44 @@ def _with_response(record: dict, response: str) -> dict:
 
 
 def build_data(out: Path, seed: int = 0) -> dict[str, Path]:
-    """Write the five sources and the validation set (sharegpt JSON) into `out`; returns their paths."""
+    """Write the five sources and the validation set (sharegpt JSON) into `out`; returns their paths.
+
+    Every source is a copy of the clean one's task mix (2 general-instruction records to 1 math record, as in the
+    validation set) with disjoint records, so that a source can only win or lose by its corruption, not by holding
+    more of the validation set's math than the clean source does.
+    """
     rng = random.Random(seed)
     general = short_records("GPT4-LLM-Cleaned") + short_records("GPTeacher-General-Instruct")
-    math = short_records("MathInstruct")
+    math = [r for r in short_records("MathInstruct") if re.search(r"\d", r["items"][1]["value"])]
     rng.shuffle(general)
     rng.shuffle(math)
-    g = iter(general)
+    # `wrong` needs general answers that contain numbers; take them first so no other source holds them.
+    with_numbers = [r for r in general if re.search(r"\d", r["items"][1]["value"])][:PER_SOURCE_GENERAL]
+    taken = {id(r) for r in with_numbers}
+    g = iter([r for r in general if id(r) not in taken])
     m = iter(math)
 
-    def take(it, n: int) -> list[dict]:
-        return [next(it) for _ in range(n)]
-
-    val = take(g, 60) + take(m, 30)
-    clean = take(g, 160) + take(m, 60)
-    dot = [_with_response(r, ".") for r in take(g, 160)]
-    shuffled = []
-    for r in take(g, 160):
-        words = r["items"][1]["value"].split()
-        rng.shuffle(words)
-        shuffled.append(_with_response(r, " ".join(words)))
-    base = take(g, 160)
-    donors = base[1:] + base[:1]  # a derangement: every record gets another record's response
-    swapped = [_with_response(r, d["items"][1]["value"]) for r, d in zip(base, donors)]
+    def take(n_general: int = PER_SOURCE_GENERAL, n_math: int = PER_SOURCE_MATH) -> list[dict]:
+        return [next(g) for _ in range(n_general)] + [next(m) for _ in range(n_math)]
 
     def perturb(match: re.Match) -> str:
         value = int(match.group())
         return str(value + rng.choice([-1, 1]) * rng.randint(1, max(2, value // 2 + 1)))
 
-    wrong = [_with_response(r, re.sub(r"\d+", perturb, r["items"][1]["value"])) for r in take(m, 120)
-             if re.search(r"\d", r["items"][1]["value"])]
+    val = take(60, 30)
+    clean = take()
+    dot = [_with_response(r, ".") for r in take()]
+    shuffled = []
+    for r in take():
+        words = r["items"][1]["value"].split()
+        rng.shuffle(words)
+        shuffled.append(_with_response(r, " ".join(words)))
+    base = take()
+    rng.shuffle(base)
+    donors = base[1:] + base[:1]  # a derangement: every record gets another record's response
+    swapped = [_with_response(r, d["items"][1]["value"]) for r, d in zip(base, donors)]
+    numbered = with_numbers + [next(m) for _ in range(PER_SOURCE_MATH)]
+    wrong = [_with_response(r, re.sub(r"\d+", perturb, r["items"][1]["value"])) for r in numbered]
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, records in [("clean", clean), ("dot", dot), ("shuffled", shuffled), ("swapped", swapped),
@@ -127,6 +139,15 @@ def model_path(args: argparse.Namespace) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
+def base_settings(base: str) -> dict:
+    """The reweight settings every variant starts from: the pretrained-model preset (recipes/pretrained.yaml) or the
+    reference's GPT-2 settings with lr_lambda raised to see movement in a short run (the study's first rounds)."""
+    if base == "reference":
+        return {"alpha": 10, "lr_u": 1e-5, "lr_w": 1e-5, "lr_lambda": 5e-2}
+    settings = yaml.safe_load((ROOT / "recipes" / "pretrained.yaml").read_text())["reweight"]
+    return {k: v for k, v in settings.items() if k not in ("steps", "batch_size", "val_batch_size")}
+
+
 def run_variant(name: str, seed: int, args: argparse.Namespace, paths: dict[str, Path], model: str) -> dict:
     preset = PRESETS[args.preset]
     out = args.work / "runs" / f"{name}-seed{seed}"
@@ -134,9 +155,9 @@ def run_variant(name: str, seed: int, args: argparse.Namespace, paths: dict[str,
         "model": model, "output_dir": str(out), "seed": seed,
         "data": {"sources": {n: str(paths[n]) for n in SOURCES}, "validation": str(paths["val"]),
                  "max_length": preset["max_length"]},
-        "reweight": {"steps": preset["steps"], "alpha": 10, "lr_u": 1e-5, "lr_w": 1e-5, "lr_lambda": 5e-2,
-                     "batch_size": preset["batch_size"], "val_batch_size": preset["val_batch_size"],
-                     "micro_batch_size": preset["micro_batch_size"], "log_every": preset["log_every"]},
+        "reweight": {**base_settings(args.base), "steps": preset["steps"], "batch_size": preset["batch_size"],
+                     "val_batch_size": preset["val_batch_size"], "micro_batch_size": preset["micro_batch_size"],
+                     "log_every": preset["log_every"]},
         "checkpoint": {"every": 0},
     }
     path = args.work / "recipes" / f"{name}-seed{seed}.yaml"
@@ -186,7 +207,7 @@ def plot(results: list[dict], path: Path) -> None:
 
 def report(results: list[dict], args: argparse.Namespace, command: str) -> str:
     lines = [f"Model `{Path(args.model_label).name}`, preset `{args.preset}` ({json.dumps(PRESETS[args.preset])}), "
-             f"alpha 10, lr_u = lr_w = 1e-5, lr_lambda 5e-2, {args.device}. Passes: clean largest and every "
+             f"base `{args.base}` ({json.dumps(base_settings(args.base))}), {args.device}. Passes: clean largest and every "
              "corrupted source below uniform (0.200).", "", f"`{command}`", "",
              "| variant | seed | " + " | ".join(SOURCES) + " | passes | minutes |",
              "|---|---:|" + "---:|" * len(SOURCES) + "---|---:|"]
@@ -211,6 +232,8 @@ def main() -> None:
     parser.add_argument("--gguf", action="store_true", help="use the GGUF file itself instead of the folder")
     parser.add_argument("--preset", default="cpu", choices=list(PRESETS))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--base", default="pretrained", choices=["pretrained", "reference"],
+                        help="the settings the variants change: recipes/pretrained.yaml or the reference's GPT-2 ones")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variants", nargs="+", default=["default"], help=f"any of {', '.join(VARIANTS)}, or all")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "quality")
@@ -242,7 +265,7 @@ def main() -> None:
     text = report(results, args, command)
     print(text)
     plot_name = f"quality-{args.preset}.png"
-    plot(results, ROOT / "docs" / plot_name)
+    plot(results, (args.work if args.no_record else ROOT / "docs") / plot_name)
     (args.work / "results.json").write_text(json.dumps(results, indent=1))
     if not args.no_record:
         write_results(text, plot_name)

@@ -264,3 +264,14 @@ def test_a_source_named_validation_keeps_its_own_fingerprint(tokenizer) -> None:
     source, val = fake_data(rng, 4, len(tokenizer)), fake_data(rng, 4, len(tokenizer))
     prints = data_fingerprints(["validation"], [replace(source, sha256="a" * 64)], replace(val, sha256="b" * 64))
     assert prints == {"data.sources.validation": "a" * 64, "data.validation": "b" * 64}  # neither hides the other
+
+
+def test_lambda_schedule_constant_keeps_the_rate_cosine_decays_it() -> None:
+    m_w, m_u = torch.tensor([1.0, 2.0, 2.0]), torch.tensor([2.0, 2.0, 2.5])
+    rates = {}
+    for schedule in ("cosine", "constant"):
+        weights = SourceWeights(3, 0.1, 10, 0.0, torch.device("cpu"), schedule=schedule)
+        for _ in range(10):
+            weights.step(m_w, m_u, alpha=1.0)
+        rates[schedule] = weights.lr
+    assert rates["constant"] == pytest.approx(0.1) and rates["cosine"] < 0.01

@@ -22,6 +22,7 @@ from scalebio_cli.errors import InputError
 from scalebio_cli.recipe.schema import (
     BATCH_COMPOSITIONS,
     LAMBDA_OPTIMIZERS,
+    LAMBDA_SCHEDULES,
     LAMBDA_SIGNALS,
     PRECISIONS,
     TRACKERS,
@@ -320,6 +321,8 @@ def _check_ranges(recipe: Recipe) -> list[str]:
          f"{', '.join(LAMBDA_OPTIMIZERS)}, got {rw.lambda_optimizer!r}")
     need(rw.lambda_signal in LAMBDA_SIGNALS, f"reweight.lambda_signal: must be one of {', '.join(LAMBDA_SIGNALS)}, "
          f"got {rw.lambda_signal!r}")
+    need(rw.lambda_schedule in LAMBDA_SCHEDULES, f"reweight.lambda_schedule: must be one of "
+         f"{', '.join(LAMBDA_SCHEDULES)}, got {rw.lambda_schedule!r}")
     need(0 <= rw.lambda_delay < rw.steps, f"reweight.lambda_delay: must be in [0, reweight.steps), got "
          f"{rw.lambda_delay}")
     need(rw.batch_composition in BATCH_COMPOSITIONS, f"reweight.batch_composition: must be one of "

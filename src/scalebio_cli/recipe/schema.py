@@ -21,6 +21,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 BATCH_COMPOSITIONS = ("balanced", "pooled")
 LAMBDA_OPTIMIZERS = ("adam", "sgd")
 LAMBDA_SIGNALS = ("difference", "relative")
+LAMBDA_SCHEDULES = ("cosine", "constant")
 TRACKERS = ("tensorboard", "wandb")  # report_to values (results/tracking.py)
 STAGES = ("reweight", "finetune")
 RW: tuple[str, ...] = ("reweight",)
@@ -84,6 +85,8 @@ class ReweightConfig:
     # what the lam gradient alpha * J^T d is made of: difference (d = m(w) - m(u), the method as written) or
     # relative (d = (m(w) - m(u)) / m(u): the same signal, comparable across sources whose losses differ in scale)
     lambda_signal: str = setting("difference", affects=RW)
+    # cosine: lam's rate decays with u's and w's (the reference); constant: the full rate after warmup
+    lambda_schedule: str = setting("cosine", affects=RW)
     lambda_delay: int = setting(0, affects=RW)  # steps u and w train before lam moves (u warms up on the mixture)
     batch_size: int = setting(32, affects=RW)  # training examples per step, all sources and processes together
     # validation examples per step, all processes together (the reference validates on as many as it trains on)

@@ -170,7 +170,8 @@ def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, f
     w = make_engine(model_w, lr=cfg.lr_w, micro_batches=num_micro_batches(
         local_batch + cfg.val_batch_size // dist.world_size, cfg.micro_batch_size), **engine_kwargs)
     lam = SourceWeights(len(names), cfg.lr_lambda, cfg.steps, cfg.warmup_ratio, dist.device,
-                        optimizer=cfg.lambda_optimizer, signal=cfg.lambda_signal, delay=cfg.lambda_delay)
+                        optimizer=cfg.lambda_optimizer, signal=cfg.lambda_signal, delay=cfg.lambda_delay,
+                        schedule=cfg.lambda_schedule)
     out = loop.open_run_folder(recipe, dist)
     if dist.is_main:
         lisa = (f"LISA {cfg.lisa.layers} of {len(u.lisa.blocks)} blocks every {cfg.lisa.interval} steps"

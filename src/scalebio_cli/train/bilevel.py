@@ -39,17 +39,20 @@ class SourceWeights:
     """The logits lam (init 0: uniform), their optimizer (Adam as the reference, or SGD) and learning-rate schedule.
 
     `delay`: the first `delay` steps leave lam at uniform while u and w train (u warms up on the mixture, and w
-    moves away from u, before their loss differences steer the weights)."""
+    moves away from u, before their loss differences steer the weights). `schedule`: `cosine` decays lam's rate with
+    u's and w's (the reference); `constant` keeps it after warmup, because the loss differences that steer lam grow
+    as w moves away from u, so a short run's last steps carry its clearest signal."""
 
     def __init__(self, num_sources: int, lr: float, total_steps: int, warmup_ratio: float, device: torch.device,
-                 optimizer: str = "adam", signal: str = "difference", delay: int = 0):
+                 optimizer: str = "adam", signal: str = "difference", delay: int = 0, schedule: str = "cosine"):
         self.lam = torch.zeros(num_sources, dtype=torch.float32, device=device, requires_grad=True)
         if optimizer == "sgd":
             self.optimizer: torch.optim.Optimizer = torch.optim.SGD([self.lam], lr=lr)
         else:
             self.optimizer = torch.optim.Adam([self.lam], lr=lr, betas=(0.9, 0.999))
         self.signal, self.delay = signal, delay
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(total_steps, warmup_ratio))
+        factor = warmup_cosine(total_steps, warmup_ratio, decay=schedule == "cosine")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self._lr = self.optimizer.param_groups[0]["lr"]
 
     def probs(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -89,13 +89,16 @@ class AdamW(torch.optim.Optimizer):
             self.state[p] = {k: v.to(p.device) if isinstance(v, torch.Tensor) else v for k, v in saved.items()}
 
 
-def warmup_cosine(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
-    """LR multiplier: linear warmup over `warmup_ratio` of the steps, then cosine decay to zero."""
+def warmup_cosine(total_steps: int, warmup_ratio: float, decay: bool = True) -> Callable[[int], float]:
+    """LR multiplier: linear warmup over `warmup_ratio` of the steps, then cosine decay to zero (or, with
+    `decay=False`, the full rate to the end)."""
     warmup = math.ceil(total_steps * warmup_ratio)
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        if not decay:
+            return 1.0
         progress = (step - warmup) / max(1, total_steps - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
