@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_cli, write_recipe
-from scalebio_cli.stages.evaluate import extract_answer
+from scalebio_cli.data.answers import extract_answer, math_verify_equal
 from scalebio_cli.train.lisa import draw_blocks
 
 FT = {"epochs": 1, "lr": 3e-3, "batch_size": 16, "micro_batch_size": 8, "log_every": 5, "eval_every": 10}
@@ -134,6 +134,19 @@ def test_eval_bad_input(tmp_path: Path, demo: Path) -> None:
 ])
 def test_extract_answer(text: str, answer: str | None) -> None:
     assert extract_answer(text) == answer
+
+
+@pytest.mark.parametrize("reference, generated, equal", [
+    ("so 5 * 3 = 15\n#### 15", "She pays 15 dollars.\n#### 15", True),
+    ("The answer is $\\frac{1}{2}$", "so the result is \\boxed{0.5}", True),
+    ("#### 1,000", "The answer is 1000", True),
+    ("The answer is $\\frac{3}{4}$", "\\boxed{\\frac{6}{8}}", True),
+    ("#### 15", "#### 16", False),
+    ("The answer is 7", "no answer at all", False),
+])
+def test_math_verify_compares_answers_as_math(reference: str, generated: str, equal: bool) -> None:
+    pytest.importorskip("math_verify")
+    assert math_verify_equal(reference, generated) is equal
 
 
 def test_lm_eval_task_offline(finetuned, tmp_path: Path) -> None:

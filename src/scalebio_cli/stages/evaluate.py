@@ -5,7 +5,6 @@ lm-evaluation-harness tasks.
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from rich.markup import escape
 from torch import nn
 
 from scalebio_cli.console import console, step_progress
+from scalebio_cli.data.answers import extract_answer, math_verify_equal
 from scalebio_cli.data.records import iter_examples
 from scalebio_cli.errors import InputError
 from scalebio_cli.train import distributed
@@ -23,58 +23,13 @@ from scalebio_cli.train.losses import dataset_loss
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 
 
-# -- exact-match answers ---------------------------------------------------------------------------------------
-
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def _boxed(text: str) -> str | None:
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, i = 0, start + len("\\boxed{")
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            if depth == 0:
-                return text[i:j]
-            depth -= 1
-    return None
-
-
-def normalize_answer(answer: str) -> str:
-    """Compare answers as strings, with numbers in one canonical form (`1,000.0` == `1000`)."""
-    answer = answer.strip().strip("$").strip().rstrip(".").strip()
-    number = answer.replace(",", "")
-    try:
-        value = float(number)
-    except ValueError:
-        return re.sub(r"\s+", " ", answer)
-    return str(int(value)) if value.is_integer() else repr(value)
-
-
-def extract_answer(text: str) -> str | None:
-    """The final answer a text commits to: GSM8K `#### 42`, a `\\boxed{...}`, `The answer is ...`, or the last
-    number. None if there is none."""
-    if "####" in text:
-        tail = text.rsplit("####", 1)[1].strip()
-        return normalize_answer(tail.splitlines()[0]) if tail else None
-    boxed = _boxed(text)
-    if boxed is not None:
-        return normalize_answer(boxed)
-    said = re.findall(r"answer is[:\s]*\$?(-?\d[\d,]*(?:\.\d+)?)", text, flags=re.IGNORECASE)
-    if said:
-        return normalize_answer(said[-1])
-    numbers = _NUMBER.findall(text)
-    return normalize_answer(numbers[-1]) if numbers else None
-
-
 @torch.no_grad()
 def exact_match(model: nn.Module, tokenizer: Any, renderer: Any, path: Path, batch_size: int, max_new_tokens: int,
                 device: torch.device, show_progress: bool = True) -> dict[str, Any]:
-    """Greedy generation on every record whose reference answer is checkable; accuracy of the extracted answers."""
-    prompts, references = [], []
+    """Greedy generation on every record whose reference answer is checkable; accuracy of the extracted answers,
+    compared as normalised strings (`accuracy`) and as mathematical objects by math-verify (`accuracy_math_verify`:
+    fractions, LaTeX, `\\boxed{}`, units), both reported while the first is being replaced."""
+    prompts, references, raw_references = [], [], []
     for _, example in iter_examples(path):
         if isinstance(example, str) or not any(t.role == "assistant" for t in example):
             continue
@@ -84,13 +39,14 @@ def exact_match(model: nn.Module, tokenizer: Any, renderer: Any, path: Path, bat
             continue
         prompts.append(renderer.encode_prompt(example[: last + 1])[-renderer.max_length:])
         references.append(reference)
+        raw_references.append(example[last].content)
     if not prompts:
-        return {"accuracy": None, "num_checked": 0}
+        return {"accuracy": None, "accuracy_math_verify": None, "num_checked": 0}
     stop = sorted({tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN if t in tokenizer.get_vocab()}
                   | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
     was_training = model.training
     model.eval()
-    correct = 0
+    correct = verified = 0
     progress = step_progress("generate", enabled=show_progress)
     task = progress.add_task("generate", total=len(prompts), info=path.name)
     with progress:
@@ -108,10 +64,12 @@ def exact_match(model: nn.Module, tokenizer: Any, renderer: Any, path: Path, bat
             for row, ref in enumerate(references[start: start + batch_size]):
                 text = tokenizer.decode(out[row, width:], skip_special_tokens=True)
                 correct += int(extract_answer(text) == ref)
+                verified += int(math_verify_equal(raw_references[start + row], text))
             done = start + len(chunk)
             progress.update(task, completed=done, info=f"{path.name}: {correct}/{done} correct")
     model.train(was_training)
-    return {"accuracy": correct / len(prompts), "num_checked": len(prompts)}
+    return {"accuracy": correct / len(prompts), "accuracy_math_verify": verified / len(prompts),
+            "num_checked": len(prompts)}
 
 
 def perplexity(loss: float) -> float | None:
@@ -210,11 +168,12 @@ def format_table(doc: dict[str, Any]) -> Any:
     from rich.table import Table
 
     table = Table(title=f"eval: {doc['model']}", title_justify="left")
-    for column in ("data", "loss", "perplexity", "examples", "accuracy"):
+    for column in ("data", "loss", "perplexity", "examples", "accuracy", "math-verify"):
         table.add_column(column, justify="left" if column == "data" else "right")
     for name, r in doc["results"].items():
-        acc = r.get("accuracy")
+        acc, verified = r.get("accuracy"), r.get("accuracy_math_verify")
         table.add_row(name, f"{r['loss']:.4f}", f"{r['perplexity']:.2f}" if r["perplexity"] else "-",
                       f"{r['num_examples']:,}",
-                      "-" if acc is None else f"{acc:.3f} ({r['num_checked']})")
+                      "-" if acc is None else f"{acc:.3f} ({r['num_checked']})",
+                      "-" if verified is None else f"{verified:.3f}")
     return table
