@@ -207,8 +207,8 @@ def plot(results: list[dict], path: Path) -> None:
 
 def report(results: list[dict], args: argparse.Namespace, command: str) -> str:
     lines = [f"Model `{Path(args.model_label).name}`, preset `{args.preset}` ({json.dumps(PRESETS[args.preset])}), "
-             f"base `{args.base}` ({json.dumps(base_settings(args.base))}), {args.device}. Passes: clean largest and every "
-             "corrupted source below uniform (0.200).", "", f"`{command}`", "",
+             f"base `{args.base}` ({json.dumps(base_settings(args.base))}), {args.device}. Passes: clean largest "
+             "and every corrupted source below uniform (0.200).", "", f"`{command}`", "",
              "| variant | seed | " + " | ".join(SOURCES) + " | passes | minutes |",
              "|---|---:|" + "---:|" * len(SOURCES) + "---|---:|"]
     for r in results:
@@ -219,11 +219,18 @@ def report(results: list[dict], args: argparse.Namespace, command: str) -> str:
 
 
 def write_results(text: str, plot_name: str) -> None:
+    """Put the table between the markers of the section "Real-model quality" in docs/results.md (the section's
+    hand-written study around it stays); a results.md without the section gets it appended."""
     doc = ROOT / "docs" / "results.md"
-    head = "\n## Real-model quality: denoising on SmolLM2-135M-Instruct\n\n"
-    body = head + text + f"\n\n![weights over steps]({plot_name})\n"
+    begin, end = "<!-- bench_quality: begin -->", "<!-- bench_quality: end -->"
+    block = f"{begin}\n{text}\n\n![weights over steps]({plot_name})\n{end}"
     existing = doc.read_text() if doc.exists() else "# Results\n"
-    doc.write_text(existing.rstrip() + "\n" + body)
+    if begin in existing and end in existing:
+        before, rest = existing.split(begin, 1)
+        doc.write_text(before + block + rest.split(end, 1)[1])
+    else:
+        head = "\n## Real-model quality: denoising on SmolLM2-135M-Instruct\n\n"
+        doc.write_text(existing.rstrip() + "\n" + head + block + "\n")
 
 
 def main() -> None:
