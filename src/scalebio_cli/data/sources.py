@@ -53,6 +53,9 @@ class DataSource:
     def path(self) -> str:
         return self.spec.path
 
+    def __str__(self) -> str:  # messages name a source by its path
+        return self.spec.path
+
     @property
     def is_plain(self) -> bool:
         """A plain local file read as in v1 (weights.json records nothing more than its path)."""

@@ -178,8 +178,9 @@ def truncation_warning(name: str, data: TokenizedData) -> str | None:
                   "keeps 99% of them whole")
 
 
-def load_all(files: list[tuple[str, DataSource | str]], renderer: Renderer, cache_dir: str | Path | None, *, is_main: bool = True,
-             barrier: Callable[[], None] = lambda: None, log: Callable[[str], None] = lambda line: None,
+def load_all(files: list[tuple[str, DataSource | str]], renderer: Renderer, cache_dir: str | Path | None, *,
+             is_main: bool = True, barrier: Callable[[], None] = lambda: None,
+             log: Callable[[str], None] = lambda line: None,
              warn: Callable[[str], None] = lambda line: None) -> list[TokenizedData]:
     """Tokenize (or read from the cache) each `(key, path)`. The main process goes first, so that the others find
     the cache filled instead of all tokenizing the same files at once.

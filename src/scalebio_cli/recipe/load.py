@@ -372,6 +372,9 @@ def _check_ranges(recipe: Recipe) -> list[str]:
         need(bool(name.strip()), "data.validation: a validation set has an empty name")
         need(spec.split_by is None, f"{key}.split_by: only sources are split by a column (name the validation "
              "sets one by one instead)")
+    given = [spec.weight is not None for spec in recipe.validation_sets().values()]
+    need(all(given) or not any(given), "data.validation: give every validation set a weight, or none (equal "
+         "weights)")
     for name in recipe.report_to:
         need(name in TRACKERS, f"report_to: unknown tracker {name!r} (use {' and/or '.join(TRACKERS)})")
     need(len(set(recipe.report_to)) == len(recipe.report_to), "report_to: a tracker is named twice")

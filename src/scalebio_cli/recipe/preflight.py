@@ -16,7 +16,7 @@ from rich.markup import escape
 
 from scalebio_cli.console import console
 from scalebio_cli.data import sources as data_sources
-from scalebio_cli.data.records import AUTO_COLUMNS, EXTENSIONS, detect_format, has_response
+from scalebio_cli.data.records import AUTO_COLUMNS, detect_format, has_response
 from scalebio_cli.data.sources import DataSource
 from scalebio_cli.errors import InputError
 from scalebio_cli.files import clobbered_input

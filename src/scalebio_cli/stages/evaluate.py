@@ -14,7 +14,7 @@ from rich.markup import escape
 from torch import nn
 
 from scalebio_cli.console import console, step_progress
-from scalebio_cli.data.records import iter_examples
+from scalebio_cli.data.sources import from_path, iter_examples
 from scalebio_cli.errors import InputError
 from scalebio_cli.train import distributed
 from scalebio_cli.train.losses import dataset_loss
@@ -75,7 +75,7 @@ def exact_match(model: nn.Module, tokenizer: Any, renderer: Any, path: Path, bat
                 device: torch.device, show_progress: bool = True) -> dict[str, Any]:
     """Greedy generation on every record whose reference answer is checkable; accuracy of the extracted answers."""
     prompts, references = [], []
-    for _, example in iter_examples(path):
+    for _, example in iter_examples(from_path(str(path), path)):
         if isinstance(example, str) or not any(t.role == "assistant" for t in example):
             continue
         last = max(i for i, t in enumerate(example) if t.role == "assistant")

@@ -19,6 +19,7 @@ import torch
 from rich.markup import escape
 
 from scalebio_cli.console import console, format_weights, step_progress
+from scalebio_cli.data import sources as data_sources
 from scalebio_cli.data.batching import (
     CursorSampler,
     Prefetcher,
@@ -27,7 +28,6 @@ from scalebio_cli.data.batching import (
     num_micro_batches,
     response_token_count,
 )
-from scalebio_cli.data import sources as data_sources
 from scalebio_cli.data.render import Renderer
 from scalebio_cli.data.sources import DataSource
 from scalebio_cli.data.tokenized import TokenizedData
