@@ -182,12 +182,13 @@ def test_pooled_batches_follow_source_sizes_and_absent_sources_add_nothing(model
     sources = [fake_data(rng, 300, len(tokenizer)), fake_data(rng, 100, len(tokenizer)), fake_data(rng, 4, 50)]
     recipe = Recipe(model="m", output_dir="o")
     recipe.reweight.batch_size, recipe.reweight.batch_composition = 8, "pooled"
-    plan = BatchPlan(sources, [fake_data(rng, 10, len(tokenizer))], [1.0], recipe, DistInfo(0, 1, 0, torch.device("cpu")), 0)
+    cpu = DistInfo(0, 1, 0, torch.device("cpu"))
+    plan = BatchPlan(sources, [fake_data(rng, 10, len(tokenizer))], [1.0], recipe, cpu, 0)
     counts = np.array([plan.next(step).source_counts.tolist() for step in range(200)])
     share = counts.sum(axis=0) / counts.sum()
     assert np.allclose(share, [300 / 404, 100 / 404, 4 / 404], atol=0.03)
     assert (counts[:, 2] == 0).any()  # the small source is absent from some batches
-    again = BatchPlan(sources, [fake_data(rng, 10, len(tokenizer))], [1.0], recipe, DistInfo(0, 1, 0, torch.device("cpu")), 0)
+    again = BatchPlan(sources, [fake_data(rng, 10, len(tokenizer))], [1.0], recipe, cpu, 0)
     assert again.next(0).source_counts.tolist() == counts[0].tolist()  # seeded per step: resumable
 
 
