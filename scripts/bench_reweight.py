@@ -99,7 +99,7 @@ def child(setting: str, args: argparse.Namespace) -> dict:
     recipe = Recipe(model="bench", output_dir="")
     recipe.reweight.batch_size, recipe.reweight.val_batch_size = p["batch"], p["val_batch"]
     recipe.reweight.micro_batch_size = p["micro"]
-    plan = BatchPlan(sources, val, recipe, dist, pad_id=0)
+    plan = BatchPlan(sources, [val], [1.0], recipe, dist, pad_id=0)
 
     if setting.startswith("sft"):
         engines = [Engine(model, lr=1e-4, **kwargs)]

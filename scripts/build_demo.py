@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from scalebio_cli.tiny import corpus_texts, make_demo_data, save_tiny_model
+from scalebio_cli.tiny_layouts import build_layouts
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,6 +30,7 @@ def main() -> None:
     shutil.rmtree(args.out, ignore_errors=True)
     paths = make_demo_data(args.out / "data")
     save_tiny_model(args.out / "model", corpus_texts(list(paths.values())), arch="llama", layers=4, hidden=64)
+    build_layouts(args.out / "layouts", args.out / "data")  # the same data as users keep it (recipes/data-forms.yaml)
     marker.touch()
     print(f"demo built in {args.out}: model/ and data/ ({', '.join(p.name for p in paths.values())})")
 

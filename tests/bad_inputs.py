@@ -186,15 +186,15 @@ CASES = [
     Case("source-missing", "data file", "a source file that does not exist",
          lambda t, d: reweight(t, d, sources={"clean": str(d / "data" / "clean.jsonl"), "gone": str(t / "gone.jsonl")}),
          ["data.sources.gone: file not found: {tmp}/gone.jsonl"]),
-    Case("source-unsupported-type", "data file", "a .csv source",
-         lambda t, d: with_source(t, d, "bad.csv", "text\nhello\n"),
-         ["data.sources.bad: unsupported file type '.csv' ({tmp}/bad.csv)"]),
+    Case("source-unsupported-type", "data file", "a .txt source",
+         lambda t, d: with_source(t, d, "bad.txt", "text\nhello\n"),
+         ["data.sources.bad: unsupported file type '.txt' ({tmp}/bad.txt)"]),
     Case("record-not-json", "data file", "a broken JSON line",
          lambda t, d: with_source(t, d, "bad.jsonl", '{"text": "ok"}\n{"text": "ok"}\n{"text": \n'),
          ["data.sources.bad: {tmp}/bad.jsonl:3: not valid JSON"]),
     Case("record-unknown-format", "data file", "a record of no known format",
-         lambda t, d: with_source(t, d, "bad.jsonl", '{"text": "ok"}\n{"question": "q", "answer": "a"}\n'),
-         ["data.sources.bad: {tmp}/bad.jsonl:2: unknown record format (keys: ['answer', 'question'])"]),
+         lambda t, d: with_source(t, d, "bad.jsonl", '{"text": "ok"}\n{"ask": "q", "reply": "a"}\n'),
+         ["data.sources.bad: {tmp}/bad.jsonl:2: unknown record format (keys: ['ask', 'reply'])"]),
     Case("record-bad-role", "data file", "a conversation turn with an unknown role",
          lambda t, d: with_source(t, d, "bad.json", json.dumps([{"messages": [{"role": "robot", "content": "x"}]}])),
          ["data.sources.bad: {tmp}/bad.json[0]: messages[0] has unknown role 'robot'"]),
@@ -346,6 +346,58 @@ CASES = [
     Case("weights-duplicate-key", "weights file", "a weights file naming a source twice",
          lambda t, d: _duplicate_weight(t, d), ["{tmp}/weights.json: not a valid weights file", "appears twice"]),
 ]
+
+
+def qa_source(tmp: Path, demo: Path, category: str | None = None, **spec) -> tuple[list[str], Path]:
+    """A question/answer source (a .jsonl, or with `repo` a folder laid out like a Hub dataset) given as a mapping."""
+    rows = [{"question": f"What is {i} + 1?", "answer": f"{i + 1}", **({"category": category} if category else {})}
+            for i in range(8)]
+    path = tmp / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if spec.pop("repo", False):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = tmp / "repo"
+        (path / "data").mkdir(parents=True)
+        for split in ("train", "test"):
+            pq.write_table(pa.Table.from_pylist(rows), path / "data" / f"{split}-00000-of-00001.parquet")
+    return reweight(tmp, demo, sources={"clean": str(demo / "data" / "clean.jsonl"),
+                                        "qa": {"path": str(path), **spec}})
+
+
+def _weighted_validation(tmp: Path, demo: Path) -> tuple[list[str], Path]:
+    val = str(demo / "data" / "val.jsonl")
+    return reweight(tmp, demo, data__validation={"math": {"path": val, "weight": 0}, "chat": {"path": val,
+                                                                                              "weight": 1}})
+
+
+DATA_FORM_CASES = [
+    Case("map-missing-column", "data file", "a column map naming a column the data does not have",
+         lambda t, d: qa_source(t, d, columns={"prompt": "questoin", "completion": "answer"}),
+         ["data.sources.qa.columns.prompt: column 'questoin' is not in {tmp}/qa.jsonl; its columns: answer, "
+          "question"]),
+    Case("split-by-absent", "data file", "split_by naming a column the data does not have",
+         lambda t, d: qa_source(t, d, split_by="category"),
+         ["data.sources.qa.split_by: column 'category' is not in {tmp}/qa.jsonl; its columns: answer, question"]),
+    Case("split-by-one-value", "data file", "split_by on a column with a single value",
+         lambda t, d: qa_source(t, d, category="math", split_by="category"),
+         ["data.sources.qa.split_by: column 'category' of {tmp}/qa.jsonl has only the value 'math'"]),
+    Case("split-not-found", "data file", "a split the dataset folder does not have",
+         lambda t, d: qa_source(t, d, repo=True, split="validation"),
+         ["data.sources.qa: split 'validation' not found in {tmp}/repo; its splits: ", "train", "test"]),
+    Case("max-samples-negative", "recipe", "a negative max_samples",
+         lambda t, d: qa_source(t, d, max_samples=-3),
+         ["data.sources.qa.max_samples: must be >= 1 (or null for all records), got -3"]),
+    Case("validation-weight-not-positive", "recipe", "a validation set weighted 0",
+         _weighted_validation, ["data.validation.math.weight: must be > 0, got 0.0"]),
+    Case("hub-id-offline", "data file", "a Hub dataset id while offline (HF_HUB_OFFLINE)",
+         lambda t, d: reweight(t, d, sources={"clean": str(d / "data" / "clean.jsonl"),
+                                              "hub": "nobody/no-such-dataset"}),
+         ["data.sources.hub: 'nobody/no-such-dataset' is not a local path, so it names a Hub dataset, but the Hub "
+          "cannot be reached offline"]),
+]
+CASES += DATA_FORM_CASES
 
 
 def _rename_clean(doc: dict) -> None:

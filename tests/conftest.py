@@ -13,6 +13,8 @@ import pytest
 
 # Before anything imports transformers/deepspeed: offline, CPU, and a private tokenization cache.
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="scalebio-test-datasets-")  # never ~/.cache
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["SCALEBIO_CACHE"] = tempfile.mkdtemp(prefix="scalebio-test-cache-")
@@ -41,6 +43,14 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     paths = make_demo_data(root / "data")
     save_tiny_model(root / "model", corpus_texts(list(paths.values())), arch="llama", layers=4, hidden=64)
     return root
+
+
+@pytest.fixture(scope="session")
+def layouts(demo: Path) -> dict[str, Path]:
+    """The demo data as users keep it (scalebio_cli.tiny_layouts): Hub repository folders, save_to_disk, csv, ..."""
+    from scalebio_cli.tiny_layouts import build_layouts
+
+    return build_layouts(demo / "layouts", demo / "data")
 
 
 @pytest.fixture(scope="session")

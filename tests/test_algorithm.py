@@ -182,12 +182,13 @@ def test_pooled_batches_follow_source_sizes_and_absent_sources_add_nothing(model
     sources = [fake_data(rng, 300, len(tokenizer)), fake_data(rng, 100, len(tokenizer)), fake_data(rng, 4, 50)]
     recipe = Recipe(model="m", output_dir="o")
     recipe.reweight.batch_size, recipe.reweight.batch_composition = 8, "pooled"
-    plan = BatchPlan(sources, fake_data(rng, 10, len(tokenizer)), recipe, DistInfo(0, 1, 0, torch.device("cpu")), 0)
+    cpu = DistInfo(0, 1, 0, torch.device("cpu"))
+    plan = BatchPlan(sources, [fake_data(rng, 10, len(tokenizer))], [1.0], recipe, cpu, 0)
     counts = np.array([plan.next(step).source_counts.tolist() for step in range(200)])
     share = counts.sum(axis=0) / counts.sum()
     assert np.allclose(share, [300 / 404, 100 / 404, 4 / 404], atol=0.03)
     assert (counts[:, 2] == 0).any()  # the small source is absent from some batches
-    again = BatchPlan(sources, fake_data(rng, 10, len(tokenizer)), recipe, DistInfo(0, 1, 0, torch.device("cpu")), 0)
+    again = BatchPlan(sources, [fake_data(rng, 10, len(tokenizer))], [1.0], recipe, cpu, 0)
     assert again.next(0).source_counts.tolist() == counts[0].tolist()  # seeded per step: resumable
 
 
@@ -258,11 +259,15 @@ def test_head_only_losses_and_gradients_equal_the_full_logits_path(tokenizer, ar
 def test_a_source_named_validation_keeps_its_own_fingerprint(tokenizer) -> None:
     from dataclasses import replace
 
-    from scalebio_cli.stages.reweight import data_fingerprints
+    from scalebio_cli.data.sources import from_path
+    from scalebio_cli.stages.reweight import RunData, data_fingerprints
 
     rng = np.random.default_rng(6)
     source, val = fake_data(rng, 4, len(tokenizer)), fake_data(rng, 4, len(tokenizer))
-    prints = data_fingerprints(["validation"], [replace(source, sha256="a" * 64)], replace(val, sha256="b" * 64))
+    data = RunData({"validation": from_path("data.sources.validation", "a.jsonl")},
+                   {"validation": from_path("data.validation", "v.jsonl")},
+                   [replace(source, sha256="a" * 64), replace(val, sha256="b" * 64)], [1.0])
+    prints = data_fingerprints(data)
     assert prints == {"data.sources.validation": "a" * 64, "data.validation": "b" * 64}  # neither hides the other
 
 

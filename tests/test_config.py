@@ -5,7 +5,7 @@ import yaml
 
 from scalebio_cli.errors import InputError
 from scalebio_cli.recipe.load import load_recipe, parse_overrides
-from scalebio_cli.recipe.schema import Recipe
+from scalebio_cli.recipe.schema import Recipe, SourceSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,9 +39,10 @@ def test_relative_paths_resolve_against_recipe_folder(tmp_path: Path) -> None:
     recipe = load_recipe(write(tmp_path, BASE), ["data.sources.c=/abs/c.jsonl"])
     assert recipe.model == str(tmp_path / "m")
     assert recipe.output_dir == str(tmp_path / "out")
-    assert recipe.data.sources == {"a": str(tmp_path / "a.jsonl"), "b": str(tmp_path / "sub" / "b.json"),
-                                   "c": "/abs/c.jsonl"}
-    assert recipe.data.validation == str(tmp_path / "v.jsonl")
+    assert {n: s.path for n, s in recipe.data.sources.items()} == {
+        "a": str(tmp_path / "a.jsonl"), "b": str(tmp_path / "sub" / "b.json"), "c": "/abs/c.jsonl"}
+    assert recipe.data.validation == SourceSpec(str(tmp_path / "v.jsonl"))
+    assert recipe.to_dict()["data"]["sources"]["a"] == str(tmp_path / "a.jsonl")  # recorded as v1 wrote it
     assert list(recipe.data.sources) == ["a", "b", "c"]  # recipe order is the source order
 
 
@@ -53,8 +54,8 @@ def test_override_paths_resolve_against_the_current_directory(tmp_path: Path, mo
     recipe = load_recipe(write(recipe_dir, BASE), ["output_dir=runs/x", "data.sources.a=data/a.jsonl",
                                                    "finetune.data=s.jsonl"])
     assert recipe.output_dir == str(cwd / "runs" / "x")
-    assert recipe.data.sources["a"] == str(cwd / "data" / "a.jsonl")
-    assert recipe.data.sources["b"] == str(recipe_dir / "sub" / "b.json")  # from the file: recipe folder
+    assert recipe.data.sources["a"].path == str(cwd / "data" / "a.jsonl")
+    assert recipe.data.sources["b"].path == str(recipe_dir / "sub" / "b.json")  # from the file: recipe folder
     assert recipe.finetune.data == str(cwd / "s.jsonl")
 
 

@@ -34,7 +34,8 @@ def _step(device: str, dtype: torch.dtype, tokenizer) -> torch.Tensor:
                  torch.tensor([False] * 6 + [True] * 6).numpy()) for _ in range(6)]
     u = [collate(examples[:4], [0, 1, 0, 1], tokenizer.pad_token_id)]
     w = [collate(examples, [0, 1, 0, 1, 2, 2], tokenizer.pad_token_id)]
-    batch = StepBatches(u, w, torch.tensor([2.0, 2.0]), val_tokens=10, num_tokens=0, sampler_state={}).to(dev)
+    batch = StepBatches(u, w, torch.tensor([2.0, 2.0]), val_tokens=torch.tensor([10.0]),
+                        val_weights=torch.tensor([1.0]), num_tokens=0, sampler_state={}).to(dev)
     lam = SourceWeights(2, 1e-2, 4, 0.0, dev)
     result = bilevel_step(engines[0], engines[1], lam, batch, alpha=10.0, dist=dist)
     return torch.cat([result.m_u, result.m_w]).float().cpu()

@@ -166,12 +166,16 @@ def sample(
             raise InputError(f"--format: must be one of {', '.join(stage.FORMATS)}, got {record_format!r}")
         if weights in ("uniform", "proportional"):
             if config is not None:
+                from scalebio_cli.data.sources import recipe_sources
                 from scalebio_cli.recipe import load_recipe
 
-                draw = stage.baseline_draw(weights, load_recipe(config).data.sources, "data.sources.", output,
+                draw = stage.baseline_draw(weights, recipe_sources(load_recipe(config)), output,
                                            {"the recipe": str(config)})
             else:
-                draw = stage.baseline_draw(weights, _parse_named_files(sources or [], "--sources"), "--sources ",
+                from scalebio_cli.data.sources import from_path
+
+                named = _parse_named_files(sources or [], "--sources")
+                draw = stage.baseline_draw(weights, {n: from_path(f"--sources {n}", p) for n, p in named.items()},
                                            output)
         elif sources or config:
             raise InputError("--sources/--config go with --weights uniform|proportional; a weights file names its "

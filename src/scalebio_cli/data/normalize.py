@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from scalebio_cli.data.records import Example, Turn, iter_examples, to_example
+from scalebio_cli.data import sources as data_sources
+from scalebio_cli.data.records import Example, Turn, to_example
 from scalebio_cli.errors import InputError
 
 
@@ -47,10 +48,12 @@ def alternation_problem(turns: list[Turn]) -> str | None:
     return None
 
 
-def iter_conversations(path: str | Path, strict: bool = False) -> Iterator[tuple[str, list[Turn]]]:
-    """Yield `(location, turns)` for every record of a file; `strict`: only alternating conversations (see
-    alternation_problem), anything else an InputError naming the record."""
-    for where, example in iter_examples(path):
+def iter_conversations(path: str | Path | data_sources.DataSource,
+                       strict: bool = False) -> Iterator[tuple[str, list[Turn]]]:
+    """Yield `(location, turns)` for every record of a file or source; `strict`: only alternating conversations
+    (see alternation_problem), anything else an InputError naming the record."""
+    source = path if isinstance(path, data_sources.DataSource) else data_sources.from_path(str(path), path)
+    for where, example in data_sources.iter_examples(source):
         turns = to_turns(example)
         if strict:
             if isinstance(example, str):

@@ -153,7 +153,15 @@ def detect_format(record: Any) -> str | None:
         return "prompt_completion"
     if "text" in record:
         return "text"
+    for fmt, (prompt, completion) in AUTO_COLUMNS.items():  # common schemas read as prompt/completion
+        if prompt in record and completion in record:
+            return fmt
     return None
+
+
+# Schemas read without a column map, as prompt/completion: GSM8K-style, query/response, input/output (no instruction)
+AUTO_COLUMNS = {"question_answer": ("question", "answer"), "query_response": ("query", "response"),
+                "input_output": ("input", "output")}
 
 
 def _text(value: Any, where: str, key: str) -> str:
@@ -192,10 +200,11 @@ def normalize(record: Any, fmt: str, where: str) -> Example:
         extra = _text(extra, where, "input")
         prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
         return [Turn("user", prompt), Turn("assistant", _text(record["output"], where, "output"))]
-    if fmt == "prompt_completion":
+    if fmt in ("prompt_completion", *AUTO_COLUMNS):
+        prompt, completion = AUTO_COLUMNS.get(fmt, ("prompt", "completion"))
         return [
-            Turn("user", _text(record["prompt"], where, "prompt")),
-            Turn("assistant", _text(record["completion"], where, "completion")),
+            Turn("user", _text(record[prompt], where, prompt)),
+            Turn("assistant", _text(record[completion], where, completion)),
         ]
     return _text(record["text"], where, "text")
 
@@ -207,7 +216,8 @@ def to_example(record: Any, where: str) -> Example:
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
         raise InputError(
             f"{where}: unknown record format (keys: {keys}); expected one of: messages, "
-            "conversations/items (sharegpt), instruction+output (alpaca), prompt+completion, text"
+            "conversations/items (sharegpt), instruction+output (alpaca), prompt+completion, text, "
+            "question+answer, query+response, input+output; or map the columns (a source's `columns:`)"
         )
     return normalize(record, fmt, where)
 

@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from scalebio_cli.data.records import iter_examples
+from scalebio_cli.data import sources as data_sources
 from scalebio_cli.data.render import Renderer
+from scalebio_cli.data.sources import DataSource
 from scalebio_cli.errors import InputError
-from scalebio_cli.files import atomic_path, file_sha256
+from scalebio_cli.files import atomic_path
 
 RENDER_VERSION = "2"  # bump when render.py changes what tokens an example becomes
 _CHUNK = 512  # examples rendered per batched tokenizer call
@@ -84,7 +85,7 @@ class TokenizedData:
         return self.ids[lo:hi], self.trainable[lo:hi]
 
 
-def _tokenize(path: Path, renderer: Renderer) -> tuple[list[list[int]], list[list[bool]], list[int], list[int]]:
+def _tokenize(source: DataSource, renderer: Renderer) -> tuple[list[list[int]], list[list[bool]], list[int], list[int]]:
     """Token ids and masks of the kept records, their indices, and every record's untruncated length."""
     ids: list[list[int]] = []
     masks: list[list[bool]] = []
@@ -101,7 +102,7 @@ def _tokenize(path: Path, renderer: Renderer) -> tuple[list[list[int]], list[lis
                 kept.append(index)
         pending.clear()
 
-    for index, (where, example) in enumerate(iter_examples(path)):
+    for index, (where, example) in enumerate(data_sources.iter_examples(source)):
         pending.append((index, where, example))
         if len(pending) >= _CHUNK:
             flush()
@@ -109,15 +110,17 @@ def _tokenize(path: Path, renderer: Renderer) -> tuple[list[list[int]], list[lis
     return ids, masks, kept, full_lengths
 
 
-def load_tokenized(path: str | Path, renderer: Renderer, cache_dir: str | Path | None = None,
+def load_tokenized(source: DataSource | str | Path, renderer: Renderer, cache_dir: str | Path | None = None,
                    sha256: str | None = None) -> TokenizedData:
-    """Tokenize a data file (or load it from the cache). Raises InputError for unreadable or malformed files."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: data file not found")
-    sha256 = sha256 or file_sha256(path)
+    """Tokenize a source (a data file, or any DataSource), or load it from the cache. Raises InputError for
+    unreadable or malformed data."""
+    if not isinstance(source, DataSource):
+        source = data_sources.from_path(str(source), source)
+    path = Path(source.path)
+    sha256 = sha256 or data_sources.fingerprint(source)
+    content = data_sources.content_key(source, sha256)
     key = hashlib.sha256(
-        f"{sha256}|{tokenizer_fingerprint(renderer.tokenizer)}|{renderer.max_length}|{RENDER_VERSION}".encode()
+        f"{content}|{tokenizer_fingerprint(renderer.tokenizer)}|{renderer.max_length}|{RENDER_VERSION}".encode()
     ).hexdigest()[:24]
     cache_file = Path(cache_dir or default_cache_dir()) / "tokenized" / f"{key}.npz"
     if cache_file.is_file():
@@ -128,7 +131,7 @@ def load_tokenized(path: str | Path, renderer: Renderer, cache_dir: str | Path |
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is rebuilt below
 
-    ids, masks, kept, full_lengths = _tokenize(path, renderer)
+    ids, masks, kept, full_lengths = _tokenize(source, renderer)
     num_records = len(full_lengths)
     offsets = np.zeros(len(ids) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(x) for x in ids])
@@ -175,8 +178,9 @@ def truncation_warning(name: str, data: TokenizedData) -> str | None:
                   "keeps 99% of them whole")
 
 
-def load_all(files: list[tuple[str, str]], renderer: Renderer, cache_dir: str | Path | None, *, is_main: bool = True,
-             barrier: Callable[[], None] = lambda: None, log: Callable[[str], None] = lambda line: None,
+def load_all(files: list[tuple[str, DataSource | str]], renderer: Renderer, cache_dir: str | Path | None, *,
+             is_main: bool = True, barrier: Callable[[], None] = lambda: None,
+             log: Callable[[str], None] = lambda line: None,
              warn: Callable[[str], None] = lambda line: None) -> list[TokenizedData]:
     """Tokenize (or read from the cache) each `(key, path)`. The main process goes first, so that the others find
     the cache filled instead of all tokenizing the same files at once.
@@ -194,8 +198,12 @@ def load_all(files: list[tuple[str, str]], renderer: Renderer, cache_dir: str | 
                 if warning:
                     warn(warning)
         barrier()
-    empty = [f"{key}: no record of {path} keeps a response token within data.max_length={renderer.max_length} "
+    empty = [f"{key}: no record of {_label(path)} keeps a response token within data.max_length={renderer.max_length} "
              "(raise data.max_length, or shorten the prompts)" for (key, path), d in zip(files, loaded) if not len(d)]
     if empty:
         raise InputError(empty)
     return loaded
+
+
+def _label(source: DataSource | str) -> str:
+    return source.path if isinstance(source, DataSource) else source

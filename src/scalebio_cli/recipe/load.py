@@ -25,9 +25,11 @@ from scalebio_cli.recipe.schema import (
     LAMBDA_SCHEDULES,
     LAMBDA_SIGNALS,
     PRECISIONS,
+    SPEC_FIELDS,
     TRACKERS,
     PathKind,
     Recipe,
+    SourceSpec,
     path_fields,
 )
 
@@ -95,7 +97,12 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if len(inner) > 1:  # data.validation: one set (a path, or a mapping with `path`) or several named sets
+            named = isinstance(value, dict) and "path" not in value
+            return _coerce(value, next(a for a in inner if (typing.get_origin(a) is dict) == named), key, problems)
         return _coerce(value, inner[0], key, problems)
+    if tp is SourceSpec:
+        return _source_spec(value, key, problems)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, str):  # `report_to: tensorboard` (or the override report_to=tensorboard) means one item
@@ -143,6 +150,41 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     else:  # pragma: no cover - schema error, not user error
         raise TypeError(f"unsupported config type {tp} at {key}")
     return None
+
+
+_SPEC_KEYS = [f.name for f in dataclasses.fields(SourceSpec)]
+
+
+def _source_spec(value: Any, key: str, problems: list[str]) -> SourceSpec | None:
+    """A source or validation set: a path, or a mapping of SourceSpec's keys (each checked, named by its key)."""
+    if isinstance(value, str):
+        return SourceSpec(value)
+    if not isinstance(value, dict):
+        problems.append(f"{key}: expected a path or a mapping with `path` (and name, split, columns, max_samples, "
+                        f"split_by), got {_describe(value)}")
+        return None
+    before = len(problems)
+    for k in value:
+        if k not in _SPEC_KEYS:
+            close = difflib.get_close_matches(str(k), _SPEC_KEYS, n=1)
+            hint = f" (did you mean '{key}.{close[0]}'?)" if close else f" (known keys: {', '.join(_SPEC_KEYS)})"
+            problems.append(f"unknown key '{key}.{k}'{hint}")
+    if not isinstance(value.get("path"), str) or not value["path"]:
+        problems.append(f"{key}.path: required (a file, folder, glob or Hub dataset id), got "
+                        f"{_describe(value.get('path'))}")
+    kwargs: dict[str, Any] = {}
+    hints = typing.get_type_hints(SourceSpec)
+    for k in _SPEC_KEYS:
+        if k in value and value[k] is not None:
+            kwargs[k] = _coerce(value[k], hints[k], f"{key}.{k}", problems)
+    for fld in kwargs.get("columns") or {}:
+        if fld not in SPEC_FIELDS:
+            problems.append(f"{key}.columns.{fld}: not a record field; map columns onto {', '.join(SPEC_FIELDS)}")
+    if isinstance(kwargs.get("max_samples"), int) and kwargs["max_samples"] < 1:
+        problems.append(f"{key}.max_samples: must be >= 1 (or null for all records), got {kwargs['max_samples']}")
+    if isinstance(kwargs.get("weight"), float) and not kwargs["weight"] > 0:
+        problems.append(f"{key}.weight: must be > 0, got {kwargs['weight']}")
+    return SourceSpec(**kwargs) if len(problems) == before else None
 
 
 def _float(value: Any) -> float | None:
@@ -215,6 +257,8 @@ def _apply_override(tree: dict[str, Any], dotted: str, value: Any, problems: lis
         child = node.get(part)
         if child is None:
             child = node[part] = {}
+        if isinstance(child, str) and dotted.startswith(("data.sources.", "data.validation")) and i >= 1:
+            child = node[part] = {"path": child}  # data.sources.NAME.max_samples=9 on a source written as a path
         if not isinstance(child, dict):
             problems.append(f"override '{dotted}': '{'.'.join(parts[: i + 1])}' is not a section")
             return
@@ -242,24 +286,49 @@ def _resolve_model(path: str | None, base: Path) -> str | None:
     return path if (looks_like_hub_id(path) and not local.exists()) else str(local)
 
 
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow", ".gz", ".zst", ".bz2", ".xz")
+
+
+def looks_like_dataset_id(path: str) -> bool:
+    """`org/name` that is neither a glob nor a data file's name: a Hub dataset, unless a local path has that name."""
+    return looks_like_hub_id(path) and not any(c in path for c in "*?[") and not path.endswith(DATA_SUFFIXES)
+
+
+def _resolve_data_path(path: str, base: Path) -> str:
+    local = _resolve(path, base) or path
+    return path if (looks_like_dataset_id(path) and not Path(local).exists()) else local
+
+
+def _resolve_data(spec: SourceSpec, base: Path) -> SourceSpec:
+    """A data path resolves against `base` (globs too); `org/name` that is not a local path stays a Hub id."""
+    return dataclasses.replace(spec, path=_resolve_data_path(spec.path, base))
+
+
 def _resolve_kind(kind: PathKind, value: Any, base: Path) -> Any:
+    if isinstance(value, SourceSpec):
+        return _resolve_data(value, base)
     if kind == "model" and isinstance(value, str):
         return _resolve_model(value, base)
     if kind == "file" and isinstance(value, str):
         return _resolve(value, base)
-    if kind == "files" and isinstance(value, dict):
-        return {k: _resolve(v, base) if isinstance(v, str) else v for k, v in value.items()}
+    if kind in ("files", "file") and isinstance(value, dict):
+        return {k: _resolve_kind(kind, v, base) if isinstance(v, SourceSpec) else
+                (_resolve(v, base) if isinstance(v, str) else v) for k, v in value.items()}
     return value
 
 
 def _resolve_override(key: str, value: Any) -> Any:
     """A path given on the command line is relative to the current directory, as in any shell command."""
     kinds = path_fields()
+    if key == "data.validation" and isinstance(value, str):
+        return _resolve_data_path(value, Path.cwd())
     if key in kinds:
         return _resolve_kind(kinds[key], value, Path.cwd())
-    parent, _, _ = key.rpartition(".")
-    if kinds.get(parent) == "files" and isinstance(value, str):  # data.sources.NAME=FILE
-        return _resolve(value, Path.cwd())
+    parts = key.split(".")
+    data_path = key.startswith(("data.sources.", "data.validation.")) and isinstance(value, str) and (
+        parts[-1] == "path" or (len(parts) == 3 and not (parts[1] == "validation" and parts[2] in _SPEC_KEYS)))
+    if data_path:  # data.sources.NAME=FILE, data.sources.NAME.path=FILE, data.validation.NAME=FILE
+        return _resolve_data_path(value, Path.cwd())
     return value
 
 
@@ -294,8 +363,19 @@ def _check_ranges(recipe: Recipe) -> list[str]:
     need(0 <= recipe.seed <= SEED_MAX, f"seed: must be in [0, {SEED_MAX}] (what numpy and torch seeding take), "
          f"got {recipe.seed}")
     need(recipe.data.max_length >= 8, f"data.max_length: must be >= 8 tokens, got {recipe.data.max_length}")
-    for name in recipe.data.sources:
+    for name, spec in recipe.data.sources.items():
         need(bool(name.strip()), "data.sources: a source has an empty name")
+        need(bool(spec.path), f"data.sources.{name}: the path is empty")
+        need(spec.weight is None, f"data.sources.{name}.weight: only validation sets have a weight (sources get "
+             "theirs from reweight)")
+    for name, spec in recipe.validation_sets().items():
+        key = f"data.validation.{name}" if recipe.named_validation else "data.validation"
+        need(bool(name.strip()), "data.validation: a validation set has an empty name")
+        need(spec.split_by is None, f"{key}.split_by: only sources are split by a column (name the validation "
+             "sets one by one instead)")
+    given = [spec.weight is not None for spec in recipe.validation_sets().values()]
+    need(all(given) or not any(given), "data.validation: give every validation set a weight, or none (equal "
+         "weights)")
     for name in recipe.report_to:
         need(name in TRACKERS, f"report_to: unknown tracker {name!r} (use {' and/or '.join(TRACKERS)})")
     need(len(set(recipe.report_to)) == len(recipe.report_to), "report_to: a tracker is named twice")

@@ -15,7 +15,9 @@ from pathlib import Path
 from rich.markup import escape
 
 from scalebio_cli.console import console
-from scalebio_cli.data.records import EXTENSIONS, has_response, iter_examples
+from scalebio_cli.data import sources as data_sources
+from scalebio_cli.data.records import AUTO_COLUMNS, detect_format, has_response
+from scalebio_cli.data.sources import DataSource
 from scalebio_cli.errors import InputError
 from scalebio_cli.files import clobbered_input
 from scalebio_cli.recipe import model_folder
@@ -29,36 +31,80 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def data_file_problems(key: str, path: str | None) -> list[str]:
-    """Exists, readable, a supported type, and every record parses into a known format (first bad one named)."""
-    if not path:
-        return []
-    p = Path(path)
-    if not p.exists():
-        return [f"{key}: file not found: {p}"]
-    if not p.is_file():
-        return [f"{key}: not a file: {p}"]
+    """A data path given as a plain path (finetune.data, eval's --data, sample's --sources): see source_problems."""
+    return source_problems(data_sources.from_path(key, path)) if path else []
+
+
+def _where_problems(source: DataSource) -> list[str]:
+    """Exists (or is a Hub id), readable, a supported type; columns and split present. [] when readable."""
+    key, p = source.key, Path(source.path)
+    if data_sources.plain_file(source.spec) is None:
+        if p.is_file() and data_sources.suffix(str(p)) not in data_sources.SUPPORTED:
+            return [f"{key}: unsupported file type '{p.suffix}' ({p}); use {', '.join(data_sources.SUPPORTED)}, a "
+                    "folder of them, a save_to_disk folder or a Hub dataset id"]
+        if p.exists() and not os.access(p, os.R_OK):
+            return [f"{key}: not readable (permissions): {p}"]
+        if any(c in source.path for c in "*?[") and not data_sources._local_files(source.path):
+            return [f"{key}: no file matches {source.path}"]
+        if not p.exists() and not data_sources.is_hub_id(source.path):
+            return [f"{key}: file not found: {p}"]
+        try:
+            data_sources.open_table(source)
+        except InputError as exc:
+            return exc.problems
+        return data_sources.column_problems(source)
     if not os.access(p, os.R_OK):
         return [f"{key}: not readable (permissions): {p}"]
-    if p.suffix not in EXTENSIONS:
-        return [f"{key}: unsupported file type '{p.suffix}' ({p}); use {', '.join(EXTENSIONS)}"]
-    count, unusable = 0, []
+    return data_sources.column_problems(source) if source.spec.columns else []
+
+
+def source_problems(source: DataSource) -> list[str]:
+    """Readable (see _where_problems), and every record parses into a known format (first bad one named); says in
+    the log when records are read by a common schema (question/answer, ...) rather than a format of their own."""
+    key = source.key
+    problems = _where_problems(source)
+    if problems:
+        return problems
+    count, unusable, auto = 0, [], None
     try:
-        for where, example in iter_examples(p):
+        for where, record in data_sources.iter_records(source):
+            example = data_sources.to_example(record, source.spec.columns, where)
+            if count == 0 and not source.spec.columns and detect_format(record) in AUTO_COLUMNS:
+                auto = AUTO_COLUMNS[detect_format(record)]  # type: ignore[index]
             count += 1
             if not has_response(example):
                 unusable.append(where)
     except InputError as exc:
         return [f"{key}: {problem}" for problem in exc.problems]
+    label = source.path
     if not count:
-        return [f"{key}: {p} holds no records"]
+        return [f"{key}: {label} holds no records"]
     if len(unusable) == count:
         others = {1: "", 2: " (nor does the other record)"}.get(count, f" (nor do the other {count - 1:,} records)")
-        return [f"{key}: no record of {p} can be trained on: {unusable[0]}: the conversation has no assistant "
+        return [f"{key}: no record of {label} can be trained on: {unusable[0]}: the conversation has no assistant "
                 f"turn{others}; the response must be an assistant/gpt turn"]
-    if unusable and process.is_main():
-        console.print(f"[yellow]warning:[/] {escape(key)}: {len(unusable):,} of {count:,} records have no assistant "
-                      f"turn and are skipped (first: {escape(unusable[0])})")
+    if process.is_main():
+        if auto:
+            console.print(f"[dim]data[/] {escape(key)}: no column map; reading the columns {auto[0]}/{auto[1]} as "
+                          "prompt/completion (set `columns:` to map others)")
+        if unusable:
+            console.print(f"[yellow]warning:[/] {escape(key)}: {len(unusable):,} of {count:,} records have no "
+                          f"assistant turn and are skipped (first: {escape(unusable[0])})")
     return []
+
+
+def recipe_source_problems(recipe: Recipe, validation: bool) -> tuple[dict[str, DataSource], list[str]]:
+    """data.sources (split_by expanded) and, with `validation`, the validation sets: every one checked."""
+    problems: list[str] = []
+    try:
+        expanded = data_sources.recipe_sources(recipe)
+    except InputError as exc:
+        expanded, problems = {}, exc.problems
+    for source in expanded.values():
+        problems += source_problems(source)
+    for source in (data_sources.validation_sources(recipe).values() if validation else []):
+        problems += source_problems(source)
+    return expanded, problems
 
 
 def model_folder_problems(key: str, path: str, need_weights: bool = True, need_tokenizer: bool = True) -> list[str]:
@@ -196,14 +242,20 @@ def _raise(problems: list[str], where: str | Path) -> None:
 
 def check_reweight(recipe: Recipe, where: str | Path = "recipe") -> None:
     data, rw = recipe.data, recipe.reweight
+    expanded, data_problems = recipe_source_problems(recipe, validation=True)
     problems = []
-    if len(data.sources) < 2:
-        problems.append(f"data.sources: reweight needs at least 2 sources, got {len(data.sources)}")
+    num_sources = len(expanded) if expanded or not data.sources else len(data.sources)
+    if num_sources < 2:
+        problems.append(f"data.sources: reweight needs at least 2 sources, got {num_sources}")
     if not data.validation:
         problems.append("data.validation: reweight needs a validation file (what the model should become good at)")
-    if rw.batch_composition == "balanced" and rw.batch_size < len(data.sources):
-        problems.append(f"reweight.batch_size: {rw.batch_size} is less than the {len(data.sources)} sources; "
+    if rw.batch_composition == "balanced" and rw.batch_size < num_sources:
+        problems.append(f"reweight.batch_size: {rw.batch_size} is less than the {num_sources} sources; "
                         "every source must appear in every batch")
+    num_val = len(recipe.validation_sets())
+    if rw.val_batch_size < num_val:
+        problems.append(f"reweight.val_batch_size: {rw.val_batch_size} is less than the {num_val} validation sets; "
+                        "every set must appear in every step")
     for key in ("batch_size", "val_batch_size"):
         if getattr(rw, key) % process.world_size():
             problems.append(f"reweight.{key}: {getattr(rw, key)} does not divide over {process.world_size()} processes")
@@ -211,10 +263,7 @@ def check_reweight(recipe: Recipe, where: str | Path = "recipe") -> None:
     problems += _run_products_problems(recipe, "reweight")
     problems += deepspeed_problems(recipe.deepspeed)
     problems += tracking_problems(recipe.report_to) + chat_template_problems("data.chat_template", data.chat_template)
-    for name, path in data.sources.items():
-        problems += data_file_problems(f"data.sources.{name}", path)
-    problems += data_file_problems("data.validation", data.validation)
-    _raise(problems, where)
+    _raise(problems + data_problems, where)
 
 
 def check_finetune(recipe: Recipe, where: str | Path = "recipe") -> None:
@@ -239,12 +288,15 @@ def check_finetune(recipe: Recipe, where: str | Path = "recipe") -> None:
         except InputError as exc:
             problems += [f"finetune.weights: {p}" for p in exc.problems]
         else:
-            sources = recipe.data.sources or {n: doc["sources"][n]["path"] for n in weights}
-            if set(sources) != set(weights):
+            sources, found = (recipe_source_problems(recipe, validation=False) if recipe.data.sources
+                              else (data_sources.doc_sources(doc, list(weights)), []))
+            problems += found
+            if set(sources) != set(weights) and not found:
                 problems.append(f"finetune.weights: its sources ({', '.join(weights)}) are not data.sources "
                                 f"({', '.join(sources)})")
-            for name, path in sources.items():
-                problems += data_file_problems(f"data.sources.{name}", path)
+            if not recipe.data.sources:
+                for source in sources.values():
+                    problems += source_problems(source)
     _raise(problems, where)
 
 
@@ -280,8 +332,10 @@ def _run_products_problems(recipe: Recipe, stage: str) -> list[str]:
         if stage == "finetune" and value and Path(value).is_dir() and clobbered_input(out, {key: value}):
             problems.append(f"output_dir: {out} is the {key} folder; the fine-tuned model would be written over "
                             "it: choose another output_dir")
-    inputs = {f"data.sources.{n}": p for n, p in recipe.data.sources.items()}
-    inputs |= {"data.validation": recipe.data.validation or "", "finetune.data": recipe.finetune.data or "",
+    inputs = {f"data.sources.{n}": spec.path for n, spec in recipe.data.sources.items()}
+    inputs |= {(f"data.validation.{n}" if recipe.named_validation else "data.validation"): spec.path
+               for n, spec in recipe.validation_sets().items()}
+    inputs |= {"finetune.data": recipe.finetune.data or "",
                "finetune.weights": recipe.finetune.weights or "", "finetune.validation": recipe.finetune.validation
                or "", "deepspeed": recipe.deepspeed or ""}
     products = ("weights.json", "weights.png") if stage == "reweight" else model_folder.MODEL_FILES
@@ -314,14 +368,14 @@ def check_eval(model: Path, named: dict[str, str], output: Path | None, *, preci
         raise InputError(problems)
 
 
-def check_sample(output: Path, sources: dict[str, str], inputs: dict[str, str], parse_records: bool) -> None:
-    """sample's sources (labelled `--sources NAME` or `data.sources.NAME` -> path; every record parsed when no
-    weights file vouches for them) and its two outputs, which must be none of the sources nor `inputs`."""
+def check_sample(output: Path, sources: list[DataSource], inputs: dict[str, str], parse_records: bool) -> None:
+    """sample's sources (each labelled by its key, `--sources NAME` or `data.sources.NAME`; every record parsed
+    when no weights file vouches for them) and its two outputs, which must be none of the sources nor `inputs`."""
     problems = []
     if parse_records:
-        for label, path in sources.items():
-            problems += data_file_problems(label, path)
-    inputs = sources | inputs
+        for source in sources:
+            problems += source_problems(source)
+    inputs = {s.key: s.path for s in sources} | inputs
     manifest = output.with_name(output.stem + ".manifest.json")
     problems += output_file_problems("--output", output, inputs)
     problems += output_file_problems("--output (its manifest)", manifest, inputs)

@@ -62,11 +62,42 @@ def _finetune_lisa() -> LisaConfig:
     return LisaConfig(layers=0)
 
 
+SPEC_FIELDS = ("messages", "conversations", "instruction", "input", "output", "prompt", "completion", "text",
+               "system")  # what `columns` may map onto (the record formats of v1)
+
+
+@dataclass
+class SourceSpec:
+    """Where one source (or validation set) is and how to read it: written in a recipe as a plain path, or as a
+    mapping of these keys. Only `path` is required."""
+
+    # a data file, a folder of data files (Hub repository layout), a glob, a `save_to_disk` folder, or a Hub id
+    path: str = ""
+    name: str | None = None  # the dataset's configuration (subset)
+    split: str | None = None  # default: train
+    columns: dict[str, str] = field(default_factory=dict)  # FIELD: COLUMN, FIELD one of SPEC_FIELDS
+    max_samples: int | None = None  # use at most this many records (a seeded choice)
+    split_by: str | None = None  # one source per distinct value of this column, named NAME/VALUE
+    weight: float | None = None  # validation sets only: their share of L1 (default equal)
+
+    @property
+    def is_plain(self) -> bool:
+        """Only a path: what a v1 recipe wrote (and what the recipe records as a plain string)."""
+        return self == SourceSpec(self.path)
+
+    def to_plain(self) -> str | dict[str, Any]:
+        """The recipe form: the path alone, or the mapping of the keys that are set."""
+        if self.is_plain:
+            return self.path
+        return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, {})}
+
+
 @dataclass
 class DataConfig:
-    # name -> file; order fixes the source index
-    sources: dict[str, str] = setting(affects=BOTH, path="files", factory=dict)
-    validation: str | None = setting(None, affects=RW, path="file")  # required by reweight
+    # name -> source (a path, or a SourceSpec mapping); order fixes the source index
+    sources: dict[str, SourceSpec] = setting(affects=BOTH, path="files", factory=dict)
+    # required by reweight: one set (a path or a mapping), or several named sets {NAME: {path, weight, ...}}
+    validation: SourceSpec | dict[str, SourceSpec] | None = setting(None, affects=RW, path="file")
     max_length: int = setting(1024, affects=BOTH)  # tokens per example; longer examples are cut on the right
     # tokenized-data cache; default $SCALEBIO_CACHE or ~/.cache/scalebio
     cache_dir: str | None = setting(None, affects=NONE, path="file")
@@ -152,7 +183,28 @@ class Recipe:
         return self.tokenizer or self.model
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain data (what recipe.yaml and weights.json record): a source that is only a path stays a string, as
+        a v1 recipe wrote it."""
+        tree = dataclasses.asdict(self)
+        data = self.data
+        tree["data"]["sources"] = {n: spec.to_plain() for n, spec in data.sources.items()}
+        if isinstance(data.validation, SourceSpec):
+            tree["data"]["validation"] = data.validation.to_plain()
+        elif isinstance(data.validation, dict):
+            tree["data"]["validation"] = {n: spec.to_plain() for n, spec in data.validation.items()}
+        return tree
+
+    def validation_sets(self) -> dict[str, SourceSpec]:
+        """The validation sets by name; one set written without a name is called `validation`."""
+        val = self.data.validation
+        if val is None:
+            return {}
+        return dict(val) if isinstance(val, dict) else {"validation": val}
+
+    @property
+    def named_validation(self) -> bool:
+        """Whether data.validation names its sets (several sets, weights, per-set losses in the logs)."""
+        return isinstance(self.data.validation, dict)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -108,13 +108,33 @@ def _recipe_problems(path: Path, doc: dict[str, Any]) -> list[str]:
     if not isinstance(recorded, dict) or not recorded:
         return []  # a file without its recipe (older, or built by hand on purpose): nothing to compare
     sources = doc["sources"]
-    if list(recorded) != list(sources):
+    # a source split by a column is recorded once per value (NAME/VALUE), each naming its recipe source
+    base = {name: _recipe_name(name, info) for name, info in sources.items()}
+    if list(dict.fromkeys(base.values())) != list(recorded):
         return [f"{path}: sources ({', '.join(sources)}) are not the sources of its recorded recipe, "
                 f"config.data.sources ({', '.join(recorded)}): was a name edited by hand?"]
-    return [f"{path}: sources.{name}.path is {info['path']} but config.data.sources.{name} is {recorded[name]}: "
-            "was it edited by hand?" for name, info in sources.items()
-            if isinstance(info, dict) and isinstance(recorded[name], str)
-            and Path(str(info.get("path"))).resolve() != Path(recorded[name]).resolve()]
+    problems = []
+    for name, info in sources.items():
+        entry = recorded[base[name]]
+        written = entry.get("path") if isinstance(entry, dict) else entry
+        if isinstance(info, dict) and isinstance(written, str) and _as_path(info.get("path")) != _as_path(written):
+            problems.append(f"{path}: sources.{name}.path is {info['path']} but config.data.sources.{base[name]} is "
+                            f"{written}: was it edited by hand?")
+    return problems
+
+
+def _recipe_name(name: str, info: Any) -> str:
+    source = info.get("source") if isinstance(info, dict) else None
+    if isinstance(source, dict) and source.get("value") is not None and "/" in name:
+        return name.rsplit("/", 1)[0] if name.endswith(f"/{source['value']}") else name
+    return name
+
+
+def _as_path(value: Any) -> str:
+    from scalebio_cli.data.sources import is_hub_id
+
+    text = str(value)
+    return text if is_hub_id(text) else str(Path(text).resolve())
 
 
 def _hash_and_count(source: Path) -> tuple[str, int]:
@@ -134,13 +154,27 @@ def _hash_and_count(source: Path) -> tuple[str, int]:
     return digest.hexdigest(), count
 
 
+def _spec_hash_and_count(name: str, info: dict[str, Any]) -> tuple[str, int]:
+    """sha256 and record count of a source read through its recorded spec (a folder, a Hub id, split_by, ...)."""
+    from scalebio_cli.data import sources as data_sources
+
+    source = data_sources.from_record(f"source '{name}'", info["path"], info["source"])
+    return data_sources.fingerprint(source), data_sources.count(source)
+
+
 def _file_problems(path: Path, name: str, info: dict[str, Any], allow_changed_sources: bool) -> list[str]:
+    from scalebio_cli.errors import InputError
+
     source = Path(info["path"])
-    if not source.is_file():
+    spec = isinstance(info.get("source"), dict)
+    if not spec and not source.is_file():
         return [f"{path}: source '{name}' file not found: {source}"]
     if allow_changed_sources:
         return []
-    sha, count = _hash_and_count(source)
+    try:
+        sha, count = _spec_hash_and_count(name, info) if spec else _hash_and_count(source)
+    except InputError as exc:
+        return [f"{path}: {problem}" for problem in exc.problems]
     if sha != info.get("sha256"):
         return [f"{path}: source '{name}' changed since the weights were learned: {source} no longer matches its "
                 "recorded sha256 (--allow-changed-sources to sample anyway)"]

@@ -14,7 +14,7 @@ from torch import nn
 
 from scalebio_cli.console import console, step_progress
 from scalebio_cli.data.answers import extract_answer, math_verify_equal
-from scalebio_cli.data.records import iter_examples
+from scalebio_cli.data.sources import from_path, iter_examples
 from scalebio_cli.errors import InputError
 from scalebio_cli.train import distributed
 from scalebio_cli.train.losses import dataset_loss
@@ -30,7 +30,7 @@ def exact_match(model: nn.Module, tokenizer: Any, renderer: Any, path: Path, bat
     compared as normalised strings (`accuracy`) and as mathematical objects by math-verify (`accuracy_math_verify`:
     fractions, LaTeX, `\\boxed{}`, units), both reported while the first is being replaced."""
     prompts, references, raw_references = [], [], []
-    for _, example in iter_examples(path):
+    for _, example in iter_examples(from_path(str(path), path)):
         if isinstance(example, str) or not any(t.role == "assistant" for t in example):
             continue
         last = max(i for i, t in enumerate(example) if t.role == "assistant")

@@ -27,7 +27,8 @@ from rich.markup import escape
 from scalebio_cli.console import console, format_weights
 from scalebio_cli.data.mixture import keep_fractions, largest_remainder, no_repeat_counts
 from scalebio_cli.data.normalize import iter_conversations
-from scalebio_cli.data.records import Turn, iter_examples
+from scalebio_cli.data.records import Turn
+from scalebio_cli.data.sources import DataSource, doc_sources, iter_examples
 from scalebio_cli.errors import InputError
 from scalebio_cli.files import atomic_path, write_json, write_text
 from scalebio_cli.results import weights_file
@@ -43,7 +44,7 @@ class Mixture:
 
     weights_file: Path
     names: list[str]
-    files: list[Path]
+    files: list[DataSource]  # each read as the reweight run read it (a path prints as itself)
     probs: list[float]
     averaged: bool
     doc: dict[str, Any]
@@ -76,7 +77,7 @@ def load_mixture(path: Path, averaged: bool = False, allow_changed_sources: bool
     weights, doc = weights_file.load(path, allow_changed_sources, averaged)
     names = list(weights)
     total = sum(weights.values())  # within 1e-6 of 1 (checked); consumers such as numpy want it exact
-    return Mixture(path.resolve(), names, [Path(doc["sources"][n]["path"]) for n in names],
+    return Mixture(path.resolve(), names, list(doc_sources(doc, names).values()),
                    [weights[n] / total for n in names], averaged, doc)
 
 
@@ -238,7 +239,7 @@ def export_megatron(mix: Mixture, tmp: Path, out: Path, opts: Options) -> list[s
     the `--data-path w1 prefix1 w2 prefix2 ...` blend of the indexed datasets it will write."""
     renderer = _renderer(mix, opts)
 
-    def text_lines(path: Path) -> Iterator[bytes]:
+    def text_lines(path: DataSource) -> Iterator[bytes]:
         for where, example in iter_examples(path):
             text = "".join(t for t, _ in renderer.segments(example, where))
             yield (json.dumps({"text": text}, ensure_ascii=False) + "\n").encode()

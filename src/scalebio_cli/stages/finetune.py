@@ -18,8 +18,10 @@ import torch
 from rich.markup import escape
 
 from scalebio_cli.console import console, format_weights, step_progress
+from scalebio_cli.data import sources as data_sources
 from scalebio_cli.data.batching import CursorSampler, micro_batches, num_micro_batches, response_token_count
 from scalebio_cli.data.render import Renderer
+from scalebio_cli.data.sources import DataSource
 from scalebio_cli.data.tokenized import TokenizedData
 from scalebio_cli.errors import InputError
 from scalebio_cli.recipe import Recipe
@@ -65,13 +67,15 @@ class TrainStream:
             sampler.cursor = cursor
 
 
-def training_files(recipe: Recipe) -> tuple[dict[str, str], list[float]]:
-    """The files to train on and their mixing weights (one file: weight 1)."""
+def training_files(recipe: Recipe) -> tuple[dict[str, DataSource], list[float]]:
+    """The sources to train on and their mixing weights (one file: weight 1). data.sources are read as reweight
+    read them (split_by, max_samples); without data.sources, as the weights file records them."""
     ft = recipe.finetune
     if ft.data:
-        return {"data": ft.data}, [1.0]
+        return {"data": data_sources.from_path("finetune.data", ft.data)}, [1.0]
     weights, doc = weights_file.load(ft.weights)  # type: ignore[arg-type]  (check_finetune ensured one is set)
-    sources = recipe.data.sources or {n: doc["sources"][n]["path"] for n in weights}
+    sources = (data_sources.recipe_sources(recipe) if recipe.data.sources
+               else data_sources.doc_sources(doc, list(weights)))
     if set(sources) != set(weights):
         raise InputError(f"{ft.weights}: its sources ({', '.join(weights)}) are not data.sources "
                          f"({', '.join(sources)})")
@@ -85,7 +89,7 @@ class FineTuning:
     recipe: Recipe
     dist: distributed.DistInfo
     out: Path
-    files: dict[str, str]
+    files: dict[str, DataSource]
     mix: list[float]
     stream: TrainStream
     val: TokenizedData | None
@@ -119,8 +123,9 @@ def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, f
     tokenizer = load_tokenizer(recipe.tokenizer_path, recipe.trust_remote_code,
                                recipe.data.chat_template)
     renderer = Renderer(tokenizer, recipe.data.max_length)
-    keys = ["finetune.data" if len(files) == 1 else f"data.sources.{n}" for n in files]
-    named = list(zip(keys, files.values())) + ([("finetune.validation", cfg.validation)] if cfg.validation else [])
+    named: list[tuple[str, DataSource | str]] = [(s.key, s) for s in files.values()]
+    if cfg.validation:
+        named.append(("finetune.validation", data_sources.from_path("finetune.validation", cfg.validation)))
     data = loop.load_data_files(named, renderer, recipe, dist)
     loaded = dict(zip(files, data))
     fingerprints = {n: loaded[n].sha256 for n in files}

@@ -19,6 +19,7 @@ import torch
 from rich.markup import escape
 
 from scalebio_cli.console import console, format_weights, step_progress
+from scalebio_cli.data import sources as data_sources
 from scalebio_cli.data.batching import (
     CursorSampler,
     Prefetcher,
@@ -28,6 +29,7 @@ from scalebio_cli.data.batching import (
     response_token_count,
 )
 from scalebio_cli.data.render import Renderer
+from scalebio_cli.data.sources import DataSource
 from scalebio_cli.data.tokenized import TokenizedData
 from scalebio_cli.recipe import Recipe
 from scalebio_cli.results import weights_file
@@ -39,24 +41,26 @@ from scalebio_cli.train.modeling import count_parameters, load_model, load_token
 from scalebio_cli.train.stopping import FiniteGuard
 from scalebio_cli.train.zero import load_deepspeed_config, zero3_loading
 
-VALIDATION_STREAM = 10_000  # sampler stream of the validation set; source k uses stream k
+VALIDATION_STREAM = 10_000  # sampler stream of validation set j is VALIDATION_STREAM + j; source k uses stream k
 _POOLED_STREAM = 0xB001  # the per-step source counts of pooled batches
 
 
 class BatchPlan:
-    """Seeded samplers for every source and the validation set; the same draws on every process.
+    """Seeded samplers for every source and validation set; the same draws on every process.
 
+    Every step holds every validation set: val_batch_size is split over them as evenly as possible.
     `next` runs on the prefetch thread (batching.Prefetcher): it only touches numpy and CPU tensors.
     """
 
-    def __init__(self, sources: list[TokenizedData], val: TokenizedData, recipe: Recipe, dist: distributed.DistInfo,
-                 pad_id: int):
-        self.data = [*sources, val]  # the validation set is "source" K
+    def __init__(self, sources: list[TokenizedData], vals: list[TokenizedData], val_weights: list[float],
+                 recipe: Recipe, dist: distributed.DistInfo, pad_id: int):
+        self.data = [*sources, *vals]  # validation set j is "source" K + j
         self.dist, self.pad_id, self.rw = dist, pad_id, recipe.reweight
         self.samplers = [CursorSampler(len(d), recipe.seed, k) for k, d in enumerate(sources)]
         sizes = np.asarray([len(d) for d in sources], dtype=np.float64)
         self.pool, self.seed = sizes / sizes.sum(), recipe.seed
-        self.val_sampler = CursorSampler(len(val), recipe.seed, VALIDATION_STREAM)
+        self.val_samplers = [CursorSampler(len(v), recipe.seed, VALIDATION_STREAM + j) for j, v in enumerate(vals)]
+        self.val_weights = torch.tensor(val_weights, dtype=torch.float32)
         self.pin = dist.device.type == "cuda"
 
     def next(self, step: int) -> StepBatches:
@@ -67,32 +71,61 @@ class BatchPlan:
         else:
             counts = balanced_counts(self.rw.batch_size, k_val, step)
         items = [(k, int(i)) for k, n in enumerate(counts) for i in self.samplers[k].take(n)]
-        val_items = [(k_val, int(i)) for i in self.val_sampler.take(self.rw.val_batch_size)]
+        val_counts = balanced_counts(self.rw.val_batch_size, len(self.val_samplers), step)
+        val_items = [(k_val + j, int(i)) for j, n in enumerate(val_counts) for i in self.val_samplers[j].take(n)]
+        val_tokens = torch.tensor([response_token_count([it for it in val_items if it[0] == k_val + j], self.data)
+                                   for j in range(len(val_counts))], dtype=torch.float32)
         rank, world = self.dist.rank, self.dist.world_size
         u = micro_batches(items[rank::world], self.data, self.rw.micro_batch_size, self.pad_id, self.pin)
         w = micro_batches(items[rank::world] + val_items[rank::world], self.data, self.rw.micro_batch_size,
                           self.pad_id, self.pin)
         source_counts = torch.tensor(counts, dtype=torch.float32)
         return StepBatches(u, w, source_counts.pin_memory() if self.pin else source_counts,
-                           val_tokens=response_token_count(val_items, self.data),
+                           val_tokens=val_tokens, val_weights=self.val_weights,
                            num_tokens=sum(b.num_tokens for b in u + w), sampler_state=self.state_dict())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sources": [s.cursor for s in self.samplers], "validation": self.val_sampler.cursor}
+        cursors = [s.cursor for s in self.val_samplers]
+        return {"sources": [s.cursor for s in self.samplers],
+                "validation": cursors[0] if len(cursors) == 1 else cursors}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for sampler, cursor in zip(self.samplers, state["sources"]):
             sampler.cursor = cursor
-        self.val_sampler.cursor = state["validation"]
+        cursors = state["validation"] if isinstance(state["validation"], list) else [state["validation"]]
+        for sampler, cursor in zip(self.val_samplers, cursors):
+            sampler.cursor = cursor
 
 
-def load_data(recipe: Recipe, renderer: Renderer,
-              dist: distributed.DistInfo) -> tuple[list[TokenizedData], TokenizedData]:
-    """Every source and the validation set, tokenized (or from the cache)."""
-    files = [(f"data.sources.{n}", p) for n, p in recipe.data.sources.items()]
-    files.append(("data.validation", recipe.data.validation or ""))
-    loaded = loop.load_data_files(files, renderer, recipe, dist)
-    return loaded[:-1], loaded[-1]
+@dataclass
+class RunData:
+    """The sources (split_by expanded) and validation sets a run reads, by name, and their tokens."""
+
+    sources: dict[str, DataSource]
+    vals: dict[str, DataSource]
+    tokenized: list[TokenizedData]
+    val_weights: list[float]  # normalised to sum 1
+
+    @property
+    def source_data(self) -> list[TokenizedData]:
+        return self.tokenized[: len(self.sources)]
+
+    @property
+    def val_data(self) -> list[TokenizedData]:
+        return self.tokenized[len(self.sources):]
+
+
+def validation_weights(recipe: Recipe) -> list[float]:
+    """Each validation set's share of L1: as written (default equal), normalised to sum 1."""
+    raw = [spec.weight if spec.weight is not None else 1.0 for spec in recipe.validation_sets().values()]
+    return [w / sum(raw) for w in raw]
+
+
+def load_data(recipe: Recipe, renderer: Renderer, dist: distributed.DistInfo) -> RunData:
+    """Every source and validation set, tokenized (or from the cache)."""
+    sources, vals = data_sources.recipe_sources(recipe), data_sources.validation_sources(recipe)
+    files = [(s.key, s) for s in [*sources.values(), *vals.values()]]
+    return RunData(sources, vals, loop.load_data_files(files, renderer, recipe, dist), validation_weights(recipe))
 
 
 @dataclass
@@ -104,7 +137,7 @@ class Reweighting:
     out: Path
     names: list[str]
     sources: list[TokenizedData]
-    val: TokenizedData
+    data: RunData
     plan: BatchPlan
     u: TrainEngine
     w: TrainEngine
@@ -137,21 +170,22 @@ def run(recipe: Recipe, resume: str | None = None, force: bool = False) -> Path:
         distributed.teardown()
 
 
-def data_fingerprints(names: list[str], sources: list[TokenizedData], val: TokenizedData) -> dict[str, str]:
-    """The sha256 of every data file, keyed by its recipe key (a source may itself be named `validation`)."""
-    return {f"data.sources.{n}": d.sha256 for n, d in zip(names, sources)} | {"data.validation": val.sha256}
+def data_fingerprints(data: RunData) -> dict[str, str]:
+    """The sha256 of every source's data, keyed by its recipe key (a source may itself be named `validation`)."""
+    return {s.key: d.sha256 for s, d in zip([*data.sources.values(), *data.vals.values()], data.tokenized)}
 
 
 def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, force: bool) -> Reweighting:
     """Data (tokenized, checked), the two model copies on their engines, the source weights."""
-    cfg, names = recipe.reweight, list(recipe.data.sources)
+    cfg = recipe.reweight
     torch.manual_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe.tokenizer_path, recipe.trust_remote_code,
                                recipe.data.chat_template)
-    sources, val = load_data(recipe, Renderer(tokenizer, recipe.data.max_length), dist)
-    fingerprints = data_fingerprints(names, sources, val)
+    data = load_data(recipe, Renderer(tokenizer, recipe.data.max_length), dist)
+    names, sources = list(data.sources), data.source_data
+    fingerprints = data_fingerprints(data)
     loop.check_resume(start_from, "reweight", recipe, fingerprints, force, dist)
-    plan = BatchPlan(sources, val, recipe, dist, tokenizer.pad_token_id)
+    plan = BatchPlan(sources, data.val_data, data.val_weights, recipe, dist, tokenizer.pad_token_id)
 
     dtype = resolve_dtype(recipe.precision, dist.device)
     ds_config = load_deepspeed_config(recipe.deepspeed) if recipe.deepspeed else None
@@ -179,10 +213,11 @@ def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, f
         engine = "DeepSpeed" if ds_config else ("DDP" if dist.distributed else "single process")
         console.print(f"[dim]model[/] {escape(recipe.model)} ({count_parameters(model_u) / 1e6:.1f}M parameters, "
                       f"{dtype}, {dist.device}, {engine} x {dist.world_size}, {lisa})")
-    guard = FiniteGuard([f"loss_u[{n}]" for n in names] + [f"loss_w[{n}]" for n in names] + ["L1_sum"]
+    l1_names = [f"L1_sum[{n}]" for n in data.vals] if recipe.named_validation else ["L1_sum"]
+    guard = FiniteGuard([f"loss_u[{n}]" for n in names] + [f"loss_w[{n}]" for n in names] + l1_names
                         + [f"lambda[{n}]" for n in names], dist.device)
     control = loop.StepControl("reweight", recipe, out, cfg.steps, dist, fingerprints, guard)
-    return Reweighting(recipe, dist, out, names, sources, val, plan, u, w, lam, control,
+    return Reweighting(recipe, dist, out, names, sources, data, plan, u, w, lam, control,
                        trajectory=[{"step": 0, "weights": lam.as_dict(names)}],
                        weights_sum=torch.zeros(len(names), dtype=torch.float64, device=dist.device))
 
@@ -229,7 +264,7 @@ def train(rw: Reweighting) -> None:
             rw.w.begin_step(step)
             batch = prefetched.get(step).to(dist.device)
             result = bilevel_step(rw.u, rw.w, rw.lam, batch, cfg.alpha, dist, stop_requested=control.stop_requested)
-            control.guard.observe(step + 1, torch.cat([result.m_u, result.m_w, result.l1_sum.view(1),
+            control.guard.observe(step + 1, torch.cat([result.m_u, result.m_w, result.l1_sums,
                                                        rw.lam.lam.detach()]))
             if step >= rw.avg_from:
                 rw.weights_sum += rw.lam.probs(torch.float64)
@@ -242,8 +277,10 @@ def train(rw: Reweighting) -> None:
                 rw.trajectory.append({"step": done, "weights": record["weights"]})
                 if metrics is not None:
                     metrics.write(record)
+                    per_set = {k.partition("/")[2]: v for k, v in record.items() if k.startswith("val_loss/")}
+                    sets = f" ({format_weights(per_set)})" if per_set else ""
                     progress.console.print(
-                        f"step {done:>5}/{cfg.steps}  L1 {record['L1']:.4f}  L2(u) {record['L2_u']:.4f}  "
+                        f"step {done:>5}/{cfg.steps}  L1 {record['L1']:.4f}{sets}  L2(u) {record['L2_u']:.4f}  "
                         f"L2(w) {record['L2_w']:.4f}  {record['tokens_per_s']:,.0f} tok/s  | "
                         f"{format_weights(record['weights'])}")
                 progress.update(task, info=format_weights(record["weights"], 14))
@@ -256,9 +293,13 @@ def metrics_record(rw: Reweighting, done: int, result: StepResult, batch: StepBa
                    tokens_per_s: float) -> dict[str, Any]:
     """One metrics.jsonl line (host-device synchronisation: only on log steps)."""
     names = rw.names
+    l1 = batch.l1(result.l1_sums)
+    per_set = ({f"val_loss/{n}": v for n, v in zip(rw.data.vals, l1.tolist())} if rw.recipe.named_validation
+               else {})
     return {
         "step": done,
-        "L1": float(result.l1_sum / batch.val_tokens),
+        "L1": float(torch.dot(batch.val_weights, l1)),
+        **per_set,
         "L2_u": float(torch.dot(result.s, result.m_u)),
         "L2_w": float(torch.dot(result.s, result.m_w)),
         "loss_u": dict(zip(names, result.m_u.tolist())),
@@ -282,8 +323,8 @@ def finish(rw: Reweighting) -> Path:
     if rw.dist.is_main:
         doc = weights_file.build(
             weights=final, weights_averaged=averaged,
-            sources={n: _source_info(rw.recipe.data.sources[n], d) for n, d in zip(names, rw.sources)},
-            validation=_source_info(rw.recipe.data.validation, rw.val), trajectory=rw.trajectory, steps=cfg.steps,
+            sources={n: source_info(s, d) for (n, s), d in zip(rw.data.sources.items(), rw.sources)},
+            validation=validation_info(rw), trajectory=rw.trajectory, steps=cfg.steps,
             seed=rw.recipe.seed, model=rw.recipe.model, config=rw.recipe.to_dict())
         weights_file.write(path, doc)
         plot_weights(rw.trajectory, rw.out / "weights.png")
@@ -294,6 +335,20 @@ def finish(rw: Reweighting) -> Path:
     return path
 
 
-def _source_info(path: str | None, data: TokenizedData) -> dict[str, Any]:
-    return {"path": str(Path(path).resolve()), "num_examples": data.num_records, "num_trainable": len(data),
-            "num_truncated": data.num_truncated, "sha256": data.sha256}
+def source_info(source: DataSource, data: TokenizedData) -> dict[str, Any]:
+    """weights.json `sources.NAME`: where it is, how many records were used, and how to read it again."""
+    path = source.path if data_sources.is_hub_id(source.path) else str(Path(source.path).resolve())
+    info: dict[str, Any] = {"path": path, "num_examples": data.num_records, "num_trainable": len(data),
+                            "num_truncated": data.num_truncated, "sha256": data.sha256}
+    if not source.is_plain:
+        info["max_samples"] = source.spec.max_samples
+        info["source"] = data_sources.to_record(source)
+    return info
+
+
+def validation_info(rw: Reweighting) -> dict[str, Any]:
+    """weights.json `validation`: the one set as a source, or each named set with its (normalised) weight."""
+    infos = {n: source_info(s, d) for (n, s), d in zip(rw.data.vals.items(), rw.data.val_data)}
+    if not rw.recipe.named_validation:
+        return infos["validation"] if "validation" in infos else next(iter(infos.values()))
+    return {n: info | {"weight": w} for (n, info), w in zip(infos.items(), rw.data.val_weights)}

@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from scalebio_cli.data import sources as data_sources
 from scalebio_cli.data.mixture import largest_remainder
-from scalebio_cli.data.normalize import record_to_messages
+from scalebio_cli.data.normalize import to_messages
 from scalebio_cli.data.parquet_out import jsonl_to_parquet
-from scalebio_cli.data.records import count_records, iter_records
+from scalebio_cli.data.sources import DataSource
 from scalebio_cli.errors import InputError
 from scalebio_cli.files import atomic_path, write_json
 
@@ -30,10 +31,12 @@ _STREAM = 0x5A3  # separates sample's random streams from reweight's under the s
 FORMATS = ("original", "messages")
 
 
-def output_record(record: Any, name: str, fmt: str, where: str) -> dict[str, Any]:
-    """What one drawn record becomes in the output: unchanged plus `source`, or normalised to messages."""
+def output_record(record: Any, name: str, fmt: str, where: str, columns: dict[str, str] | None = None) -> dict[str,
+                                                                                                            Any]:
+    """What one drawn record becomes in the output: unchanged plus `source`, or normalised to messages (through
+    the source's column map, if it has one)."""
     if fmt == "messages":
-        return {"messages": record_to_messages(record, where), "source": name}
+        return {"messages": to_messages(data_sources.to_example(record, columns or {}, where)), "source": name}
     return {**record, "source": name} if isinstance(record, dict) else {"record": record, "source": name}
 
 
@@ -50,12 +53,17 @@ def json_line(record: Any) -> str:
     return text
 
 
-def _iter_chosen(path: Path, chosen: np.ndarray) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (index, record) for the records at the sorted indices `chosen`, parsing only those for .jsonl."""
+def _iter_chosen(source: DataSource, chosen: np.ndarray) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (index, record) for the records at the sorted indices `chosen`, parsing only those for a plain
+    .jsonl (any other source: through data/sources.py, which applies its split_by and max_samples choice)."""
+    if not len(chosen):
+        return
+    if not source.is_plain:
+        yield from data_sources.records_at(source, np.unique(chosen).tolist())
+        return
+    path = Path(source.path)
     wanted = iter(np.unique(chosen).tolist())
     target = next(wanted, None)
-    if target is None:
-        return
     if path.suffix == ".jsonl":
         with path.open("rb") as f:
             index = -1
@@ -73,7 +81,7 @@ def _iter_chosen(path: Path, chosen: np.ndarray) -> Iterator[tuple[int, dict[str
                 if target is None:
                     return
     else:
-        for index, (_, record) in enumerate(iter_records(path)):
+        for index, (_, record) in enumerate(data_sources.iter_records(source)):
             if index == target:
                 yield index, record
                 target = next(wanted, None)
@@ -81,13 +89,13 @@ def _iter_chosen(path: Path, chosen: np.ndarray) -> Iterator[tuple[int, dict[str
                     return
 
 
-def run(weights: dict[str, float], sources: dict[str, str], num_samples: int, output: Path, seed: int = 0,
+def run(weights: dict[str, float], sources: dict[str, DataSource], num_samples: int, output: Path, seed: int = 0,
         replacement: bool = False, weights_file: str = "", sizes: dict[str, int] | None = None,
         fmt: str = "original") -> dict[str, Any]:
     """Write OUT.jsonl (or OUT.parquet) and OUT.manifest.json; returns the manifest. Raises InputError before
     writing anything."""
     names = list(weights)
-    sizes = sizes or {name: count_records(sources[name]) for name in names}
+    sizes = sizes or {name: data_sources.count(sources[name]) for name in names}
     counts = dict(zip(names, largest_remainder(num_samples, [weights[n] for n in names])))
     if not replacement:
         short = [f"source '{n}' has {sizes[n]:,} records but {counts[n]:,} were asked for without replacement "
@@ -116,8 +124,9 @@ def run(weights: dict[str, float], sources: dict[str, str], num_samples: int, ou
             picks, slots = picks[order], positions[start: start + n][order]
             start += n
             j = 0
-            for index, record in _iter_chosen(Path(sources[name]), picks):
-                record = output_record(record, name, fmt, f"{sources[name]} record {index}")
+            for index, record in _iter_chosen(sources[name], picks):
+                record = output_record(record, name, fmt, f"{sources[name].path} record {index}",
+                                       sources[name].spec.columns)
                 line = (json_line(record) + "\n").encode()
                 while j < n and picks[j] == index:  # a record drawn several times (replacement)
                     offsets[slots[j]] = scratch.tell()
@@ -125,7 +134,7 @@ def run(weights: dict[str, float], sources: dict[str, str], num_samples: int, ou
                     scratch.write(line)
                     j += 1
             if j != n:
-                raise InputError(f"{sources[name]}: has fewer records than expected ({sizes[name]:,}); "
+                raise InputError(f"{sources[name].path}: has fewer records than expected ({sizes[name]:,}); "
                                  "was it modified during sampling?")
         scratch.flush()
         with atomic_path(output) as tmp:
@@ -141,15 +150,15 @@ def run(weights: dict[str, float], sources: dict[str, str], num_samples: int, ou
                 if lines != tmp:
                     lines.unlink(missing_ok=True)
     manifest = {"num_samples": num_samples, "counts": counts, "weights_file": weights_file, "seed": seed,
-                "replacement": replacement, "weights": weights, "sources": {n: str(sources[n]) for n in names},
+                "replacement": replacement, "weights": weights, "sources": {n: sources[n].path for n in names},
                 "output": str(output), "format": fmt}
     write_json(manifest_path, manifest)
     return manifest
 
 
-def baseline_weights(kind: str, sources: dict[str, str]) -> tuple[dict[str, float], dict[str, int]]:
+def baseline_weights(kind: str, sources: dict[str, DataSource]) -> tuple[dict[str, float], dict[str, int]]:
     """`uniform` (equal weights) or `proportional` (to the number of records) over `sources`."""
-    sizes = {name: count_records(path) for name, path in sources.items()}
+    sizes = {name: data_sources.count(source) for name, source in sources.items()}
     if kind == "uniform":
         return {name: 1.0 / len(sources) for name in sources}, sizes
     total = sum(sizes.values())
@@ -163,20 +172,19 @@ class Draw:
     """What to sample: the probabilities, the source files, how the manifest names the weights, known sizes."""
 
     probs: dict[str, float]
-    sources: dict[str, str]
+    sources: dict[str, DataSource]
     label: str
     sizes: dict[str, int] | None = None
 
 
-def baseline_draw(kind: str, named: dict[str, str], key: str, output: Path,
-                  inputs: dict[str, str] | None = None) -> Draw:
-    """`--weights uniform|proportional` over `named` (`key` labels them in messages: `--sources ` or
-    `data.sources.`); every record of every source is checked first, since no reweight run vouches for them."""
+def baseline_draw(kind: str, named: dict[str, DataSource], output: Path, inputs: dict[str, str] | None = None) -> Draw:
+    """`--weights uniform|proportional` over `named` (each labelled in messages by its key: `--sources NAME` or
+    `data.sources.NAME`); every record of every source is checked first, since no reweight run vouches for them."""
     from scalebio_cli.recipe.preflight import check_sample
 
     if not named:
         raise InputError(f"--weights {kind}: name the sources with --sources NAME=FILE ... or --config")
-    check_sample(output, {f"{key}{n}": p for n, p in named.items()}, inputs or {}, parse_records=True)
+    check_sample(output, list(named.values()), inputs or {}, parse_records=True)
     probs, sizes = baseline_weights(kind, named)
     return Draw(probs, named, kind, sizes)
 
@@ -187,12 +195,15 @@ def weights_file_draw(path: str, output: Path, allow_changed_sources: bool, aver
     from scalebio_cli.results import weights_file
 
     probs, doc = weights_file.load(path, allow_changed_sources, averaged)
-    named = {n: doc["sources"][n]["path"] for n in probs}
+    named = data_sources.doc_sources(doc, list(probs))
     validation = doc.get("validation") if isinstance(doc.get("validation"), dict) else {}
-    inputs = {"the weights file": path, "the validation file": str(validation.get("path") or "")}
+    sets = {"": validation} if "path" in validation else validation  # one set, or named sets
+    inputs = {"the weights file": path}
+    inputs |= {f"the validation file {n}".strip(): str(v.get("path") or "") for n, v in sets.items()
+               if isinstance(v, dict)}
     inputs |= model_files(doc.get("model") if isinstance(doc.get("model"), str) else None)
     # Records of changed sources are no longer vouched for by the reweight run that read them.
-    check_sample(output, {f"source '{n}'": p for n, p in named.items()}, inputs, parse_records=allow_changed_sources)
+    check_sample(output, list(named.values()), inputs, parse_records=allow_changed_sources)
     recorded = {n: doc["sources"][n].get("num_examples") for n in probs}
     sizes = recorded if not allow_changed_sources and all(isinstance(v, int) for v in recorded.values()) else None
     return Draw(probs, named, str(Path(path).resolve()), sizes)  # sizes: weights_file.load checked them

@@ -94,15 +94,21 @@ class StepBatches:
     """One step's data on this process, with the global normalisers every process agrees on."""
 
     u: list[MicroBatch]  # this process's share of B
-    w: list[MicroBatch]  # this process's share of B and V together; validation rows have source == K
+    w: list[MicroBatch]  # this process's share of B and V together; rows of validation set j have source K + j
     source_counts: torch.Tensor  # [K] examples of each source in the global batch
-    val_tokens: int  # response tokens in the global validation batch
+    val_tokens: torch.Tensor  # [J] float32: response tokens of each validation set in the global batch
+    val_weights: torch.Tensor  # [J] float32: each validation set's share of L1 (they sum to 1)
     num_tokens: int  # non-padding tokens this process feeds through u and w
     sampler_state: dict[str, Any]  # sampler positions after this step's draws (what a checkpoint stores)
 
     def to(self, device: torch.device) -> StepBatches:
         return StepBatches([b.to(device) for b in self.u], [b.to(device) for b in self.w],
-                           self.source_counts.to(device), self.val_tokens, self.num_tokens, self.sampler_state)
+                           self.source_counts.to(device), self.val_tokens.to(device), self.val_weights.to(device),
+                           self.num_tokens, self.sampler_state)
+
+    def l1(self, l1_sums: torch.Tensor) -> torch.Tensor:
+        """Per-set L1_j (token means over each set's batch) from their token-loss sums."""
+        return l1_sums / self.val_tokens
 
 
 @dataclass
@@ -110,7 +116,7 @@ class StepResult:
     s: torch.Tensor  # the weights the step used
     m_u: torch.Tensor  # [K] per-source mean losses of u on B (global)
     m_w: torch.Tensor  # [K] the same for w
-    l1_sum: torch.Tensor  # token-loss sum of w on V (global); L1 = l1_sum / val_tokens
+    l1_sums: torch.Tensor  # [J] token-loss sums of w on each validation set (global); L1_j = l1_sums_j / tokens_j
     lam_grad: torch.Tensor
     grad_norm_u: torch.Tensor | None
     grad_norm_w: torch.Tensor | None
@@ -126,38 +132,42 @@ def bilevel_step(u: TrainEngine, w: TrainEngine, lam: SourceWeights, batch: Step
     counts = batch.source_counts.clamp(min=1.0)
     # alpha * s_k / n_k: the gradient of alpha * L2 = alpha * sum_k s_k * mean_k(loss) per example.
     coef = alpha * s / counts
-    sums_u, _ = _pass(u, batch.u, coef, batch.val_tokens)  # alpha * L2(u) on B
+    val_coef = (batch.val_weights, batch.val_tokens)
+    sums_u, _ = _pass(u, batch.u, coef, val_coef)  # alpha * L2(u) on B
     grad_norm_u = u.step()
-    sums_w, l1_sum = _pass(w, batch.w, coef, batch.val_tokens)  # alpha * L2(w) on B + L1(w) on V
+    sums_w, l1_sums = _pass(w, batch.w, coef, val_coef)  # alpha * L2(w) on B + L1(w) on V
     grad_norm_w = w.step()
     # One all-reduce for everything the lam step, the logs and the stop decision need.
     vote = torch.full((1,), float(stop_requested), device=s.device)
-    totals = distributed.all_reduce_sum(torch.cat([sums_u, sums_w, l1_sum.view(1), vote]), dist)
-    k = s.shape[0]
+    totals = distributed.all_reduce_sum(torch.cat([sums_u, sums_w, l1_sums, vote]), dist)
+    k, j = s.shape[0], l1_sums.shape[0]
     m_u, m_w = totals[:k] / counts, totals[k: 2 * k] / counts
     lam_grad = lam.step(m_w, m_u, alpha)
-    return StepResult(s, m_u, m_w, totals[2 * k], lam_grad, grad_norm_u, grad_norm_w, totals[-1])
+    return StepResult(s, m_u, m_w, totals[2 * k: 2 * k + j], lam_grad, grad_norm_u, grad_norm_w, totals[-1])
 
 
-def _pass(engine: TrainEngine, micro: list[MicroBatch], coef: torch.Tensor, val_tokens: int) -> tuple[torch.Tensor,
-                                                                                                  torch.Tensor]:
+def _pass(engine: TrainEngine, micro: list[MicroBatch], coef: torch.Tensor,
+          val_coef: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward/backward of a model copy over its micro-batches; returns (per-source sums of example losses,
-    validation token-loss sum).
+    per-validation-set token-loss sums).
 
-    Rows of source k < K weigh alpha * s_k / n_k times their mean token loss (alpha * L2); validation rows (source
-    K) weigh their token-loss sum / the global validation token count (L1). w's step takes B and V in one pass:
-    the same gradient as two passes, without a second pass's fixed cost.
+    Rows of source k < K weigh alpha * s_k / n_k times their mean token loss (alpha * L2); rows of validation set j
+    (source K + j) weigh weight_j * their token-loss sum / set j's global token count (L1 = sum_j weight_j * L1_j).
+    w's step takes B and V in one pass: the same gradient as two passes, without a second pass's fixed cost.
     """
-    num_sources = coef.shape[0]
-    coef = torch.cat([coef, coef.new_zeros(1)])
-    sums = torch.zeros(num_sources + 1, dtype=torch.float32, device=coef.device)
-    l1_sum = torch.zeros((), dtype=torch.float32, device=coef.device)
+    val_weights, val_tokens = val_coef
+    num_sources, num_val = coef.shape[0], val_weights.shape[0]
+    coef = torch.cat([coef, coef.new_zeros(num_val)])
+    sums = torch.zeros(num_sources + num_val, dtype=torch.float32, device=coef.device)
+    l1_sums = torch.zeros(num_val, dtype=torch.float32, device=coef.device)
     for i, mb in enumerate(micro):
         with engine.sync_context(i == len(micro) - 1):
             token_sums, counts = engine(mb)
             per_example = token_sums / counts
-            is_val = mb.source == num_sources
-            engine.backward(torch.where(is_val, token_sums / val_tokens, coef[mb.source] * per_example).sum())
+            is_val = mb.source >= num_sources
+            val_set = (mb.source - num_sources).clamp(min=0)
+            val_term = token_sums * val_weights[val_set] / val_tokens[val_set]
+            engine.backward(torch.where(is_val, val_term, coef[mb.source] * per_example).sum())
         sums.index_add_(0, mb.source, per_example.detach())
-        l1_sum += (token_sums.detach() * is_val).sum()
-    return sums[:num_sources], l1_sum
+        l1_sums.index_add_(0, val_set, token_sums.detach() * is_val)
+    return sums[:num_sources], l1_sums

@@ -15,6 +15,7 @@ from rich.markup import escape
 
 from scalebio_cli.console import console
 from scalebio_cli.data.render import Renderer
+from scalebio_cli.data.sources import DataSource
 from scalebio_cli.data.tokenized import TokenizedData, load_all
 from scalebio_cli.errors import TrainingStopped
 from scalebio_cli.files import write_text
@@ -34,7 +35,7 @@ def open_run_folder(recipe: Recipe, dist: DistInfo) -> Path:
     return out
 
 
-def load_data_files(files: list[tuple[str, str]], renderer: Renderer, recipe: Recipe,
+def load_data_files(files: list[tuple[str, DataSource | str]], renderer: Renderer, recipe: Recipe,
                     dist: DistInfo) -> list[TokenizedData]:
     """Tokenize (or read from the cache) each `(recipe key, path)`, logging sizes and warning about truncation."""
     return load_all(files, renderer, recipe.data.cache_dir, is_main=dist.is_main,
