@@ -185,6 +185,11 @@ def adapter_pair(model: nn.Module, cfg: LoraConfig, key: str, *, lr_u: float, lr
     return AdapterEngine(peft_model, "u", lr=lr_u, **kwargs), AdapterEngine(peft_model, "w", lr=lr_w, **kwargs)
 
 
+def single_adapter(model: nn.Module, cfg: LoraConfig, key: str, **kwargs: Any) -> AdapterEngine:
+    """Fine-tuning: one adapter over the frozen `model`."""
+    return AdapterEngine(add_adapters(model, cfg, [FINETUNE_ADAPTER], key), FINETUNE_ADAPTER, **kwargs)
+
+
 def save_merged(engine: AdapterEngine, tokenizer: Any, out: Path) -> nn.Module:
     """The adapter folder (OUT/adapter/, peft's format) and the merged model as a plain Hugging Face folder in
     OUT (main process only). Returns the merged model."""
