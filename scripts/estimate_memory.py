@@ -129,7 +129,8 @@ def main() -> None:
     print(table("llama3-8b", [("ddp", 1), ("ddp", 8), ("zero2", 8), ("zero3", 8), ("lora", 1), ("lora", 8)],
                 2, 4, 1024, args.lora_r))
     print()
-    print(table("qwen2.5-32b", [("zero3", 8), ("zero3-offload", 8), ("lora", 1), ("lora-zero3", 8)], 2, 2, 1024, args.lora_r))
+    print(table("qwen2.5-32b", [("zero3", 8), ("zero3-offload", 8), ("lora", 1), ("lora-zero3", 8)], 2, 2, 1024,
+                args.lora_r))
     print()
     print(table("llama3-70b", [("zero3", 8), ("zero3-offload", 8), ("lora-zero3", 8)], 2, 2, 1024, args.lora_r))
 

@@ -70,12 +70,13 @@ def test_lora_reweight_resumes_bitwise_after_sigkill(demo: Path, tmp_path: Path,
     assert resumed["trajectory"] == reference["trajectory"]
 
 
-def test_lora_two_processes_equal_one(demo: Path, tmp_path: Path) -> None:
+def test_lora_two_processes_with_accumulation_equal_one(demo: Path, tmp_path: Path) -> None:
     short = [*LORA, "reweight.steps=6", "reweight.log_every=3", "reweight.lr_u=3e-2", "reweight.lr_w=3e-2"]
     one = write_recipe(tmp_path / "one" / "recipe.yaml", demo)
     assert reweight_in_process(one, *short).exit_code == 0
     two = write_recipe(tmp_path / "two" / "recipe.yaml", demo)
-    result = torchrun(2, "reweight", "--config", str(two), *short)
+    # and micro-batches of 4: each process accumulates 3-4 of them (exact accumulation, checked at the same time)
+    result = torchrun(2, "reweight", "--config", str(two), *short, "reweight.micro_batch_size=4")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "DDP x 2" in result.stderr and "LoRA r=8" in result.stderr
     a = json.loads((one.parent / "run" / "weights.json").read_text())
