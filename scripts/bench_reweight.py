@@ -12,7 +12,8 @@ process's RSS after imports and data (the interpreter and libraries are the same
 Settings: sft / reweight with LISA (2 active blocks; the backward pass reaches the embeddings, the default
 `lisa.train_embeddings: true`), reweight with the backward cut at the lowest active block (`train_embeddings:
 false`: embeddings frozen), with all blocks, and "reference": LISA as the reference implementations do it
-(optimizer state for every parameter, never freed).
+(optimizer state for every parameter, never freed), and "reweight-lora": u and w as two LoRA adapters (rank
+`--lora-r`, every linear layer of the blocks) over one frozen base (`reweight.lora.r`, train/lora.py).
 The timed functions are the ones the CLI runs (bilevel.bilevel_step, sft.sft_step) on prepared batches.
 """
 
@@ -38,7 +39,7 @@ PRESETS = {
     "smollm2": dict(layers=30, hidden=576, heads=9, vocab=49152, seq=256, batch=8, val_batch=8, micro=8),
 }
 SETTINGS = ["sft-lisa", "reweight-lisa", "reweight-lisa-cut", "reweight-lisa-logits", "sft-all", "reweight-all",
-            "reweight-reference"]
+            "reweight-reference", "reweight-lora"]
 
 
 def rss_bytes() -> int:
@@ -91,6 +92,7 @@ def child(setting: str, args: argparse.Namespace) -> dict:
         with torch.device(device):
             model = LlamaForCausalLM(config).to(dtype)
     model.config.use_cache = False
+    params = sum(x.numel() for x in model.parameters())  # the base model's (LoRA adds its adapters below)
     lisa = LisaConfig(layers=0 if setting.endswith("-all") else args.lisa, interval=args.interval,
                       train_embeddings=not setting.endswith("-cut"))
     kwargs = dict(weight_decay=0.0, max_grad_norm=10.0, total_steps=10_000, warmup_ratio=0.0, lisa=lisa, seed=0,
@@ -108,6 +110,18 @@ def child(setting: str, args: argparse.Namespace) -> dict:
 
         def step(i: int) -> None:
             sft_step(engines[0], batches[i].to(device).u, response_tokens[i], dist)
+    elif setting == "reweight-lora":
+        from scalebio_cli.recipe.schema import LoraConfig
+        from scalebio_cli.train.lora import adapter_pair
+
+        lora_kwargs = {k: v for k, v in kwargs.items() if k != "lisa"}
+        u, w = adapter_pair(model, LoraConfig(r=args.lora_r), "bench", lr_u=1e-4, lr_w=1e-4, **lora_kwargs)
+        engines = [u, w]
+        lam = SourceWeights(len(sources), 1e-2, 10_000, 0.0, device)
+        batches = [plan.next(i) for i in range(args.steps)]
+
+        def step(i: int) -> None:
+            bilevel_step(u, w, lam, batches[i].to(device), alpha=10.0, dist=dist)
     else:
         import copy
 
@@ -153,7 +167,7 @@ def child(setting: str, args: argparse.Namespace) -> dict:
     return {"setting": setting, "median_s": statistics.median(measured), "peak_bytes": peak,
             "tokens_per_s": moved / statistics.median(measured),
             "optimizer_state_bytes": sum(e.optimizer.state_bytes() for e in engines),
-            "params": sum(x.numel() for x in model.parameters())}
+            "params": params}
 
 
 def summary(r: dict, p: dict, args: argparse.Namespace, mib: float) -> list[str]:
@@ -188,6 +202,15 @@ def summary(r: dict, p: dict, args: argparse.Namespace, mib: float) -> list[str]
         out.append(f"- the reference implementations' LISA (optimizer state for all parameters, never freed): "
                    f"{r['reweight-reference']['peak_bytes'] * mib:,.1f} MiB and "
                    f"{r['reweight-reference']['median_s'] * 1000:.1f} ms per step ({state:.1f}x the optimizer state)")
+    if "reweight-lora" in r:
+        lora = r["reweight-lora"]
+        for kind, target in (("lisa", " (targets: memory <= 0.6, step <= 1.0)"), ("all", "")):
+            if f"reweight-{kind}" in r:
+                other = r[f"reweight-{kind}"]
+                out.append(f"- LoRA r={args.lora_r} vs {'LISA' if kind == 'lisa' else 'all-blocks'} reweight: "
+                           f"peak memory {lora['peak_bytes'] / other['peak_bytes']:.2f}x, step time "
+                           f"{lora['median_s'] / other['median_s']:.2f}x, optimizer state "
+                           f"{lora['optimizer_state_bytes'] / max(1, other['optimizer_state_bytes']):.3f}x{target}")
     return out
 
 
@@ -199,6 +222,7 @@ def main() -> None:
     parser.add_argument("--interval", type=int, default=4, help="LISA re-draw interval (short, so the median "
                                                                      "covers several draws)")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--lora-r", type=int, default=8, help="adapter rank of the reweight-lora setting")
     parser.add_argument("--settings", nargs="+", default=None, choices=SETTINGS,
                         help="run only these (default: all; preset smollm2: LISA SFT/reweight, head-only vs logits)")
     parser.add_argument("--warmup", type=int, default=4)
@@ -217,6 +241,7 @@ def main() -> None:
     for setting in args.settings:
         cmd = [sys.executable, __file__, "--child", setting, "--device", args.device, "--preset", args.preset,
                "--lisa", str(args.lisa), "--interval", str(args.interval), "--steps", str(args.steps),
+               "--lora-r", str(args.lora_r),
                "--warmup", str(args.warmup)]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"}
                              if args.device == "cpu" else None)
@@ -239,7 +264,7 @@ def main() -> None:
         f"Llama {p['layers']} blocks, d={p['hidden']}, vocab {p['vocab']}, {params / 1e6:.1f}M "
         f"parameters, {'bf16' if args.device == 'cuda' else 'fp32'}; |B|={p['batch']}, |V|={p['val_batch']}, "
         f"~{p['seq']} tokens per example, micro-batch {p['micro']}; LISA {args.lisa} blocks re-drawn every "
-        f"{args.interval} steps; median of "
+        f"{args.interval} steps; LoRA r={args.lora_r} (all linear layers of the blocks); median of "
         f"{args.steps - args.warmup} steps after {args.warmup} warm-up. `python scripts/bench_reweight.py "
         f"{' '.join(sys.argv[1:])}`.",
         "",
@@ -257,7 +282,7 @@ def main() -> None:
         doc = ROOT / "docs" / "benchmarks.md"
         head = "# Benchmarks\n\nAppended by the scripts in `scripts/`; newest last.\n"
         existing = doc.read_text() if doc.exists() else head
-        doc.write_text(existing.rstrip() + "\n\n## reweight step vs its floor, LISA memory\n\n" + text + "\n")
+        doc.write_text(existing.rstrip() + "\n\n## reweight step vs its floor, LISA and LoRA memory\n\n" + text + "\n")
 
 
 if __name__ == "__main__":

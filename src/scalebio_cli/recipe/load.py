@@ -396,6 +396,7 @@ def _check_ranges(recipe: Recipe) -> list[str]:
         need(cfg.log_every >= 1, f"{section}.log_every: must be >= 1, got {cfg.log_every}")
         need(cfg.lisa.layers >= 0, f"{section}.lisa.layers: must be >= 0 (0 = all blocks), got {cfg.lisa.layers}")
         need(cfg.lisa.interval >= 1, f"{section}.lisa.interval: must be >= 1, got {cfg.lisa.interval}")
+        problems += _lora_problems(f"{section}.lora", cfg.lora)
     need(rw.val_batch_size >= 1, f"reweight.val_batch_size: must be >= 1, got {rw.val_batch_size}")
     need(rw.lambda_optimizer in LAMBDA_OPTIMIZERS, f"reweight.lambda_optimizer: must be one of "
          f"{', '.join(LAMBDA_OPTIMIZERS)}, got {rw.lambda_optimizer!r}")
@@ -413,6 +414,20 @@ def _check_ranges(recipe: Recipe) -> list[str]:
     need(ft.eval_every >= 1, f"finetune.eval_every: must be >= 1, got {ft.eval_every}")
     need(recipe.checkpoint.every >= 0, f"checkpoint.every: must be >= 0 (0 = never), got {recipe.checkpoint.every}")
     need(recipe.checkpoint.keep >= 1, f"checkpoint.keep: must be >= 1, got {recipe.checkpoint.keep}")
+    return problems
+
+
+def _lora_problems(key: str, lora: Any) -> list[str]:
+    problems = []
+    if lora.r < 0:
+        problems.append(f"{key}.r: must be >= 0 (0 = no LoRA), got {lora.r}")
+    if lora.alpha <= 0:
+        problems.append(f"{key}.alpha: must be > 0, got {lora.alpha}")
+    if not 0 <= lora.dropout < 1:
+        problems.append(f"{key}.dropout: must be in [0, 1), got {lora.dropout}")
+    if not lora.target_modules or any(not str(m).strip() for m in lora.target_modules):
+        problems.append(f"{key}.target_modules: needs module names (e.g. [q_proj, v_proj]) or all-linear, got "
+                        f"{lora.target_modules!r}")
     return problems
 
 

@@ -159,6 +159,27 @@ def model_fit_problems(recipe: Recipe, stage: str) -> list[str]:
     return problems
 
 
+def lora_problems(recipe: Recipe, stage: str) -> list[str]:
+    """LoRA (`STAGE.lora.r > 0`) is an alternative to LISA, runs on our engine (one process or DDP), needs peft."""
+    cfg = recipe.reweight if stage == "reweight" else recipe.finetune
+    if cfg.lora.r <= 0:
+        return []
+    problems = []
+    if cfg.lisa.layers > 0:
+        problems.append(f"{stage}.lora.r: LoRA ({stage}.lora.r={cfg.lora.r}) and LISA ({stage}.lisa.layers="
+                        f"{cfg.lisa.layers}) are alternatives; set {stage}.lisa.layers=0 to train LoRA adapters "
+                        f"(or {stage}.lora.r=0 for LISA)")
+    if recipe.deepspeed:
+        problems.append(f"{stage}.lora.r: LoRA runs in one process or under torchrun (DDP), not with DeepSpeed "
+                        f"(the base model is held once and only the adapters train); remove `deepspeed` "
+                        f"(or set {stage}.lora.r=0 to use DeepSpeed ZeRO)")
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        problems.append(f"{stage}.lora.r: LoRA needs peft, which is not installed (pip install 'scalebio-cli[lora]')")
+    return problems
+
+
 def output_dir_problems(path: str) -> list[str]:
     p = Path(path)
     existing = next((q for q in [p, *p.parents] if q.exists()), None)
@@ -261,7 +282,7 @@ def check_reweight(recipe: Recipe, where: str | Path = "recipe") -> None:
             problems.append(f"reweight.{key}: {getattr(rw, key)} does not divide over {process.world_size()} processes")
     problems += _models(recipe, "reweight") + output_dir_problems(recipe.output_dir)
     problems += _run_products_problems(recipe, "reweight")
-    problems += deepspeed_problems(recipe.deepspeed)
+    problems += deepspeed_problems(recipe.deepspeed) + lora_problems(recipe, "reweight")
     problems += tracking_problems(recipe.report_to) + chat_template_problems("data.chat_template", data.chat_template)
     _raise(problems + data_problems, where)
 
@@ -276,7 +297,7 @@ def check_finetune(recipe: Recipe, where: str | Path = "recipe") -> None:
         problems.append(f"finetune.batch_size: {ft.batch_size} does not divide over {process.world_size()} processes")
     problems += _models(recipe, "finetune") + output_dir_problems(recipe.output_dir)
     problems += _run_products_problems(recipe, "finetune")
-    problems += deepspeed_problems(recipe.deepspeed)
+    problems += deepspeed_problems(recipe.deepspeed) + lora_problems(recipe, "finetune")
     problems += data_file_problems("finetune.data", ft.data) + data_file_problems("finetune.validation", ft.validation)
     problems += tracking_problems(recipe.report_to)
     problems += chat_template_problems("data.chat_template", recipe.data.chat_template)

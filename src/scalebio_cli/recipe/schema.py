@@ -58,6 +58,22 @@ class LisaConfig:
     train_embeddings: bool = setting(True, affects=BOTH)
 
 
+def _all_linear() -> list[str]:
+    return ["all-linear"]
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters over one frozen base model (r = 0: off). In reweight, u and w are two adapters of the same
+    base; in finetune, one adapter that is merged into the saved model."""
+
+    r: int = setting(0, affects=BOTH)  # adapter rank; 0 = full-parameter (or LISA) training
+    alpha: float = setting(16.0, affects=BOTH)  # scaling: the update is (alpha / r) * B A
+    dropout: float = setting(0.0, affects=BOTH)  # dropout on the adapter's input
+    # module names (e.g. q_proj, v_proj), or all-linear: every linear layer of the blocks (not the LM head)
+    target_modules: list[str] = setting(affects=BOTH, factory=_all_linear)
+
+
 def _finetune_lisa() -> LisaConfig:
     return LisaConfig(layers=0)
 
@@ -134,6 +150,7 @@ class ReweightConfig:
     log_every: int = setting(10, affects=NONE)  # steps between metrics lines and trajectory points
     gradient_checkpointing: bool = setting(False, affects=NONE)
     lisa: LisaConfig = section(LisaConfig, stage="reweight")
+    lora: LoraConfig = section(LoraConfig, stage="reweight")
 
 
 @dataclass
@@ -152,6 +169,7 @@ class FinetuneConfig:
     eval_every: int = setting(100, affects=NONE)  # steps between validation losses (when `validation` is set)
     gradient_checkpointing: bool = setting(False, affects=NONE)
     lisa: LisaConfig = section(_finetune_lisa, stage="finetune")
+    lora: LoraConfig = section(LoraConfig, stage="finetune")
 
 
 @dataclass

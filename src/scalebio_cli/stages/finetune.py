@@ -137,13 +137,22 @@ def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, f
     ds_config = load_deepspeed_config(recipe.deepspeed) if recipe.deepspeed else None
     with zero3_loading(ds_config, dtype == torch.bfloat16, dist.world_size):
         model = load_model(recipe.model, dtype, dist.device, recipe.trust_remote_code)
-    engine = make_engine(model, lr=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-                         total_steps=steps, warmup_ratio=cfg.warmup_ratio, lisa=cfg.lisa, seed=recipe.seed, dist=dist,
-                         gradient_checkpointing=cfg.gradient_checkpointing, ds_config=ds_config,
-                         micro_batches=num_micro_batches(cfg.batch_size // dist.world_size, cfg.micro_batch_size))
+    common = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, total_steps=steps,
+                  warmup_ratio=cfg.warmup_ratio, seed=recipe.seed, dist=dist,
+                  gradient_checkpointing=cfg.gradient_checkpointing)
+    if cfg.lora.r > 0:  # one adapter over the frozen model, merged into it at the end
+        from scalebio_cli.train.lora import single_adapter
+
+        engine: TrainEngine = single_adapter(model, cfg.lora, "finetune.lora", **common)
+        model = engine.model
+    else:
+        engine = make_engine(model, lisa=cfg.lisa, ds_config=ds_config, micro_batches=num_micro_batches(
+            cfg.batch_size // dist.world_size, cfg.micro_batch_size), **common)
     out = loop.open_run_folder(recipe, dist)
     if dist.is_main:
         mode = f"LISA {cfg.lisa.layers} of {len(engine.lisa.blocks)} blocks" if engine.lisa.enabled else "all blocks"
+        if cfg.lora.r > 0:
+            mode = f"LoRA r={cfg.lora.r} (merged into the saved model; the adapter in adapter/)"
         mixing = ("" if len(files) == 1
                   else f", mixed by {escape(str(cfg.weights))}: {format_weights(dict(zip(files, mix)))}")
         console.print(f"[dim]finetune[/] {escape(recipe.model)}: {steps} steps of {cfg.batch_size} examples "
@@ -226,7 +235,11 @@ def train(ft: FineTuning) -> None:
 def finish(ft: FineTuning) -> Path:
     """The Hugging Face folder (with the run's recipe.yaml beside it), written by the main process."""
     weights = ft.engine.full_state_dict()  # collective under ZeRO-3: every process takes part
-    if ft.dist.is_main:
+    if ft.dist.is_main and ft.recipe.finetune.lora.r > 0:
+        from scalebio_cli.train.lora import save_merged
+
+        save_merged(ft.engine, ft.tokenizer, ft.out)  # type: ignore[arg-type]
+    elif ft.dist.is_main:
         save_hf_folder(ft.model, ft.tokenizer, ft.out, weights)
         validation = "" if ft.val_loss is None else f" (validation loss {ft.val_loss:.4f})"
         console.print(f"[bold green]saved[/] {escape(str(ft.out))}{validation}")

@@ -188,21 +188,7 @@ def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, f
     plan = BatchPlan(sources, data.val_data, data.val_weights, recipe, dist, tokenizer.pad_token_id)
 
     dtype = resolve_dtype(recipe.precision, dist.device)
-    ds_config = load_deepspeed_config(recipe.deepspeed) if recipe.deepspeed else None
-    with zero3_loading(ds_config, dtype == torch.bfloat16, dist.world_size):  # ZeRO-3: each process its shards
-        model_u = load_model(recipe.model, dtype, dist.device, recipe.trust_remote_code)
-        model_w = (copy.deepcopy(model_u) if ds_config is None
-                   else load_model(recipe.model, dtype, dist.device, recipe.trust_remote_code))
-    local_batch = cfg.batch_size // dist.world_size
-    engine_kwargs = dict(weight_decay=cfg.weight_decay, total_steps=cfg.steps, warmup_ratio=cfg.warmup_ratio,
-                         lisa=cfg.lisa, seed=recipe.seed, dist=dist, gradient_checkpointing=cfg.gradient_checkpointing,
-                         # both objectives carry alpha * L2, so the clipping threshold scales with alpha
-                         max_grad_norm=None if cfg.max_grad_norm is None else cfg.max_grad_norm * cfg.alpha,
-                         ds_config=ds_config)
-    u = make_engine(model_u, lr=cfg.lr_u, micro_batches=num_micro_batches(local_batch, cfg.micro_batch_size),
-                    **engine_kwargs)
-    w = make_engine(model_w, lr=cfg.lr_w, micro_batches=num_micro_batches(
-        local_batch + cfg.val_batch_size // dist.world_size, cfg.micro_batch_size), **engine_kwargs)
+    u, w, num_params = model_copies(recipe, dist, dtype)
     lam = SourceWeights(len(names), cfg.lr_lambda, cfg.steps, cfg.warmup_ratio, dist.device,
                         optimizer=cfg.lambda_optimizer, signal=cfg.lambda_signal, delay=cfg.lambda_delay,
                         schedule=cfg.lambda_schedule)
@@ -210,8 +196,10 @@ def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, f
     if dist.is_main:
         lisa = (f"LISA {cfg.lisa.layers} of {len(u.lisa.blocks)} blocks every {cfg.lisa.interval} steps"
                 if u.lisa.enabled else f"all {len(u.lisa.blocks)} blocks")
-        engine = "DeepSpeed" if ds_config else ("DDP" if dist.distributed else "single process")
-        console.print(f"[dim]model[/] {escape(recipe.model)} ({count_parameters(model_u) / 1e6:.1f}M parameters, "
+        if cfg.lora.r > 0:
+            lisa = f"LoRA r={cfg.lora.r} adapters u and w over one frozen base"
+        engine = "DeepSpeed" if recipe.deepspeed else ("DDP" if dist.distributed else "single process")
+        console.print(f"[dim]model[/] {escape(recipe.model)} ({num_params / 1e6:.1f}M parameters, "
                       f"{dtype}, {dist.device}, {engine} x {dist.world_size}, {lisa})")
     l1_names = [f"L1_sum[{n}]" for n in data.vals] if recipe.named_validation else ["L1_sum"]
     guard = FiniteGuard([f"loss_u[{n}]" for n in names] + [f"loss_w[{n}]" for n in names] + l1_names
@@ -220,6 +208,35 @@ def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, f
     return Reweighting(recipe, dist, out, names, sources, data, plan, u, w, lam, control,
                        trajectory=[{"step": 0, "weights": lam.as_dict(names)}],
                        weights_sum=torch.zeros(len(names), dtype=torch.float64, device=dist.device))
+
+
+def model_copies(recipe: Recipe, dist: distributed.DistInfo,
+                 dtype: torch.dtype) -> tuple[TrainEngine, TrainEngine, int]:
+    """u and w on their engines, and the base model's parameter count: two full copies (our engine, DDP or
+    DeepSpeed), or with `reweight.lora.r > 0` two LoRA adapters over one frozen base (train/lora.py)."""
+    cfg = recipe.reweight
+    ds_config = load_deepspeed_config(recipe.deepspeed) if recipe.deepspeed else None
+    common = dict(weight_decay=cfg.weight_decay, total_steps=cfg.steps, warmup_ratio=cfg.warmup_ratio,
+                  seed=recipe.seed, dist=dist, gradient_checkpointing=cfg.gradient_checkpointing,
+                  # both objectives carry alpha * L2, so the clipping threshold scales with alpha
+                  max_grad_norm=None if cfg.max_grad_norm is None else cfg.max_grad_norm * cfg.alpha)
+    with zero3_loading(ds_config, dtype == torch.bfloat16, dist.world_size):  # ZeRO-3: each process its shards
+        model_u = load_model(recipe.model, dtype, dist.device, recipe.trust_remote_code)
+        num_params = count_parameters(model_u)
+        if cfg.lora.r > 0:
+            from scalebio_cli.train.lora import adapter_pair
+
+            u, w = adapter_pair(model_u, cfg.lora, "reweight.lora", lr_u=cfg.lr_u, lr_w=cfg.lr_w, **common)
+            return u, w, num_params
+        model_w = (copy.deepcopy(model_u) if ds_config is None
+                   else load_model(recipe.model, dtype, dist.device, recipe.trust_remote_code))
+    local_batch = cfg.batch_size // dist.world_size
+    u = make_engine(model_u, lr=cfg.lr_u, micro_batches=num_micro_batches(local_batch, cfg.micro_batch_size),
+                    lisa=cfg.lisa, ds_config=ds_config, **common)
+    w = make_engine(model_w, lr=cfg.lr_w, micro_batches=num_micro_batches(
+        local_batch + cfg.val_batch_size // dist.world_size, cfg.micro_batch_size), lisa=cfg.lisa,
+        ds_config=ds_config, **common)
+    return u, w, num_params
 
 
 def checkpoint_writer(rw: Reweighting, sampler_state: dict[str, Any]) -> Callable[[Path], None]:

@@ -49,6 +49,10 @@ class ResponseLoss(nn.Module):
 
     def __init__(self, model: nn.Module, chunk_tokens: int = HEAD_CHUNK_TOKENS):
         super().__init__()
+        if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+            # A peft model: its `base_model` is the tuner, not the transformer body. The adapters live inside the
+            # underlying transformers model, so its body and head (the active adapter included) are what we call.
+            model = model.get_base_model()
         self.model, self.chunk_tokens = model, chunk_tokens
         config = getattr(model, "config", None)
         transformed = any(getattr(config, key, None) not in (None, 1, 1.0) for key in _LOGIT_TRANSFORMS)

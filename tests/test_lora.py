@@ -1,0 +1,132 @@
+"""LoRA (`reweight.lora`, `finetune.lora`): u and w as two adapters over one frozen base model.
+
+The demo's answer (clean first, the corrupted copy last), bitwise resume after SIGKILL, 2 processes equal 1 within
+1e-6, a fine-tuned LoRA model saved merged as a plain folder (plus its adapter), and the refusals.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import write_recipe
+from test_distributed import torchrun
+from test_resume import start_cli, wait_for
+
+pytest.importorskip("peft")
+
+LORA = ["reweight.lora.r=8", "reweight.lisa.layers=0"]
+# Short: half the demo's batch, a 5x lam learning rate, 30 steps. Enough for clean to win clearly; which of the
+# two bad sources is last takes the demo's 200 steps (docs/results.md: noisy last, as in the full run).
+RUN = [*LORA, "reweight.steps=30", "reweight.batch_size=12", "reweight.val_batch_size=4", "reweight.lr_lambda=1e-1",
+       "reweight.log_every=5", "checkpoint.every=10", "checkpoint.keep=1"]
+
+
+def reweight_in_process(recipe: Path, *args: str):
+    from scalebio_cli import cli
+
+    return CliRunner().invoke(cli.app, ["reweight", "--config", str(recipe), *args])
+
+
+@pytest.fixture(scope="module")
+def lora_run(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One uninterrupted LoRA reweight of the demo (in-process: the modules load once)."""
+    recipe = write_recipe(tmp_path_factory.mktemp("lora") / "recipe.yaml", demo)
+    result = reweight_in_process(recipe, *RUN)
+    assert result.exit_code == 0, result.output
+    return recipe.parent / "run", json.loads((recipe.parent / "run" / "weights.json").read_text())
+
+
+def test_lora_reweight_orders_the_demo_sources_like_the_full_run(lora_run, demo: Path) -> None:
+    out, doc = lora_run
+    w = doc["weights"]
+    assert w["clean"] > 0.7 and w["noisy"] < 1 / 3 and w["offtopic"] < 1 / 3, w
+    assert doc["config"]["reweight"]["lora"]["r"] == 8
+    (ckpt,) = (out / "checkpoints").iterdir()  # checkpoint.keep=1
+    saved = torch.load(ckpt / "u.pt", weights_only=True)
+    assert saved["adapter"] and all(".lora_" in k and ".u." in k for k in saved["adapter"])  # adapters only
+    assert saved["optimizer"]["state"]  # with their optimizer state
+    base = (demo / "model" / "model.safetensors").stat().st_size
+    assert (ckpt / "u.pt").stat().st_size < base / 2  # not a model copy: the base stays in the model folder
+
+
+def test_lora_reweight_resumes_bitwise_after_sigkill(demo: Path, tmp_path: Path, lora_run) -> None:
+    _, reference = lora_run
+    recipe = write_recipe(tmp_path / "recipe.yaml", demo)
+    out = tmp_path / "run"
+    proc = start_cli("reweight", "--config", str(recipe), *RUN)
+    wait_for(out / "checkpoints" / "step-000010", proc)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait()
+    assert not (out / "weights.json").exists()
+    result = reweight_in_process(recipe, *RUN, "--resume", "auto")
+    assert result.exit_code == 0, result.output
+    assert "resumed from" in result.output
+    resumed = json.loads((out / "weights.json").read_text())
+    assert resumed["weights"] == reference["weights"]  # bitwise
+    assert resumed["weights_averaged"] == reference["weights_averaged"]
+    assert resumed["trajectory"] == reference["trajectory"]
+
+
+def test_lora_two_processes_with_accumulation_equal_one(demo: Path, tmp_path: Path) -> None:
+    short = [*LORA, "reweight.steps=6", "reweight.log_every=3", "reweight.lr_u=3e-2", "reweight.lr_w=3e-2"]
+    one = write_recipe(tmp_path / "one" / "recipe.yaml", demo)
+    assert reweight_in_process(one, *short).exit_code == 0
+    two = write_recipe(tmp_path / "two" / "recipe.yaml", demo)
+    # and micro-batches of 4: each process accumulates 3-4 of them (exact accumulation, checked at the same time)
+    result = torchrun(2, "reweight", "--config", str(two), *short, "reweight.micro_batch_size=4")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "DDP x 2" in result.stderr and "LoRA r=8" in result.stderr
+    a = json.loads((one.parent / "run" / "weights.json").read_text())
+    b = json.loads((two.parent / "run" / "weights.json").read_text())
+    assert a["weights"] != b["trajectory"][0]["weights"]  # the weights moved
+    assert max(abs(a["weights"][k] - b["weights"][k]) for k in a["weights"]) < 1e-6, (a["weights"], b["weights"])
+
+
+def test_finetune_lora_writes_a_merged_plain_folder_and_the_adapter(demo: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from scalebio_cli import cli
+
+    ft = {"data": str(demo / "data" / "clean.jsonl"), "epochs": 0.05, "lr": 3e-2, "batch_size": 8,
+          "micro_batch_size": 8, "log_every": 5, "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}}
+    recipe = write_recipe(tmp_path / "recipe.yaml", demo, finetune=ft)
+    result = CliRunner().invoke(cli.app, ["finetune", "--config", str(recipe)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "run"
+    base, merged = load_file(str(demo / "model" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert merged.keys() == base.keys()  # a plain folder: no lora_ or base_layer keys
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed), changed
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_unknown_target_module_is_refused_naming_the_key(demo: Path, tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "recipe.yaml", demo)
+    result = reweight_in_process(recipe, *LORA, "reweight.lora.target_modules=[q_proj, qkv_proj]")
+    assert result.exit_code == 2, result.output
+    assert "reweight.lora.target_modules: qkv_proj: no such module" in result.output
+    assert "q_proj" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run" / "weights.json").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("reweight.lora.r=8", "LoRA (reweight.lora.r=8) and LISA (reweight.lisa.layers=2) are alternatives; set "
+                          "reweight.lisa.layers=0"),
+    ("reweight.lora.r=-1", "reweight.lora.r: must be >= 0 (0 = no LoRA), got -1"),
+    ("reweight.lora.dropout=1.5", "reweight.lora.dropout: must be in [0, 1), got 1.5"),
+    ("reweight.lora.target_modules=[]", "reweight.lora.target_modules: needs module names"),
+])
+def test_bad_lora_recipes_exit_2(demo: Path, tmp_path: Path, override: str, message: str) -> None:
+    recipe = write_recipe(tmp_path / "recipe.yaml", demo)
+    result = reweight_in_process(recipe, override)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "run").exists()
