@@ -85,6 +85,8 @@ def test_every_problem_reported_at_once(tmp_path: Path) -> None:
     ("data: 3\nmodel: m\noutput_dir: o", "data: expected a mapping"),
     ("model: m\noutput_dir: o\nreweight:\n  steps: true", "reweight.steps: expected an integer, got True"),
     ("output_dir: o", "model: required"),
+    ("model: m\noutput_dir: o\nreweight:\n  lambda_schedule: linear",
+     "reweight.lambda_schedule: must be one of cosine, constant, got 'linear'"),
 ])
 def test_malformed_recipes(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "r.yaml"

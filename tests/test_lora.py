@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from conftest import write_recipe
 from test_distributed import torchrun
-from test_resume import start_cli, wait_for
+from test_resume import kill_at, start_cli
 
 pytest.importorskip("peft")
 
@@ -57,9 +57,7 @@ def test_lora_reweight_resumes_bitwise_after_sigkill(demo: Path, tmp_path: Path,
     recipe = write_recipe(tmp_path / "recipe.yaml", demo)
     out = tmp_path / "run"
     proc = start_cli("reweight", "--config", str(recipe), *RUN)
-    wait_for(out / "checkpoints" / "step-000010", proc)
-    proc.kill()  # SIGKILL: no handler runs
-    proc.wait()
+    kill_at(out / "checkpoints" / "step-000010", proc)
     assert not (out / "weights.json").exists()
     result = reweight_in_process(recipe, *RUN, "--resume", "auto")
     assert result.exit_code == 0, result.output

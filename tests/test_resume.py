@@ -31,6 +31,13 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.02)
 
 
+def kill_at(path: Path, proc: subprocess.Popen) -> None:
+    """SIGKILL `proc` (no handler runs) once `path` (a checkpoint) exists."""
+    wait_for(path, proc)
+    proc.kill()
+    proc.wait()
+
+
 @pytest.fixture(scope="module")
 def reference(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """An uninterrupted run with the same recipe and seed."""
@@ -44,9 +51,7 @@ def test_sigkill_midway_then_resume_auto_is_bitwise_identical(demo: Path, tmp_pa
     recipe = write_recipe(tmp_path / "recipe.yaml", demo)
     out = tmp_path / "run"
     proc = start_cli("reweight", "--config", str(recipe), *STEPS)
-    wait_for(out / "checkpoints" / "step-000020", proc)
-    proc.kill()  # SIGKILL: no handler runs
-    proc.wait()
+    kill_at(out / "checkpoints" / "step-000020", proc)
     assert not (out / "weights.json").exists()
     result = run_cli("reweight", "--config", str(recipe), *STEPS, "--resume", "auto")
     assert result.returncode == 0, result.stderr
@@ -92,9 +97,7 @@ def test_finetune_sigterm_and_sigkill_then_resume_give_the_same_model(demo: Path
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "stopped by SIGTERM" in stderr
     proc = start_cli("finetune", "--config", str(recipe), *args, "--resume", "auto")  # 2nd: SIGKILL
-    wait_for(out / "checkpoints" / "step-000040", proc)
-    proc.kill()
-    proc.wait()
+    kill_at(out / "checkpoints" / "step-000040", proc)
     assert not (out / "config.json").exists()  # no model folder from an interrupted run
     result = run_cli("finetune", "--config", str(recipe), *args, "--resume", "auto")
     assert result.returncode == 0, result.stderr

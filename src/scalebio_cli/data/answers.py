@@ -54,18 +54,18 @@ def extract_answer(text: str) -> str | None:
     return normalize_answer(numbers[-1]) if numbers else None
 
 
-def _gold_text(reference: str) -> str:
-    """The part of a reference response math-verify should read: the GSM8K tail after `####` if there is one (the
-    worked solution before it holds many numbers), else the whole response."""
-    return reference.rsplit("####", 1)[1].strip() if "####" in reference else reference
+def _final_part(text: str) -> str:
+    """The part of a response math-verify should read: the GSM8K tail after `####` if there is one (the worked
+    solution before it holds many numbers), else the whole response."""
+    return text.rsplit("####", 1)[1].strip() if "####" in text else text
 
 
 def math_verify_equal(reference: str, generated: str) -> bool:
     """Whether the generated text's final answer equals the reference response's, as math-verify judges it."""
     from math_verify import parse, verify  # imported when answers are checked: sympy is slow to import
 
-    gold = parse(_gold_text(reference))
+    gold = parse(_final_part(reference))
     if not gold:
         return False
-    answer = parse(generated.rsplit("####", 1)[1] if "####" in generated else generated)
+    answer = parse(_final_part(generated))
     return bool(answer) and bool(verify(gold, answer))

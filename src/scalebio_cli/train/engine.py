@@ -66,6 +66,18 @@ class TrainEngine(Protocol):
         """The whole model's weights on the main process (None elsewhere); collective under ZeRO-3."""
 
 
+def clip_and_step(params: list[torch.Tensor], max_grad_norm: float | None, optimizer: torch.optim.Optimizer,
+                  scheduler: torch.optim.lr_scheduler.LRScheduler) -> torch.Tensor | None:
+    """Clip `params`' gradients (if asked), update, advance the schedule, clear; the norm before clipping."""
+    norm = None
+    if max_grad_norm is not None:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
 class Engine:
     """A model copy trained by our AdamW, in one process or under DDP (torchrun)."""
 
@@ -111,14 +123,8 @@ class Engine:
         (loss * self.grad_scale).backward()
 
     def step(self) -> torch.Tensor | None:
-        norm = None
-        if self.max_grad_norm is not None:
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return clip_and_step([p for p in self.model.parameters() if p.grad is not None], self.max_grad_norm,
+                             self.optimizer, self.scheduler)
 
     @property
     def lr(self) -> float:

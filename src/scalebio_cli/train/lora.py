@@ -28,6 +28,7 @@ from scalebio_cli.data.batching import MicroBatch
 from scalebio_cli.errors import InputError
 from scalebio_cli.recipe.schema import LoraConfig
 from scalebio_cli.train import distributed
+from scalebio_cli.train.engine import clip_and_step
 from scalebio_cli.train.lisa import Lisa
 from scalebio_cli.train.losses import ResponseLoss, response_losses
 from scalebio_cli.train.modeling import prepare_for_training
@@ -141,13 +142,7 @@ class AdapterEngine:
             grads = [g.view_as(p) for g, p in zip(grads, self.params)]
         for p, g in zip(self.params, grads):
             p.grad = g
-        norm = None
-        if self.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return clip_and_step(self.params, self.max_grad_norm, self.optimizer, self.scheduler)
 
     @property
     def lr(self) -> float:
