@@ -11,7 +11,7 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-slow lint pipeline instruct-math bench bench-quality smollm2 clean
+.PHONY: install demo test test-slow lint pipeline instruct-math real-math bench bench-quality smollm2 clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,14 @@ pipeline: install
 # The pipeline on ../shared/data/instruct-math with a tiny local model; records docs/results.md (~20 min on CPU).
 instruct-math: install
 	$(BIN)/python scripts/run_instruct_math.py
+
+# The instruct-math pipeline on SmolLM2-135M-Instruct (real pretrained model): reweight (LISA), sample ScaleBiO and
+# uniform, fine-tune each, eval loss and GSM8K-style accuracy; records docs/results.md. CPU: one seed, <= 60 min on
+# 2 cores. GPU, the reference's scale (max_length 1024, batch 64, 300 steps, 3 seeds): make real-math DEVICE=cuda
+DEVICE ?= cpu
+REAL_MATH_ARGS ?= $(if $(filter cuda,$(DEVICE)),--device cuda --preset gpu --seeds 0 1 2)
+real-math: smollm2
+	$(BIN)/python scripts/real_math.py $(REAL_MATH_ARGS)
 
 # Speed and memory targets: append measured tables to docs/benchmarks.md (~3 min on 2 CPU cores).
 bench: install

@@ -14,6 +14,10 @@ Settings: sft / reweight with LISA (2 active blocks; the backward pass reaches t
 false`: embeddings frozen), with all blocks, and "reference": LISA as the reference implementations do it
 (optimizer state for every parameter, never freed), and "reweight-lora": u and w as two LoRA adapters (rank
 `--lora-r`, every linear layer of the blocks) over one frozen base (`reweight.lora.r`, train/lora.py).
+`NAME-ckpt` is a setting with gradient checkpointing; "peer-sft" is the SFT step users already run,
+transformers.Trainer on the same model and examples (all blocks, the usual SFT collator, full logits), timed per
+optimizer step by a callback. On a GPU the table adds model FLOPs utilisation (MFU: 6 x parameters x tokens/s over
+the device's dense bf16 peak).
 The timed functions are the ones the CLI runs (bilevel.bilevel_step, sft.sft_step) on prepared batches.
 """
 
@@ -39,7 +43,20 @@ PRESETS = {
     "smollm2": dict(layers=30, hidden=576, heads=9, vocab=49152, seq=256, batch=8, val_batch=8, micro=8),
 }
 SETTINGS = ["sft-lisa", "reweight-lisa", "reweight-lisa-cut", "reweight-lisa-logits", "sft-all", "reweight-all",
-            "reweight-reference", "reweight-lora"]
+            "reweight-reference", "reweight-lora", "peer-sft"]
+# The real-vocabulary run: head-only vs full logits, gradient checkpointing, the peer SFT step, LoRA vs LISA.
+SMOLLM2_SETTINGS = ["sft-lisa", "reweight-lisa", "reweight-lisa-logits", "sft-lisa-ckpt", "reweight-lisa-ckpt",
+                    "sft-all", "peer-sft", "reweight-lora", "reweight-lora-ckpt"]
+# `NAME-ckpt`: the same setting with gradient checkpointing (`reweight.gradient_checkpointing: true`)
+SETTINGS += [f"{name}-ckpt" for name in SETTINGS if name != "reweight-reference"]
+
+
+# Dense bf16 peak FLOP/s of common training GPUs (vendor data sheets, no sparsity), for the MFU column.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A40": 149.7e12, "L40S": 362e12, "A10": 125e12}
+
+
+def peak_flops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16.items() if k in device_name), None)
 
 
 def rss_bytes() -> int:
@@ -62,6 +79,8 @@ def child(setting: str, args: argparse.Namespace) -> dict:
     from scalebio_cli.train.sft import sft_step
 
     p = PRESETS[args.preset]
+    checkpointing = setting.endswith("-ckpt")
+    setting = setting.removesuffix("-ckpt")
     torch.manual_seed(0)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -96,13 +115,15 @@ def child(setting: str, args: argparse.Namespace) -> dict:
     lisa = LisaConfig(layers=0 if setting.endswith("-all") else args.lisa, interval=args.interval,
                       train_embeddings=not setting.endswith("-cut"))
     kwargs = dict(weight_decay=0.0, max_grad_norm=10.0, total_steps=10_000, warmup_ratio=0.0, lisa=lisa, seed=0,
-                  dist=dist)
+                  dist=dist, gradient_checkpointing=checkpointing)
 
     recipe = Recipe(model="bench", output_dir="")
     recipe.reweight.batch_size, recipe.reweight.val_batch_size = p["batch"], p["val_batch"]
     recipe.reweight.micro_batch_size = p["micro"]
     plan = BatchPlan(sources, [val], [1.0], recipe, dist, pad_id=0)
 
+    if setting == "peer-sft":
+        return peer_sft(model, plan, args, baseline, params, checkpointing)
     if setting.startswith("sft"):
         engines = [Engine(model, lr=1e-4, **kwargs)]
         batches = [plan.next(i) for i in range(args.steps)]  # the same B as the reweight settings
@@ -164,10 +185,76 @@ def child(setting: str, args: argparse.Namespace) -> dict:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
     moved = statistics.median(sft_tokens if setting.startswith("sft") else tokens)
-    return {"setting": setting, "median_s": statistics.median(measured), "peak_bytes": peak,
+    return {"setting": setting + "-ckpt" * checkpointing, "median_s": statistics.median(measured), "peak_bytes": peak,
             "tokens_per_s": moved / statistics.median(measured),
             "optimizer_state_bytes": sum(e.optimizer.state_bytes() for e in engines),
             "params": params}
+
+
+def peer_sft(model, plan, args: argparse.Namespace, baseline: int, params: int, checkpointing: bool) -> dict:
+    """The SFT step users already run: transformers.Trainer on the same model, the same B examples per step (all
+    blocks trained, AdamW, the usual SFT collator: right padding, labels -100 outside the response), its own
+    full-logits loss; each optimizer step timed by a callback."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    p = PRESETS[args.preset]
+    examples = []  # the u batch of each step (the examples the SFT settings train on), unpadded again
+    for i in range(args.steps):
+        for mb in plan.next(i).u:
+            labels = torch.full_like(mb.input_ids, -100)
+            labels[mb.loss_rows, mb.loss_cols + 1] = mb.loss_targets  # HF shifts labels itself
+            for row, n in enumerate(mb.attention_mask.sum(dim=1).tolist()):
+                examples.append({"input_ids": mb.input_ids[row, :n].tolist(), "labels": labels[row, :n].tolist()})
+
+    def collate(rows: list[dict]) -> dict:
+        width = max(len(r["input_ids"]) for r in rows)
+        out = {"input_ids": torch.zeros((len(rows), width), dtype=torch.long),
+               "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+               "labels": torch.full((len(rows), width), -100, dtype=torch.long)}
+        for row, r in enumerate(rows):
+            n = len(r["input_ids"])
+            out["input_ids"][row, :n] = torch.tensor(r["input_ids"])
+            out["attention_mask"][row, :n] = 1
+            out["labels"][row, :n] = torch.tensor(r["labels"])
+        return out
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_step_begin(self, *a, **k) -> None:
+            if torch.cuda.is_available() and args.device == "cuda":
+                torch.cuda.synchronize()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k) -> None:
+            if torch.cuda.is_available() and args.device == "cuda":
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self.start)
+
+    timer = StepTimer()
+    training = TrainingArguments(
+        output_dir="/tmp/scalebio-bench-peer", per_device_train_batch_size=p["micro"],
+        gradient_accumulation_steps=p["batch"] // p["micro"], max_steps=args.steps, learning_rate=1e-4,
+        weight_decay=0.0, max_grad_norm=10.0, lr_scheduler_type="constant", optim="adamw_torch", report_to=[],
+        save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=args.device == "cpu",
+        bf16=args.device == "cuda", dataloader_num_workers=0, remove_unused_columns=False,
+        gradient_checkpointing=checkpointing, seed=0)
+    trainer = Trainer(model=model, args=training, train_dataset=examples, data_collator=collate, callbacks=[timer])
+    trainer.train()
+    measured = timer.times[args.warmup:]
+    if args.device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    tokens = statistics.median(sum(len(e["input_ids"]) for e in examples[i * p["batch"]:(i + 1) * p["batch"]])
+                               for i in range(args.steps))
+    state = sum(t.numel() * t.element_size() for st in trainer.optimizer.state.values() for t in st.values()
+                if torch.is_tensor(t))
+    return {"setting": "peer-sft" + "-ckpt" * checkpointing, "median_s": statistics.median(measured),
+            "peak_bytes": peak, "tokens_per_s": tokens / statistics.median(measured),
+            "optimizer_state_bytes": state, "params": params}
 
 
 def summary(r: dict, p: dict, args: argparse.Namespace, mib: float) -> list[str]:
@@ -202,6 +289,30 @@ def summary(r: dict, p: dict, args: argparse.Namespace, mib: float) -> list[str]
         out.append(f"- the reference implementations' LISA (optimizer state for all parameters, never freed): "
                    f"{r['reweight-reference']['peak_bytes'] * mib:,.1f} MiB and "
                    f"{r['reweight-reference']['median_s'] * 1000:.1f} ms per step ({state:.1f}x the optimizer state)")
+    for ck in ("", "-ckpt"):
+        if {f"sft-all{ck}", f"peer-sft{ck}"} <= set(r):
+            ratio = r[f"peer-sft{ck}"]["median_s"] / r[f"sft-all{ck}"]["median_s"]
+            out.append(f"- SFT step, all blocks{' (both checkpointed)' * bool(ck)}: transformers.Trainer / ours = "
+                       f"{ratio:.2f} (target >= 1.0), peak memory ours / Trainer's = "
+                       f"{r[f'sft-all{ck}']['peak_bytes'] / r[f'peer-sft{ck}']['peak_bytes']:.2f}")
+        if {f"reweight-lisa{ck}", f"peer-sft{ck}"} <= set(r) and args.device == "cuda":
+            out.append(f"- MFU, LISA reweight / peer SFT step{' (checkpointed)' * bool(ck)}: "
+                       f"{r[f'reweight-lisa{ck}']['tokens_per_s'] / r[f'peer-sft{ck}']['tokens_per_s']:.2f} "
+                       "(same parameter count, so the MFU ratio is the tokens/s ratio; target >= 0.9)")
+    if {"reweight-lisa-ckpt", "reweight-lisa-logits"} <= set(r):
+        out.append(f"- head-only losses and gradient checkpointing vs the full-logits step without it: peak memory "
+                   f"{r['reweight-lisa-ckpt']['peak_bytes'] / r['reweight-lisa-logits']['peak_bytes']:.2f}x "
+                   "(target <= 0.5 on the real vocabulary), step "
+                   f"{r['reweight-lisa-ckpt']['median_s'] / r['reweight-lisa-logits']['median_s']:.2f}x the time")
+    if {"reweight-lisa-ckpt", "sft-lisa-ckpt"} <= set(r):
+        overhead = r["reweight-lisa-ckpt"]["median_s"] / ((2 + p["val_batch"] / p["batch"])
+                                                          * r["sft-lisa-ckpt"]["median_s"])
+        out.append(f"- overhead (lisa, checkpointed) = {overhead:.3f}")
+    if {"reweight-lora-ckpt", "reweight-lisa-ckpt"} <= set(r):
+        lora, other = r["reweight-lora-ckpt"], r["reweight-lisa-ckpt"]
+        out.append(f"- LoRA r={args.lora_r} vs LISA reweight, both checkpointed: peak memory "
+                   f"{lora['peak_bytes'] / other['peak_bytes']:.2f}x, step time "
+                   f"{lora['median_s'] / other['median_s']:.2f}x (targets: memory <= 0.6, step <= 1.0)")
     if "reweight-lora" in r:
         lora = r["reweight-lora"]
         for kind, target in (("lisa", " (targets: memory <= 0.6, step <= 1.0)"), ("all", "")):
@@ -224,7 +335,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--lora-r", type=int, default=8, help="adapter rank of the reweight-lora setting")
     parser.add_argument("--settings", nargs="+", default=None, choices=SETTINGS,
-                        help="run only these (default: all; preset smollm2: LISA SFT/reweight, head-only vs logits)")
+                        help="run only these (default: all without -ckpt; preset smollm2: SMOLLM2_SETTINGS)")
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--no-record", action="store_true", help="do not append to docs/benchmarks.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -235,8 +346,8 @@ def main() -> None:
         return
 
     if args.settings is None:
-        args.settings = (["sft-lisa", "reweight-lisa", "reweight-lisa-logits"] if args.preset == "smollm2"
-                         else SETTINGS)
+        args.settings = (SMOLLM2_SETTINGS if args.preset == "smollm2"
+                         else [name for name in SETTINGS if not name.endswith("-ckpt")])
     results = {}
     for setting in args.settings:
         cmd = [sys.executable, __file__, "--child", setting, "--device", args.device, "--preset", args.preset,
@@ -271,10 +382,17 @@ def main() -> None:
         f"| setting | step (ms) | tokens/s | {mem_label} (MiB) | optimizer state (MiB) |",
         "|---|---:|---:|---:|---:|",
     ]
+    # Model FLOPs utilisation: 6 x parameters per token moved through a forward and backward pass (the usual
+    # convention, attention left out), over the device's dense bf16 peak; GPU only.
+    peak = peak_flops(device_name) if args.device == "cuda" else None
+    if peak:
+        lines[-2] = lines[-2][:-1] + " MFU |"
+        lines[-1] += "---:|"
     for setting in args.settings:
         x = r[setting]
+        mfu = f" {6 * x['params'] * x['tokens_per_s'] / peak:.3f} |" if peak else ""
         lines.append(f"| {setting} | {x['median_s'] * 1000:.1f} | {x['tokens_per_s']:,.0f} | "
-                     f"{x['peak_bytes'] * mib:,.1f} | {x['optimizer_state_bytes'] * mib:,.1f} |")
+                     f"{x['peak_bytes'] * mib:,.1f} | {x['optimizer_state_bytes'] * mib:,.1f} |{mfu}")
     lines += [""] + summary(r, p, args, mib)
     text = "\n".join(lines)
     print(text)
@@ -282,7 +400,9 @@ def main() -> None:
         doc = ROOT / "docs" / "benchmarks.md"
         head = "# Benchmarks\n\nAppended by the scripts in `scripts/`; newest last.\n"
         existing = doc.read_text() if doc.exists() else head
-        doc.write_text(existing.rstrip() + "\n\n## reweight step vs its floor, LISA and LoRA memory\n\n" + text + "\n")
+        title = ("Real vocabulary: SmolLM2-135M-Instruct, head-only losses, checkpointing, the peer SFT step, LoRA"
+                 if args.preset == "smollm2" else "reweight step vs its floor, LISA and LoRA memory")
+        doc.write_text(existing.rstrip() + f"\n\n## {title}\n\n" + text + "\n")
 
 
 if __name__ == "__main__":

@@ -83,6 +83,22 @@ def test_lora_two_processes_with_accumulation_equal_one(demo: Path, tmp_path: Pa
     assert max(abs(a["weights"][k] - b["weights"][k]) for k in a["weights"]) < 1e-6, (a["weights"], b["weights"])
 
 
+def test_lora_full_logits_give_the_head_only_weights(demo: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """LoRA's u and w (adapters over one base, the head reached through peft) take head-only losses too: the
+    full-logits path (SCALEBIO_FULL_LOGITS=1) learns the same weights within 1e-5."""
+    short = [*LORA, "reweight.steps=6", "reweight.log_every=3", "reweight.lr_u=3e-2", "reweight.lr_w=3e-2"]
+    weights = []
+    for full in ("0", "1"):
+        monkeypatch.setenv("SCALEBIO_FULL_LOGITS", full)
+        recipe = write_recipe(tmp_path / full / "recipe.yaml", demo)
+        assert reweight_in_process(recipe, *short).exit_code == 0
+        weights.append(json.loads((recipe.parent / "run" / "weights.json").read_text())["weights"])
+    head_only, full_logits = weights
+    assert head_only != dict.fromkeys(head_only, 1 / 3)  # the weights moved
+    assert max(abs(head_only[k] - full_logits[k]) for k in head_only) < 1e-5, (head_only, full_logits)
+
+
 def test_finetune_lora_writes_a_merged_plain_folder_and_the_adapter(demo: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM

@@ -13,6 +13,7 @@ weights with their optimizer (`SourceWeights`).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +71,11 @@ class SourceWeights:
             self.lam.grad = grad
             self.optimizer.step()
             self.lam.grad = None
-        self.scheduler.step()
+            self.scheduler.step()
+        else:
+            with warnings.catch_warnings():  # torch warns of a schedule stepped before its optimizer: the delay
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+                self.scheduler.step()
         return grad
 
     @property

@@ -11,6 +11,8 @@ Models whose logits are more than `head(hidden)` (a final soft-cap or logit scal
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,6 +39,9 @@ def example_losses(logits: torch.Tensor, batch: MicroBatch) -> tuple[torch.Tenso
 
 
 HEAD_CHUNK_TOKENS = 1024  # loss tokens per LM-head chunk: [1024, vocab] fp32 logits at a time
+# SCALEBIO_FULL_LOGITS=1 takes the full-logits path everywhere: how the tests (and a doubting user) check, under
+# every engine, that head-only losses change no result.
+FULL_LOGITS_ENV = "SCALEBIO_FULL_LOGITS"
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
@@ -58,7 +63,8 @@ class ResponseLoss(nn.Module):
         transformed = any(getattr(config, key, None) not in (None, 1, 1.0) for key in _LOGIT_TRANSFORMS)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         body = getattr(model, "base_model", None)
-        self.head_only = head is not None and body is not None and body is not model and not transformed
+        self.head_only = (head is not None and body is not None and body is not model and not transformed
+                          and os.environ.get(FULL_LOGITS_ENV) != "1")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                 targets: torch.Tensor) -> torch.Tensor:
