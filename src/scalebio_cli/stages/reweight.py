@@ -21,6 +21,7 @@ from rich.markup import escape
 from scalebio_cli.console import console, format_weights, step_progress
 from scalebio_cli.data import sources as data_sources
 from scalebio_cli.data.batching import (
+    CursorSampler,
     Prefetcher,
     RecordSampler,
     balanced_counts,
@@ -50,6 +51,13 @@ VALIDATION_STREAM = 10_000  # sampler stream of validation set j is VALIDATION_S
 _POOLED_STREAM = 0xB001  # the per-step source counts of pooled batches
 
 
+def sampler(data: Tokens, seed: int, stream: int) -> CursorSampler | RecordSampler:
+    """A lazy source draws from its record count, passing over records that keep no response token (it cannot know
+    them before drawing); a source tokenized whole draws from its kept examples, as it always has, so results on
+    data whose records are all short enough stay what they were and results on data with skipped records too."""
+    return RecordSampler(data, seed, stream) if data.lazy else CursorSampler(len(data), seed, stream)
+
+
 class BatchPlan:
     """Seeded samplers for every source and validation set; the same draws on every process.
 
@@ -61,10 +69,10 @@ class BatchPlan:
                  recipe: Recipe, dist: distributed.DistInfo, pad_id: int):
         self.data = [*sources, *vals]  # validation set j is "source" K + j
         self.dist, self.pad_id, self.rw = dist, pad_id, recipe.reweight
-        self.samplers = [RecordSampler(d, recipe.seed, k) for k, d in enumerate(sources)]
-        sizes = np.asarray([d.num_records for d in sources], dtype=np.float64)
+        self.samplers = [sampler(d, recipe.seed, k) for k, d in enumerate(sources)]
+        sizes = np.asarray([d.num_records if d.lazy else len(d) for d in sources], dtype=np.float64)  # as drawn
         self.pool, self.seed = sizes / sizes.sum(), recipe.seed
-        self.val_samplers = [RecordSampler(v, recipe.seed, VALIDATION_STREAM + j) for j, v in enumerate(vals)]
+        self.val_samplers = [sampler(v, recipe.seed, VALIDATION_STREAM + j) for j, v in enumerate(vals)]
         self.val_weights = torch.tensor(val_weights, dtype=torch.float32)
         self.pin = dist.device.type == "cuda"
 
