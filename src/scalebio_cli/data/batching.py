@@ -9,7 +9,7 @@ the whole batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 import numpy as np
 import torch
 
+from scalebio_cli.data.lazy_tokens import LazyTokens
 from scalebio_cli.data.tokenized import TokenizedData
 
 
@@ -42,6 +43,36 @@ class CursorSampler:
             epoch, pos = divmod(self.cursor + j, self.n)
             out[j] = self._permutation(epoch)[pos]
         self.cursor += k
+        return out
+
+
+class RecordSampler:
+    """A CursorSampler over the records of a source that passes over records keeping no response token within
+    max_length, returning example indices (TokenizedData's, or LazyTokens' slots).
+
+    Sampling records rather than kept examples is what lets a lazy source draw before anything is tokenized; a
+    source whose records are all kept draws exactly the permutation a sampler over its examples would. Whether a
+    record is kept depends only on its tokens, so every process skips the same records and the cursor (records
+    drawn, skipped ones included) stays the whole state.
+    """
+
+    def __init__(self, data: TokenizedData | LazyTokens, seed: int, stream: int, cursor: int = 0):
+        self.data = data
+        self.records = CursorSampler(data.num_records, seed, stream, cursor)
+
+    @property
+    def cursor(self) -> int:
+        return self.records.cursor
+
+    @cursor.setter
+    def cursor(self, value: int) -> None:
+        self.records.cursor = value
+
+    def take(self, k: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < k:  # exactly the records needed each round: the cursor stops after the k-th kept one
+            slots = self.data.resolve(self.records.take(k - len(out)).tolist())
+            out += [s for s in slots if s is not None]
         return out
 
 
@@ -103,7 +134,7 @@ def num_micro_batches(num_items: int, micro_batch_size: int) -> int:
     return -(-num_items // micro_batch_size)
 
 
-def micro_batches(items: list[tuple[int, int]], data: list[TokenizedData], micro_batch_size: int,
+def micro_batches(items: list[tuple[int, int]], data: Sequence[TokenizedData | LazyTokens], micro_batch_size: int,
                   pad_id: int, pin: bool = False) -> list[MicroBatch]:
     """Split one process's `(source, example)` items into micro-batches of similar lengths (less padding).
 
@@ -111,7 +142,7 @@ def micro_batches(items: list[tuple[int, int]], data: list[TokenizedData], micro
     """
     if not items:
         return []
-    order = sorted(items, key=lambda it: int(data[it[0]].lengths[it[1]]))
+    order = sorted(items, key=lambda it: data[it[0]].length(it[1]))
     chunks = np.array_split(np.arange(len(order)), num_micro_batches(len(order), micro_batch_size))
     batches = []
     for chunk in chunks:
@@ -120,7 +151,7 @@ def micro_batches(items: list[tuple[int, int]], data: list[TokenizedData], micro
     return batches
 
 
-def response_token_count(items: list[tuple[int, int]], data: list[TokenizedData]) -> int:
+def response_token_count(items: list[tuple[int, int]], data: Sequence[TokenizedData | LazyTokens]) -> int:
     """Tokens that carry loss in these examples (position 0 predicts nothing, so it never counts)."""
     total = 0
     for s, i in items:
@@ -133,8 +164,8 @@ T = TypeVar("T")
 
 
 class Prefetcher(Generic[T]):
-    """Builds step t+1's batches on a worker thread while step t computes (tokenization is long done; this is
-    sampling, padding and pinning, which would otherwise sit between two steps)."""
+    """Builds step t+1's batches on a worker thread while step t computes (sampling, padding and pinning, and for
+    a lazy source tokenizing the records drawn, which would otherwise sit between two steps)."""
 
     def __init__(self, build: Callable[[int], T], steps: range):
         self.build, self.steps = build, steps

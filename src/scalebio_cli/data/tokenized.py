@@ -1,30 +1,35 @@
 """Tokenized data files, cached on disk so a second run starts at once.
 
 A data file becomes three flat arrays (token ids, trainable mask, per-example offsets) plus the index of each
-kept example in the file. The cache key covers everything that changes the tokens: the file's sha256, the
-tokenizer (vocabulary, merges, special tokens, chat template), max_length and the rendering code's version.
+kept example in the file, stored as raw `.npy` files that every process of a node memory-maps (token_cache). The
+cache key covers everything that changes the tokens: the file's sha256, the tokenizer (vocabulary, merges, special
+tokens, chat template), max_length and the rendering code's version. A cold pass over a large file runs on every
+core (encode_chunks). Reweight reads large sources lazily instead (lazy_tokens): `load_all` decides.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from scalebio_cli.data import sources as data_sources
+from scalebio_cli.data import token_cache
+from scalebio_cli.data.encode_chunks import PARALLEL_MIN_RECORDS, default_workers, encode_all
+from scalebio_cli.data.lazy_tokens import LazyTokens
+from scalebio_cli.data.record_reader import is_indexed, large_source
 from scalebio_cli.data.render import Renderer
 from scalebio_cli.data.sources import DataSource
 from scalebio_cli.errors import InputError
-from scalebio_cli.files import atomic_path
 
 RENDER_VERSION = "2"  # bump when render.py changes what tokens an example becomes
-_CHUNK = 512  # examples rendered per batched tokenizer call
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -47,7 +52,7 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class TokenizedData:
-    """The kept examples of one data file as flat arrays."""
+    """The kept examples of one data file as flat arrays (memory-mapped from the cache when read from there)."""
 
     path: Path
     sha256: str
@@ -59,6 +64,8 @@ class TokenizedData:
     full_lengths: np.ndarray  # int32, per record of the file: tokens before truncation to max_length
     max_length: int
     from_cache: bool = False
+    _kept_at: np.ndarray | None = field(default=None, init=False, repr=False)  # record -> example (-1: skipped)
+    lazy = False  # every record is tokenized (lazy_tokens.LazyTokens: only the records drawn)
 
     @property
     def num_truncated(self) -> int:
@@ -73,136 +80,198 @@ class TokenizedData:
         return len(self.offsets) - 1
 
     @property
+    def num_kept(self) -> int:
+        return len(self)
+
+    @property
+    def num_tokenized(self) -> int:
+        return self.num_records
+
+    @property
     def num_skipped(self) -> int:
         return self.num_records - len(self)
+
+    @property
+    def num_response_tokens(self) -> int:
+        """Tokens that carry loss (position 0 of an example predicts nothing)."""
+        return int(self.trainable.sum()) - int(self.trainable[self.offsets[:-1]].sum()) if len(self) else 0
 
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    def length(self, i: int) -> int:
+        return int(self.offsets[i + 1] - self.offsets[i])
+
     def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = self.offsets[i], self.offsets[i + 1]
         return self.ids[lo:hi], self.trainable[lo:hi]
 
+    def resolve(self, positions: list[int]) -> list[int | None]:
+        """The example index of each record position (None: the record was skipped), as LazyTokens.resolve."""
+        if self._kept_at is None:
+            kept_at = np.full(self.num_records, -1, dtype=np.int64)
+            kept_at[np.asarray(self.record_index, dtype=np.int64)] = np.arange(len(self), dtype=np.int64)
+            self._kept_at = kept_at
+        return [None if k < 0 else int(k) for k in self._kept_at[positions]]
 
-def _tokenize(source: DataSource, renderer: Renderer) -> tuple[list[list[int]], list[list[bool]], list[int], list[int]]:
-    """Token ids and masks of the kept records, their indices, and every record's untruncated length."""
-    ids: list[list[int]] = []
-    masks: list[list[bool]] = []
-    kept: list[int] = []
-    full_lengths: list[int] = []
-    pending: list[tuple[int, str, Any]] = []
 
-    def flush() -> None:
-        for (index, _, _), enc in zip(pending, renderer.encode_many([(ex, where) for _, where, ex in pending])):
-            full_lengths.append(enc.full_length)
-            if enc.num_trainable > 0:
-                ids.append(enc.input_ids)
-                masks.append(enc.trainable)
-                kept.append(index)
-        pending.clear()
+_ARRAYS = ("ids", "trainable", "offsets", "record_index", "full_lengths")
 
-    for index, (where, example) in enumerate(data_sources.iter_examples(source)):
-        pending.append((index, where, example))
-        if len(pending) >= _CHUNK:
-            flush()
-    flush()
-    return ids, masks, kept, full_lengths
+
+def _tokenize(source: DataSource, renderer: Renderer, workers: int) -> dict[str, np.ndarray]:
+    """The cache entry's arrays: tokens and masks of the kept records, their indices, every record's length."""
+    ids, masks, lengths, kept, full = [], [], [], [], []
+    for chunk in encode_all(renderer, data_sources.iter_examples(source), workers):
+        ids.append(chunk.ids)
+        masks.append(chunk.trainable)
+        lengths.append(chunk.lengths)
+        kept.append(chunk.kept)
+        full.append(chunk.full_lengths)
+
+    def cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+        return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype=dtype)
+
+    offsets = np.zeros(sum(len(x) for x in lengths) + 1, dtype=np.int64)
+    np.cumsum(cat(lengths, np.int64), out=offsets[1:])
+    return {"ids": cat(ids, np.int32), "trainable": cat(masks, bool), "offsets": offsets,
+            "record_index": np.flatnonzero(cat(kept, bool)).astype(np.int64), "full_lengths": cat(full, np.int32)}
+
+
+def cache_key(source: DataSource, renderer: Renderer, sha256: str) -> str:
+    """What the tokens depend on: the content (and how a spec reads and chooses it), the tokenizer, max_length,
+    and the rendering code's version."""
+    content = data_sources.content_key(source, sha256)
+    return hashlib.sha256(
+        f"{content}|{tokenizer_fingerprint(renderer.tokenizer)}|{renderer.max_length}|{RENDER_VERSION}".encode()
+    ).hexdigest()[:24]
 
 
 def load_tokenized(source: DataSource | str | Path, renderer: Renderer, cache_dir: str | Path | None = None,
-                   sha256: str | None = None) -> TokenizedData:
-    """Tokenize a source (a data file, or any DataSource), or load it from the cache. Raises InputError for
-    unreadable or malformed data."""
+                   sha256: str | None = None, workers: int | None = None) -> TokenizedData:
+    """Tokenize a source (a data file, or any DataSource), or map it from the cache. Raises InputError for
+    unreadable or malformed data. `workers`: processes for a cold pass (default: one per core for a source of
+    encode_chunks.PARALLEL_MIN_RECORDS records or more)."""
     if not isinstance(source, DataSource):
         source = data_sources.from_path(str(source), source)
     path = Path(source.path)
     sha256 = sha256 or data_sources.fingerprint(source)
-    content = data_sources.content_key(source, sha256)
-    key = hashlib.sha256(
-        f"{content}|{tokenizer_fingerprint(renderer.tokenizer)}|{renderer.max_length}|{RENDER_VERSION}".encode()
-    ).hexdigest()[:24]
-    cache_file = Path(cache_dir or default_cache_dir()) / "tokenized" / f"{key}.npz"
-    if cache_file.is_file():
-        try:
-            with np.load(cache_file) as z:
-                return TokenizedData(path, sha256, z["ids"], z["trainable"], z["offsets"], z["record_index"],
-                                     int(z["num_records"]), z["full_lengths"], renderer.max_length, from_cache=True)
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache entry is rebuilt below
+    folder = token_cache.entry(Path(cache_dir or default_cache_dir()), cache_key(source, renderer, sha256))
+    cached = token_cache.read(folder, _ARRAYS)
+    if cached is not None:
+        arrays, meta = cached
+        if _consistent(arrays, int(meta.get("num_records", -1))):
+            return TokenizedData(path, sha256, **arrays, num_records=int(meta["num_records"]),
+                                 max_length=renderer.max_length, from_cache=True)
+        # else: a damaged entry, rebuilt below
 
-    ids, masks, kept, full_lengths = _tokenize(source, renderer)
-    num_records = len(full_lengths)
-    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([len(x) for x in ids])
-    flat_ids = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1]))
-    flat_mask = np.fromiter((m for x in masks for m in x), dtype=bool, count=int(offsets[-1]))
-    data = TokenizedData(path, sha256, flat_ids, flat_mask, offsets, np.asarray(kept, dtype=np.int64), num_records,
-                         np.asarray(full_lengths, dtype=np.int32), renderer.max_length)
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(cache_file) as tmp, open(tmp, "wb") as f:
-            np.savez(f, ids=data.ids, trainable=data.trainable, offsets=data.offsets,
-                     record_index=data.record_index, num_records=np.int64(num_records),
-                     full_lengths=data.full_lengths)
-    except OSError:
-        pass  # an unwritable cache only costs time
-    return data
+    if workers is None:
+        # ~850 bytes per record of instruct-math: a file this large is worth a pool of workers
+        workers = default_workers() if large_source(source, PARALLEL_MIN_RECORDS, bytes_per_record=800) else 1
+    arrays = _tokenize(source, renderer, workers)
+    num_records = len(arrays["full_lengths"])
+    with contextlib.suppress(OSError):  # an unwritable cache only costs time
+        token_cache.write(folder, arrays, {"num_records": num_records, "source": str(path)})
+    return TokenizedData(path, sha256, **arrays, num_records=num_records, max_length=renderer.max_length)
 
 
-def describe(name: str, data: TokenizedData, seconds: float | None = None) -> str:
+def _consistent(arrays: dict[str, np.ndarray], num_records: int) -> bool:
+    """An entry whose arrays agree with each other (a truncated or mixed-up entry does not)."""
+    offsets = arrays["offsets"]
+    return (len(offsets) >= 1 and int(offsets[-1]) == len(arrays["ids"]) == len(arrays["trainable"])
+            and len(arrays["record_index"]) == len(offsets) - 1 and len(arrays["full_lengths"]) == num_records)
+
+
+def describe(name: str, data: TokenizedData | LazyTokens, seconds: float | None = None) -> str:
     """One log line about a tokenized file (markup-safe)."""
+    from rich.markup import escape
+
+    if data.lazy:
+        return escape(f"{name}: {data.num_records:,} records, tokenized as drawn; of a seeded sample of "
+                      f"{data.num_tokenized:,}: {data.num_tokenized - data.num_kept:,} skipped (no response token "
+                      f"left), {data.num_truncated:,} truncated at max_length {data.max_length} ({seconds or 0:.1f}s)")
     parts = [f"{name}: {len(data):,} examples, {int(data.trainable.sum()):,} response tokens"]
     if data.num_skipped:
         parts.append(f"{data.num_skipped:,} of {data.num_records:,} records skipped (no response token left)")
     parts.append(f"{data.num_truncated:,} truncated at max_length {data.max_length}")
     parts.append("from cache" if data.from_cache else f"tokenized in {seconds or 0:.1f}s")
-    from rich.markup import escape
-
     return escape(", ".join(parts))
 
 
 TRUNCATION_WARNING = 0.05  # warn when a file loses more than this fraction of its records to truncation
 
 
-def truncation_warning(name: str, data: TokenizedData) -> str | None:
+def truncation_warning(name: str, data: TokenizedData | LazyTokens) -> str | None:
     """A warning when truncation cuts more than 5% of a file's records (it shifts that source's mean loss and cuts
-    exactly the long answers, e.g. final answers of math solutions), with the max_length that keeps 99% whole."""
-    if not data.num_records or data.num_truncated <= TRUNCATION_WARNING * data.num_records:
+    exactly the long answers, e.g. final answers of math solutions), with the max_length that keeps 99% whole.
+    For a lazy source both numbers come from its seeded sample, and the warning says so."""
+    n = data.num_tokenized
+    if not n or data.num_truncated <= TRUNCATION_WARNING * n:
         return None
     from rich.markup import escape
 
-    share = data.num_truncated / data.num_records
-    return escape(f"{name}: {share:.1%} of the records ({data.num_truncated:,} of {data.num_records:,}) are longer "
+    share = data.num_truncated / n
+    of = f"of a seeded sample of {n:,} of its {data.num_records:,} records" if data.lazy else "of the records"
+    return escape(f"{name}: {share:.1%} {of} ({data.num_truncated:,} of {n:,}) are longer "
                   f"than data.max_length={data.max_length} and were cut; data.max_length={data.length_covering(0.99)} "
                   "keeps 99% of them whole")
+
+
+def load_one(source: DataSource | str, renderer: Renderer, cache_dir: str | Path | None,
+             lazy_min_records: int | None, seed: int) -> TokenizedData | LazyTokens:
+    """A source tokenized whole (or mapped from the cache), or, with `lazy_min_records` and at least that many
+    records, read lazily (a whole entry already in the cache is used then too: it costs nothing)."""
+    if lazy_min_records is None:
+        return load_tokenized(source, renderer, cache_dir)
+    if not isinstance(source, DataSource):
+        source = data_sources.from_path(str(source), source)
+    if not (is_indexed(source) and large_source(source, lazy_min_records)):
+        return load_tokenized(source, renderer, cache_dir)
+    sha256 = data_sources.fingerprint(source)
+    cache = Path(cache_dir or default_cache_dir())
+    folder = token_cache.entry(cache, cache_key(source, renderer, sha256))
+    if (folder / token_cache.META).is_file():
+        return load_tokenized(source, renderer, cache_dir, sha256=sha256)
+    lazy = LazyTokens(source, sha256, renderer, cache)
+    if lazy.num_records < lazy_min_records:  # fewer records than the file size suggested: tokenize it whole
+        return load_tokenized(source, renderer, cache_dir, sha256=sha256)
+    lazy.check_sample(seed)
+    return lazy
 
 
 def load_all(files: list[tuple[str, DataSource | str]], renderer: Renderer, cache_dir: str | Path | None, *,
              is_main: bool = True, barrier: Callable[[], None] = lambda: None,
              log: Callable[[str], None] = lambda line: None,
-             warn: Callable[[str], None] = lambda line: None) -> list[TokenizedData]:
+             warn: Callable[[str], None] = lambda line: None,
+             lazy_min_records: int | None = None, seed: int = 0) -> list[TokenizedData | LazyTokens]:
     """Tokenize (or read from the cache) each `(key, path)`. The main process goes first, so that the others find
-    the cache filled instead of all tokenizing the same files at once.
+    the cache filled instead of all tokenizing the same files at once. `lazy_min_records`: sources with at least
+    this many records are tokenized as drawn (reweight); None: every source whole (finetune, eval).
 
-    Raises InputError naming every file that keeps no record with a response token within max_length.
+    Raises InputError naming every file that keeps no record with a response token within max_length (for a lazy
+    source: none of its seeded sample does).
     """
-    loaded: list[TokenizedData] = []
+    loaded: list[TokenizedData | LazyTokens] = []
     for main_turn in (True, False):
         if main_turn == is_main:
             for key, path in files:
                 start = time.perf_counter()
-                loaded.append(load_tokenized(path, renderer, cache_dir))
+                loaded.append(load_one(path, renderer, cache_dir, lazy_min_records, seed))
                 log(describe(key, loaded[-1], time.perf_counter() - start))
                 warning = truncation_warning(key, loaded[-1])
                 if warning:
                     warn(warning)
         barrier()
-    empty = [f"{key}: no record of {_label(path)} keeps a response token within data.max_length={renderer.max_length} "
-             "(raise data.max_length, or shorten the prompts)" for (key, path), d in zip(files, loaded) if not len(d)]
+    empty = [f"{key}: no record of {_of(d)}{_label(path)} keeps a response token within "
+             f"data.max_length={renderer.max_length} (raise data.max_length, or shorten the prompts)"
+             for (key, path), d in zip(files, loaded) if not d.num_kept]
     if empty:
         raise InputError(empty)
     return loaded
+
+
+def _of(data: TokenizedData | LazyTokens) -> str:
+    return f"a seeded sample of {data.num_tokenized:,} records of " if data.lazy else ""
 
 
 def _label(source: DataSource | str) -> str:

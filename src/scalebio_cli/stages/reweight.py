@@ -23,11 +23,13 @@ from scalebio_cli.data import sources as data_sources
 from scalebio_cli.data.batching import (
     CursorSampler,
     Prefetcher,
+    RecordSampler,
     balanced_counts,
     micro_batches,
     num_micro_batches,
     response_token_count,
 )
+from scalebio_cli.data.lazy_tokens import LazyTokens
 from scalebio_cli.data.render import Renderer
 from scalebio_cli.data.sources import DataSource
 from scalebio_cli.data.tokenized import TokenizedData
@@ -41,8 +43,19 @@ from scalebio_cli.train.modeling import count_parameters, load_model, load_token
 from scalebio_cli.train.stopping import FiniteGuard
 from scalebio_cli.train.zero import load_deepspeed_config, zero3_loading
 
+Tokens = TokenizedData | LazyTokens
+# Sources (and validation sets) with at least this many records are tokenized as drawn: a cold full pass over them
+# would take longer than a short run's first steps (docs/benchmarks.md, "Data preparation").
+LAZY_MIN_RECORDS = 50_000
 VALIDATION_STREAM = 10_000  # sampler stream of validation set j is VALIDATION_STREAM + j; source k uses stream k
 _POOLED_STREAM = 0xB001  # the per-step source counts of pooled batches
+
+
+def sampler(data: Tokens, seed: int, stream: int) -> CursorSampler | RecordSampler:
+    """A lazy source draws from its record count, passing over records that keep no response token (it cannot know
+    them before drawing); a source tokenized whole draws from its kept examples, as it always has, so results on
+    data whose records are all short enough stay what they were and results on data with skipped records too."""
+    return RecordSampler(data, seed, stream) if data.lazy else CursorSampler(len(data), seed, stream)
 
 
 class BatchPlan:
@@ -52,14 +65,14 @@ class BatchPlan:
     `next` runs on the prefetch thread (batching.Prefetcher): it only touches numpy and CPU tensors.
     """
 
-    def __init__(self, sources: list[TokenizedData], vals: list[TokenizedData], val_weights: list[float],
+    def __init__(self, sources: list[Tokens], vals: list[Tokens], val_weights: list[float],
                  recipe: Recipe, dist: distributed.DistInfo, pad_id: int):
         self.data = [*sources, *vals]  # validation set j is "source" K + j
         self.dist, self.pad_id, self.rw = dist, pad_id, recipe.reweight
-        self.samplers = [CursorSampler(len(d), recipe.seed, k) for k, d in enumerate(sources)]
-        sizes = np.asarray([len(d) for d in sources], dtype=np.float64)
+        self.samplers = [sampler(d, recipe.seed, k) for k, d in enumerate(sources)]
+        sizes = np.asarray([d.num_records if d.lazy else len(d) for d in sources], dtype=np.float64)  # as drawn
         self.pool, self.seed = sizes / sizes.sum(), recipe.seed
-        self.val_samplers = [CursorSampler(len(v), recipe.seed, VALIDATION_STREAM + j) for j, v in enumerate(vals)]
+        self.val_samplers = [sampler(v, recipe.seed, VALIDATION_STREAM + j) for j, v in enumerate(vals)]
         self.val_weights = torch.tensor(val_weights, dtype=torch.float32)
         self.pin = dist.device.type == "cuda"
 
@@ -103,15 +116,15 @@ class RunData:
 
     sources: dict[str, DataSource]
     vals: dict[str, DataSource]
-    tokenized: list[TokenizedData]
+    tokenized: list[Tokens]
     val_weights: list[float]  # normalised to sum 1
 
     @property
-    def source_data(self) -> list[TokenizedData]:
+    def source_data(self) -> list[Tokens]:
         return self.tokenized[: len(self.sources)]
 
     @property
-    def val_data(self) -> list[TokenizedData]:
+    def val_data(self) -> list[Tokens]:
         return self.tokenized[len(self.sources):]
 
 
@@ -125,7 +138,8 @@ def load_data(recipe: Recipe, renderer: Renderer, dist: distributed.DistInfo) ->
     """Every source and validation set, tokenized (or from the cache)."""
     sources, vals = data_sources.recipe_sources(recipe), data_sources.validation_sources(recipe)
     files = [(s.key, s) for s in [*sources.values(), *vals.values()]]
-    return RunData(sources, vals, loop.load_data_files(files, renderer, recipe, dist), validation_weights(recipe))
+    tokenized = loop.load_data_files(files, renderer, recipe, dist, lazy_min_records=LAZY_MIN_RECORDS)
+    return RunData(sources, vals, tokenized, validation_weights(recipe))
 
 
 @dataclass
@@ -136,7 +150,7 @@ class Reweighting:
     dist: distributed.DistInfo
     out: Path
     names: list[str]
-    sources: list[TokenizedData]
+    sources: list[Tokens]
     data: RunData
     plan: BatchPlan
     u: TrainEngine
@@ -352,11 +366,15 @@ def finish(rw: Reweighting) -> Path:
     return path
 
 
-def source_info(source: DataSource, data: TokenizedData) -> dict[str, Any]:
-    """weights.json `sources.NAME`: where it is, how many records were used, and how to read it again."""
+def source_info(source: DataSource, data: Tokens) -> dict[str, Any]:
+    """weights.json `sources.NAME`: where it is, how many records were used, and how to read it again. For a lazy
+    source the trainable and truncated counts are over the records tokenized (`num_tokenized`: its seeded sample
+    and every record drawn)."""
     path = source.path if data_sources.is_hub_id(source.path) else str(Path(source.path).resolve())
-    info: dict[str, Any] = {"path": path, "num_examples": data.num_records, "num_trainable": len(data),
+    info: dict[str, Any] = {"path": path, "num_examples": data.num_records, "num_trainable": data.num_kept,
                             "num_truncated": data.num_truncated, "sha256": data.sha256}
+    if data.lazy:
+        info["num_tokenized"] = data.num_tokenized
     if not source.is_plain:
         info["max_samples"] = source.spec.max_samples
         info["source"] = data_sources.to_record(source)

@@ -16,7 +16,7 @@ from rich.markup import escape
 from scalebio_cli.console import console
 from scalebio_cli.data.render import Renderer
 from scalebio_cli.data.sources import DataSource
-from scalebio_cli.data.tokenized import TokenizedData, load_all
+from scalebio_cli.data.tokenized import load_all
 from scalebio_cli.errors import TrainingStopped
 from scalebio_cli.files import write_text
 from scalebio_cli.recipe import Recipe, dump_recipe
@@ -36,11 +36,13 @@ def open_run_folder(recipe: Recipe, dist: DistInfo) -> Path:
 
 
 def load_data_files(files: list[tuple[str, DataSource | str]], renderer: Renderer, recipe: Recipe,
-                    dist: DistInfo) -> list[TokenizedData]:
-    """Tokenize (or read from the cache) each `(recipe key, path)`, logging sizes and warning about truncation."""
+                    dist: DistInfo, lazy_min_records: int | None = None) -> list[Any]:
+    """Tokenize (or read from the cache) each `(recipe key, path)`, logging sizes and warning about truncation;
+    sources of `lazy_min_records` records or more are tokenized as drawn (tokenized.load_all)."""
     return load_all(files, renderer, recipe.data.cache_dir, is_main=dist.is_main,
                     barrier=lambda: distributed.barrier(dist), log=lambda line: console.print(f"[dim]data[/] {line}"),
-                    warn=lambda line: console.print(f"[bold yellow]warning:[/] {line}"))
+                    warn=lambda line: console.print(f"[bold yellow]warning:[/] {line}"),
+                    lazy_min_records=lazy_min_records, seed=recipe.seed)
 
 
 def check_resume(start_from: Path | None, stage: str, recipe: Recipe, fingerprints: dict[str, str], force: bool,

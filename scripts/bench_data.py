@@ -1,0 +1,254 @@
+"""Data preparation: cold records/s, time to the first reweight step on 1,000,000 records, RSS of 1 vs 2 processes.
+
+    python scripts/bench_data.py [--records 50000] [--big 1000000] [--no-record]
+
+Writes instruct-math-like chat records (the records of ../shared/data/instruct-math repeated with a numbered
+variant appended to each prompt, or synthetic math text when that folder is absent) into a temporary folder, then:
+1. cold preparation: `load_tokenized` of `--records` records into an empty cache, with the SmolLM2-135M-Instruct
+   tokenizer and its chat template (a tiny `scalebio_cli.tiny` tokenizer when the SmolLM2 folder is absent: said
+   in the table), on one process and on every core;
+2. time from process start to the first reweight step: the real CLI (a 2-block model over that tokenizer) on a
+   `--big`-record JSON-lines source plus a small one, cold cache;
+3. peak RSS per process: 1, then 2 processes at once mapping the cached tokens of (1) and reading every token;
+   PSS (the process's share of shared pages) too, which is where sharing the cache shows.
+Prints a table and replaces the section between `<!-- bench_data: begin -->` and `<!-- bench_data: end -->` in
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+INSTRUCT_MATH = ROOT.parent / "shared" / "data" / "instruct-math"
+SMOLLM2 = Path.home() / ".cache" / "scalebio" / "models" / "SmolLM2-135M-Instruct"
+BEGIN, END = "<!-- bench_data: begin -->", "<!-- bench_data: end -->"
+ENV = {"HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def base_records() -> tuple[list[dict], str]:
+    """Chat records to repeat, and where they come from."""
+    files = sorted(INSTRUCT_MATH.glob("train_*.json"))
+    if files:
+        out = []
+        for f in files:
+            out += json.loads(f.read_text(encoding="utf-8"))
+        return out, f"the {len(out):,} training records of ../shared/data/instruct-math, repeated"
+    out = [{"items": [{"from": "human", "value": f"Solve: what is {i} times {i + 3}, then plus {i % 7}? " * 3},
+                      {"from": "gpt", "value": f"{i} x {i + 3} = {i * (i + 3)}; plus {i % 7} gives "
+                                               f"{i * (i + 3) + i % 7}. The answer is {i * (i + 3) + i % 7}. " * 4}]}
+           for i in range(5000)]
+    return out, "synthetic math records (../shared/data/instruct-math absent)"
+
+
+def write_jsonl(path: Path, base: list[dict], n: int) -> None:
+    """`n` records: the base records cycled, each prompt with its own variant number (no two records alike)."""
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            rec = base[i % len(base)]
+            turns = rec.get("items") or rec.get("conversations") or []
+            turns = [dict(t) for t in turns]
+            if turns:
+                turns[0]["value"] = f"{turns[0]['value']} (variant {i})"
+            f.write(json.dumps({"items": turns}, ensure_ascii=False) + "\n")
+
+
+def build_model(folder: Path, data: Path) -> str:
+    """A 2-block Llama over the SmolLM2 tokenizer (or a tiny one); returns which tokenizer."""
+    from scalebio_cli import tiny
+
+    if (SMOLLM2 / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(SMOLLM2))
+        which = "SmolLM2-135M-Instruct (49,152 tokens, its chat template)"
+    else:
+        texts = tiny.corpus_texts([data])[:5000]
+        tokenizer = tiny.build_tokenizer(texts, vocab_size=2000)
+        which = "a tiny BPE from scalebio_cli.tiny (SmolLM2 folder absent; vocab 2,000, chat template)"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = tiny.build_model(tokenizer, layers=2, hidden=64)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return which
+
+
+def cold_preparation(model: Path, data: Path, cache: Path, workers: int) -> float:
+    """Seconds to tokenize `data` into an empty cache (a child process: nothing warm)."""
+    code = f"""
+import time, sys
+from scalebio_cli.train.modeling import load_tokenizer
+from scalebio_cli.data.render import Renderer
+from scalebio_cli.data.tokenized import load_tokenized
+r = Renderer(load_tokenizer({str(model)!r}), 1024)
+t = time.perf_counter()
+d = load_tokenized({str(data)!r}, r, cache_dir={str(cache)!r}, workers={workers})
+assert not d.from_cache
+print(time.perf_counter() - t, d.num_records, len(d.ids))
+"""
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         env={**os.environ, **ENV}).stdout.split()
+    return float(out[0])
+
+
+def first_step(model: Path, big: Path, small: Path, val: Path, folder: Path) -> tuple[float, float]:
+    """Seconds from starting `scalebio reweight` to its first step's log line, and to its exit."""
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(json.dumps({
+        "model": str(model), "output_dir": str(folder / "run"), "seed": 0,
+        "data": {"sources": {"big": str(big), "small": str(small)}, "validation": str(val), "max_length": 256,
+                 "cache_dir": str(folder / "cache")},
+        "reweight": {"steps": 2, "batch_size": 8, "val_batch_size": 4, "micro_batch_size": 8, "log_every": 1,
+                     "lisa": {"layers": 1, "interval": 1}}}))
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "scalebio_cli", "reweight", "--config", str(recipe)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **ENV, "COLUMNS": "200"})
+    first = None
+    log = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        log.append(line)
+        if first is None and re.match(r"\s*step\s+1/", line):
+            first = time.perf_counter() - start
+    proc.wait()
+    if proc.returncode or first is None:
+        raise SystemExit("reweight failed:\n" + "".join(log[-30:]))
+    return first, time.perf_counter() - start
+
+
+RSS_CHILD = """
+import sys, time
+import numpy as np
+from pathlib import Path
+from scalebio_cli.data import token_cache
+arrays, meta = token_cache.read(Path(sys.argv[1]), ("ids", "trainable", "offsets"))
+ids, mask = arrays["ids"], arrays["trainable"]
+if sys.argv[2] == "copy":
+    ids, mask = np.array(ids), np.array(mask)
+total = int(ids.sum(dtype=np.int64)) + int(mask.sum())  # every page read
+time.sleep(2.0)  # both processes hold the data at once
+def field(path, key):
+    return next(int(l.split()[1]) for l in open(path) if l.startswith(key))
+print(field("/proc/self/status", "VmHWM:"), field("/proc/self/smaps_rollup", "Pss:"), ids.nbytes + mask.nbytes)
+"""
+
+
+def cache_entry(model: Path, data: Path, cache: Path) -> Path:
+    """The token-cache folder of `data` (the children read it without loading a tokenizer: RSS is the data's)."""
+    from scalebio_cli.data import sources as data_sources
+    from scalebio_cli.data import token_cache
+    from scalebio_cli.data.render import Renderer
+    from scalebio_cli.data.tokenized import cache_key
+    from scalebio_cli.train.modeling import load_tokenizer
+
+    source = data_sources.from_path("data", str(data))
+    key = cache_key(source, Renderer(load_tokenizer(str(model)), 1024), data_sources.fingerprint(source))
+    return token_cache.entry(cache, key)
+
+
+def peak_rss(entry: Path, processes: int, mode: str) -> list[tuple[int, int, int]]:
+    procs = [subprocess.Popen([sys.executable, "-c", RSS_CHILD, str(entry), mode],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, **ENV}) for _ in range(processes)]
+    out = []
+    for p in procs:
+        stdout, _ = p.communicate()
+        if p.returncode:
+            raise SystemExit(f"RSS child failed ({p.returncode})")
+        out.append(tuple(int(x) for x in stdout.split()))
+    return out  # type: ignore[return-value]
+
+
+def write_section(text: str) -> None:
+    doc = ROOT / "docs" / "benchmarks.md"
+    old = doc.read_text(encoding="utf-8") if doc.is_file() else "# Benchmarks\n"
+    section = f"{BEGIN}\n{text.rstrip()}\n{END}"
+    if BEGIN in old and END in old:
+        new = old[: old.index(BEGIN)] + section + old[old.index(END) + len(END):]
+    else:
+        new = old.rstrip() + "\n\n" + section + "\n"
+    doc.write_text(new, encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=50_000, help="records of the cold-preparation file")
+    parser.add_argument("--big", type=int, default=1_000_000, help="records of the time-to-first-step source")
+    parser.add_argument("--no-record", action="store_true", help="do not write docs/benchmarks.md")
+    args = parser.parse_args()
+    from scalebio_cli.data.encode_chunks import default_workers
+
+    load_start = os.getloadavg()
+    workers = default_workers()
+    base, origin = base_records()
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        data = folder / "prep.jsonl"
+        write_jsonl(data, base, args.records)
+        which = build_model(folder / "model", data)
+        model = folder / "model"
+        serial = cold_preparation(model, data, folder / "cache-serial", 1)
+        parallel = cold_preparation(model, data, folder / "cache", workers)
+        entry = cache_entry(model, data, folder / "cache")
+        rss1, rss2 = peak_rss(entry, 1, "mmap"), peak_rss(entry, 2, "mmap")
+        copy1, copy2 = peak_rss(entry, 1, "copy"), peak_rss(entry, 2, "copy")
+        big = folder / "big.jsonl"
+        t = time.perf_counter()
+        write_jsonl(big, base, args.big)
+        written = time.perf_counter() - t
+        small, val = folder / "small.jsonl", folder / "val.jsonl"
+        write_jsonl(small, base[::-1], 2000)
+        write_jsonl(val, base[1::7], 500)
+        first, total = first_step(model, big, small, val, folder / "first")
+        big_mb = big.stat().st_size / 1e6
+    load_end = os.getloadavg()
+
+    mb = 1024  # kB per MiB
+    data_mib = rss1[0][2] / 2**20
+    rows = [
+        ("cold preparation, 1 process",
+         f"{args.records / serial:,.0f} records/s ({serial:.1f} s for {args.records:,})"),
+        (f"cold preparation, {workers} worker processes",
+         f"{args.records / parallel:,.0f} records/s ({parallel:.1f} s for {args.records:,})"),
+        (f"start to first reweight step, {args.big:,}-record .jsonl ({big_mb:,.0f} MB), cold cache",
+         f"{first:.1f} s (run of 2 steps done at {total:.1f} s)"),
+        ("peak RSS per process, 1 process (token data memory-mapped)", f"{rss1[0][0] / mb:,.0f} MiB "
+         f"(PSS {rss1[0][1] / mb:,.0f} MiB)"),
+        ("peak RSS per process, 2 processes (token data memory-mapped)",
+         " / ".join(f"{r[0] / mb:,.0f} MiB (PSS {r[1] / mb:,.0f} MiB)" for r in rss2)),
+        ("for comparison: each process copies the tokens into its memory (what `.npz` did), 1 / 2 processes",
+         f"{copy1[0][0] / mb:,.0f} MiB (PSS {copy1[0][1] / mb:,.0f}) / "
+         + " / ".join(f"{r[0] / mb:,.0f} MiB (PSS {r[1] / mb:,.0f})" for r in copy2)),
+    ]
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    table = "| measure | result |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
+    text = f"""## Data preparation (`make bench-data`, scripts/bench_data.py)
+
+Measured {when} on {os.cpu_count()} CPU cores shared with another job (load average {load_start[0]:.2f} at the
+start, {load_end[0]:.2f} at the end). Records: {origin}, each prompt with a variant number; tokenizer: {which};
+max_length 1024 (preparation) and 256 (first step). Token data of the RSS rows: {data_mib:,.0f} MiB of ids and
+masks ({args.records:,} records), read in full by each process (a child that maps the cache entry and reads every
+token, nothing else: no tokenizer, no torch); RSS counts the shared page-cache pages of the mapped files in every
+process, PSS splits them between the processes that share them. Writing the
+{args.big:,}-record file took {written:.0f} s (not counted).
+
+{table}
+"""
+    print(text)
+    if not args.no_record:
+        write_section(text)
+
+
+if __name__ == "__main__":
+    main()
