@@ -235,7 +235,7 @@ def main() -> None:
     table = "| measure | result |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
     text = f"""## Data preparation (`make bench-data`, scripts/bench_data.py)
 
-Measured {when} on {os.cpu_count()} CPU cores shared with another job (load average {load_start[0]:.2f} at the
+Measured {when} on {os.cpu_count()} CPU cores (load average {load_start[0]:.2f} at the
 start, {load_end[0]:.2f} at the end). Records: {origin}, each prompt with a variant number; tokenizer: {which};
 max_length 1024 (preparation) and 256 (first step). Token data of the RSS rows: {data_mib:,.0f} MiB of ids and
 masks ({args.records:,} records), read in full by each process (a child that maps the cache entry and reads every
