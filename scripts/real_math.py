@@ -73,8 +73,12 @@ class Pipeline:
         self.exe = str(Path(sys.executable).parent / "scalebio")
         self.log = args.work / "commands.log"
 
-    def scalebio(self, *argv: str) -> str:
-        """One stage; its stdout (e.g. the weights path), its stderr kept in the work folder's log."""
+    def scalebio(self, *argv: str, output: Path | None = None) -> str:
+        """One stage; its stdout (e.g. the weights path), its stderr kept in the work folder's log. With --reuse, a
+        stage whose `output` exists (from an earlier, interrupted or shorter, run of this script) is not rerun."""
+        if self.args.reuse and output is not None and output.exists():
+            print(f"  {argv[0]}: reusing {output}", file=sys.stderr)
+            return str(output)
         start = time.perf_counter()
         result = subprocess.run([self.exe, *argv], capture_output=True, text=True)
         with self.log.open("a") as f:
@@ -92,9 +96,10 @@ class Pipeline:
     def evaluate(self, model: str, name: str, gsm8k: Path) -> dict:
         batch = ["--batch-size", str(self.preset["eval_batch"]), "--max-length", str(self.max_length())]
         loss_file, gen_file = self.args.work / f"eval-{name}.json", self.args.work / f"eval-{name}-gsm8k.json"
-        self.scalebio("eval", "--model", model, "--data", f"test={DATA / 'test.json'}", *batch, "-o", str(loss_file))
+        self.scalebio("eval", "--model", model, "--data", f"test={DATA / 'test.json'}", *batch, "-o", str(loss_file),
+                      output=loss_file)
         self.scalebio("eval", "--model", model, "--data", f"gsm8k={gsm8k}", *batch, "--generate",
-                      "--max-new-tokens", str(self.preset["max_new_tokens"]), "-o", str(gen_file))
+                      "--max-new-tokens", str(self.preset["max_new_tokens"]), "-o", str(gen_file), output=gen_file)
         test = json.loads(loss_file.read_text())["results"]["test"]
         gen = json.loads(gen_file.read_text())["results"]["gsm8k"]
         return {"test_loss": test["loss"], "accuracy": gen["accuracy"],
@@ -111,17 +116,25 @@ class Pipeline:
     def run_seed(self, seed: int, gsm8k: Path) -> dict:
         run = self.args.work / f"seed-{seed}"
         start = time.perf_counter()
-        weights = self.scalebio("reweight", *self.recipe_args(seed, run / "reweight"), "--force")
+        weights = self.scalebio("reweight", *self.recipe_args(seed, run / "reweight"), "--force",
+                                output=run / "reweight" / "weights.json")
         doc = json.loads(Path(weights).read_text())
         result: dict = {"seed": seed, "weights": doc["weights"], "steps": doc["steps"], "samplings": {}}
+        if self.args.lora:  # u and w as two adapters over one frozen base, the adapters' 10x learning rate
+            lora = run / "reweight-lora"
+            lr = 10 * float(doc["config"]["reweight"]["lr_u"])
+            self.scalebio("reweight", *self.recipe_args(seed, lora), f"reweight.lora.r={self.args.lora}",
+                          "reweight.lisa.layers=0", f"reweight.lr_u={lr}", f"reweight.lr_w={lr}", "--force",
+                          output=lora / "weights.json")
+            result["weights_lora"] = json.loads((lora / "weights.json").read_text())["weights"]
         for kind in SAMPLINGS:
             sample = run / f"sample-{kind}.jsonl"
             by = ["--weights", weights] if kind == "scalebio" else ["--weights", kind, "--config", str(RECIPE)]
             self.scalebio("sample", *by, "-n", str(self.preset["samples"]), "-o", str(sample), "--seed", str(seed),
-                          "--replacement")
+                          "--replacement", output=sample)
             tuned = run / f"finetune-{kind}"
             self.scalebio("finetune", *self.recipe_args(seed, tuned), f"finetune.data={sample}",
-                          "finetune.weights=null", "--force")
+                          "finetune.weights=null", "--force", output=tuned / "config.json")
             result["samplings"][kind] = self.evaluate(str(tuned), f"seed{seed}-{kind}", gsm8k)
         result["seconds"] = time.perf_counter() - start
         return result
@@ -142,11 +155,19 @@ def report(results: list[dict], base: dict, args: argparse.Namespace, minutes: f
             for n in names]
     rho = [spearman([r["weights"][n] for n in names], [PAPER[n] for n in names]) for r in results]
     rows.append("| Spearman vs paper | 1 | " + " | ".join(f"{x:+.2f}" for x in rho) + " |")
+    if all("weights_lora" in r for r in results):
+        rows += [f"| {n}, LoRA r={args.lora} | | " + " | ".join(f"{r['weights_lora'][n]:.3f}" for r in results) + " |"
+                 for n in names]
+        for label, ref in (("paper", lambda r: [PAPER[n] for n in names]),
+                           ("LISA", lambda r: [r["weights"][n] for n in names])):
+            rows.append(f"| LoRA: Spearman vs {label} | | " + " | ".join(
+                f"{spearman([r['weights_lora'][n] for n in names], ref(r)):+.2f}" for r in results) + " |")
     command = "python scripts/real_math.py " + " ".join(sys.argv[1:])
     weights_body = "\n".join([
         f"`{command}` (model `{Path(args.model_label).name}`, preset `{args.preset}`, {args.device}; "
         f"{results[0]['steps']} reweight steps; recipe `recipes/instruct-math-smollm2.yaml` with "
-        f"{' '.join(PRESETS[args.preset]['overrides'] + args.overrides) or 'no overrides'}; whole run "
+        f"{' '.join(PRESETS[args.preset]['overrides'] + args.overrides) or 'no overrides'}; "
+        f"{'this invocation, reusing the stages an earlier run finished, ' if args.reuse else 'whole run '}"
         f"{minutes:.0f} min). The paper's weights are over its ten sources (uniform there 0.100; here 0.200).",
         "", *head, *rows])
     table = ["| model | held-out loss (test.json) | accuracy (string) | accuracy (math-verify) | seeds |",
@@ -177,6 +198,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, help="records per fine-tuning sample (default: the preset's)")
     parser.add_argument("--questions", type=int, help="GSM8K-style questions generated on, 0 = all (default: the "
                         "preset's)")
+    parser.add_argument("--lora", type=int, default=0, metavar="R",
+                        help="also reweight with LoRA adapters of rank R (weights only), next to LISA's")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the stages an earlier run of this script finished (their outputs exist)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "real-math")
     parser.add_argument("--no-record", action="store_true", help="do not touch docs/results.md")
     parser.add_argument("overrides", nargs="*", help="extra KEY=VALUE recipe overrides (reweight and finetune)")

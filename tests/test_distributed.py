@@ -45,7 +45,9 @@ def plain_weights(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     return weights_of(run_cli("reweight", "--config", str(recipe), *SHORT), recipe.parent / "run")
 
 
-@pytest.mark.parametrize("engine, nproc", [("ddp", 2), ("zero2", 1), ("zero2", 2), ("zero3", 1), ("zero3", 2)])
+# One-process DeepSpeed runs are slow-marked: the two-process ones cover the same engine code and the reductions.
+@pytest.mark.parametrize("engine, nproc", [("ddp", 2), pytest.param("zero2", 1, marks=pytest.mark.slow), ("zero2", 2),
+                                           pytest.param("zero3", 1, marks=pytest.mark.slow), ("zero3", 2)])
 def test_every_engine_matches_the_plain_engine_with_lisa(demo: Path, tmp_path: Path, plain_weights, engine: str,
                                                           nproc: int) -> None:
     """Same seed, same global batch, LISA re-drawn twice: every engine learns the plain engine's weights (a block
