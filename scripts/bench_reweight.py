@@ -136,7 +136,8 @@ def child(setting: str, args: argparse.Namespace) -> dict:
         from scalebio_cli.train.lora import adapter_pair
 
         lora_kwargs = {k: v for k, v in kwargs.items() if k != "lisa"}
-        u, w = adapter_pair(model, LoraConfig(r=args.lora_r), "bench", lr_u=1e-4, lr_w=1e-4, **lora_kwargs)
+        u, w = adapter_pair(model, LoraConfig(r=args.lora_r, target_modules=args.lora_targets), "bench", lr_u=1e-4,
+                            lr_w=1e-4, **lora_kwargs)
         engines = [u, w]
         lam = SourceWeights(len(sources), 1e-2, 10_000, 0.0, device)
         batches = [plan.next(i) for i in range(args.steps)]
@@ -334,6 +335,8 @@ def main() -> None:
                                                                      "covers several draws)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--lora-r", type=int, default=8, help="adapter rank of the reweight-lora setting")
+    parser.add_argument("--lora-targets", nargs="+", default=["all-linear"],
+                        help="modules the adapters adapt (reweight.lora.target_modules), e.g. q_proj v_proj")
     parser.add_argument("--settings", nargs="+", default=None, choices=SETTINGS,
                         help="run only these (default: all without -ckpt; preset smollm2: SMOLLM2_SETTINGS)")
     parser.add_argument("--warmup", type=int, default=4)
@@ -352,7 +355,7 @@ def main() -> None:
     for setting in args.settings:
         cmd = [sys.executable, __file__, "--child", setting, "--device", args.device, "--preset", args.preset,
                "--lisa", str(args.lisa), "--interval", str(args.interval), "--steps", str(args.steps),
-               "--lora-r", str(args.lora_r),
+               "--lora-r", str(args.lora_r), "--lora-targets", *args.lora_targets,
                "--warmup", str(args.warmup)]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"}
                              if args.device == "cpu" else None)
@@ -369,13 +372,15 @@ def main() -> None:
                    else __import__("torch").cuda.get_device_name())
     mem_label = "peak RSS above baseline" if args.device == "cpu" else "peak CUDA memory"
     params = next(iter(r.values()))["params"]
+    lora_targets = ("all linear layers of the blocks" if args.lora_targets == ["all-linear"]
+                    else ", ".join(args.lora_targets))
     lines = [
         f"### {datetime.now(timezone.utc):%Y-%m-%d} · {args.device} ({device_name}) · preset `{args.preset}`",
         "",
         f"Llama {p['layers']} blocks, d={p['hidden']}, vocab {p['vocab']}, {params / 1e6:.1f}M "
         f"parameters, {'bf16' if args.device == 'cuda' else 'fp32'}; |B|={p['batch']}, |V|={p['val_batch']}, "
         f"~{p['seq']} tokens per example, micro-batch {p['micro']}; LISA {args.lisa} blocks re-drawn every "
-        f"{args.interval} steps; LoRA r={args.lora_r} (all linear layers of the blocks); median of "
+        f"{args.interval} steps; LoRA r={args.lora_r} ({lora_targets}); median of "
         f"{args.steps - args.warmup} steps after {args.warmup} warm-up. `python scripts/bench_reweight.py "
         f"{' '.join(sys.argv[1:])}`.",
         "",
