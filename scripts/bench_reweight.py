@@ -384,15 +384,12 @@ def main() -> None:
         f"{args.steps - args.warmup} steps after {args.warmup} warm-up. `python scripts/bench_reweight.py "
         f"{' '.join(sys.argv[1:])}`.",
         "",
-        f"| setting | step (ms) | tokens/s | {mem_label} (MiB) | optimizer state (MiB) |",
-        "|---|---:|---:|---:|---:|",
     ]
     # Model FLOPs utilisation: 6 x parameters per token moved through a forward and backward pass (the usual
     # convention, attention left out), over the device's dense bf16 peak; GPU only.
     peak = peak_flops(device_name) if args.device == "cuda" else None
-    if peak:
-        lines[-2] = lines[-2][:-1] + " MFU |"
-        lines[-1] += "---:|"
+    lines += [f"| setting | step (ms) | tokens/s | {mem_label} (MiB) | optimizer state (MiB) |" + " MFU |" * bool(peak),
+              "|---|---:|---:|---:|---:|" + "---:|" * bool(peak)]
     for setting in args.settings:
         x = r[setting]
         mfu = f" {6 * x['params'] * x['tokens_per_s'] / peak:.3f} |" if peak else ""

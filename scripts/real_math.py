@@ -106,12 +106,11 @@ class Pipeline:
                 "accuracy_math_verify": gen["accuracy_math_verify"], "num_checked": gen["num_checked"]}
 
     def max_length(self) -> int:
-        for o in [*self.preset["overrides"], *self.args.overrides]:
-            if o.startswith("data.max_length="):
-                return int(o.split("=", 1)[1])
-        import yaml
+        """data.max_length of the recipe as the stages read it (with this run's overrides)."""
+        from scalebio_cli.recipe import load_recipe
 
-        return int(yaml.safe_load(RECIPE.read_text())["data"]["max_length"])
+        overrides = [f"model={self.model}", *self.preset["overrides"], *self.args.overrides]
+        return load_recipe(RECIPE, overrides).data.max_length
 
     def run_seed(self, seed: int, gsm8k: Path) -> dict:
         run = self.args.work / f"seed-{seed}"

@@ -93,16 +93,14 @@ def test_lisa_frozen_blocks_stay_put_and_the_model_loads(engine: str, demo: Path
     pytest.param("zero3", 2, marks=pytest.mark.slow),  # the head's weight gathered by ZeRO-3 in both paths
 ])
 def test_full_logits_give_the_head_only_weights_under_every_engine(demo: Path, tmp_path: Path, plain_weights,
-                                                                   engine: str, nproc: int) -> None:
+                                                                   engine: str, nproc: int,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """SCALEBIO_FULL_LOGITS=1 (the [b, T, vocab] logits, then a gather) learns the weights of the default head-only
     losses (single process) within 1e-5: the LM head applied at loss positions only changes no result."""
     extra = {"deepspeed": ZERO[int(engine[-1])]} if engine.startswith("zero") else {}
     recipe = write_recipe(tmp_path / "recipe.yaml", demo, **extra)
-    os.environ["SCALEBIO_FULL_LOGITS"] = "1"
-    try:
-        result = (torchrun(nproc, "reweight", "--config", str(recipe), *SHORT) if engine != "plain"
-                  else run_cli("reweight", "--config", str(recipe), *SHORT))
-    finally:
-        del os.environ["SCALEBIO_FULL_LOGITS"]
+    monkeypatch.setenv("SCALEBIO_FULL_LOGITS", "1")  # the subprocesses inherit it
+    result = (torchrun(nproc, "reweight", "--config", str(recipe), *SHORT) if engine != "plain"
+              else run_cli("reweight", "--config", str(recipe), *SHORT))
     got = weights_of(result, tmp_path / "run")
     assert max(abs(got[k] - plain_weights[k]) for k in got) < 1e-5, (got, plain_weights)

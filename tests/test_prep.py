@@ -122,10 +122,11 @@ def test_load_all_reads_large_sources_lazily_and_names_a_sample_without_response
 
 
 def test_preflight_checks_a_sample_of_a_large_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from scalebio_cli.data import record_reader
     from scalebio_cli.data.sources import from_path as source_at
     from scalebio_cli.recipe import preflight
 
-    monkeypatch.setattr(preflight, "SAMPLED_CHECK_MIN_RECORDS", 100)
+    monkeypatch.setattr(record_reader, "LAZY_MIN_RECORDS", 100)
     monkeypatch.setattr(preflight, "SAMPLED_CHECK_SIZE", 50)
     path = tmp_path / "big.jsonl"
     lines = [json.dumps({"prompt": f"What is {i} plus one, written out in words please?", "completion": "x"})

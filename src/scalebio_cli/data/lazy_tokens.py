@@ -88,10 +88,6 @@ class LazyTokens:
     def num_truncated(self) -> int:
         return sum(1 for full in self._full.values() if full > self.max_length)
 
-    @property
-    def num_response_tokens(self) -> int:
-        return int(sum(int(m[1:].sum()) for m in self._trainable))
-
     def length_covering(self, fraction: float) -> int:
         full = np.fromiter(self._full.values(), dtype=np.int64, count=len(self._full))
         return int(np.quantile(full, fraction, method="higher")) if len(full) else 0

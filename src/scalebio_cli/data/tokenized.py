@@ -24,7 +24,7 @@ from scalebio_cli.data import sources as data_sources
 from scalebio_cli.data import token_cache
 from scalebio_cli.data.encode_chunks import PARALLEL_MIN_RECORDS, default_workers, encode_all
 from scalebio_cli.data.lazy_tokens import LazyTokens
-from scalebio_cli.data.record_reader import is_indexed, large_source
+from scalebio_cli.data.record_reader import large_source, may_read_lazily
 from scalebio_cli.data.render import Renderer
 from scalebio_cli.data.sources import DataSource
 from scalebio_cli.errors import InputError
@@ -90,11 +90,6 @@ class TokenizedData:
     @property
     def num_skipped(self) -> int:
         return self.num_records - len(self)
-
-    @property
-    def num_response_tokens(self) -> int:
-        """Tokens that carry loss (position 0 of an example predicts nothing)."""
-        return int(self.trainable.sum()) - int(self.trainable[self.offsets[:-1]].sum()) if len(self) else 0
 
     @property
     def lengths(self) -> np.ndarray:
@@ -225,7 +220,7 @@ def load_one(source: DataSource | str, renderer: Renderer, cache_dir: str | Path
         return load_tokenized(source, renderer, cache_dir)
     if not isinstance(source, DataSource):
         source = data_sources.from_path(str(source), source)
-    if not (is_indexed(source) and large_source(source, lazy_min_records)):
+    if not may_read_lazily(source, lazy_min_records):
         return load_tokenized(source, renderer, cache_dir)
     sha256 = data_sources.fingerprint(source)
     cache = Path(cache_dir or default_cache_dir())

@@ -99,10 +99,8 @@ def source_problems(source: DataSource) -> list[str]:
     return []
 
 
-# A source with at least this many records (and read by position: record_reader) is checked on a seeded sample
-# of them, not parsed whole: a full parse runs at ~50,000 records/s, 20 s for a million-record source before the
-# first step. Lazy tokenization reads (and checks) the rest as they are drawn.
-SAMPLED_CHECK_MIN_RECORDS = 50_000
+# A source large enough to be read lazily (record_reader.LAZY_MIN_RECORDS) is checked on a seeded sample of its
+# records, not parsed whole; the rest are checked as they are read.
 SAMPLED_CHECK_SIZE = 10_000
 _SAMPLE_STREAM = 0xC4EC
 
@@ -112,11 +110,11 @@ def _sampled_records(source: DataSource) -> tuple[int, list[tuple[str, object]]]
     parse the source whole."""
     from scalebio_cli.data import record_reader
 
-    if not (record_reader.is_indexed(source) and record_reader.large_source(source, SAMPLED_CHECK_MIN_RECORDS)):
+    if not record_reader.may_read_lazily(source, record_reader.LAZY_MIN_RECORDS):
         return None
     reader = record_reader.RecordReader(source, "", cache_dir=None)
     n = reader.num_records
-    if n < SAMPLED_CHECK_MIN_RECORDS:
+    if n < record_reader.LAZY_MIN_RECORDS:
         return None
     import numpy as np
 

@@ -30,6 +30,7 @@ from scalebio_cli.data.batching import (
     response_token_count,
 )
 from scalebio_cli.data.lazy_tokens import LazyTokens
+from scalebio_cli.data.record_reader import LAZY_MIN_RECORDS
 from scalebio_cli.data.render import Renderer
 from scalebio_cli.data.sources import DataSource
 from scalebio_cli.data.tokenized import TokenizedData
@@ -44,9 +45,6 @@ from scalebio_cli.train.stopping import FiniteGuard
 from scalebio_cli.train.zero import load_deepspeed_config, zero3_loading
 
 Tokens = TokenizedData | LazyTokens
-# Sources (and validation sets) with at least this many records are tokenized as drawn: a cold full pass over them
-# would take longer than a short run's first steps (docs/benchmarks.md, "Data preparation").
-LAZY_MIN_RECORDS = 50_000
 VALIDATION_STREAM = 10_000  # sampler stream of validation set j is VALIDATION_STREAM + j; source k uses stream k
 _POOLED_STREAM = 0xB001  # the per-step source counts of pooled batches
 
