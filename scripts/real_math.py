@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from get_smollm2 import cache_folder, convert, find_gguf
-from run_instruct_math import PAPER, RESULTS, replace_section
+from run_instruct_math import PAPER, RESULTS, replace_section, spearman
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "instruct-math"
@@ -41,19 +41,6 @@ PRESETS: dict[str, dict] = {
                           "reweight.lisa.interval=20", "finetune.batch_size=32", "finetune.micro_batch_size=16"],
             "samples": 6000, "generate": 0, "max_new_tokens": 512, "eval_batch": 32},
 }
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    """Rank correlation of two score lists without ties (five sources' weights)."""
-    def ranks(xs: list[float]) -> list[int]:
-        order = sorted(range(len(xs)), key=lambda i: xs[i])
-        out = [0] * len(xs)
-        for rank, i in enumerate(order):
-            out[i] = rank
-        return out
-
-    ra, rb, n = ranks(a), ranks(b), len(a)
-    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb)) / (n * (n * n - 1))
 
 
 def gsm8k_subset(out: Path, limit: int) -> Path:
