@@ -9,7 +9,7 @@ uniformly, and proportionally to source size; fine-tune the tiny model on each (
 each on test.json. Writes the weights and the held-out losses into docs/results.md. Needs ../shared/data.
 `--lora R` also reweights with u and w as two rank-R LoRA adapters over the one frozen model (10x the learning
 rate, as adapters need) and records both weight vectors side by side with their rank correlation;
-`--weights-only` runs the reweight stage(s) only.
+`--weights-only` runs the reweight stage(s) only (`--reuse`: keeping weights files already there).
 """
 
 from __future__ import annotations
@@ -93,9 +93,10 @@ def record(doc: dict, comparison: dict, seconds: float, samples: int) -> None:
     RESULTS.write_text(replace_section(text, "finetune", finetune_body))
 
 
-def reweight(env: dict, output: Path, *overrides: str) -> dict:
-    subprocess.run(["scalebio", "reweight", "--config", str(RECIPE), f"output_dir={output}", *overrides, "--force"],
-                   check=True, env=env, stdout=subprocess.DEVNULL)
+def reweight(env: dict, output: Path, *overrides: str, reuse: bool = False) -> dict:
+    if not (reuse and (output / "weights.json").is_file()):
+        subprocess.run(["scalebio", "reweight", "--config", str(RECIPE), f"output_dir={output}", *overrides, "--force"],
+                       check=True, env=env, stdout=subprocess.DEVNULL)
     return json.loads((output / "weights.json").read_text())
 
 
@@ -120,6 +121,7 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true", help="do not touch docs/results.md")
     parser.add_argument("--lora", type=int, default=0, metavar="R", help="also reweight with rank-R LoRA adapters")
     parser.add_argument("--weights-only", action="store_true", help="run the reweight stage(s) only")
+    parser.add_argument("--reuse", action="store_true", help="with --weights-only: keep weights.json files that exist")
     args = parser.parse_args()
     if not DATA.is_dir():
         sys.exit(f"{DATA} not found: this run needs the shared instruct-math data")
@@ -127,7 +129,7 @@ def main() -> None:
     start = time.perf_counter()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     if args.weights_only:
-        doc = reweight(env, RUN / "reweight")
+        doc = reweight(env, RUN / "reweight", reuse=args.reuse)
     else:
         subprocess.run([str(ROOT / "scripts" / "pipeline.sh"), str(RECIPE), str(DATA / "test.json"), str(RUN),
                         str(args.samples), "uniform proportional"], check=True, env=env)
@@ -138,7 +140,7 @@ def main() -> None:
     if args.lora:
         lr = 10 * float(doc["config"]["reweight"]["lr_u"])  # adapters learn from zero: 10x the full model's rate
         lora = reweight(env, RUN / "reweight-lora", f"reweight.lora.r={args.lora}", "reweight.lisa.layers=0",
-                        f"reweight.lr_u={lr}", f"reweight.lr_w={lr}")
+                        f"reweight.lr_u={lr}", f"reweight.lr_w={lr}", reuse=args.reuse and args.weights_only)
         print(" ".join(f"{n} LISA {doc['weights'][n]:.3f} LoRA {lora['weights'][n]:.3f}" for n in doc["weights"]))
         if not args.no_record:
             record_lora(doc, lora, args.lora, time.perf_counter() - start)

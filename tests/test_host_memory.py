@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from conftest import run_cli, write_recipe
 from scalebio_cli.train import host_memory
 
 # Allocates 4 MiB blocks in pairs and frees one of each pair: with glibc's dynamic threshold (raised by the first
@@ -46,3 +49,18 @@ def test_freed_blocks_go_back_to_the_system() -> None:
 def test_a_users_own_malloc_setting_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")
     assert host_memory.return_freed_memory() is False
+
+
+def test_where_blocks_live_changes_no_weight(demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpointed reweight gives freed blocks back (fixed threshold); with the user's own threshold at glibc's
+    maximum, activations come from the heap instead. The weights are bitwise the same."""
+    weights = []
+    for name, tunables in (("given-back", None), ("heap", "glibc.malloc.mmap_threshold=33554432")):
+        if tunables:
+            monkeypatch.setenv("GLIBC_TUNABLES", tunables)
+        recipe = write_recipe(tmp_path / name / "recipe.yaml", demo)
+        result = run_cli("reweight", "--config", str(recipe), "reweight.steps=6", "reweight.log_every=3",
+                         "reweight.gradient_checkpointing=true", "reweight.micro_batch_size=8")
+        assert result.returncode == 0, result.stderr
+        weights.append(json.loads(Path(result.stdout.strip()).read_text())["weights"])
+    assert weights[0] == weights[1]

@@ -23,12 +23,16 @@ import os
 
 M_MMAP_THRESHOLD = -3  # mallopt parameter number (malloc.h)
 MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's own starting value: blocks of 32 x 1,024 fp32 and up are mmapped
-USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+
+
+def user_threshold() -> bool:
+    """Did the user choose glibc's mmap threshold themselves (their setting wins)?"""
+    return bool(os.environ.get("MALLOC_MMAP_THRESHOLD_")) or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", "")
 
 
 def return_freed_memory() -> bool:
     """Fix glibc's mmap threshold for this process; False where it was not done (not glibc, or the user set it)."""
-    if any(os.environ.get(name) for name in USER_SETTINGS):
+    if user_threshold():
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
