@@ -6,7 +6,8 @@ Writes instruct-math-like chat records (the records of ../shared/data/instruct-m
 variant appended to each prompt, or synthetic math text when that folder is absent) into a temporary folder, then:
 1. cold preparation: `load_tokenized` of `--records` records into an empty cache, with the SmolLM2-135M-Instruct
    tokenizer and its chat template (a tiny `scalebio_cli.tiny` tokenizer when the SmolLM2 folder is absent: said
-   in the table), on one process and on every core;
+   in the table), on one process and on every core, with the CPU time per record (all processes: steadier than
+   the wall clock on a busy machine);
 2. time from process start to the first reweight step: the real CLI (a 2-block model over that tokenizer) on a
    `--big`-record JSON-lines source plus a small one, cold cache;
 3. peak RSS per process: 1, then 2 processes at once mapping the cached tokens of (1) and reading every token;
@@ -83,22 +84,26 @@ def build_model(folder: Path, data: Path) -> str:
     return which
 
 
-def cold_preparation(model: Path, data: Path, cache: Path, workers: int) -> float:
-    """Seconds to tokenize `data` into an empty cache (a child process: nothing warm)."""
+def cold_preparation(model: Path, data: Path, cache: Path, workers: int) -> tuple[float, float]:
+    """Seconds to tokenize `data` into an empty cache (a child process: nothing warm), and the CPU seconds it took
+    (its worker processes included), which a busy machine changes less than the seconds."""
     code = f"""
-import time, sys
+import resource, time, sys
 from scalebio_cli.train.modeling import load_tokenizer
 from scalebio_cli.data.render import Renderer
 from scalebio_cli.data.tokenized import load_tokenized
 r = Renderer(load_tokenizer({str(model)!r}), 1024)
-t = time.perf_counter()
+def cpu():
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+t, c = time.perf_counter(), cpu()
 d = load_tokenized({str(data)!r}, r, cache_dir={str(cache)!r}, workers={workers})
 assert not d.from_cache
-print(time.perf_counter() - t, d.num_records, len(d.ids))
+print(time.perf_counter() - t, cpu() - c, d.num_records, len(d.ids))
 """
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
                          env={**os.environ, **ENV}).stdout.split()
-    return float(out[0])
+    return float(out[0]), float(out[1])
 
 
 def first_step(model: Path, big: Path, small: Path, val: Path, folder: Path) -> tuple[float, float]:
@@ -198,8 +203,8 @@ def main() -> None:
         write_jsonl(data, base, args.records)
         which = build_model(folder / "model", data)
         model = folder / "model"
-        serial = cold_preparation(model, data, folder / "cache-serial", 1)
-        parallel = cold_preparation(model, data, folder / "cache", workers)
+        serial, serial_cpu = cold_preparation(model, data, folder / "cache-serial", 1)
+        parallel, parallel_cpu = cold_preparation(model, data, folder / "cache", workers)
         entry = cache_entry(model, data, folder / "cache")
         rss1, rss2 = peak_rss(entry, 1, "mmap"), peak_rss(entry, 2, "mmap")
         copy1, copy2 = peak_rss(entry, 1, "copy"), peak_rss(entry, 2, "copy")
@@ -218,9 +223,11 @@ def main() -> None:
     data_mib = rss1[0][2] / 2**20
     rows = [
         ("cold preparation, 1 process",
-         f"{args.records / serial:,.0f} records/s ({serial:.1f} s for {args.records:,})"),
+         f"{args.records / serial:,.0f} records/s ({serial:.1f} s for {args.records:,}; "
+         f"{serial_cpu / args.records * 1e6:,.0f} µs CPU per record)"),
         (f"cold preparation, {workers} worker processes",
-         f"{args.records / parallel:,.0f} records/s ({parallel:.1f} s for {args.records:,})"),
+         f"{args.records / parallel:,.0f} records/s ({parallel:.1f} s for {args.records:,}; "
+         f"{parallel_cpu / args.records * 1e6:,.0f} µs CPU per record, all processes)"),
         (f"start to first reweight step, {args.big:,}-record .jsonl ({big_mb:,.0f} MB), cold cache",
          f"{first:.1f} s (run of 2 steps done at {total:.1f} s)"),
         ("peak RSS per process, 1 process (token data memory-mapped)", f"{rss1[0][0] / mb:,.0f} MiB "

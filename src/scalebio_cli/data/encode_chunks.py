@@ -1,15 +1,17 @@
-"""Encoding chunks of examples into flat token arrays, in this process or on every core.
+"""Encoding chunks of records into flat token arrays, in this process or on every core.
 
-A chunk of examples becomes one `EncodedChunk` (numpy arrays, cheap to send between processes). The serial and
-the parallel pass call the same `encode_chunk`, so they give the same tokens by construction. The parallel pass
+A chunk of records becomes one `EncodedChunk` (numpy arrays, cheap to send between processes). The serial and
+the parallel pass call the same `encode_records`, so they give the same tokens by construction. The parallel pass
 is for full passes over large sources (finetune's epochs, eval, a reweight source small enough to tokenize whole):
-rendering and tokenizing are pure CPU work per record, so they scale with the cores while this process parses.
-Workers are forked (Linux): they inherit the loaded tokenizer instead of importing transformers and loading it
-again, which costs seconds per worker.
+parsing, rendering and tokenizing are pure CPU work per record, so they scale with the cores. This process only
+reads the records (a plain `.jsonl` file: its lines, unparsed) and hands them out: on a small machine it shares
+the cores with the workers. Workers are forked (Linux): they inherit the loaded tokenizer instead of importing
+transformers and loading it again, which costs seconds per worker.
 """
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 from collections import deque
@@ -20,11 +22,16 @@ from typing import Any
 import numpy as np
 
 from scalebio_cli.data.records import Example
-from scalebio_cli.data.render import Renderer
+from scalebio_cli.data.render import Renderer, TokenBatch
+from scalebio_cli.data.sources import RecordChunk
 
-CHUNK = 512  # examples per batched tokenizer call (and per message to a worker)
+CHUNK = 512  # records per batched tokenizer call (and per message to a worker)
 PARALLEL_MIN_RECORDS = 20_000  # below this a pool's start-up (~0.1 s per forked worker) is not worth it
 MAX_WORKERS = 8
+# Words a worker's BPE remembers (Renderer.enlarge_word_cache), ~30 MiB per 100,000 while the pass runs. The default,
+# 10,000, is full after ~600 instruct-math records; then the Rust tokenizer takes ~7% more instructions by 10,000
+# records, and ~20% more time by 50,000.
+WORKER_WORD_CACHE = 200_000
 
 
 @dataclass
@@ -39,38 +46,46 @@ class EncodedChunk:
 
 
 def encode_chunk(renderer: Renderer, items: list[tuple[str, Example]]) -> EncodedChunk:
-    encoded = renderer.encode_many([(ex, where) for where, ex in items])
-    kept = np.fromiter((e.num_trainable > 0 for e in encoded), dtype=bool, count=len(encoded))
-    keep = [e for e, k in zip(encoded, kept) if k]
-    lengths = np.fromiter((len(e.input_ids) for e in keep), dtype=np.int64, count=len(keep))
-    total = int(lengths.sum())
-    ids = np.fromiter((t for e in keep for t in e.input_ids), dtype=np.int32, count=total)
-    trainable = np.fromiter((m for e in keep for m in e.trainable), dtype=bool, count=total)
-    full = np.fromiter((e.full_length for e in encoded), dtype=np.int32, count=len(encoded))
-    return EncodedChunk(ids, trainable, lengths, full, kept)
+    """`(where, example)` pairs, truncated on the right to max_length."""
+    return truncate(renderer.encode_batch([(ex, where) for where, ex in items]), renderer.max_length)
+
+
+def encode_records(renderer: Renderer, chunk: RecordChunk) -> EncodedChunk:
+    return encode_chunk(renderer, chunk.examples())
+
+
+def truncate(batch: TokenBatch, max_length: int) -> EncodedChunk:
+    """Each record's first max_length tokens; a record is kept when one of them after the first is trainable
+    (position 0 is never predicted)."""
+    n = len(batch.lengths)
+    record = np.repeat(np.arange(n), batch.lengths)
+    position = np.arange(len(batch.ids)) - np.repeat(np.cumsum(batch.lengths) - batch.lengths, batch.lengths)
+    within = position < max_length
+    kept = np.bincount(record[batch.trainable & within & (position > 0)], minlength=n) > 0
+    take = within & kept[record]
+    return EncodedChunk(batch.ids[take], batch.trainable[take], np.minimum(batch.lengths, max_length)[kept],
+                        batch.lengths.astype(np.int32), kept)
 
 
 _worker_renderer: Renderer | None = None  # set in the parent just before forking; each worker inherits it
 
 
-def _encode_in_worker(items: list[tuple[str, Example]]) -> EncodedChunk:
+def _start_worker() -> None:
+    """Set up a forked worker. Its tokenizer is its own: a larger word cache there costs the parent nothing. The
+    objects it inherits (torch, transformers: ~300,000) are frozen out of garbage collection, which would otherwise
+    go through all of them every few thousand records (~4% of a worker's time) and copy their pages."""
     assert _worker_renderer is not None
-    return encode_chunk(_worker_renderer, items)
+    gc.freeze()
+    _worker_renderer.enlarge_word_cache(WORKER_WORD_CACHE)
 
 
-def chunked(examples: Iterable[tuple[str, Example]], size: int = CHUNK) -> Iterator[list[tuple[str, Example]]]:
-    chunk: list[tuple[str, Example]] = []
-    for item in examples:
-        chunk.append(item)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+def _encode_in_worker(chunk: RecordChunk) -> EncodedChunk:
+    assert _worker_renderer is not None
+    return encode_records(_worker_renderer, chunk)
 
 
 def default_workers() -> int:
-    """One worker per core this process may use (the parent only parses), at most MAX_WORKERS."""
+    """One worker per core this process may use (the parent only reads), at most MAX_WORKERS."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -78,23 +93,35 @@ def default_workers() -> int:
     return max(1, min(cores, MAX_WORKERS))
 
 
-def encode_all(renderer: Renderer, examples: Iterable[tuple[str, Example]], workers: int = 1) -> Iterator[EncodedChunk]:
-    """EncodedChunks of `examples` in order; `workers` > 1 forks that many processes (where fork exists)."""
+def encode_all(renderer: Renderer, chunks: Iterable[RecordChunk], workers: int = 1) -> Iterator[EncodedChunk]:
+    """EncodedChunks of `chunks` in order; `workers` > 1 forks that many processes (where fork exists). An error
+    reading the records is raised after the chunks read before it, as in a serial pass: the error reported is the
+    first bad record's."""
     if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
-        for chunk in chunked(examples):
-            yield encode_chunk(renderer, chunk)
+        for chunk in chunks:
+            yield encode_records(renderer, chunk)
         return
     global _worker_renderer
+    renderer.warm_up()
     _worker_renderer = renderer
     # Workers must not start their own thread pools in the tokenizer: that is what the cores are for.
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        with multiprocessing.get_context("fork").Pool(workers, initializer=_start_worker) as pool:
             # In order, with a bounded window: a few chunks in flight per worker keep every worker busy while the
-            # parent parses, without queueing a whole large source in memory (Pool.imap would).
+            # parent reads, without queueing a whole large source in memory (Pool.imap would).
             pending: deque[Any] = deque()
-            for chunk in chunked(examples):
+            reading = iter(chunks)
+            while True:
+                try:
+                    chunk = next(reading, None)
+                except Exception:
+                    while pending:
+                        yield pending.popleft().get()
+                    raise
+                if chunk is None:
+                    break
                 pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
                 if len(pending) >= 3 * workers:
                     yield pending.popleft().get()

@@ -41,15 +41,24 @@ Example = list[Turn] | str
 _BLANK = " \t\n\r\x0b\x0c"
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
     with path.open("r", encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
-            if not line.strip(_BLANK):
-                continue
-            try:
-                yield f"{path}:{lineno}", json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if line.strip(_BLANK):
+                yield lineno, line
+
+
+def parse_jsonl_line(path: str | Path, lineno: int, line: str) -> tuple[str, Any]:
+    """`(location, record)` of line `lineno` of a .jsonl file."""
+    try:
+        return f"{path}:{lineno}", json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    for lineno, line in _jsonl_lines(path):
+        yield parse_jsonl_line(path, lineno, line)
 
 
 def _iter_json_array(path: Path, chunk_size: int = 1 << 20) -> Iterator[tuple[str, Any]]:
@@ -123,17 +132,26 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
 def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
     """Yield `(location, record)` for every record of a data file, streaming."""
     path = Path(path)
+    if path.suffix == ".jsonl":
+        return _reading(path, _iter_jsonl(path))
+    return _reading(path, _iter_json_array(path) if path.suffix == ".json" else _iter_parquet(path))
+
+
+def iter_jsonl_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """`(line number, line)` for every record of a .jsonl file, unparsed (parse_jsonl_line parses one): parsing is
+    most of the cost of reading, which a parallel pass leaves to its workers."""
+    path = Path(path)
+    return _reading(path, _jsonl_lines(path))
+
+
+def _reading(path: Path, stream: Iterator[Any]) -> Iterator[Any]:
+    """`stream` read from `path`, a missing file or one that cannot be read as text an InputError."""
     if path.suffix not in EXTENSIONS:
         raise InputError(f"{path}: unsupported file type '{path.suffix}' (use {', '.join(EXTENSIONS)})")
     if not path.is_file():
         raise InputError(f"{path}: data file not found")
     try:
-        if path.suffix == ".jsonl":
-            yield from _iter_jsonl(path)
-        elif path.suffix == ".json":
-            yield from _iter_json_array(path)
-        else:
-            yield from _iter_parquet(path)
+        yield from stream
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:

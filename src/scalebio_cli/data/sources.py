@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -290,13 +290,15 @@ def count(source: DataSource) -> int:
 def iter_records(source: DataSource) -> Iterator[tuple[str, Any]]:
     """`(location, raw record)` of every chosen row, in file order."""
     table = open_table(source)
-    rows = selected_rows(source, table)
+    yield from _chosen(table, selected_rows(source, table))
+
+
+def _chosen(table: PlainTable | HFTable, rows: np.ndarray | None) -> Iterator[tuple[str, Any]]:
     if rows is None:
-        yield from table.rows()
-    elif isinstance(table, HFTable):
-        yield from table.rows(rows.tolist())
-    else:
-        yield from _pick(table.rows(), rows.tolist())
+        return table.rows()
+    if isinstance(table, HFTable):
+        return table.rows(rows.tolist())
+    return _pick(table.rows(), rows.tolist())
 
 
 def _pick(stream: Iterator[tuple[str, Any]], wanted: list[int]) -> Iterator[tuple[str, Any]]:
@@ -348,6 +350,60 @@ def to_example(record: Any, columns: dict[str, str], where: str) -> Example:
 def iter_examples(source: DataSource) -> Iterator[tuple[str, Example]]:
     for where, record in iter_records(source):
         yield where, to_example(record, source.spec.columns, where)
+
+
+@dataclass
+class RecordChunk:
+    """Consecutive records of a source as read, and its column map: `examples()` makes examples of them. The records
+    of a plain `.jsonl` file come as their lines, unparsed: parsing the JSON is most of the cost of reading, so a
+    parallel pass leaves it to the worker process that makes the examples."""
+
+    columns: dict[str, str]
+    parsed: list[tuple[str, Any]] = field(default_factory=list)  # (location, record)
+    path: Path | None = None  # the file of `lines`
+    lines: list[tuple[int, str]] = field(default_factory=list)  # (line number, line), as records.iter_jsonl_lines
+
+    def __len__(self) -> int:
+        return len(self.parsed) + len(self.lines)
+
+    def records(self) -> Iterator[tuple[str, Any]]:
+        yield from self.parsed
+        for lineno, line in self.lines:
+            yield records.parse_jsonl_line(self.path or "", lineno, line)
+
+    def examples(self) -> list[tuple[str, Example]]:
+        return [(where, to_example(record, self.columns, where)) for where, record in self.records()]
+
+
+def iter_record_chunks(source: DataSource, size: int) -> Iterator[RecordChunk]:
+    """The records of `iter_records(source)`, `size` at a time (a plain `.jsonl` file read whole: as lines)."""
+    table = open_table(source)
+    rows = selected_rows(source, table)
+    columns = source.spec.columns
+    if rows is None and isinstance(table, PlainTable) and table.path.suffix == ".jsonl":
+        for lines in _parts(records.iter_jsonl_lines(table.path), size):
+            yield RecordChunk(columns, path=table.path, lines=lines)
+    else:
+        for parsed in _parts(_chosen(table, rows), size):
+            yield RecordChunk(columns, parsed=parsed)
+
+
+def _parts(stream: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    """`stream` in lists of `size`. An error reading it comes after a list of what was read before it, so that a
+    pass over the lists reports the first bad record, as a pass over iter_examples does."""
+    part: list[Any] = []
+    try:
+        for item in stream:
+            part.append(item)
+            if len(part) >= size:
+                yield part
+                part = []
+    except Exception:
+        if part:
+            yield part
+        raise
+    if part:
+        yield part
 
 
 def fingerprint(source: DataSource) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 
 from scalebio_cli.data import sources as data_sources
 from scalebio_cli.data import token_cache
-from scalebio_cli.data.encode_chunks import PARALLEL_MIN_RECORDS, default_workers, encode_all
+from scalebio_cli.data.encode_chunks import CHUNK, PARALLEL_MIN_RECORDS, default_workers, encode_all
 from scalebio_cli.data.lazy_tokens import LazyTokens
 from scalebio_cli.data.record_reader import large_source, may_read_lazily
 from scalebio_cli.data.render import Renderer
@@ -117,7 +117,7 @@ _ARRAYS = ("ids", "trainable", "offsets", "record_index", "full_lengths")
 def _tokenize(source: DataSource, renderer: Renderer, workers: int) -> dict[str, np.ndarray]:
     """The cache entry's arrays: tokens and masks of the kept records, their indices, every record's length."""
     ids, masks, lengths, kept, full = [], [], [], [], []
-    for chunk in encode_all(renderer, data_sources.iter_examples(source), workers):
+    for chunk in encode_all(renderer, data_sources.iter_record_chunks(source, CHUNK), workers):
         ids.append(chunk.ids)
         masks.append(chunk.trainable)
         lengths.append(chunk.lengths)
