@@ -59,7 +59,7 @@ def test_where_blocks_live_changes_no_weight(demo: Path, tmp_path: Path, monkeyp
         if tunables:
             monkeypatch.setenv("GLIBC_TUNABLES", tunables)
         recipe = write_recipe(tmp_path / name / "recipe.yaml", demo)
-        result = run_cli("reweight", "--config", str(recipe), "reweight.steps=6", "reweight.log_every=3",
+        result = run_cli("reweight", "--config", str(recipe), "reweight.steps=3", "reweight.log_every=1",
                          "reweight.gradient_checkpointing=true", "reweight.micro_batch_size=8")
         assert result.returncode == 0, result.stderr
         weights.append(json.loads(Path(result.stdout.strip()).read_text())["weights"])
