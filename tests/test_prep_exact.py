@@ -21,6 +21,7 @@ from scalebio_cli.data.records import Turn, iter_examples, to_example
 from scalebio_cli.data.render import Renderer, token_byte_lengths
 from scalebio_cli.data.tokenized import load_tokenized
 from scalebio_cli.errors import InputError
+from test_data import expected
 
 SMOLLM2 = Path.home() / ".cache" / "scalebio" / "models" / "SmolLM2-135M-Instruct"
 INSTRUCT_MATH = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "instruct-math"
@@ -98,12 +99,7 @@ def _reference_segments(tok, example) -> list[tuple[str, bool]]:
 def _reference_tokens(tok, example) -> tuple[list[int], list[bool]]:
     segments = [(text, train) for text, train in _reference_segments(tok, example) if text]
     if not tok.is_fast:
-        ids, mask = [], []
-        for text, train in segments:
-            piece = tok(text, add_special_tokens=False)["input_ids"]
-            ids += piece
-            mask += [train] * len(piece)
-        return ids, mask
+        return expected(tok, segments)  # segment by segment, as test_data's hand-written cases
     responses, pos = [], 0
     for text, train in segments:
         if train:
