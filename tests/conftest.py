@@ -93,7 +93,7 @@ def reweighted(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     its output folder (weights.json, metrics.jsonl, recipe.yaml, tensorboard/)."""
     root = tmp_path_factory.mktemp("reweighted")
     recipe = write_recipe(root / "recipe.yaml", demo, report_to=["tensorboard"])
-    result = run_cli("reweight", "--config", str(recipe), "reweight.steps=20", "reweight.log_every=5")
+    result = invoke("reweight", "--config", str(recipe), "reweight.steps=20", "reweight.log_every=5")
     assert result.returncode == 0, result.stderr
     return Path(result.stdout.strip()).parent
 
@@ -103,3 +103,21 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
     exe = shutil.which("scalebio", path=str(Path(sys.executable).parent)) or "scalebio"
     return subprocess.run([exe, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout,
                           env={**os.environ, "COLUMNS": "80"})  # what CI logs get: messages must not wrap
+
+
+def invoke(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in this process (Typer's CliRunner), with run_cli's result shape. A command that needs torch
+    and transformers costs its work only, not the ~5 s of importing them in a fresh process: for tests where one
+    process suffices (no signals, no torchrun, no per-process environment). An exception the CLI does not turn
+    into an exit status comes back as status 1 with its traceback on stderr, as a subprocess would show it."""
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from scalebio_cli import cli
+
+    result = CliRunner().invoke(cli.app, [str(a) for a in args], env={"COLUMNS": "80"})
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(["scalebio", *args], result.exit_code, result.stdout, stderr)

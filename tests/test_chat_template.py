@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import ROOT, run_cli, write_recipe
+from conftest import ROOT, invoke, run_cli, write_recipe
 
 
 def test_finetune_saves_exactly_the_recipe_template(demo: Path, tmp_path: Path) -> None:
@@ -13,8 +13,8 @@ def test_finetune_saves_exactly_the_recipe_template(demo: Path, tmp_path: Path) 
     template = ROOT / "recipes" / "templates" / "chatml.jinja"
     recipe = write_recipe(tmp_path / "r.yaml", demo, finetune={"data": str(demo / "data" / "clean.jsonl"),
                                                                "epochs": 0.1, "batch_size": 16, "lr": 1e-3})
-    result = run_cli("finetune", "--config", str(recipe), f"data.chat_template={template}",
-                     f"output_dir={tmp_path / 'ft'}")
+    result = invoke("finetune", "--config", str(recipe), f"data.chat_template={template}",
+                    f"output_dir={tmp_path / 'ft'}")
     assert result.returncode == 0, result.stderr
     tokenizer = AutoTokenizer.from_pretrained(result.stdout.strip())
     assert tokenizer.chat_template == template.read_text()

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli, write_recipe
+from conftest import ROOT, invoke, run_cli, write_recipe
 from scalebio_cli.train.lisa import draw_blocks
 
 pytest.importorskip("deepspeed")
@@ -42,7 +42,7 @@ def weights_of(result: subprocess.CompletedProcess[str], out: Path) -> dict[str,
 def plain_weights(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
     """The reference: one process, our AdamW, LISA with three draws (blocks switched on and off twice)."""
     recipe = write_recipe(tmp_path_factory.mktemp("one") / "recipe.yaml", demo)
-    return weights_of(run_cli("reweight", "--config", str(recipe), *SHORT), recipe.parent / "run")
+    return weights_of(invoke("reweight", "--config", str(recipe), *SHORT), recipe.parent / "run")
 
 
 # One-process DeepSpeed runs are slow-marked: the two-process ones cover the same engine code and the reductions.
@@ -63,9 +63,10 @@ def test_every_engine_matches_the_plain_engine_with_lisa(demo: Path, tmp_path: P
     assert max(abs(got[k] - plain_weights[k]) for k in got) < 1e-6, (got, plain_weights)
 
 
-# DDP is slow-marked here: its LISA (blocks switched on and off) is in the equivalence test above; the ZeRO runs
-# freeze through their own parameter groups.
-@pytest.mark.parametrize("engine", [pytest.param("ddp", marks=pytest.mark.slow), "zero2", "zero3"])
+# DDP and ZeRO-2 are slow-marked here (test time): DDP's LISA (blocks switched on and off) is in the equivalence
+# test above; ZeRO-3 freezes through its own parameter groups over sharded weights, the harder of the two ZeRO stages.
+@pytest.mark.parametrize("engine", [pytest.param("ddp", marks=pytest.mark.slow),
+                                    pytest.param("zero2", marks=pytest.mark.slow), "zero3"])
 def test_lisa_frozen_blocks_stay_put_and_the_model_loads(engine: str, demo: Path, tmp_path: Path) -> None:
     """Two-process LISA fine-tune with one draw: exactly the drawn block (and head, norm) moves; eval loads it."""
     ft = {"data": str(demo / "data" / "clean.jsonl"), "epochs": 0.1, "lr": 3e-3, "batch_size": 8,
@@ -82,8 +83,8 @@ def test_lisa_frozen_blocks_stay_put_and_the_model_loads(engine: str, demo: Path
         moved = [k for k in block if not torch.equal(before[k], after[k])]
         assert (moved == block) if i in active else (moved == []), f"{engine}: block {i}, active {active}"
     assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
-    evaluated = run_cli("eval", "--model", str(out), "--data", f"test={demo / 'data' / 'test.jsonl'}",
-                        "-o", str(tmp_path / "r.json"))
+    evaluated = invoke("eval", "--model", str(out), "--data", f"test={demo / 'data' / 'test.jsonl'}",
+                       "-o", str(tmp_path / "r.json"))
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads((tmp_path / "r.json").read_text())["results"]["test"]["num_examples"] == 200
 

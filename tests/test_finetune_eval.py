@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli, write_recipe
+from conftest import ROOT, invoke, run_cli, write_recipe
 from scalebio_cli.data.answers import extract_answer, math_verify_equal
 from scalebio_cli.train.lisa import draw_blocks
 
@@ -25,7 +25,7 @@ def finetune(tmp_path: Path, demo: Path, **finetune_keys) -> tuple[subprocess.Co
     recipe = write_recipe(tmp_path / "recipe.yaml", demo,
                           finetune={**FT, "data": str(data), "validation": str(demo / "data" / "val.jsonl"),
                                     **finetune_keys})
-    result = run_cli("finetune", "--config", str(recipe), "finetune.epochs=0.16")  # 6 steps of 16 of 600
+    result = invoke("finetune", "--config", str(recipe), "finetune.epochs=0.16")  # 6 steps of 16 of 600
     return result, recipe.parent / "run"
 
 
@@ -80,7 +80,7 @@ def test_finetune_mixes_sources_by_a_weights_file(demo: Path, tmp_path: Path) ->
         validation=None, trajectory=[], steps=1, seed=0, model="m", config={}))
     recipe = write_recipe(tmp_path / "recipe.yaml", demo, finetune={**FT, "weights": str(w)},
                           data={"sources": {n: str(p) for n, p in names.items()}, "max_length": 64})
-    result = run_cli("finetune", "--config", str(recipe), "finetune.epochs=0.05")
+    result = invoke("finetune", "--config", str(recipe), "finetune.epochs=0.05")
     assert result.returncode == 0, result.stderr
     assert "mixed by" in result.stderr and "clean 0.900" in result.stderr
 
@@ -94,8 +94,8 @@ def test_finetune_needs_exactly_one_data_choice(demo: Path, tmp_path: Path) -> N
 def test_eval_reports_loss_perplexity_and_accuracy(finetuned, demo: Path, tmp_path: Path) -> None:
     finetuned = finetuned[1]
     out = tmp_path / "result.json"
-    result = run_cli("eval", "--model", str(finetuned), "--data", f"test={demo / 'data' / 'test.jsonl'}",
-                     "--data", f"noisy={demo / 'data' / 'noisy.json'}", "--output", str(out), "--generate",
+    result = invoke("eval", "--model", str(finetuned), "--data", f"test={demo / 'data' / 'test.jsonl'}",
+                    "--data", f"noisy={demo / 'data' / 'noisy.json'}", "--output", str(out), "--generate",
                      "--max-new-tokens", "12", "--batch-size", "16")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(out)

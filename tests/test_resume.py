@@ -1,4 +1,8 @@
-"""Never lose a run: kill it, resume it, get bitwise the same result; stop cleanly at non-finite values."""
+"""Never lose a run: kill it, resume it, get bitwise the same result; stop cleanly at non-finite values.
+
+The runs that are interrupted run in a subprocess (they get the signals); references and resumed runs run in this
+process (conftest.invoke), which saves the imports of a fresh process each.
+"""
 
 import json
 import shutil
@@ -12,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli, write_recipe
+from conftest import invoke, run_cli, write_recipe
 
 STEPS = ["reweight.steps=60", "reweight.log_every=5", "reweight.lisa.interval=7", "checkpoint.every=10",
          "checkpoint.keep=2"]
@@ -42,7 +46,7 @@ def kill_at(path: Path, proc: subprocess.Popen) -> None:
 def reference(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """An uninterrupted run with the same recipe and seed."""
     recipe = write_recipe(tmp_path_factory.mktemp("ref") / "recipe.yaml", demo)
-    result = run_cli("reweight", "--config", str(recipe), *STEPS)
+    result = invoke("reweight", "--config", str(recipe), *STEPS)
     assert result.returncode == 0, result.stderr
     return json.loads(Path(result.stdout.strip()).read_text())
 
@@ -53,7 +57,7 @@ def test_sigkill_midway_then_resume_auto_is_bitwise_identical(demo: Path, tmp_pa
     proc = start_cli("reweight", "--config", str(recipe), *STEPS)
     kill_at(out / "checkpoints" / "step-000020", proc)
     assert not (out / "weights.json").exists()
-    result = run_cli("reweight", "--config", str(recipe), *STEPS, "--resume", "auto")
+    result = invoke("reweight", "--config", str(recipe), *STEPS, "--resume", "auto")
     assert result.returncode == 0, result.stderr
     assert "resumed from" in result.stderr
     resumed = json.loads((out / "weights.json").read_text())
@@ -77,7 +81,7 @@ def test_sigterm_checkpoints_stops_with_status_1_then_resumes(demo: Path, tmp_pa
     assert "stopped by SIGTERM after step" in stderr and "--resume auto" in stderr and "Traceback" not in stderr
     stopped_at = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").iterdir())
     assert stopped_at > 10  # a checkpoint written on the signal, not just the periodic one
-    result = run_cli("reweight", "--config", str(recipe), *STEPS, "--resume", "auto")
+    result = invoke("reweight", "--config", str(recipe), *STEPS, "--resume", "auto")
     assert result.returncode == 0, result.stderr
     assert f"step {stopped_at} of 60" in result.stderr
     assert json.loads((out / "weights.json").read_text())["weights"] == reference["weights"]
@@ -88,7 +92,7 @@ def test_finetune_sigterm_and_sigkill_then_resume_give_the_same_model(demo: Path
           "micro_batch_size": 4, "log_every": 5, "lisa": {"layers": 2, "interval": 7}}
     args = ["checkpoint.every=10"]
     ref = write_recipe(tmp_path / "ref" / "recipe.yaml", demo, finetune=ft)
-    assert run_cli("finetune", "--config", str(ref), *args).returncode == 0
+    assert invoke("finetune", "--config", str(ref), *args).returncode == 0  # the reference: no signal
     recipe = write_recipe(tmp_path / "killed" / "recipe.yaml", demo, finetune=ft)
     out = recipe.parent / "run"
     proc = start_cli("finetune", "--config", str(recipe), *args)  # 1st interruption: SIGTERM
@@ -99,7 +103,7 @@ def test_finetune_sigterm_and_sigkill_then_resume_give_the_same_model(demo: Path
     proc = start_cli("finetune", "--config", str(recipe), *args, "--resume", "auto")  # 2nd: SIGKILL
     kill_at(out / "checkpoints" / "step-000040", proc)
     assert not (out / "config.json").exists()  # no model folder from an interrupted run
-    result = run_cli("finetune", "--config", str(recipe), *args, "--resume", "auto")
+    result = invoke("finetune", "--config", str(recipe), *args, "--resume", "auto")
     assert result.returncode == 0, result.stderr
     a, b = load_file(str(ref.parent / "run" / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

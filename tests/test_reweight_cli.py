@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, write_recipe
+from conftest import invoke, run_cli, write_recipe
 
 CONTRACT_KEYS = {"format", "weights", "weights_averaged", "sources", "trajectory", "steps", "seed", "model",
                  "created", "version", "config"}
@@ -16,7 +16,7 @@ CONTRACT_KEYS = {"format", "weights", "weights_averaged", "sources", "trajectory
 @pytest.fixture(scope="module")
 def demo_run(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     recipe = write_recipe(tmp_path_factory.mktemp("e2e") / "recipe.yaml", demo)
-    result = run_cli("reweight", "--config", str(recipe))
+    result = invoke("reweight", "--config", str(recipe))
     assert result.returncode == 0, result.stderr
     path = Path(result.stdout.strip())
     assert path == recipe.parent / "run" / "weights.json"  # stdout carries only the result path
@@ -68,9 +68,9 @@ def test_metrics_and_plot(demo_run) -> None:
 
 def test_same_seed_same_weights_bitwise(demo: Path, tmp_path: Path) -> None:
     docs = []
-    for name in ("a", "b"):
+    for name, run in (("a", run_cli), ("b", invoke)):  # a fresh process and this one: no state carries over
         recipe = write_recipe(tmp_path / name / "recipe.yaml", demo)
-        result = run_cli("reweight", "--config", str(recipe), "reweight.steps=12", "reweight.log_every=4",
+        result = run("reweight", "--config", str(recipe), "reweight.steps=12", "reweight.log_every=4",
                          "reweight.lisa.interval=5")
         assert result.returncode == 0, result.stderr
         docs.append(json.loads(Path(result.stdout.strip()).read_text()))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import invoke, run_cli
 from scalebio_cli.data import sources as S
 from scalebio_cli.errors import InputError
 from scalebio_cli.recipe.load import load_recipe
@@ -95,7 +95,7 @@ def _recipe(tmp: Path, demo: Path, layouts: dict[str, Path]) -> Path:
 
 def test_reweight_sample_finetune_from_layouts(tmp_path: Path, demo: Path, layouts: dict[str, Path]) -> None:
     recipe = _recipe(tmp_path, demo, layouts)
-    result = run_cli("reweight", "--config", str(recipe))
+    result = invoke("reweight", "--config", str(recipe))
     assert result.returncode == 0, result.stderr
     assert "reading the columns question/answer as prompt/completion" in result.stderr  # the detected schema, said
     doc = json.loads((tmp_path / "rw" / "weights.json").read_text())
@@ -120,7 +120,7 @@ def test_reweight_sample_finetune_from_layouts(tmp_path: Path, demo: Path, layou
     mix_words = [r for r in rows if r["source"] == "mix/words"]
     assert all(r["messages"][0]["content"].startswith("Reverse") for r in mix_words)  # split_by read back alike
 
-    result = run_cli("finetune", "--config", str(recipe), f"finetune.weights={tmp_path / 'rw' / 'weights.json'}",
-                     f"output_dir={tmp_path / 'ft'}")
+    result = invoke("finetune", "--config", str(recipe), f"finetune.weights={tmp_path / 'rw' / 'weights.json'}",
+                    f"output_dir={tmp_path / 'ft'}")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "ft" / "config.json").is_file()
