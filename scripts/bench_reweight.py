@@ -13,7 +13,10 @@ Settings: sft / reweight with LISA (2 active blocks; the backward pass reaches t
 `lisa.train_embeddings: true`), reweight with the backward cut at the lowest active block (`train_embeddings:
 false`: embeddings frozen), with all blocks, and "reference": LISA as the reference implementations do it
 (optimizer state for every parameter, never freed), and "reweight-lora": u and w as two LoRA adapters (rank
-`--lora-r`, every linear layer of the blocks) over one frozen base (`reweight.lora.r`, train/lora.py).
+`--lora-r`, every linear layer of the blocks) over one frozen base (`reweight.lora.r`, train/lora.py);
+"reweight-lora-lisa": the same adapters with LISA over them (`reweight.lora.r` with `reweight.lisa.layers`: only
+the drawn blocks' adapters train, and the backward pass stops at the lowest drawn block; its time depends on the
+draw, so compare medians over several draws, e.g. `--interval 1`).
 `NAME-ckpt` is a setting with gradient checkpointing, which on CPU also gives freed blocks back to the system
 (train/host_memory.py); `NAME-heap-ckpt` is checkpointing with glibc's default heap, which keeps them; "peer-sft"
 is the SFT step users already run, transformers.Trainer on the same model and examples (all blocks, the usual SFT
@@ -44,10 +47,11 @@ PRESETS = {
     "smollm2": dict(layers=30, hidden=576, heads=9, vocab=49152, seq=256, batch=8, val_batch=8, micro=8),
 }
 SETTINGS = ["sft-lisa", "reweight-lisa", "reweight-lisa-cut", "reweight-lisa-logits", "sft-all", "reweight-all",
-            "reweight-reference", "reweight-lora", "peer-sft", "reweight-lisa-heap"]
+            "reweight-reference", "reweight-lora", "reweight-lora-lisa", "peer-sft", "reweight-lisa-heap"]
 # The real-vocabulary run: head-only vs full logits, gradient checkpointing, the peer SFT step, LoRA vs LISA.
 SMOLLM2_SETTINGS = ["sft-lisa", "reweight-lisa", "reweight-lisa-logits", "sft-lisa-ckpt", "reweight-lisa-ckpt",
-                    "reweight-lisa-heap-ckpt", "sft-all", "peer-sft", "reweight-lora", "reweight-lora-ckpt"]
+                    "reweight-lisa-heap-ckpt", "sft-all", "peer-sft", "reweight-lora", "reweight-lora-ckpt",
+                    "reweight-lora-lisa", "reweight-lora-lisa-ckpt"]
 # `NAME-ckpt`: the same setting with gradient checkpointing (`reweight.gradient_checkpointing: true`)
 SETTINGS += [f"{name}-ckpt" for name in SETTINGS if name != "reweight-reference"]
 
@@ -136,11 +140,11 @@ def child(setting: str, args: argparse.Namespace) -> dict:
 
         def step(i: int) -> None:
             sft_step(engines[0], batches[i].to(device).u, response_tokens[i], dist)
-    elif setting == "reweight-lora":
+    elif setting in ("reweight-lora", "reweight-lora-lisa"):
         from scalebio_cli.recipe.schema import LoraConfig
         from scalebio_cli.train.lora import adapter_pair
 
-        lora_kwargs = {k: v for k, v in kwargs.items() if k != "lisa"}
+        lora_kwargs = {k: v for k, v in kwargs.items() if k != "lisa" or setting == "reweight-lora-lisa"}
         u, w = adapter_pair(model, LoraConfig(r=args.lora_r, target_modules=args.lora_targets), "bench", lr_u=1e-4,
                             lr_w=1e-4, **lora_kwargs)
         engines = [u, w]
@@ -326,6 +330,13 @@ def summary(r: dict, p: dict, args: argparse.Namespace, mib: float) -> list[str]
         out.append(f"- LoRA r={args.lora_r} vs LISA reweight, both checkpointed: peak memory "
                    f"{lora['peak_bytes'] / other['peak_bytes']:.2f}x, step time "
                    f"{lora['median_s'] / other['median_s']:.2f}x (targets: memory <= 0.6, step <= 1.0)")
+    for ck in ("", "-ckpt"):
+        if {f"reweight-lora-lisa{ck}", f"reweight-lisa{ck}"} <= set(r):
+            lora, other = r[f"reweight-lora-lisa{ck}"], r[f"reweight-lisa{ck}"]
+            out.append(f"- LoRA r={args.lora_r} with LISA over its adapters vs LISA reweight"
+                       f"{', both checkpointed' * bool(ck)}: peak memory "
+                       f"{lora['peak_bytes'] / other['peak_bytes']:.2f}x, step time "
+                       f"{lora['median_s'] / other['median_s']:.2f}x (targets: memory <= 0.6, step <= 1.0)")
     if "reweight-lora" in r:
         lora = r["reweight-lora"]
         for kind, target in (("lisa", " (targets: memory <= 0.6, step <= 1.0)"), ("all", "")):

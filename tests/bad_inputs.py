@@ -302,10 +302,9 @@ CASES = [
     Case("lisa-more-layers-than-model", "recipe", "lisa.layers above the model's number of blocks",
          lambda t, d: reweight(t, d, reweight__lisa={"layers": 9, "interval": 2}),
          ["reweight.lisa.layers: 9 is more than the 4 transformer blocks of {demo}/model"]),
-    Case("lora-with-lisa", "recipe", "LoRA adapters and LISA asked for together (they are alternatives)",
-         lambda t, d: reweight(t, d, reweight__lora={"r": 8}, reweight__lisa={"layers": 2, "interval": 2}),
-         ["reweight.lora.r: LoRA (reweight.lora.r=8) and LISA (reweight.lisa.layers=2) are alternatives; set "
-          "reweight.lisa.layers=0"]),
+    Case("lora-lisa-more-layers-than-model", "recipe", "LISA over LoRA adapters drawing more blocks than the model has",
+         lambda t, d: reweight(t, d, reweight__lora={"r": 8}, reweight__lisa={"layers": 5, "interval": 2}),
+         ["reweight.lisa.layers: 5 is more than the 4 transformer blocks of {demo}/model"]),
     Case("lora-negative-rank", "recipe", "a negative LoRA rank",
          lambda t, d: reweight(t, d, "finetune.lora.r=-4"),
          ["finetune.lora.r: must be >= 0 (0 = no LoRA), got -4"]),

@@ -68,8 +68,58 @@ def test_lora_reweight_resumes_bitwise_after_sigkill(demo: Path, tmp_path: Path,
     assert resumed["trajectory"] == reference["trajectory"]
 
 
-def test_lora_two_processes_with_accumulation_equal_one(demo: Path, tmp_path: Path) -> None:
-    short = [*LORA, "reweight.steps=6", "reweight.log_every=3", "reweight.lr_u=3e-2", "reweight.lr_w=3e-2"]
+# LISA over the adapters: 1 of the demo's 4 blocks, re-drawn every 2 steps (draws 0-3 in 7 steps; checkpoints
+# after 2, 4 and 6).
+LISA = ["reweight.lora.r=8", "reweight.lisa.layers=1", "reweight.lisa.interval=2", "reweight.steps=7",
+        "reweight.log_every=2", "reweight.lr_u=3e-2", "reweight.lr_w=3e-2", "checkpoint.every=2", "checkpoint.keep=3"]
+
+
+def _adapters_by_block(saved: dict) -> dict[int, dict[str, torch.Tensor]]:
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in saved["adapter"].items():
+        out.setdefault(int(name.split(".layers.")[1].split(".")[0]), {})[name] = tensor
+    return out
+
+
+def test_lisa_over_adapters_trains_only_the_drawn_blocks_and_resumes_bitwise(demo: Path, tmp_path: Path) -> None:
+    """With LoRA and LISA together only the drawn blocks' adapters train: LoRA's B starts at zero, so a block never
+    drawn keeps B = 0 (and u's A, which w copied); optimizer state exists only for the current draw's adapters. A
+    run killed between draws resumes bitwise."""
+    from scalebio_cli.train.lisa import draw_blocks
+
+    recipe = write_recipe(tmp_path / "ref" / "recipe.yaml", demo)
+    result = reweight_in_process(recipe, *LISA)
+    assert result.exit_code == 0, result.output
+    assert "the adapters of LISA 1 of 4 blocks every 2 steps" in " ".join(result.output.split())
+    out = recipe.parent / "run"
+    reference = json.loads((out / "weights.json").read_text())
+    assert reference["weights"] != reference["trajectory"][0]["weights"]
+    drawn: set[int] = set()
+    for step in (2, 4, 6):
+        current = draw_blocks(4, 1, seed=0, draw=(step - 1) // 2)
+        drawn |= set(current)
+        for copy in ("u", "w"):
+            saved = torch.load(out / "checkpoints" / f"step-{step:06d}" / f"{copy}.pt", weights_only=True)
+            for block, tensors in _adapters_by_block(saved).items():
+                b_zero = all(not t.any() for n, t in tensors.items() if ".lora_B." in n)
+                assert b_zero == (block not in drawn), (copy, step, block, drawn)
+            names = list(saved["adapter"])  # optimizer state is indexed in the adapter's parameter order
+            with_state = {int(names[int(i)].split(".layers.")[1].split(".")[0]) for i in saved["optimizer"]["state"]}
+            assert with_state == set(current), (copy, step, with_state, current)
+
+    killed = write_recipe(tmp_path / "killed" / "recipe.yaml", demo)
+    proc = start_cli("reweight", "--config", str(killed), *LISA)
+    kill_at(killed.parent / "run" / "checkpoints" / "step-000004", proc)  # draw 1 saved; draw 2 comes after
+    result = reweight_in_process(killed, *LISA, "--resume", "auto")
+    assert result.exit_code == 0, result.output
+    resumed = json.loads((killed.parent / "run" / "weights.json").read_text())
+    assert resumed["weights"] == reference["weights"] and resumed["trajectory"] == reference["trajectory"]
+
+
+@pytest.mark.parametrize("mode", [LORA, ["reweight.lora.r=8", "reweight.lisa.layers=1", "reweight.lisa.interval=2"]],
+                         ids=["lora", "lisa-over-adapters"])
+def test_lora_two_processes_with_accumulation_equal_one(demo: Path, tmp_path: Path, mode: list[str]) -> None:
+    short = [*mode, "reweight.steps=6", "reweight.log_every=3", "reweight.lr_u=3e-2", "reweight.lr_w=3e-2"]
     one = write_recipe(tmp_path / "one" / "recipe.yaml", demo)
     assert reweight_in_process(one, *short).exit_code == 0
     two = write_recipe(tmp_path / "two" / "recipe.yaml", demo)
@@ -132,8 +182,6 @@ def test_unknown_target_module_is_refused_naming_the_key(demo: Path, tmp_path: P
 
 
 @pytest.mark.parametrize("override, message", [
-    ("reweight.lora.r=8", "LoRA (reweight.lora.r=8) and LISA (reweight.lisa.layers=2) are alternatives; set "
-                          "reweight.lisa.layers=0"),
     ("reweight.lora.r=-1", "reweight.lora.r: must be >= 0 (0 = no LoRA), got -1"),
     ("reweight.lora.dropout=1.5", "reweight.lora.dropout: must be in [0, 1), got 1.5"),
     ("reweight.lora.target_modules=[]", "reweight.lora.target_modules: needs module names"),

@@ -190,15 +190,12 @@ def model_fit_problems(recipe: Recipe, stage: str) -> list[str]:
 
 
 def lora_problems(recipe: Recipe, stage: str) -> list[str]:
-    """LoRA (`STAGE.lora.r > 0`) is an alternative to LISA, runs on our engine (one process or DDP), needs peft."""
+    """LoRA (`STAGE.lora.r > 0`, with LISA over its adapters when `STAGE.lisa.layers > 0`) runs on our engine (one
+    process or DDP) and needs peft."""
     cfg = recipe.reweight if stage == "reweight" else recipe.finetune
     if cfg.lora.r <= 0:
         return []
     problems = []
-    if cfg.lisa.layers > 0:
-        problems.append(f"{stage}.lora.r: LoRA ({stage}.lora.r={cfg.lora.r}) and LISA ({stage}.lisa.layers="
-                        f"{cfg.lisa.layers}) are alternatives; set {stage}.lisa.layers=0 to train LoRA adapters "
-                        f"(or {stage}.lora.r=0 for LISA)")
     if recipe.deepspeed:
         problems.append(f"{stage}.lora.r: LoRA runs in one process or under torchrun (DDP), not with DeepSpeed "
                         f"(the base model is held once and only the adapters train); remove `deepspeed` "

@@ -143,7 +143,7 @@ def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, f
     if cfg.lora.r > 0:  # one adapter over the frozen model, merged into it at the end
         from scalebio_cli.train.lora import single_adapter
 
-        engine: TrainEngine = single_adapter(model, cfg.lora, "finetune.lora", **common)
+        engine: TrainEngine = single_adapter(model, cfg.lora, "finetune.lora", lisa=cfg.lisa, **common)
         model = engine.model
     else:
         engine = make_engine(model, lisa=cfg.lisa, ds_config=ds_config, micro_batches=num_micro_batches(
@@ -152,7 +152,8 @@ def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, f
     if dist.is_main:
         mode = f"LISA {cfg.lisa.layers} of {len(engine.lisa.blocks)} blocks" if engine.lisa.enabled else "all blocks"
         if cfg.lora.r > 0:
-            mode = f"LoRA r={cfg.lora.r} (merged into the saved model; the adapter in adapter/)"
+            mode = f"LoRA r={cfg.lora.r} (merged into the saved model; the adapter in adapter/)" + (
+                f", the adapters of {mode}" if engine.lisa.enabled else "")
         mixing = ("" if len(files) == 1
                   else f", mixed by {escape(str(cfg.weights))}: {format_weights(dict(zip(files, mix)))}")
         console.print(f"[dim]finetune[/] {escape(recipe.model)}: {steps} steps of {cfg.batch_size} examples "

@@ -209,7 +209,8 @@ def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, f
         lisa = (f"LISA {cfg.lisa.layers} of {len(u.lisa.blocks)} blocks every {cfg.lisa.interval} steps"
                 if u.lisa.enabled else f"all {len(u.lisa.blocks)} blocks")
         if cfg.lora.r > 0:
-            lisa = f"LoRA r={cfg.lora.r} adapters u and w over one frozen base"
+            lisa = f"LoRA r={cfg.lora.r} adapters u and w over one frozen base" + (
+                f", the adapters of {lisa}" if u.lisa.enabled else "")
         engine = "DeepSpeed" if recipe.deepspeed else ("DDP" if dist.distributed else "single process")
         console.print(f"[dim]model[/] {escape(recipe.model)} ({num_params / 1e6:.1f}M parameters, "
                       f"{dtype}, {dist.device}, {engine} x {dist.world_size}, {lisa})")
@@ -238,7 +239,8 @@ def model_copies(recipe: Recipe, dist: distributed.DistInfo,
         if cfg.lora.r > 0:
             from scalebio_cli.train.lora import adapter_pair
 
-            u, w = adapter_pair(model_u, cfg.lora, "reweight.lora", lr_u=cfg.lr_u, lr_w=cfg.lr_w, **common)
+            u, w = adapter_pair(model_u, cfg.lora, "reweight.lora", lr_u=cfg.lr_u, lr_w=cfg.lr_w, lisa=cfg.lisa,
+                                **common)
             return u, w, num_params
         model_w = (copy.deepcopy(model_u) if ds_config is None
                    else load_model(recipe.model, dtype, dist.device, recipe.trust_remote_code))

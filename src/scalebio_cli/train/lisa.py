@@ -3,7 +3,9 @@
 Everything outside the block list (embeddings, final norm, LM head) stays trainable, as in LMFlow's LISA and
 ALGORITHM.md. The draw is a pure function of (seed, draw index), so every rank and both model copies (u and w) get
 the same blocks, and a resumed run continues with exactly the draws it would have had. What a re-draw means for the
-optimizer (free the frozen blocks' state; or, under DeepSpeed, zero it) is the engine's business.
+optimizer (free the frozen blocks' state; or, under DeepSpeed, zero it) is the engine's business. Which
+parameters of a block LISA switches is `block_parameters` (default: all of them): over LoRA adapters
+(train/lora.py) it is one adapter's parameters in the block, and the frozen base stays frozen.
 
 `train_embeddings` (recipe `lisa.train_embeddings`) chooses between two behaviours below the lowest active block:
 - true (default): the backward pass runs through the frozen blocks down to the input embeddings, so they (and
@@ -15,7 +17,7 @@ optimizer (free the frozen blocks' state; or, under DeepSpeed, zero it) is the e
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -51,8 +53,10 @@ def upstream_parameters(model: nn.Module, blocks: nn.ModuleList) -> list[nn.Para
 class Lisa:
     """Freezes and unfreezes the blocks of one model copy."""
 
-    def __init__(self, model: nn.Module, layers: int, interval: int, seed: int, train_embeddings: bool = True):
+    def __init__(self, model: nn.Module, layers: int, interval: int, seed: int, train_embeddings: bool = True,
+                 block_parameters: Callable[[nn.Module], list[nn.Parameter]] | None = None):
         self.blocks = find_blocks(model)
+        self.block_parameters = block_parameters or (lambda block: list(block.parameters()))
         self.layers = layers
         self.interval = interval
         self.seed = seed
@@ -81,13 +85,13 @@ class Lisa:
     def activate(self, active: list[int]) -> None:
         self.active = sorted(active)
         for i, block in enumerate(self.blocks):
-            for p in block.parameters():
+            for p in self.block_parameters(block):
                 p.requires_grad_(i in self.active)
 
     def frozen_parameters(self) -> Iterator[nn.Parameter]:
         for i, block in enumerate(self.blocks):
             if i not in self.active:
-                yield from block.parameters()
+                yield from self.block_parameters(block)
 
     @staticmethod
     def _cut_below_blocks(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

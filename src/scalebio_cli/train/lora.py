@@ -6,6 +6,13 @@ adapter behind train/engine.TrainEngine: its forward activates its adapter (peft
 only that adapter require gradients), its AdamW holds only its adapter's parameters. Both adapters start equal
 (w's initialisation is copied from u's; LoRA's B = 0, so both start as the base model).
 
+LISA over adapters (`lisa.layers > 0` with `lora.r > 0`): every block carries both adapters, and only the drawn
+blocks' adapters train, re-drawn as LISA re-draws blocks (train/lisa.py: same draws, switched-off adapters give
+their optimizer state back and keep their values). The base, its embeddings included, is frozen, so nothing below
+the lowest drawn block needs a gradient and autograd's backward pass stops there: with 2 of 30 blocks drawn it runs
+through about two thirds of the model, where LoRA alone runs through all of it and adds its adapters' work in
+every block. This is what makes LoRA reweight step no slower than LISA's (docs/benchmarks.md).
+
 Several processes: no DDP wrapper. The parameter set a forward uses changes between the u- and w-passes of one
 step, which DDP's reducer handles only with unused-parameter detection; the adapters are small, so the engine
 all-reduces its adapter's gradients itself (one flat sum, after the step's last micro-batch). The losses are
@@ -26,7 +33,7 @@ from torch import nn
 
 from scalebio_cli.data.batching import MicroBatch
 from scalebio_cli.errors import InputError
-from scalebio_cli.recipe.schema import LoraConfig
+from scalebio_cli.recipe.schema import LisaConfig, LoraConfig
 from scalebio_cli.train import distributed
 from scalebio_cli.train.engine import clip_and_step
 from scalebio_cli.train.lisa import Lisa
@@ -99,7 +106,7 @@ class AdapterEngine:
 
     def __init__(self, peft_model: nn.Module, adapter: str, *, lr: float, weight_decay: float,
                  max_grad_norm: float | None, total_steps: int, warmup_ratio: float, seed: int,
-                 dist: distributed.DistInfo, gradient_checkpointing: bool = False):
+                 dist: distributed.DistInfo, gradient_checkpointing: bool = False, lisa: LisaConfig | None = None):
         self.model, self.adapter, self.dist = peft_model, adapter, dist
         self.max_grad_norm = max_grad_norm
         base = peft_model.get_base_model()
@@ -112,15 +119,30 @@ class AdapterEngine:
         self.optimizer = AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(total_steps, warmup_ratio))
         self.module = ResponseLoss(base)
-        self.lisa = Lisa(base, 0, 1, seed)  # off: every block carries an adapter
+        own = {id(p) for p in self.params}
+        layers, interval = (lisa.layers, lisa.interval) if lisa is not None else (0, 1)
+        self.lisa = Lisa(base, layers, interval, seed,
+                         block_parameters=lambda block: [p for p in block.parameters() if id(p) in own])
+        self.trainable = self.params  # the parameters of the blocks LISA has drawn (all of them without LISA)
         self._lr = lr
 
     def activate(self) -> None:
-        """Make this engine's adapter the one forwards use (and the only one that requires gradients)."""
-        if self.model.active_adapter != self.adapter or not self.params[0].requires_grad:
+        """Make this engine's adapter the one forwards use, with gradients for its drawn blocks only. peft's
+        set_adapter makes every parameter of the adapter it activates trainable (and every other adapter's
+        frozen); LISA's draw is applied again after it."""
+        applied = (self.adapter, tuple(self.lisa.active))
+        if getattr(self.model, "_scalebio_trainable", None) != applied:
             self.model.set_adapter(self.adapter)
+            self.lisa.activate(self.lisa.active)
+            self.model._scalebio_trainable = applied
 
     def begin_step(self, step: int) -> None:
+        """Apply the LISA draw covering `step`: the adapters of blocks switched off give their state back."""
+        if self.lisa.update(step):
+            self.optimizer.release(self.lisa.frozen_parameters())
+            frozen = {id(p) for p in self.lisa.frozen_parameters()}
+            self.trainable = [p for p in self.params if id(p) not in frozen]
+            self.model._scalebio_trainable = None  # the next forward applies the draw after set_adapter
         self._lr = self.optimizer.param_groups[0]["lr"]
 
     def __call__(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,15 +156,16 @@ class AdapterEngine:
         loss.backward()
 
     def step(self) -> torch.Tensor | None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        params = self.trainable  # adapters LISA switched off have no gradient and are not updated
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         if self.dist.distributed:
             flat = torch.cat([g.reshape(-1) for g in grads])
             distributed.all_reduce_sum(flat, self.dist)
             grads = list(flat.split([g.numel() for g in grads]))
-            grads = [g.view_as(p) for g, p in zip(grads, self.params)]
-        for p, g in zip(self.params, grads):
+            grads = [g.view_as(p) for g, p in zip(grads, params)]
+        for p, g in zip(params, grads):
             p.grad = g
-        return clip_and_step(self.params, self.max_grad_norm, self.optimizer, self.scheduler)
+        return clip_and_step(params, self.max_grad_norm, self.optimizer, self.scheduler)
 
     @property
     def lr(self) -> float:
