@@ -47,7 +47,8 @@ PRESETS = {
     "smollm2": dict(layers=30, hidden=576, heads=9, vocab=49152, seq=256, batch=8, val_batch=8, micro=8),
 }
 SETTINGS = ["sft-lisa", "reweight-lisa", "reweight-lisa-cut", "reweight-lisa-logits", "sft-all", "reweight-all",
-            "reweight-reference", "reweight-lora", "reweight-lora-lisa", "peer-sft", "reweight-lisa-heap"]
+            "reweight-reference", "reweight-lora", "reweight-lora-lisa", "peer-sft", "reweight-lisa-heap",
+            "reweight-lora-lisa-heap"]
 # The real-vocabulary run: head-only vs full logits, gradient checkpointing, the peer SFT step, LoRA vs LISA.
 SMOLLM2_SETTINGS = ["sft-lisa", "reweight-lisa", "reweight-lisa-logits", "sft-lisa-ckpt", "reweight-lisa-ckpt",
                     "reweight-lisa-heap-ckpt", "sft-all", "peer-sft", "reweight-lora", "reweight-lora-ckpt",
@@ -330,11 +331,10 @@ def summary(r: dict, p: dict, args: argparse.Namespace, mib: float) -> list[str]
         out.append(f"- LoRA r={args.lora_r} vs LISA reweight, both checkpointed: peak memory "
                    f"{lora['peak_bytes'] / other['peak_bytes']:.2f}x, step time "
                    f"{lora['median_s'] / other['median_s']:.2f}x (targets: memory <= 0.6, step <= 1.0)")
-    for ck in ("", "-ckpt"):
+    for ck, how in (("", ""), ("-ckpt", ", both checkpointed"), ("-heap-ckpt", ", both checkpointed, glibc's heap")):
         if {f"reweight-lora-lisa{ck}", f"reweight-lisa{ck}"} <= set(r):
             lora, other = r[f"reweight-lora-lisa{ck}"], r[f"reweight-lisa{ck}"]
-            out.append(f"- LoRA r={args.lora_r} with LISA over its adapters vs LISA reweight"
-                       f"{', both checkpointed' * bool(ck)}: peak memory "
+            out.append(f"- LoRA r={args.lora_r} with LISA over its adapters vs LISA reweight{how}: peak memory "
                        f"{lora['peak_bytes'] / other['peak_bytes']:.2f}x, step time "
                        f"{lora['median_s'] / other['median_s']:.2f}x (targets: memory <= 0.6, step <= 1.0)")
     if "reweight-lora" in r:
