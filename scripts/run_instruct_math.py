@@ -158,7 +158,7 @@ def main() -> None:
         print(" ".join(f"{n} LISA {doc['weights'][n]:.3f} LoRA {lora['weights'][n]:.3f} LoRA+LISA "
                        f"{both['weights'][n]:.3f}" for n in doc["weights"]))
         if not args.no_record:
-            took = ("weights files of earlier runs reused" if args.reuse
+            took = ("weights files of earlier runs reused where present" if args.reuse
                     else f"{(time.perf_counter() - start) / 60:.1f} min on 2 CPU cores")
             record_lora(doc, lora, both, args.lora, took)
             print(f"recorded in {RESULTS}")
