@@ -1,7 +1,8 @@
 """LoRA (`reweight.lora`, `finetune.lora`): u and w as two adapters over one frozen base model.
 
 The demo's answer (clean first, the corrupted copy last), bitwise resume after SIGKILL, 2 processes equal 1 within
-1e-6, a fine-tuned LoRA model saved merged as a plain folder (plus its adapter), and the refusals.
+1e-6, a fine-tuned LoRA model saved merged as a plain folder (plus its adapter), and the refusals; and LISA over the
+adapters (`lora.r > 0` with `lisa.layers > 0`): only the drawn blocks' adapters train, resumed bitwise across draws.
 """
 
 import json
@@ -170,6 +171,25 @@ def test_finetune_lora_writes_a_merged_plain_folder_and_the_adapter(demo: Path, 
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_finetune_lisa_over_the_adapter_changes_only_the_drawn_block(demo: Path, tmp_path: Path) -> None:
+    """finetune.lora with finetune.lisa: one draw, so the merged model differs from the base in that block only."""
+    from safetensors.torch import load_file
+
+    from scalebio_cli import cli
+    from scalebio_cli.train.lisa import draw_blocks
+
+    ft = {"data": str(demo / "data" / "clean.jsonl"), "epochs": 0.05, "lr": 3e-2, "batch_size": 8,
+          "micro_batch_size": 8, "lora": {"r": 4}, "lisa": {"layers": 1, "interval": 1000}}
+    recipe = write_recipe(tmp_path / "recipe.yaml", demo, finetune=ft)
+    result = CliRunner().invoke(cli.app, ["finetune", "--config", str(recipe)])
+    assert result.exit_code == 0, result.output
+    base, merged = load_file(str(demo / "model" / "model.safetensors")), load_file(str(tmp_path / "run" /
+                                                                                     "model.safetensors"))
+    (block,) = draw_blocks(4, 1, seed=0, draw=0)
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all(k.startswith(f"model.layers.{block}.") for k in changed), (block, changed)
 
 
 def test_unknown_target_module_is_refused_naming_the_key(demo: Path, tmp_path: Path) -> None:
