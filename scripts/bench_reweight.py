@@ -326,26 +326,19 @@ def summary(r: dict, p: dict, args: argparse.Namespace, mib: float) -> list[str]
         overhead = r["reweight-lisa-ckpt"]["median_s"] / ((2 + p["val_batch"] / p["batch"])
                                                           * r["sft-lisa-ckpt"]["median_s"])
         out.append(f"- overhead (lisa, checkpointed) = {overhead:.3f}")
-    if {"reweight-lora-ckpt", "reweight-lisa-ckpt"} <= set(r):
-        lora, other = r["reweight-lora-ckpt"], r["reweight-lisa-ckpt"]
-        out.append(f"- LoRA r={args.lora_r} vs LISA reweight, both checkpointed: peak memory "
-                   f"{lora['peak_bytes'] / other['peak_bytes']:.2f}x, step time "
-                   f"{lora['median_s'] / other['median_s']:.2f}x (targets: memory <= 0.6, step <= 1.0)")
-    for ck, how in (("", ""), ("-ckpt", ", both checkpointed"), ("-heap-ckpt", ", both checkpointed, glibc's heap")):
-        if {f"reweight-lora-lisa{ck}", f"reweight-lisa{ck}"} <= set(r):
-            lora, other = r[f"reweight-lora-lisa{ck}"], r[f"reweight-lisa{ck}"]
-            out.append(f"- LoRA r={args.lora_r} with LISA over its adapters vs LISA reweight{how}: peak memory "
-                       f"{lora['peak_bytes'] / other['peak_bytes']:.2f}x, step time "
-                       f"{lora['median_s'] / other['median_s']:.2f}x (targets: memory <= 0.6, step <= 1.0)")
-    if "reweight-lora" in r:
-        lora = r["reweight-lora"]
-        for kind, target in (("lisa", " (targets: memory <= 0.6, step <= 1.0)"), ("all", "")):
-            if f"reweight-{kind}" in r:
-                other = r[f"reweight-{kind}"]
-                out.append(f"- LoRA r={args.lora_r} vs {'LISA' if kind == 'lisa' else 'all-blocks'} reweight: "
-                           f"peak memory {lora['peak_bytes'] / other['peak_bytes']:.2f}x, step time "
-                           f"{lora['median_s'] / other['median_s']:.2f}x, optimizer state "
-                           f"{lora['optimizer_state_bytes'] / max(1, other['optimizer_state_bytes']):.3f}x{target}")
+    # LoRA (adapters in every block, or LISA over them) against LISA and all-blocks reweight, like with like
+    for lora_name, lora_label in (("reweight-lora", ""), ("reweight-lora-lisa", " with LISA over its adapters")):
+        for other_name, other_label, target in (("reweight-lisa", "LISA", " (targets: memory <= 0.6, step <= 1.0)"),
+                                                ("reweight-all", "all-blocks", "")):
+            for ck, how in (("", ""), ("-ckpt", ", both checkpointed"),
+                            ("-heap-ckpt", ", both checkpointed, glibc's heap")):
+                if {lora_name + ck, other_name + ck} <= set(r):
+                    lora, other = r[lora_name + ck], r[other_name + ck]
+                    out.append(f"- LoRA r={args.lora_r}{lora_label} vs {other_label} reweight{how}: peak memory "
+                               f"{lora['peak_bytes'] / other['peak_bytes']:.2f}x, step time "
+                               f"{lora['median_s'] / other['median_s']:.2f}x, optimizer state "
+                               f"{lora['optimizer_state_bytes'] / max(1, other['optimizer_state_bytes']):.3f}x"
+                               f"{target}")
     return out
 
 

@@ -75,10 +75,15 @@ LISA = ["reweight.lora.r=8", "reweight.lisa.layers=1", "reweight.lisa.interval=2
         "reweight.log_every=2", "reweight.lr_u=3e-2", "reweight.lr_w=3e-2", "checkpoint.every=2", "checkpoint.keep=3"]
 
 
+def _block_of(name: str) -> int:
+    """The block index in an adapter parameter's name (`...layers.3.self_attn.q_proj.lora_A.u.weight`)."""
+    return int(name.split(".layers.")[1].split(".")[0])
+
+
 def _adapters_by_block(saved: dict) -> dict[int, dict[str, torch.Tensor]]:
     out: dict[int, dict[str, torch.Tensor]] = {}
     for name, tensor in saved["adapter"].items():
-        out.setdefault(int(name.split(".layers.")[1].split(".")[0]), {})[name] = tensor
+        out.setdefault(_block_of(name), {})[name] = tensor
     return out
 
 
@@ -105,7 +110,7 @@ def test_lisa_over_adapters_trains_only_the_drawn_blocks_and_resumes_bitwise(dem
                 b_zero = all(not t.any() for n, t in tensors.items() if ".lora_B." in n)
                 assert b_zero == (block not in drawn), (copy, step, block, drawn)
             names = list(saved["adapter"])  # optimizer state is indexed in the adapter's parameter order
-            with_state = {int(names[int(i)].split(".layers.")[1].split(".")[0]) for i in saved["optimizer"]["state"]}
+            with_state = {_block_of(names[int(i)]) for i in saved["optimizer"]["state"]}
             assert with_state == set(current), (copy, step, with_state, current)
 
     killed = write_recipe(tmp_path / "killed" / "recipe.yaml", demo)

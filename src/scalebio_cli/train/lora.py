@@ -140,9 +140,10 @@ class AdapterEngine:
     def begin_step(self, step: int) -> None:
         """Apply the LISA draw covering `step`: the adapters of blocks switched off give their state back."""
         if self.lisa.update(step):
-            self.optimizer.release(self.lisa.frozen_parameters())
-            frozen = {id(p) for p in self.lisa.frozen_parameters()}
-            self.trainable = [p for p in self.params if id(p) not in frozen]
+            frozen = list(self.lisa.frozen_parameters())
+            self.optimizer.release(frozen)
+            off = {id(p) for p in frozen}
+            self.trainable = [p for p in self.params if id(p) not in off]
             self.model._scalebio_trainable = None  # the next forward applies the draw after set_adapter
         self._lr = self.optimizer.param_groups[0]["lr"]
 
