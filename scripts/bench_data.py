@@ -84,9 +84,11 @@ def build_model(folder: Path, data: Path) -> str:
     return which
 
 
-def cold_preparation(model: Path, data: Path, cache: Path, workers: int) -> tuple[float, float]:
+def cold_preparation(model: Path, data: Path, cache: Path, workers: int,
+                     rust_only: bool = False) -> tuple[float, float]:
     """Seconds to tokenize `data` into an empty cache (a child process: nothing warm), and the CPU seconds it took
-    (its worker processes included), which a busy machine changes less than the seconds."""
+    (its worker processes included), which a busy machine changes less than the seconds. `rust_only`: every text
+    through the Rust tokenizer (SCALEBIO_RUST_TOKENIZER=1), not plain-ASCII ones through data/ascii_bpe.py."""
     code = f"""
 import resource, time, sys
 from scalebio_cli.train.modeling import load_tokenizer
@@ -102,7 +104,7 @@ assert not d.from_cache
 print(time.perf_counter() - t, cpu() - c, d.num_records, len(d.ids))
 """
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
-                         env={**os.environ, **ENV}).stdout.split()
+                         env={**os.environ, **ENV, "SCALEBIO_RUST_TOKENIZER": "1" if rust_only else "0"}).stdout.split()
     return float(out[0]), float(out[1])
 
 
@@ -205,6 +207,7 @@ def main() -> None:
         model = folder / "model"
         serial, serial_cpu = cold_preparation(model, data, folder / "cache-serial", 1)
         parallel, parallel_cpu = cold_preparation(model, data, folder / "cache", workers)
+        rust, rust_cpu = cold_preparation(model, data, folder / "cache-rust", workers, rust_only=True)
         entry = cache_entry(model, data, folder / "cache")
         rss1, rss2 = peak_rss(entry, 1, "mmap"), peak_rss(entry, 2, "mmap")
         copy1, copy2 = peak_rss(entry, 1, "copy"), peak_rss(entry, 2, "copy")
@@ -228,6 +231,9 @@ def main() -> None:
         (f"cold preparation, {workers} worker processes",
          f"{args.records / parallel:,.0f} records/s ({parallel:.1f} s for {args.records:,}; "
          f"{parallel_cpu / args.records * 1e6:,.0f} µs CPU per record, all processes)"),
+        (f"for comparison: {workers} workers, every text through the Rust tokenizer (`SCALEBIO_RUST_TOKENIZER=1`)",
+         f"{args.records / rust:,.0f} records/s ({rust:.1f} s; "
+         f"{rust_cpu / args.records * 1e6:,.0f} µs CPU per record)"),
         (f"start to first reweight step, {args.big:,}-record .jsonl ({big_mb:,.0f} MB), cold cache",
          f"{first:.1f} s (run of 2 steps done at {total:.1f} s)"),
         ("peak RSS per process, 1 process (token data memory-mapped)", f"{rss1[0][0] / mb:,.0f} MiB "
