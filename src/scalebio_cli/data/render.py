@@ -30,6 +30,7 @@ import numpy as np
 
 from scalebio_cli.data.ascii_bpe import AsciiBpe
 from scalebio_cli.data.records import Example, Turn
+from scalebio_cli.data.template_pieces import PieceRenderer, pastes_content_only
 from scalebio_cli.errors import InputError
 
 PLAIN_ROLE_PREFIX = {"system": "", "user": "User: "}
@@ -341,8 +342,9 @@ def _batch_renderer(tokenizer: Any) -> Callable[[list[list[dict[str, str]]], boo
     conversation on its own, after normalising messages that are plain `{"role", "content"}` dicts of strings into
     equal dicts, with the tokenizer's chat template and special tokens as template variables. Calling
     render_jinja_template the same way skips that normalisation (a third of the cost of rendering a short
-    conversation). A tokenizer class that overrides apply_chat_template, or a transformers without that function,
-    gets its batched apply_chat_template instead."""
+    conversation), and a template that only pastes contents is rendered from cached pieces in front of it. A
+    tokenizer class that overrides apply_chat_template, or a transformers without that function, gets its batched
+    apply_chat_template instead."""
     from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
     def batched(conversations: list[list[dict[str, str]]], generation_prompt: bool) -> list[str]:
@@ -363,7 +365,9 @@ def _batch_renderer(tokenizer: Any) -> Callable[[list[list[dict[str, str]]], boo
                                             add_generation_prompt=generation_prompt, **tokenizer.special_tokens_map)
         return rendered
 
-    return direct
+    # A template that only pastes contents in is rendered once per shape, then from its pieces (template_pieces)
+    template = getattr(tokenizer, "chat_template", None)  # one template (not a dict of named ones) to look into
+    return PieceRenderer(direct) if isinstance(template, str) and pastes_content_only(template) else direct
 
 
 class _Spans:

@@ -65,7 +65,7 @@ class _Checker:
                 self.loop(node, scope)
             elif isinstance(node, nodes.Assign):  # {% set x = ... %}: only values free of contents and messages
                 self.kind(node.node, scope, SAFE)
-                for name in node.target.find_all(nodes.Name):
+                for name in _names(node.target):
                     if name.name == "messages":
                         raise _Inspects("messages replaced")
                     scope[name.name] = SAFE
@@ -83,7 +83,7 @@ class _Checker:
                 raise _Inspects("unpacked messages")
             inner = {**scope, node.target.name: MESSAGE}
         elif over == SAFE:
-            inner = {**scope, **{n.name: SAFE for n in node.target.find_all(nodes.Name)}}
+            inner = {**scope, **{n.name: SAFE for n in _names(node.target)}}
         else:
             raise _Inspects("loop over a message or a content")
         if node.test is not None:
@@ -96,8 +96,8 @@ class _Checker:
         content, no message), MESSAGE (a message or the message list too, to be looked into), CONTENT (content
         too: it is pasted into the output)."""
         result = self._kind(node, scope, allowed)
-        if result != SAFE and not (allowed == MESSAGE and result in (LIST, MESSAGE)
-                                   or allowed == CONTENT and result == CONTENT):
+        if result != SAFE and not ((allowed == MESSAGE and result in (LIST, MESSAGE))
+                                   or (allowed == CONTENT and result == CONTENT)):
             raise _Inspects(f"{result} in a {allowed} place")
         return result
 
@@ -158,6 +158,13 @@ class _Checker:
         return SAFE
 
 
+def _names(target: Any) -> list[Any]:
+    """The names a `set` or `for` target binds (find_all leaves out the node itself)."""
+    from jinja2 import nodes
+
+    return [target] if isinstance(target, nodes.Name) else list(target.find_all(nodes.Name))
+
+
 class PieceRenderer:
     """Renders conversations as `render` does, from literal pieces cached per shape (template permitting)."""
 
@@ -199,9 +206,3 @@ class PieceRenderer:
         if "\x00" in "".join(parts[::2]):
             return None
         return [p if i % 2 == 0 else int(p) for i, p in enumerate(parts) if i % 2 or p]
-
-
-def piece_renderer(tokenizer: Any, render: Render) -> Render:
-    """`render` itself, or a PieceRenderer in front of it for a template that only pastes contents."""
-    source = tokenizer.get_chat_template() if hasattr(tokenizer, "get_chat_template") else None
-    return PieceRenderer(render) if isinstance(source, str) and pastes_content_only(source) else render
