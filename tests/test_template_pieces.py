@@ -66,6 +66,8 @@ LOOKING = {
     "messages replaced": "{% set messages = [] %}{{ 'x' }}",
     "a neighbour through loop": "{% for m in messages %}{{ loop.previtem.content if not loop.first }}{% endfor %}",
     "a computed key": "{% for m in messages %}{{ m[m.role] }}{% endfor %}",
+    "a dict method of a message": "{% for m in messages %}{{ m.get('content').strip() }}{% endfor %}",
+    "the items of a message": "{% for m in messages %}{% for k, v in m.items() %}{{ v|trim }}{% endfor %}{% endfor %}",
     "a macro": "{% macro f(x) %}{{ x }}{% endmacro %}{% for m in messages %}{{ f(m.content) }}{% endfor %}",
     "a set block": "{% for m in messages %}{% set t %}{{ m.content }}{% endset %}{{ t|trim }}{% endfor %}",
     "generation tags": "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}",
@@ -140,7 +142,8 @@ def test_pasting_templates_are_accepted() -> None:
 
 
 @pytest.mark.parametrize("why", ["trim (the shipped llama3 template)", "a test on the content",
-                                 "content as a condition", "a message as JSON", "a method on the content"])
+                                 "content as a condition", "a message as JSON", "a method on the content",
+                                 "a dict method of a message"])
 def test_pieces_would_render_those_wrongly(why: str, tokenizer) -> None:
     """Why the refusals matter: forced onto a template that looks into contents, the pieces render differently."""
     tok = with_template(tokenizer, LOOKING[why])

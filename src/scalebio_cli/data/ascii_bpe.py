@@ -148,7 +148,7 @@ class AsciiBpe:
             return None
         added = []
         for normalized in (False, True):
-            ids = {t.content: i for i, t in tokens.items() if bool(t.normalized) == normalized}
+            ids = {t.content: i for i, t in tokens.items() if t.content and bool(t.normalized) == normalized}
             added.append((_alternation(list(ids)), ids))
         encoder = cls(backend, words, added)
         probes = probe_texts([t.content for t in tokens.values() if PLAIN_TEXT.fullmatch(t.content)])

@@ -152,6 +152,8 @@ class _Checker:
         if base == MESSAGE:
             if not isinstance(key, str):
                 raise _Inspects("a message looked into by a computed key")
+            if hasattr(dict, key):  # message.get('content'), message.items(): contents through a dict method
+                raise _Inspects("a dict method of a message")
             return CONTENT if key == "content" else SAFE
         if isinstance(node.node, nodes.Name) and node.node.name == "loop" and key in ("previtem", "nextitem"):
             raise _Inspects("a message through loop")  # loop.previtem is a message when looping over messages
