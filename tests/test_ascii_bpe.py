@@ -136,7 +136,7 @@ def test_ascii_translation() -> None:
                                            r"|[ \t\n\r]+(?![^ \t\n\r])|[ \t\n\r]+")
     assert ascii_pattern(r"[^\r\n\p{L}]?\p{L}+") == r"[^\r\nA-Za-z]?[A-Za-z]+"
     assert ascii_pattern(r"[]a]|x") == r"[\]a]|x"
-    for untranslatable in (r"\d+", r"\p{Lu}", r"[^\S]", r"\x41", r"[a[b]]"):
+    for untranslatable in (r"\d+", r"\p{Lu}", r"[^\S]", r"\x41", r"[a[b]]", r"\s+$", r"^a"):
         assert ascii_pattern(untranslatable) is None
 
 

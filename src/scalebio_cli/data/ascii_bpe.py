@@ -75,6 +75,8 @@ def ascii_pattern(pattern: str) -> str | None:
             continue
         if c == "]" and in_class:
             in_class = False
+        if c in "^$" and not in_class:  # anchors: Python's $ also matches before a final newline
+            return None
         out.append(c)
         i += 1
     return "".join(out)
