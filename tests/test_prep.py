@@ -136,3 +136,28 @@ def test_preflight_checks_a_sample_of_a_large_source(tmp_path: Path, monkeypatch
     path.write_text("\n".join(lines[:-1] + ['{"prompt": ']) + "\n")  # the last record is always checked
     (problem,) = preflight.source_problems(source_at("data.sources.big", path))
     assert f"{path}:400: not valid JSON" in problem
+
+
+def test_a_cold_pass_over_a_large_source_reports_progress(data_file: Path, tmp_path: Path, tokenizer,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long cold pass shows a progress bar (the records to come, then each chunk's records); a pass from the
+    cache, or over a small source, shows none."""
+    from scalebio_cli.data import tokenized
+
+    shown: list[tuple[str, object]] = []
+
+    def progress(key: str):
+        def start(total):
+            shown.append((key, total))
+            return lambda records: shown.append((key, records))
+        return start
+
+    renderer = Renderer(tokenizer, 32)
+    small = load_all([("small", str(data_file))], renderer, tmp_path / "cache-small", progress=progress)
+    assert not shown and small[0].num_records == 300
+    monkeypatch.setattr(tokenized, "PARALLEL_MIN_RECORDS", 5)  # the file counts as large: bytes >= 5 x 800
+    (data,) = load_all([("big", str(data_file))], renderer, tmp_path / "cache", progress=progress)
+    assert shown[0] == ("big", 300) and sum(n for _, n in shown[1:]) == 300 == data.num_records
+    shown.clear()
+    load_all([("big", str(data_file))], renderer, tmp_path / "cache", progress=progress)
+    assert not shown

@@ -19,7 +19,7 @@ def format_weights(weights: dict[str, float], width: int = 0) -> str:
     return " · ".join(f"{escape(short(k))} {v:.3f}" for k, v in weights.items())
 
 
-def step_progress(label: str, enabled: bool = True) -> Progress:
+def step_progress(label: str, enabled: bool = True, transient: bool = False) -> Progress:
     """A progress bar for `label` with a free-text `info` field (current weights, loss) after it.
 
     The info field gets what is left of the line and is cut with an ellipsis: left to rich, a long field squeezes
@@ -34,5 +34,5 @@ def step_progress(label: str, enabled: bool = True) -> Progress:
         MofNCompleteColumn(table_column=fixed()), TimeElapsedColumn(table_column=fixed()),
         TextColumn("<", table_column=fixed()), TimeRemainingColumn(table_column=fixed()),
         TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis", max_width=info_width)),
-        console=console, disable=not enabled,
+        console=console, disable=not enabled, transient=transient,
     )

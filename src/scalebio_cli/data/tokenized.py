@@ -30,6 +30,9 @@ from scalebio_cli.data.sources import DataSource
 from scalebio_cli.errors import InputError
 
 RENDER_VERSION = "2"  # bump when render.py changes what tokens an example becomes
+# A progress display for one cold pass: called with the records to come (None: unknown), it returns what to call
+# with the records done after each chunk.
+Progress = Callable[[int | None], Callable[[int], None]]
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -114,10 +117,13 @@ class TokenizedData:
 _ARRAYS = ("ids", "trainable", "offsets", "record_index", "full_lengths")
 
 
-def _tokenize(source: DataSource, renderer: Renderer, workers: int) -> dict[str, np.ndarray]:
-    """The cache entry's arrays: tokens and masks of the kept records, their indices, every record's length."""
+def _tokenize(source: DataSource, renderer: Renderer, workers: int,
+              advance: Callable[[int], None] = lambda records: None) -> dict[str, np.ndarray]:
+    """The cache entry's arrays: tokens and masks of the kept records, their indices, every record's length.
+    `advance(n)` after each chunk of n records."""
     ids, masks, lengths, kept, full = [], [], [], [], []
     for chunk in encode_all(renderer, data_sources.iter_record_chunks(source, CHUNK), workers):
+        advance(len(chunk.full_lengths))
         ids.append(chunk.ids)
         masks.append(chunk.trainable)
         lengths.append(chunk.lengths)
@@ -143,10 +149,11 @@ def cache_key(source: DataSource, renderer: Renderer, sha256: str) -> str:
 
 
 def load_tokenized(source: DataSource | str | Path, renderer: Renderer, cache_dir: str | Path | None = None,
-                   sha256: str | None = None, workers: int | None = None) -> TokenizedData:
+                   sha256: str | None = None, workers: int | None = None,
+                   progress: Progress | None = None) -> TokenizedData:
     """Tokenize a source (a data file, or any DataSource), or map it from the cache. Raises InputError for
     unreadable or malformed data. `workers`: processes for a cold pass (default: one per core for a source of
-    encode_chunks.PARALLEL_MIN_RECORDS records or more)."""
+    encode_chunks.PARALLEL_MIN_RECORDS records or more). `progress`: shown for a cold pass over such a source."""
     if not isinstance(source, DataSource):
         source = data_sources.from_path(str(source), source)
     path = Path(source.path)
@@ -163,11 +170,20 @@ def load_tokenized(source: DataSource | str | Path, renderer: Renderer, cache_di
     if workers is None:
         # ~850 bytes per record of instruct-math: a file this large is worth a pool of workers
         workers = default_workers() if large_source(source, PARALLEL_MIN_RECORDS, bytes_per_record=800) else 1
-    arrays = _tokenize(source, renderer, workers)
+    large = progress is not None and large_source(source, PARALLEL_MIN_RECORDS, bytes_per_record=800)
+    advance = progress(_cheap_count(source)) if large else (lambda records: None)  # type: ignore[misc]
+    arrays = _tokenize(source, renderer, workers, advance)
     num_records = len(arrays["full_lengths"])
     with contextlib.suppress(OSError):  # an unwritable cache only costs time
         token_cache.write(folder, arrays, {"num_records": num_records, "source": str(path)})
     return TokenizedData(path, sha256, **arrays, num_records=num_records, max_length=renderer.max_length)
+
+
+def _cheap_count(source: DataSource) -> int | None:
+    """The records of a source where counting them costs little next to tokenizing them (not a .json array,
+    which would be parsed twice), for a progress bar's total."""
+    plain = data_sources.plain_file(source.spec)
+    return None if plain is not None and plain.suffix == ".json" else data_sources.count(source)
 
 
 def _consistent(arrays: dict[str, np.ndarray], num_records: int) -> bool:
@@ -213,15 +229,15 @@ def truncation_warning(name: str, data: TokenizedData | LazyTokens) -> str | Non
 
 
 def load_one(source: DataSource | str, renderer: Renderer, cache_dir: str | Path | None,
-             lazy_min_records: int | None, seed: int) -> TokenizedData | LazyTokens:
+             lazy_min_records: int | None, seed: int, progress: Progress | None = None) -> TokenizedData | LazyTokens:
     """A source tokenized whole (or mapped from the cache), or, with `lazy_min_records` and at least that many
     records, read lazily (a whole entry already in the cache is used then too: it costs nothing)."""
     if lazy_min_records is None:
-        return load_tokenized(source, renderer, cache_dir)
+        return load_tokenized(source, renderer, cache_dir, progress=progress)
     if not isinstance(source, DataSource):
         source = data_sources.from_path(str(source), source)
     if not may_read_lazily(source, lazy_min_records):
-        return load_tokenized(source, renderer, cache_dir)
+        return load_tokenized(source, renderer, cache_dir, progress=progress)
     sha256 = data_sources.fingerprint(source)
     cache = Path(cache_dir or default_cache_dir())
     folder = token_cache.entry(cache, cache_key(source, renderer, sha256))
@@ -229,7 +245,7 @@ def load_one(source: DataSource | str, renderer: Renderer, cache_dir: str | Path
         return load_tokenized(source, renderer, cache_dir, sha256=sha256)
     lazy = LazyTokens(source, sha256, renderer, cache)
     if lazy.num_records < lazy_min_records:  # fewer records than the file size suggested: tokenize it whole
-        return load_tokenized(source, renderer, cache_dir, sha256=sha256)
+        return load_tokenized(source, renderer, cache_dir, sha256=sha256, progress=progress)
     lazy.check_sample(seed)
     return lazy
 
@@ -238,10 +254,12 @@ def load_all(files: list[tuple[str, DataSource | str]], renderer: Renderer, cach
              is_main: bool = True, barrier: Callable[[], None] = lambda: None,
              log: Callable[[str], None] = lambda line: None,
              warn: Callable[[str], None] = lambda line: None,
-             lazy_min_records: int | None = None, seed: int = 0) -> list[TokenizedData | LazyTokens]:
+             lazy_min_records: int | None = None, seed: int = 0,
+             progress: Callable[[str], Progress] | None = None) -> list[TokenizedData | LazyTokens]:
     """Tokenize (or read from the cache) each `(key, path)`. The main process goes first, so that the others find
     the cache filled instead of all tokenizing the same files at once. `lazy_min_records`: sources with at least
     this many records are tokenized as drawn (reweight); None: every source whole (finetune, eval).
+    `progress(key)`: the progress display of a long cold pass over that source.
 
     Raises InputError naming every file that keeps no record with a response token within max_length (for a lazy
     source: none of its seeded sample does).
@@ -251,7 +269,8 @@ def load_all(files: list[tuple[str, DataSource | str]], renderer: Renderer, cach
         if main_turn == is_main:
             for key, path in files:
                 start = time.perf_counter()
-                loaded.append(load_one(path, renderer, cache_dir, lazy_min_records, seed))
+                shown = progress(key) if progress is not None else None
+                loaded.append(load_one(path, renderer, cache_dir, lazy_min_records, seed, shown))
                 log(describe(key, loaded[-1], time.perf_counter() - start))
                 warning = truncation_warning(key, loaded[-1])
                 if warning:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from rich.markup import escape
 
-from scalebio_cli.console import console
+from scalebio_cli.console import console, step_progress
 from scalebio_cli.data.render import Renderer
 from scalebio_cli.data.sources import DataSource
 from scalebio_cli.data.tokenized import load_all
@@ -39,10 +39,28 @@ def load_data_files(files: list[tuple[str, DataSource | str]], renderer: Rendere
                     dist: DistInfo, lazy_min_records: int | None = None) -> list[Any]:
     """Tokenize (or read from the cache) each `(recipe key, path)`, logging sizes and warning about truncation;
     sources of `lazy_min_records` records or more are tokenized as drawn (tokenized.load_all)."""
-    return load_all(files, renderer, recipe.data.cache_dir, is_main=dist.is_main,
-                    barrier=lambda: distributed.barrier(dist), log=lambda line: console.print(f"[dim]data[/] {line}"),
-                    warn=lambda line: console.print(f"[bold yellow]warning:[/] {line}"),
-                    lazy_min_records=lazy_min_records, seed=recipe.seed)
+    bar = step_progress("tokenize", dist.is_main, transient=True)  # shown only while a large source is tokenized
+
+    def progress(key: str) -> Callable[[int | None], Callable[[int], None]]:
+        def start(total: int | None) -> Callable[[int], None]:
+            task = bar.add_task("tokenize", total=total, info=escape(key))
+            done = [0]
+
+            def advance(records: int) -> None:
+                done[0] += records
+                if total is not None and done[0] >= total:
+                    bar.remove_task(task)  # its log line follows
+                else:
+                    bar.advance(task, records)
+            return advance
+        return start
+
+    with bar:
+        return load_all(files, renderer, recipe.data.cache_dir, is_main=dist.is_main,
+                        barrier=lambda: distributed.barrier(dist),
+                        log=lambda line: console.print(f"[dim]data[/] {line}"),
+                        warn=lambda line: console.print(f"[bold yellow]warning:[/] {line}"),
+                        lazy_min_records=lazy_min_records, seed=recipe.seed, progress=progress)
 
 
 def check_resume(start_from: Path | None, stage: str, recipe: Recipe, fingerprints: dict[str, str], force: bool,
