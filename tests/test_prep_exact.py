@@ -298,3 +298,23 @@ def test_word_cache_changes_no_token(tokenizer, records_file: Path, tmp_path: Pa
         renderer.enlarge_word_cache(words)
         data = load_tokenized(records_file, renderer, tmp_path / str(k), workers=1)
         assert np.array_equal(data.ids, default.ids) and np.array_equal(data.trainable, default.trainable)
+
+
+@pytest.mark.slow
+def test_all_of_instruct_math_through_the_fast_paths_is_rust_and_jinja(smollm2, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every record of ../shared/data/instruct-math (~4.6M tokens): plain-ASCII texts through ascii_bpe and the
+    chat template from cached pieces give the arrays of every text through the Rust tokenizer and Jinja."""
+    files = sorted(INSTRUCT_MATH.glob("*.json"))
+    if not files:
+        pytest.skip(f"{INSTRUCT_MATH} is absent")
+    fast = Renderer(smollm2, 4096)
+    assert fast._ascii_bpe is not None and isinstance(fast._render_many, render.PieceRenderer)
+    monkeypatch.setenv("SCALEBIO_RUST_TOKENIZER", "1")
+    slow = Renderer(smollm2, 4096)
+    slow.__dict__["_render_many"] = fast._render_many._render  # Jinja, every conversation
+    for f in files:
+        a = load_tokenized(f, fast, cache_dir=tmp_path / "fast", workers=2)
+        b = load_tokenized(f, slow, cache_dir=tmp_path / "slow", workers=2)
+        for key in ("ids", "trainable", "offsets", "record_index", "full_lengths"):
+            assert np.array_equal(getattr(a, key), getattr(b, key)), (f.name, key)
