@@ -122,7 +122,10 @@ def test_lisa_over_adapters_trains_only_the_drawn_blocks_and_resumes_bitwise(dem
     assert resumed["weights"] == reference["weights"] and resumed["trajectory"] == reference["trajectory"]
 
 
-@pytest.mark.parametrize("mode", [LORA, ["reweight.lora.r=8", "reweight.lisa.layers=1", "reweight.lisa.interval=2"]],
+# Adapters in every block (lisa.layers 0) all-reduce through the same code as LISA's subset: slow-marked to keep
+# `make test` in its budget (`make test-slow` runs it).
+@pytest.mark.parametrize("mode", [pytest.param(LORA, marks=pytest.mark.slow),
+                                  ["reweight.lora.r=8", "reweight.lisa.layers=1", "reweight.lisa.interval=2"]],
                          ids=["lora", "lisa-over-adapters"])
 def test_lora_two_processes_with_accumulation_equal_one(demo: Path, tmp_path: Path, mode: list[str]) -> None:
     short = [*mode, "reweight.steps=6", "reweight.log_every=3", "reweight.lr_u=3e-2", "reweight.lr_w=3e-2"]
