@@ -117,8 +117,12 @@ class TokenizedData:
 _ARRAYS = ("ids", "trainable", "offsets", "record_index", "full_lengths")
 
 
+def _unshown(records: int) -> None:
+    """No progress shown."""
+
+
 def _tokenize(source: DataSource, renderer: Renderer, workers: int,
-              advance: Callable[[int], None] = lambda records: None) -> dict[str, np.ndarray]:
+              advance: Callable[[int], None] = _unshown) -> dict[str, np.ndarray]:
     """The cache entry's arrays: tokens and masks of the kept records, their indices, every record's length.
     `advance(n)` after each chunk of n records."""
     ids, masks, lengths, kept, full = [], [], [], [], []
@@ -167,12 +171,12 @@ def load_tokenized(source: DataSource | str | Path, renderer: Renderer, cache_di
                                  max_length=renderer.max_length, from_cache=True)
         # else: a damaged entry, rebuilt below
 
+    # ~850 bytes per record of instruct-math: a file this large is worth a pool of workers, and a progress bar
+    large = large_source(source, PARALLEL_MIN_RECORDS, bytes_per_record=800)
     if workers is None:
-        # ~850 bytes per record of instruct-math: a file this large is worth a pool of workers
-        workers = default_workers() if large_source(source, PARALLEL_MIN_RECORDS, bytes_per_record=800) else 1
-    large = progress is not None and large_source(source, PARALLEL_MIN_RECORDS, bytes_per_record=800)
-    advance = progress(_cheap_count(source)) if large else (lambda records: None)  # type: ignore[misc]
-    arrays = _tokenize(source, renderer, workers, advance)
+        workers = default_workers() if large else 1
+    arrays = _tokenize(source, renderer, workers,
+                       progress(_cheap_count(source)) if progress is not None and large else _unshown)
     num_records = len(arrays["full_lengths"])
     with contextlib.suppress(OSError):  # an unwritable cache only costs time
         token_cache.write(folder, arrays, {"num_records": num_records, "source": str(path)})
