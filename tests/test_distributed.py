@@ -67,8 +67,12 @@ def test_every_engine_matches_the_plain_engine_with_lisa(demo: Path, tmp_path: P
 # test above; ZeRO-3 freezes through its own parameter groups over sharded weights, the harder of the two ZeRO stages.
 @pytest.mark.parametrize("engine", [pytest.param("ddp", marks=pytest.mark.slow),
                                     pytest.param("zero2", marks=pytest.mark.slow), "zero3"])
-def test_lisa_frozen_blocks_stay_put_and_the_model_loads(engine: str, demo: Path, tmp_path: Path) -> None:
-    """Two-process LISA fine-tune with one draw: exactly the drawn block (and head, norm) moves; eval loads it."""
+def test_lisa_frozen_blocks_stay_put_and_the_model_loads(engine: str, demo: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two-process LISA fine-tune with one draw: exactly the drawn block (and head, norm) moves; eval loads it.
+    DeepSpeed compiles no op on the way (zero.skip_inference_comm_op: its shm all-reduce serves inference only)."""
+    extensions = tmp_path / "torch_extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
     ft = {"data": str(demo / "data" / "clean.jsonl"), "epochs": 0.1, "lr": 3e-3, "batch_size": 8,
           "micro_batch_size": 2, "lisa": {"layers": 1, "interval": 1000}}
     extra = {"deepspeed": ZERO[int(engine[-1])]} if engine != "ddp" else {}
@@ -83,6 +87,7 @@ def test_lisa_frozen_blocks_stay_put_and_the_model_loads(engine: str, demo: Path
         moved = [k for k in block if not torch.equal(before[k], after[k])]
         assert (moved == block) if i in active else (moved == []), f"{engine}: block {i}, active {active}"
     assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
+    assert not extensions.exists() or not any(extensions.iterdir()), sorted(extensions.iterdir())
     evaluated = invoke("eval", "--model", str(out), "--data", f"test={demo / 'data' / 'test.jsonl'}",
                        "-o", str(tmp_path / "r.json"))
     assert evaluated.returncode == 0, evaluated.stderr
