@@ -39,7 +39,7 @@ def pastes_content_only(source: str) -> bool:
 
         tree = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(source)
         _Checker().statements(tree.body, {})
-    except (_Inspects, jinja2.TemplateSyntaxError):
+    except (_Inspects, jinja2.TemplateSyntaxError, RecursionError):  # deeply nested: Jinja renders it
         return False
     return True
 
