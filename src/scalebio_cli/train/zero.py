@@ -166,7 +166,7 @@ def finalize_deepspeed_config(base: dict[str, Any], micro_batches: int, world_si
 
 def skip_inference_comm_op(dist: DistInfo | None) -> None:
     """On CPU, keep DeepSpeed from compiling its shared-memory all-reduce op when it sets up communication: that op
-    serves only `inference_all_reduce` (tensor-parallel inference), never training, and compiling it takes ~40 s of
+    serves only `inference_all_reduce` (tensor-parallel inference), never training, and compiling it takes 30-40 s of
     C++ on the first CPU run of a machine (and a compiler). The op table's own comment allows editing it."""
     import deepspeed.ops
 
