@@ -20,6 +20,10 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["SCALEBIO_CACHE"] = tempfile.mkdtemp(prefix="scalebio-test-cache-")
 
 ROOT = Path(__file__).resolve().parent.parent
+# Where tests find the real model's folder (scripts/get_smollm2.py) and the real data; tests that need them skip
+# when they are absent.
+SMOLLM2 = Path.home() / ".cache" / "scalebio" / "models" / "SmolLM2-135M-Instruct"
+INSTRUCT_MATH = ROOT.parent / "shared" / "data" / "instruct-math"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

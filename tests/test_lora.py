@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from conftest import write_recipe
+from conftest import invoke, write_recipe
 from test_distributed import torchrun
 from test_resume import kill_at, start_cli
 
@@ -26,9 +25,7 @@ RUN = [*LORA, "reweight.steps=30", "reweight.batch_size=12", "reweight.val_batch
 
 
 def reweight_in_process(recipe: Path, *args: str):
-    from scalebio_cli import cli
-
-    return CliRunner().invoke(cli.app, ["reweight", "--config", str(recipe), *args])
+    return invoke("reweight", "--config", str(recipe), *args)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +33,7 @@ def lora_run(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     """One uninterrupted LoRA reweight of the demo (in-process: the modules load once)."""
     recipe = write_recipe(tmp_path_factory.mktemp("lora") / "recipe.yaml", demo)
     result = reweight_in_process(recipe, *RUN)
-    assert result.exit_code == 0, result.output
+    assert result.returncode == 0, result.stderr
     return recipe.parent / "run", json.loads((recipe.parent / "run" / "weights.json").read_text())
 
 
@@ -61,8 +58,8 @@ def test_lora_reweight_resumes_bitwise_after_sigkill(demo: Path, tmp_path: Path,
     kill_at(out / "checkpoints" / "step-000010", proc)
     assert not (out / "weights.json").exists()
     result = reweight_in_process(recipe, *RUN, "--resume", "auto")
-    assert result.exit_code == 0, result.output
-    assert "resumed from" in result.output
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stderr
     resumed = json.loads((out / "weights.json").read_text())
     assert resumed["weights"] == reference["weights"]  # bitwise
     assert resumed["weights_averaged"] == reference["weights_averaged"]
@@ -95,8 +92,8 @@ def test_lisa_over_adapters_trains_only_the_drawn_blocks_and_resumes_bitwise(dem
 
     recipe = write_recipe(tmp_path / "ref" / "recipe.yaml", demo)
     result = reweight_in_process(recipe, *LISA)
-    assert result.exit_code == 0, result.output
-    assert "the adapters of LISA 1 of 4 blocks every 2 steps" in " ".join(result.output.split())
+    assert result.returncode == 0, result.stderr
+    assert "the adapters of LISA 1 of 4 blocks every 2 steps" in " ".join(result.stderr.split())
     out = recipe.parent / "run"
     reference = json.loads((out / "weights.json").read_text())
     assert reference["weights"] != reference["trajectory"][0]["weights"]
@@ -117,7 +114,7 @@ def test_lisa_over_adapters_trains_only_the_drawn_blocks_and_resumes_bitwise(dem
     proc = start_cli("reweight", "--config", str(killed), *LISA)
     kill_at(killed.parent / "run" / "checkpoints" / "step-000004", proc)  # draw 1 saved; draw 2 comes after
     result = reweight_in_process(killed, *LISA, "--resume", "auto")
-    assert result.exit_code == 0, result.output
+    assert result.returncode == 0, result.stderr
     resumed = json.loads((killed.parent / "run" / "weights.json").read_text())
     assert resumed["weights"] == reference["weights"] and resumed["trajectory"] == reference["trajectory"]
 
@@ -130,7 +127,7 @@ def test_lisa_over_adapters_trains_only_the_drawn_blocks_and_resumes_bitwise(dem
 def test_lora_two_processes_with_accumulation_equal_one(demo: Path, tmp_path: Path, mode: list[str]) -> None:
     short = [*mode, "reweight.steps=6", "reweight.log_every=3", "reweight.lr_u=3e-2", "reweight.lr_w=3e-2"]
     one = write_recipe(tmp_path / "one" / "recipe.yaml", demo)
-    assert reweight_in_process(one, *short).exit_code == 0
+    assert reweight_in_process(one, *short).returncode == 0
     two = write_recipe(tmp_path / "two" / "recipe.yaml", demo)
     # and micro-batches of 4: each process accumulates 3-4 of them (exact accumulation, checked at the same time)
     result = torchrun(2, "reweight", "--config", str(two), *short, "reweight.micro_batch_size=4")
@@ -151,7 +148,7 @@ def test_lora_full_logits_give_the_head_only_weights(demo: Path, tmp_path: Path,
     for full in ("0", "1"):
         monkeypatch.setenv("SCALEBIO_FULL_LOGITS", full)
         recipe = write_recipe(tmp_path / full / "recipe.yaml", demo)
-        assert reweight_in_process(recipe, *short).exit_code == 0
+        assert reweight_in_process(recipe, *short).returncode == 0
         weights.append(json.loads((recipe.parent / "run" / "weights.json").read_text())["weights"])
     head_only, full_logits = weights
     assert head_only != dict.fromkeys(head_only, 1 / 3)  # the weights moved
@@ -162,13 +159,12 @@ def test_finetune_lora_writes_a_merged_plain_folder_and_the_adapter(demo: Path, 
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from scalebio_cli import cli
 
     ft = {"data": str(demo / "data" / "clean.jsonl"), "epochs": 0.05, "lr": 3e-2, "batch_size": 8,
           "micro_batch_size": 8, "log_every": 5, "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}}
     recipe = write_recipe(tmp_path / "recipe.yaml", demo, finetune=ft)
-    result = CliRunner().invoke(cli.app, ["finetune", "--config", str(recipe)])
-    assert result.exit_code == 0, result.output
+    result = invoke("finetune", "--config", str(recipe))
+    assert result.returncode == 0, result.stderr
     out = tmp_path / "run"
     base, merged = load_file(str(demo / "model" / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert merged.keys() == base.keys()  # a plain folder: no lora_ or base_layer keys
@@ -185,14 +181,13 @@ def test_finetune_lisa_over_the_adapter_changes_only_the_drawn_block(demo: Path,
     """finetune.lora with finetune.lisa: one draw, so the merged model differs from the base in that block only."""
     from safetensors.torch import load_file
 
-    from scalebio_cli import cli
     from scalebio_cli.train.lisa import draw_blocks
 
     ft = {"data": str(demo / "data" / "clean.jsonl"), "epochs": 0.05, "lr": 3e-2, "batch_size": 8,
           "micro_batch_size": 8, "lora": {"r": 4}, "lisa": {"layers": 1, "interval": 1000}}
     recipe = write_recipe(tmp_path / "recipe.yaml", demo, finetune=ft)
-    result = CliRunner().invoke(cli.app, ["finetune", "--config", str(recipe)])
-    assert result.exit_code == 0, result.output
+    result = invoke("finetune", "--config", str(recipe))
+    assert result.returncode == 0, result.stderr
     base, merged = load_file(str(demo / "model" / "model.safetensors")), load_file(str(tmp_path / "run" /
                                                                                      "model.safetensors"))
     (block,) = draw_blocks(4, 1, seed=0, draw=0)
@@ -203,9 +198,9 @@ def test_finetune_lisa_over_the_adapter_changes_only_the_drawn_block(demo: Path,
 def test_unknown_target_module_is_refused_naming_the_key(demo: Path, tmp_path: Path) -> None:
     recipe = write_recipe(tmp_path / "recipe.yaml", demo)
     result = reweight_in_process(recipe, *LORA, "reweight.lora.target_modules=[q_proj, qkv_proj]")
-    assert result.exit_code == 2, result.output
-    assert "reweight.lora.target_modules: qkv_proj: no such module" in result.output
-    assert "q_proj" in result.output and "Traceback" not in result.output
+    assert result.returncode == 2, result.stderr
+    assert "reweight.lora.target_modules: qkv_proj: no such module" in result.stderr
+    assert "q_proj" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "weights.json").exists()
 
 
@@ -217,6 +212,6 @@ def test_unknown_target_module_is_refused_naming_the_key(demo: Path, tmp_path: P
 def test_bad_lora_recipes_exit_2(demo: Path, tmp_path: Path, override: str, message: str) -> None:
     recipe = write_recipe(tmp_path / "recipe.yaml", demo)
     result = reweight_in_process(recipe, override)
-    assert result.exit_code == 2, result.output
-    assert message in " ".join(result.output.split()), result.output
+    assert result.returncode == 2, result.stderr
+    assert message in " ".join(result.stderr.split()), result.stderr
     assert not (tmp_path / "run").exists()

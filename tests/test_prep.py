@@ -146,11 +146,9 @@ def test_a_cold_pass_over_a_large_source_reports_progress(data_file: Path, tmp_p
 
     shown: list[tuple[str, object]] = []
 
-    def progress(key: str):
-        def start(total):
-            shown.append((key, total))
-            return lambda records: shown.append((key, records))
-        return start
+    def progress(key: str, total):
+        shown.append((key, total))
+        return lambda records: shown.append((key, records))
 
     renderer = Renderer(tokenizer, 32)
     small = load_all([("small", str(data_file))], renderer, tmp_path / "cache-small", progress=progress)

@@ -16,15 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import INSTRUCT_MATH, SMOLLM2
 from scalebio_cli.data import render
 from scalebio_cli.data.records import Turn, iter_examples, to_example
 from scalebio_cli.data.render import Renderer, token_byte_lengths
 from scalebio_cli.data.tokenized import load_tokenized
 from scalebio_cli.errors import InputError
 from test_data import expected
-
-SMOLLM2 = Path.home() / ".cache" / "scalebio" / "models" / "SmolLM2-135M-Instruct"
-INSTRUCT_MATH = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "instruct-math"
 
 # Text that stresses locating tokens: multi-byte characters (split across byte-level tokens), a control character
 # SmolLM2's vocabulary lacks (BPE drops it, so byte lengths do not add up and offsets must be used), special-token

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import copy
 import random
-from pathlib import Path
 
 import pytest
 
+from conftest import ROOT, SMOLLM2
 from scalebio_cli import tiny
 from scalebio_cli.data import render
 from scalebio_cli.data.template_pieces import PieceRenderer, pastes_content_only
 
-ROOT = Path(__file__).resolve().parent.parent
-SMOLLM2 = Path.home() / ".cache" / "scalebio" / "models" / "SmolLM2-135M-Instruct" / "chat_template.jinja"
+SMOLLM2_TEMPLATE = SMOLLM2 / "chat_template.jinja"
 
 QWEN2 = "".join([  # Qwen2.5's layout, tool branches included
     "{%- if tools %}{{- '<|im_start|>system\\n' }}",
@@ -49,8 +48,8 @@ ALTERNATING = """{% for message in messages %}{% if (message['role'] == 'user') 
 
 PASTING = {"tiny": tiny.CHAT_TEMPLATE, "chatml": (ROOT / "recipes" / "templates" / "chatml.jinja").read_text(),
            "qwen2": QWEN2, "zephyr": ZEPHYR, "odd": ODD, "alternating": ALTERNATING}
-if SMOLLM2.is_file():
-    PASTING["smollm2"] = SMOLLM2.read_text()
+if SMOLLM2_TEMPLATE.is_file():
+    PASTING["smollm2"] = SMOLLM2_TEMPLATE.read_text()
 
 LOOKING = {
     "trim (the shipped llama3 template)": (ROOT / "recipes" / "templates" / "llama3.jinja").read_text(),

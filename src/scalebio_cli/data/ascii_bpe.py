@@ -23,11 +23,12 @@ The Rust tokenizer stays the reference, and everything this module is not sure o
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import string
 from collections.abc import Callable
 from typing import Any
+
+from scalebio_cli.data.tokenizer_spec import component_spec, plain_bpe, spec_pieces
 
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"  # ByteLevel's regex
 PLAIN_TEXT = re.compile(r"[\x20-\x7e\t\n\r]*")  # the texts this module tokenizes (fullmatch)
@@ -82,16 +83,9 @@ def ascii_pattern(pattern: str) -> str | None:
     return "".join(out)
 
 
-def _config(component: Any) -> dict[str, Any] | None:
-    return None if component is None else json.loads(component.__getstate__())
-
-
 def _word_pattern(backend: Any) -> str | None:
     """The regex that cuts a text into words before BPE, for the two pre-tokenizer layouts this module handles."""
-    spec = _config(backend.pre_tokenizer)
-    if spec is None:
-        return None
-    pieces = spec["pretokenizers"] if spec.get("type") == "Sequence" else [spec]
+    pieces = spec_pieces(component_spec(backend.pre_tokenizer), "pretokenizers")
     if pieces and pieces[-1].get("type") == "ByteLevel" and not pieces[-1].get("add_prefix_space"):
         if len(pieces) == 1 and pieces[0].get("use_regex", True):
             return GPT2_PATTERN
@@ -130,10 +124,7 @@ class AsciiBpe:
     def for_backend(cls, backend: Any) -> AsciiBpe | None:
         """The encoder for a Rust tokenizer, or None where this module does not handle that tokenizer or where
         it gives one token differently from the Rust tokenizer on the probe strings."""
-        model = backend.model  # its attributes, not its JSON: parsing the merges would cost ~0.1 s
-        if (type(model).__name__ != "BPE" or model.dropout or model.byte_fallback or model.continuing_subword_prefix
-                or model.end_of_word_suffix or backend.normalizer is not None
-                or getattr(backend, "encode_special_tokens", False)):
+        if not plain_bpe(backend) or getattr(backend, "encode_special_tokens", False):
             return None
         pattern = _word_pattern(backend)
         translated = ascii_pattern(pattern) if pattern is not None else None
@@ -146,7 +137,7 @@ class AsciiBpe:
         if words.groups or words.match("") is not None:  # findall would return groups; empty words never end
             return None
         tokens = backend.get_added_tokens_decoder()
-        if any(t.lstrip or t.rstrip or t.single_word for t in tokens.values()):
+        if any(t.single_word for t in tokens.values()):  # (plain_bpe: none strips whitespace)
             return None
         added = []
         for normalized in (False, True):

@@ -18,7 +18,6 @@ over tokens: the Rust tokenizer takes ~300 us per chat record, and per-token Pyt
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +29,8 @@ import numpy as np
 
 from scalebio_cli.data.ascii_bpe import AsciiBpe
 from scalebio_cli.data.records import Example, Turn
-from scalebio_cli.data.template_pieces import PieceRenderer, pastes_content_only
+from scalebio_cli.data.template_pieces import PieceRenderer, Render, pastes_content_only
+from scalebio_cli.data.tokenizer_spec import component_spec, plain_bpe, spec_pieces
 from scalebio_cli.errors import InputError
 
 PLAIN_ROLE_PREFIX = {"system": "", "user": "User: "}
@@ -258,7 +258,7 @@ class Renderer:
             model._resize_cache(words)
 
     @cached_property
-    def _render_many(self) -> Callable[[list[list[dict[str, str]]], bool], list[str]]:
+    def _render_many(self) -> Render:
         return _batch_renderer(self.tokenizer)
 
     @cached_property
@@ -334,7 +334,7 @@ def _append_turn(segments: Segments, done: str, prompt: str, full: str, where: s
     return full
 
 
-def _batch_renderer(tokenizer: Any) -> Callable[[list[list[dict[str, str]]], bool], list[str]]:
+def _batch_renderer(tokenizer: Any) -> Render:
     """Renders many conversations at once, each exactly as `tokenizer.apply_chat_template(conversation,
     tokenize=False, add_generation_prompt=...)` renders it.
 
@@ -426,14 +426,10 @@ def token_byte_lengths(backend: Any) -> np.ndarray | None:
     added tokens that strip no whitespace, and a post-processor that does not trim offsets. A byte-level token's
     string has one character per byte; an added token stands for its content. (Read through the tokenizer's
     objects, not its JSON: parsing the merges costs ~0.1 s before any worker can start.)"""
-    model = backend.model
-    if (type(model).__name__ != "BPE" or model.dropout or model.byte_fallback or model.continuing_subword_prefix
-            or model.end_of_word_suffix or backend.normalizer is not None
-            or not _only_cuts(_config(backend.pre_tokenizer)) or not _untrimmed(_config(backend.post_processor))):
+    if (not plain_bpe(backend) or not _only_cuts(component_spec(backend.pre_tokenizer))
+            or not _untrimmed(component_spec(backend.post_processor))):
         return None
-    added = backend.get_added_tokens_decoder()
-    if any(t.lstrip or t.rstrip for t in added.values()):
-        return None
+    model, added = backend.model, backend.get_added_tokens_decoder()
     from tokenizers.pre_tokenizers import ByteLevel
 
     alphabet = set(ByteLevel.alphabet())
@@ -449,23 +445,12 @@ def token_byte_lengths(backend: Any) -> np.ndarray | None:
     return lengths
 
 
-def _config(component: Any) -> dict[str, Any] | None:
-    """A tokenizer component's settings as tokenizer.json has them."""
-    return None if component is None else json.loads(component.__getstate__())
-
-
-def _pieces(spec: dict[str, Any] | None, key: str) -> list[dict[str, Any]]:
-    if spec is None:
-        return []
-    return [p for s in spec[key] for p in _pieces(s, key)] if spec.get("type") == "Sequence" else [spec]
-
-
 def _only_cuts(pre_tokenizer: dict[str, Any] | None) -> bool:
-    pieces = _pieces(pre_tokenizer, "pretokenizers")
+    pieces = spec_pieces(pre_tokenizer, "pretokenizers")
     return (sum(p["type"] == "ByteLevel" for p in pieces) == 1
             and all(p["type"] in _CUTTING and p.get("behavior") != "Removed" and not p.get("add_prefix_space")
                     for p in pieces))
 
 
 def _untrimmed(post_processor: dict[str, Any] | None) -> bool:
-    return all(p["type"] in _UNTRIMMED and not p.get("trim_offsets") for p in _pieces(post_processor, "processors"))
+    return all(p["type"] in _UNTRIMMED and not p.get("trim_offsets") for p in spec_pieces(post_processor, "processors"))

@@ -10,6 +10,7 @@ core (encode_chunks). Reweight reads large sources lazily instead (lazy_tokens):
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import time
@@ -259,11 +260,12 @@ def load_all(files: list[tuple[str, DataSource | str]], renderer: Renderer, cach
              log: Callable[[str], None] = lambda line: None,
              warn: Callable[[str], None] = lambda line: None,
              lazy_min_records: int | None = None, seed: int = 0,
-             progress: Callable[[str], Progress] | None = None) -> list[TokenizedData | LazyTokens]:
+             progress: Callable[[str, int | None], Callable[[int], None]] | None = None,
+             ) -> list[TokenizedData | LazyTokens]:
     """Tokenize (or read from the cache) each `(key, path)`. The main process goes first, so that the others find
     the cache filled instead of all tokenizing the same files at once. `lazy_min_records`: sources with at least
     this many records are tokenized as drawn (reweight); None: every source whole (finetune, eval).
-    `progress(key)`: the progress display of a long cold pass over that source.
+    `progress(key, total)`: starts the progress display of a long cold pass over that source (as Progress).
 
     Raises InputError naming every file that keeps no record with a response token within max_length (for a lazy
     source: none of its seeded sample does).
@@ -273,7 +275,7 @@ def load_all(files: list[tuple[str, DataSource | str]], renderer: Renderer, cach
         if main_turn == is_main:
             for key, path in files:
                 start = time.perf_counter()
-                shown = progress(key) if progress is not None else None
+                shown = functools.partial(progress, key) if progress is not None else None
                 loaded.append(load_one(path, renderer, cache_dir, lazy_min_records, seed, shown))
                 log(describe(key, loaded[-1], time.perf_counter() - start))
                 warning = truncation_warning(key, loaded[-1])

@@ -41,26 +41,25 @@ def load_data_files(files: list[tuple[str, DataSource | str]], renderer: Rendere
     sources of `lazy_min_records` records or more are tokenized as drawn (tokenized.load_all)."""
     bar = step_progress("tokenize", dist.is_main, transient=True)  # shown only while a large source is tokenized
 
-    def progress(key: str) -> Callable[[int | None], Callable[[int], None]]:
-        def start(total: int | None) -> Callable[[int], None]:
-            task = bar.add_task("tokenize", total=total, info=escape(key))
-            done = [0]
+    def start(key: str, total: int | None) -> Callable[[int], None]:
+        task = bar.add_task("tokenize", total=total, info=escape(key))
+        done = 0
 
-            def advance(records: int) -> None:
-                done[0] += records
-                if total is not None and done[0] >= total:
-                    bar.remove_task(task)  # its log line follows
-                else:
-                    bar.advance(task, records)
-            return advance
-        return start
+        def advance(records: int) -> None:
+            nonlocal done
+            done += records
+            if total is not None and done >= total:
+                bar.remove_task(task)  # its log line follows
+            else:
+                bar.advance(task, records)
+        return advance
 
     with bar:
         return load_all(files, renderer, recipe.data.cache_dir, is_main=dist.is_main,
                         barrier=lambda: distributed.barrier(dist),
                         log=lambda line: console.print(f"[dim]data[/] {line}"),
                         warn=lambda line: console.print(f"[bold yellow]warning:[/] {line}"),
-                        lazy_min_records=lazy_min_records, seed=recipe.seed, progress=progress)
+                        lazy_min_records=lazy_min_records, seed=recipe.seed, progress=start)
 
 
 def check_resume(start_from: Path | None, stage: str, recipe: Recipe, fingerprints: dict[str, str], force: bool,

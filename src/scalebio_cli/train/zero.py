@@ -56,7 +56,7 @@ class DeepSpeedEngine:
         optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
         config = finalize_deepspeed_config(ds_config, micro_batches, dist.world_size, max_grad_norm,
                                            bf16=next(model.parameters()).dtype == torch.bfloat16)
-        skip_inference_comm_op(dist)
+        skip_inference_comm_op()
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=ResponseLoss(model), optimizer=optimizer,
                                                              config=config)
         self.module = self.ds
@@ -164,14 +164,14 @@ def finalize_deepspeed_config(base: dict[str, Any], micro_batches: int, world_si
     return config
 
 
-def skip_inference_comm_op(dist: DistInfo | None) -> None:
-    """On CPU, keep DeepSpeed from compiling its shared-memory all-reduce op when it sets up communication: that op
-    serves only `inference_all_reduce` (tensor-parallel inference), never training, and compiling it takes 30-40 s of
-    C++ on the first CPU run of a machine (and a compiler). The op table's own comment allows editing it."""
+def skip_inference_comm_op() -> None:
+    """Keep DeepSpeed from compiling its shared-memory all-reduce op when it sets up communication: that op serves
+    only `inference_all_reduce` (tensor-parallel inference), never training, and compiling it takes 30-40 s of C++
+    on a machine's first run (and a compiler). Only DeepSpeed's CPU accelerator has the op, so elsewhere this
+    changes nothing. The op table's own comment allows editing it."""
     import deepspeed.ops
 
-    on_cpu = dist.device.type == "cpu" if dist is not None else not torch.cuda.is_available()
-    ops = getattr(deepspeed.ops, "__compatible_ops__", None) if on_cpu else None
+    ops = getattr(deepspeed.ops, "__compatible_ops__", None)
     if isinstance(ops, dict) and "deepspeed_shm_comm" in ops:
         ops["deepspeed_shm_comm"] = False
 
@@ -187,7 +187,7 @@ def zero3_loading(ds_config: dict[str, Any] | None, bf16: bool, world_size: int)
     from transformers.integrations import HfDeepSpeedConfig
 
     # zero.Init asks deepspeed.comm for the world size; bind it to the process group we already joined.
-    skip_inference_comm_op(None)
+    skip_inference_comm_op()
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     marker = HfDeepSpeedConfig(finalize_deepspeed_config(ds_config, 1, world_size, None, bf16))  # noqa: F841
     yield
