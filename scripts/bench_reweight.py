@@ -78,12 +78,13 @@ def child(setting: str, args: argparse.Namespace) -> dict:
 
     from scalebio_cli.data.tokenized import TokenizedData
     from scalebio_cli.recipe.schema import LisaConfig, Recipe
-    from scalebio_cli.stages.reweight import BatchPlan
+    from scalebio_cli.train.batch_plan import BatchPlan
     from scalebio_cli.train import host_memory
-    from scalebio_cli.train.bilevel import SourceWeights, bilevel_step
+    from scalebio_cli.train.bilevel import bilevel_step
     from scalebio_cli.train.distributed import DistInfo
     from scalebio_cli.train.engine import Engine
     from scalebio_cli.train.sft import sft_step
+    from scalebio_cli.train.source_weights import SourceWeights
 
     p = PRESETS[args.preset]
     checkpointing = setting.endswith("-ckpt")
@@ -137,10 +138,10 @@ def child(setting: str, args: argparse.Namespace) -> dict:
     if setting.startswith("sft"):
         engines = [Engine(model, lr=1e-4, **kwargs)]
         batches = [plan.next(i) for i in range(args.steps)]  # the same B as the reweight settings
-        response_tokens = [sum(m.num_loss_tokens for m in b.u) for b in batches]
+        response_tokens = [sum(m.num_loss_tokens for m in b.train) for b in batches]
 
         def step(i: int) -> None:
-            sft_step(engines[0], batches[i].to(device).u, response_tokens[i], dist)
+            sft_step(engines[0], batches[i].to(device).train, response_tokens[i], dist)
     elif setting in ("reweight-lora", "reweight-lora-lisa"):
         from scalebio_cli.recipe.schema import LoraConfig
         from scalebio_cli.train.lora import adapter_pair
@@ -153,7 +154,7 @@ def child(setting: str, args: argparse.Namespace) -> dict:
         batches = [plan.next(i) for i in range(args.steps)]
 
         def step(i: int) -> None:
-            bilevel_step(u, w, lam, batches[i].to(device), alpha=10.0, dist=dist)
+            bilevel_step(u, w, lam, batches[i].to(device), i, alpha=10.0, dist=dist)
     else:
         import copy
 
@@ -164,7 +165,7 @@ def child(setting: str, args: argparse.Namespace) -> dict:
         batches = [plan.next(i) for i in range(args.steps)]
 
         def step(i: int) -> None:
-            bilevel_step(u, w, lam, batches[i].to(device), alpha=10.0, dist=dist)
+            bilevel_step(u, w, lam, batches[i].to(device), i, alpha=10.0, dist=dist)
 
     if setting.endswith("-logits"):  # before head-only losses: full [b, T, vocab] logits, then a gather
         for e in engines:
@@ -190,7 +191,7 @@ def child(setting: str, args: argparse.Namespace) -> dict:
         times.append(time.perf_counter() - start)
     measured = times[args.warmup:]
     tokens = [b.num_tokens for b in batches]
-    sft_tokens = [sum(m.num_tokens for m in b.u) for b in batches]
+    sft_tokens = [sum(m.num_tokens for m in b.train) for b in batches]
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
@@ -212,7 +213,7 @@ def peer_sft(model, plan, args: argparse.Namespace, baseline: int, params: int, 
     p = PRESETS[args.preset]
     examples = []  # the u batch of each step (the examples the SFT settings train on), unpadded again
     for i in range(args.steps):
-        for mb in plan.next(i).u:
+        for mb in plan.next(i).train:
             labels = torch.full_like(mb.input_ids, -100)
             labels[mb.loss_rows, mb.loss_cols + 1] = mb.loss_targets  # HF shifts labels itself
             for row, n in enumerate(mb.attention_mask.sum(dim=1).tolist()):

@@ -8,9 +8,11 @@ import torch.nn.functional as F
 from scalebio_cli.data.batching import CursorSampler, balanced_counts, collate, micro_batches
 from scalebio_cli.data.tokenized import TokenizedData
 from scalebio_cli.tiny import build_model
-from scalebio_cli.train.bilevel import SourceWeights, lambda_gradient
 from scalebio_cli.train.losses import example_losses
 from scalebio_cli.train.optim import AdamW, warmup_cosine
+from scalebio_cli.train.source_weights import SourceWeights, lambda_gradient
+
+ALL = torch.ones(3, dtype=torch.bool)  # every source present in the step's batch
 
 
 def fake_data(rng: np.random.Generator, n: int, vocab: int) -> TokenizedData:
@@ -110,8 +112,9 @@ def test_lambda_gradient_equals_autograd() -> None:
 def test_source_weights_move_towards_the_source_w_is_better_on() -> None:
     weights = SourceWeights(3, lr=0.1, total_steps=10, warmup_ratio=0.0, device=torch.device("cpu"))
     assert weights.probs().tolist() == pytest.approx([1 / 3] * 3)
-    for _ in range(10):
-        weights.step(m_w=torch.tensor([1.0, 2.0, 2.0]), m_u=torch.tensor([2.0, 2.0, 2.5]), alpha=10.0)
+    for t in range(10):
+        weights.observe(t, m_w=torch.tensor([1.0, 2.0, 2.0]), m_u=torch.tensor([2.0, 2.0, 2.5]), present=ALL,
+                        alpha=10.0)
     s = weights.probs()
     assert s[0] > s[2] > s[1]  # d = m_w - m_u = [-1, 0, -0.5]: w gains most on source 0, none on 1
     assert s.sum().item() == pytest.approx(1.0)
@@ -171,11 +174,11 @@ def test_samplers_are_balanced_seeded_and_cover_every_example() -> None:
     assert CursorSampler(10, seed=3, stream=2).take(10).tolist() != first.tolist()
 
 
-def test_pooled_batches_follow_source_sizes_and_absent_sources_add_nothing(model, tokenizer) -> None:
-    """batch_composition: pooled (the reference's batches): counts follow the source sizes; a source missing from a
-    step's batch gives m_u = m_w = 0 there (no NaN), so it adds nothing to the lam gradient's difference."""
+def test_pooled_batches_follow_source_sizes(model, tokenizer) -> None:
+    """batch_composition: pooled (the reference's batches): counts follow the source sizes, seeded per step (what a
+    source absent from a step does to lam: test_lam_step.py)."""
     from scalebio_cli.recipe.schema import Recipe
-    from scalebio_cli.stages.reweight import BatchPlan
+    from scalebio_cli.train.batch_plan import BatchPlan
     from scalebio_cli.train.distributed import DistInfo
 
     rng = np.random.default_rng(3)
@@ -212,15 +215,17 @@ def test_lambda_options_relative_signal_delay_and_sgd() -> None:
     raw = lambda_gradient(s, m_w, m_u, alpha=1.0)
     assert int(relative.argmax()) == 1 and int(raw.argmax()) == 2
 
-    delayed = SourceWeights(3, 0.1, 10, 0.0, torch.device("cpu"), delay=2)
-    for _ in range(2):
-        delayed.step(m_w, m_u, alpha=1.0)
+    delayed = SourceWeights(3, 0.1, 10, 0.5, torch.device("cpu"), delay=2)
+    for t in range(2):
+        delayed.observe(t, m_w, m_u, ALL, alpha=1.0)
     assert torch.equal(delayed.lam.detach(), torch.zeros(3))  # uniform while u and w warm up
-    delayed.step(m_w, m_u, alpha=1.0)
+    delayed.observe(2, m_w, m_u, ALL, alpha=1.0)
     assert not torch.equal(delayed.lam.detach(), torch.zeros(3))
+    # lam's schedule starts when lam does: its first step takes the first warmup rate, not one spent in the delay
+    assert delayed.lr == pytest.approx(0.1 * warmup_cosine(8, 0.5)(0))
 
     sgd = SourceWeights(3, 0.1, 10, 0.0, torch.device("cpu"), optimizer="sgd")
-    grad = sgd.step(m_w, m_u, alpha=1.0)
+    grad = sgd.observe(0, m_w, m_u, ALL, alpha=1.0)
     assert torch.allclose(sgd.lam.detach(), -0.1 * grad)  # plain gradient descent: the step follows |grad|
 
 
@@ -276,7 +281,7 @@ def test_lambda_schedule_constant_keeps_the_rate_cosine_decays_it() -> None:
     rates = {}
     for schedule in ("cosine", "constant"):
         weights = SourceWeights(3, 0.1, 10, 0.0, torch.device("cpu"), schedule=schedule)
-        for _ in range(10):
-            weights.step(m_w, m_u, alpha=1.0)
+        for t in range(10):
+            weights.observe(t, m_w, m_u, ALL, alpha=1.0)
         rates[schedule] = weights.lr
     assert rates["constant"] == pytest.approx(0.1) and rates["cosine"] < 0.01

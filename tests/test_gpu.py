@@ -18,7 +18,9 @@ def _step(device: str, dtype: torch.dtype, tokenizer) -> torch.Tensor:
     from scalebio_cli.data.batching import collate
     from scalebio_cli.recipe.schema import LisaConfig
     from scalebio_cli.tiny import build_model
-    from scalebio_cli.train.bilevel import SourceWeights, StepBatches, bilevel_step
+    from scalebio_cli.train.batch_plan import StepBatches
+    from scalebio_cli.train.bilevel import bilevel_step
+    from scalebio_cli.train.source_weights import SourceWeights
     from scalebio_cli.train.distributed import DistInfo
     from scalebio_cli.train.engine import Engine
 
@@ -32,12 +34,13 @@ def _step(device: str, dtype: torch.dtype, tokenizer) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     examples = [(torch.randint(5, len(tokenizer), (12,), generator=gen).numpy().astype("int32"),
                  torch.tensor([False] * 6 + [True] * 6).numpy()) for _ in range(6)]
-    u = [collate(examples[:4], [0, 1, 0, 1], tokenizer.pad_token_id)]
-    w = [collate(examples, [0, 1, 0, 1, 2, 2], tokenizer.pad_token_id)]
-    batch = StepBatches(u, w, torch.tensor([2.0, 2.0]), val_tokens=torch.tensor([10.0]),
-                        val_weights=torch.tensor([1.0]), num_tokens=0, sampler_state={}).to(dev)
+    train = [collate(examples[:4], [0, 1, 0, 1], tokenizer.pad_token_id)]
+    val = [collate(examples[4:], [2, 2], tokenizer.pad_token_id)]
+    batch = StepBatches(train, val, torch.tensor([0, 1, 0, 1]), torch.tensor([0, 0]), torch.tensor([2.0, 2.0]),
+                        val_tokens=torch.tensor([10.0]), val_weights=torch.tensor([1.0]), num_tokens=0,
+                        sampler_state={}).to(dev)
     lam = SourceWeights(2, 1e-2, 4, 0.0, dev)
-    result = bilevel_step(engines[0], engines[1], lam, batch, alpha=10.0, dist=dist)
+    result = bilevel_step(engines[0], engines[1], lam, batch, 0, alpha=10.0, dist=dist)
     return torch.cat([result.m_u, result.m_w]).float().cpu()
 
 

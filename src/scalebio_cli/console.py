@@ -36,3 +36,17 @@ def step_progress(label: str, enabled: bool = True, transient: bool = False) -> 
         TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis", max_width=info_width)),
         console=console, disable=not enabled, transient=transient,
     )
+
+
+def format_evidence(evidence: dict[str, dict]) -> str:
+    """The log's evidence lines: per source its mean advantage, standard error and z, and what |z| < 2 means."""
+    lines = ["[bold]evidence[/] (advantage of w over u on a source, vs the mixture; z = advantage / stderr)"]
+    for name, e in evidence.items():
+        if e["z"] is None:
+            verdict, numbers = "too few lam steps to tell", f"{e['steps']} lam steps"
+        else:
+            z = e["z"]
+            verdict = "cannot tell it from the mixture" if abs(z) < 2 else ("raised" if z > 0 else "lowered")
+            numbers = f"{e['advantage']:+.2e} ± {e['stderr']:.1e}  z {z:+6.2f}  ({e['steps']} lam steps)"
+        lines.append(f"  {escape(name)}: {numbers}  [dim]{verdict}[/]")
+    return "\n".join(lines)

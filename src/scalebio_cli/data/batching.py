@@ -93,6 +93,7 @@ class MicroBatch:
     loss_cols: torch.Tensor  # [n] long: ... and the position whose logits predict it (token position - 1)
     loss_targets: torch.Tensor  # [n] long: the response token ids
     loss_counts: torch.Tensor  # [b] float32: response tokens per row
+    position: torch.Tensor  # [b] long: each row's position in the step's global batch (all processes together)
     num_tokens: int  # non-padding tokens
 
     @property
@@ -103,13 +104,14 @@ class MicroBatch:
         nb = device.type == "cuda"
         moved = [t.to(device, non_blocking=nb) for t in (self.input_ids, self.attention_mask, self.source,
                                                           self.loss_rows, self.loss_cols, self.loss_targets,
-                                                          self.loss_counts)]
+                                                          self.loss_counts, self.position)]
         return MicroBatch(*moved, self.num_tokens)
 
 
 def collate(examples: list[tuple[np.ndarray, np.ndarray]], sources: list[int], pad_id: int,
-            pin: bool = False) -> MicroBatch:
-    """Right-pad token ids to the longest example and list the response positions (pinned memory for a GPU)."""
+            pin: bool = False, rows_at: list[int] | None = None) -> MicroBatch:
+    """Right-pad token ids to the longest example and list the response positions (pinned memory for a GPU).
+    `rows_at`: each example's position in the step's global batch (default: its row)."""
     width = max(len(ids) for ids, _ in examples)
     input_ids = np.full((len(examples), width), pad_id, dtype=np.int64)
     attention = np.zeros((len(examples), width), dtype=np.int64)
@@ -123,7 +125,8 @@ def collate(examples: list[tuple[np.ndarray, np.ndarray]], sources: list[int], p
     positions = positions + 1
     tensors = [torch.from_numpy(input_ids), torch.from_numpy(attention), torch.tensor(sources, dtype=torch.long),
                torch.from_numpy(rows), torch.from_numpy(positions - 1), torch.from_numpy(input_ids[rows, positions]),
-               torch.from_numpy(trainable[:, 1:].sum(axis=1).astype(np.float32))]
+               torch.from_numpy(trainable[:, 1:].sum(axis=1).astype(np.float32)),
+               torch.tensor(range(len(examples)) if rows_at is None else rows_at, dtype=torch.long)]
     if pin:  # lets .to(cuda, non_blocking=True) overlap the copy with compute
         tensors = [t.pin_memory() for t in tensors]
     return MicroBatch(*tensors, int(attention.sum()))
@@ -135,19 +138,22 @@ def num_micro_batches(num_items: int, micro_batch_size: int) -> int:
 
 
 def micro_batches(items: list[tuple[int, int]], data: Sequence[TokenizedData | LazyTokens], micro_batch_size: int,
-                  pad_id: int, pin: bool = False) -> list[MicroBatch]:
+                  pad_id: int, pin: bool = False, positions: list[int] | None = None) -> list[MicroBatch]:
     """Split one process's `(source, example)` items into micro-batches of similar lengths (less padding).
+    `positions`: each item's position in the step's global batch (default: its position in `items`).
 
     The chunk count depends only on len(items), so every process runs the same number of forward passes.
     """
     if not items:
         return []
-    order = sorted(items, key=lambda it: data[it[0]].length(it[1]))
+    where = list(range(len(items))) if positions is None else positions
+    order = sorted(range(len(items)), key=lambda j: data[items[j][0]].length(items[j][1]))
     chunks = np.array_split(np.arange(len(order)), num_micro_batches(len(order), micro_batch_size))
     batches = []
     for chunk in chunks:
         picked = [order[i] for i in chunk]
-        batches.append(collate([data[s].example(i) for s, i in picked], [s for s, _ in picked], pad_id, pin))
+        batches.append(collate([data[items[j][0]].example(items[j][1]) for j in picked],
+                               [items[j][0] for j in picked], pad_id, pin, [where[j] for j in picked]))
     return batches
 
 

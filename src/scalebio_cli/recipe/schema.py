@@ -135,6 +135,10 @@ class ReweightConfig:
     # cosine: lam's rate decays with u's and w's (the reference); constant: the full rate after warmup
     lambda_schedule: str = setting("cosine", affects=RW)
     lambda_delay: int = setting(0, affects=RW)  # steps u and w train before lam moves (u warms up on the mixture)
+    # one lam step per N steps, from the mean paired difference of those N steps (N x the examples per source)
+    lambda_every: int = setting(1, affects=RW)
+    tau: float = setting(1.0, affects=RW)  # alpha grows by this factor every tau_every steps (1: constant)
+    tau_every: int = setting(50, affects=RW)  # steps per round of alpha growth
     batch_size: int = setting(32, affects=RW)  # training examples per step, all sources and processes together
     # validation examples per step, all processes together (the reference validates on as many as it trains on)
     val_batch_size: int = setting(32, affects=RW)

@@ -14,11 +14,12 @@ FORMAT = "scalebio-weights/1"
 
 def build(*, weights: dict[str, float], weights_averaged: dict[str, float], sources: dict[str, dict[str, Any]],
           validation: dict[str, Any] | None, trajectory: list[dict[str, Any]], steps: int, seed: int, model: str,
-          config: dict[str, Any]) -> dict[str, Any]:
+          config: dict[str, Any], evidence: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "weights": weights,
         "weights_averaged": weights_averaged,
+        **({"evidence": evidence} if evidence is not None else {}),
         "sources": sources,
         "validation": validation,
         "trajectory": trajectory,

@@ -18,17 +18,9 @@ import numpy as np
 import torch
 from rich.markup import escape
 
-from scalebio_cli.console import console, format_weights, step_progress
+from scalebio_cli.console import console, format_evidence, format_weights, step_progress
 from scalebio_cli.data import sources as data_sources
-from scalebio_cli.data.batching import (
-    CursorSampler,
-    Prefetcher,
-    RecordSampler,
-    balanced_counts,
-    micro_batches,
-    num_micro_batches,
-    response_token_count,
-)
+from scalebio_cli.data.batching import Prefetcher, num_micro_batches
 from scalebio_cli.data.lazy_tokens import LazyTokens
 from scalebio_cli.data.record_reader import LAZY_MIN_RECORDS
 from scalebio_cli.data.render import Renderer
@@ -38,74 +30,15 @@ from scalebio_cli.recipe import Recipe
 from scalebio_cli.results import weights_file
 from scalebio_cli.results.metrics import MetricsLog, plot_weights
 from scalebio_cli.train import checkpoint, distributed, loop
-from scalebio_cli.train.bilevel import SourceWeights, StepBatches, StepResult, bilevel_step
+from scalebio_cli.train.batch_plan import BatchPlan, StepBatches
+from scalebio_cli.train.bilevel import StepResult, bilevel_step
 from scalebio_cli.train.engine import TrainEngine, make_engine
 from scalebio_cli.train.modeling import count_parameters, load_model, load_tokenizer, resolve_dtype
+from scalebio_cli.train.source_weights import SourceWeights
 from scalebio_cli.train.stopping import FiniteGuard
 from scalebio_cli.train.zero import load_deepspeed_config, zero3_loading
 
 Tokens = TokenizedData | LazyTokens
-VALIDATION_STREAM = 10_000  # sampler stream of validation set j is VALIDATION_STREAM + j; source k uses stream k
-_POOLED_STREAM = 0xB001  # the per-step source counts of pooled batches
-
-
-def sampler(data: Tokens, seed: int, stream: int) -> CursorSampler | RecordSampler:
-    """A lazy source draws from its record count, passing over records that keep no response token (it cannot know
-    them before drawing); a source tokenized whole draws from its kept examples, as it always has, so results on
-    data whose records are all short enough stay what they were and results on data with skipped records too."""
-    return RecordSampler(data, seed, stream) if data.lazy else CursorSampler(len(data), seed, stream)
-
-
-class BatchPlan:
-    """Seeded samplers for every source and validation set; the same draws on every process.
-
-    Every step holds every validation set: val_batch_size is split over them as evenly as possible.
-    `next` runs on the prefetch thread (batching.Prefetcher): it only touches numpy and CPU tensors.
-    """
-
-    def __init__(self, sources: list[Tokens], vals: list[Tokens], val_weights: list[float],
-                 recipe: Recipe, dist: distributed.DistInfo, pad_id: int):
-        self.data = [*sources, *vals]  # validation set j is "source" K + j
-        self.dist, self.pad_id, self.rw = dist, pad_id, recipe.reweight
-        self.samplers = [sampler(d, recipe.seed, k) for k, d in enumerate(sources)]
-        sizes = np.asarray([d.num_records if d.lazy else len(d) for d in sources], dtype=np.float64)  # as drawn
-        self.pool, self.seed = sizes / sizes.sum(), recipe.seed
-        self.val_samplers = [sampler(v, recipe.seed, VALIDATION_STREAM + j) for j, v in enumerate(vals)]
-        self.val_weights = torch.tensor(val_weights, dtype=torch.float32)
-        self.pin = dist.device.type == "cuda"
-
-    def next(self, step: int) -> StepBatches:
-        k_val = len(self.samplers)
-        if self.rw.batch_composition == "pooled":  # the reference's batches: proportional to source sizes
-            rng = np.random.default_rng([self.seed, _POOLED_STREAM, step])
-            counts = rng.multinomial(self.rw.batch_size, self.pool).tolist()
-        else:
-            counts = balanced_counts(self.rw.batch_size, k_val, step)
-        items = [(k, int(i)) for k, n in enumerate(counts) for i in self.samplers[k].take(n)]
-        val_counts = balanced_counts(self.rw.val_batch_size, len(self.val_samplers), step)
-        val_items = [(k_val + j, int(i)) for j, n in enumerate(val_counts) for i in self.val_samplers[j].take(n)]
-        val_tokens = torch.tensor([response_token_count([it for it in val_items if it[0] == k_val + j], self.data)
-                                   for j in range(len(val_counts))], dtype=torch.float32)
-        rank, world = self.dist.rank, self.dist.world_size
-        u = micro_batches(items[rank::world], self.data, self.rw.micro_batch_size, self.pad_id, self.pin)
-        w = micro_batches(items[rank::world] + val_items[rank::world], self.data, self.rw.micro_batch_size,
-                          self.pad_id, self.pin)
-        source_counts = torch.tensor(counts, dtype=torch.float32)
-        return StepBatches(u, w, source_counts.pin_memory() if self.pin else source_counts,
-                           val_tokens=val_tokens, val_weights=self.val_weights,
-                           num_tokens=sum(b.num_tokens for b in u + w), sampler_state=self.state_dict())
-
-    def state_dict(self) -> dict[str, Any]:
-        cursors = [s.cursor for s in self.val_samplers]
-        return {"sources": [s.cursor for s in self.samplers],
-                "validation": cursors[0] if len(cursors) == 1 else cursors}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for sampler, cursor in zip(self.samplers, state["sources"]):
-            sampler.cursor = cursor
-        cursors = state["validation"] if isinstance(state["validation"], list) else [state["validation"]]
-        for sampler, cursor in zip(self.val_samplers, cursors):
-            sampler.cursor = cursor
 
 
 @dataclass
@@ -203,7 +136,7 @@ def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, f
     u, w, num_params = model_copies(recipe, dist, dtype)
     lam = SourceWeights(len(names), cfg.lr_lambda, cfg.steps, cfg.warmup_ratio, dist.device,
                         optimizer=cfg.lambda_optimizer, signal=cfg.lambda_signal, delay=cfg.lambda_delay,
-                        schedule=cfg.lambda_schedule)
+                        schedule=cfg.lambda_schedule, every=cfg.lambda_every)
     out = loop.open_run_folder(recipe, dist)
     if dist.is_main:
         lisa = (f"LISA {cfg.lisa.layers} of {len(u.lisa.blocks)} blocks every {cfg.lisa.interval} steps"
@@ -247,9 +180,9 @@ def model_copies(recipe: Recipe, dist: distributed.DistInfo,
     local_batch = cfg.batch_size // dist.world_size
     u = make_engine(model_u, lr=cfg.lr_u, micro_batches=num_micro_batches(local_batch, cfg.micro_batch_size),
                     lisa=cfg.lisa, ds_config=ds_config, **common)
-    w = make_engine(model_w, lr=cfg.lr_w, micro_batches=num_micro_batches(
-        local_batch + cfg.val_batch_size // dist.world_size, cfg.micro_batch_size), lisa=cfg.lisa,
-        ds_config=ds_config, **common)
+    w = make_engine(model_w, lr=cfg.lr_w, micro_batches=num_micro_batches(local_batch, cfg.micro_batch_size)
+                    + num_micro_batches(cfg.val_batch_size // dist.world_size, cfg.micro_batch_size), lisa=cfg.lisa,
+                    ds_config=ds_config, **common)
     return u, w, num_params
 
 
@@ -274,7 +207,7 @@ def restore(rw: Reweighting, start_from: Path) -> None:
     rw.w.load(start_from, "w")
     saved = checkpoint.load(start_from, "trainer")
     rw.lam.load_state_dict(saved["lambda"])
-    rw.plan.load_state_dict(saved["plan"])
+    rw.plan.load_state_dict(saved["plan"], str(start_from))
     rw.trajectory = saved["trajectory"]
     rw.weights_sum = saved["weights_sum"].to(rw.dist.device)
     checkpoint.set_rng_state(checkpoint.load(start_from, "rng", rw.dist.rank))
@@ -294,7 +227,8 @@ def train(rw: Reweighting) -> None:
             rw.u.begin_step(step)
             rw.w.begin_step(step)
             batch = prefetched.get(step).to(dist.device)
-            result = bilevel_step(rw.u, rw.w, rw.lam, batch, cfg.alpha, dist, stop_requested=control.stop_requested)
+            result = bilevel_step(rw.u, rw.w, rw.lam, batch, step, alpha_at(cfg, step), dist,
+                                  stop_requested=control.stop_requested)
             control.guard.observe(step + 1, torch.cat([result.m_u, result.m_w, result.l1_sums,
                                                        rw.lam.lam.detach()]))
             if step >= rw.avg_from:
@@ -318,6 +252,11 @@ def train(rw: Reweighting) -> None:
             progress.advance(task)
             control.after_step(done, result.stop_votes, checkpoint_writer(rw, batch.sampler_state))
     control.guard.check()
+
+
+def alpha_at(cfg: Any, step: int) -> float:
+    """alpha, grown by `tau` every `tau_every` steps (one round; tau = 1: constant, the reference's scripts)."""
+    return cfg.alpha * cfg.tau ** (step // cfg.tau_every) if cfg.tau != 1 else cfg.alpha
 
 
 def metrics_record(rw: Reweighting, done: int, result: StepResult, batch: StepBatches,
@@ -356,12 +295,14 @@ def finish(rw: Reweighting) -> Path:
             weights=final, weights_averaged=averaged,
             sources={n: source_info(s, d) for (n, s), d in zip(rw.data.sources.items(), rw.sources)},
             validation=validation_info(rw), trajectory=rw.trajectory, steps=cfg.steps,
-            seed=rw.recipe.seed, model=rw.recipe.model, config=rw.recipe.to_dict())
+            seed=rw.recipe.seed, model=rw.recipe.model, config=rw.recipe.to_dict(),
+            evidence=rw.lam.evidence(names))
         weights_file.write(path, doc)
         plot_weights(rw.trajectory, rw.out / "weights.png")
         console.print(f"[bold green]weights[/] {format_weights(doc['weights'])}")
         console.print(f"[dim]averaged over steps {rw.avg_from + 1}-{cfg.steps}:[/] "
                       f"{format_weights(doc['weights_averaged'])}")
+        console.print(format_evidence(doc["evidence"]))
     distributed.barrier(rw.dist)
     return path
 

@@ -1,0 +1,165 @@
+"""The source weights s = softmax(lam): their gradient, their optimizer, and how sure a run is about them.
+
+    lam gradient = alpha * J^T d,  J = diag(s) - s s^T,  d_k = m_k(w) - m_k(u)   (ALGORITHM.md, step 4)
+
+Adam normalises each coordinate of this gradient, so what decides the weights is how consistently the sign of the
+centred paired difference `d_k - s.d` holds, step after step (ALGORITHM.md, "Noise in the lam step"). The options
+here cut its variance without changing what it estimates:
+- `every` (reweight.lambda_every): one lam step from the mean paired difference of N steps (N times the examples
+  per source behind each step);
+- `delay` (reweight.lambda_delay): u and w train on the uniform mixture before lam moves; lam's schedule (warmup,
+  cosine) starts when it does;
+- `schedule: cosine` decays lam's rate; weights.json's `weights_averaged` averages the second half.
+A source absent from a step (pooled batches) has no paired difference there: it gets a zero gradient and the
+centring runs over the sources present, so absence neither pushes a source up nor down.
+
+`relative` (d_k / m_k(u)) is kept as an option, but it is not a variance reduction: to first order it is the lam
+gradient of sum_k s_k log m_k while u and w optimise sum_k s_k m_k, so it moves the method's fixed point.
+
+Evidence (CONTRACT v3): per source, the series of a_k = -(d_k - s.d) over the lam steps in which it was present
+(positive: w gains more on it than on the mixture, the direction in which lam raises it), its mean, and the
+standard error of that mean from batch means (consecutive steps are correlated: u and w drift together).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from scalebio_cli.train.optim import warmup_cosine
+
+
+def centred_difference(s: torch.Tensor, d: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """`d_k - (s.d over the present sources, s renormalised there)` for present sources, 0 for absent ones.
+    With every source present this is `d - s.d`."""
+    s_present = s * present
+    mix = torch.dot(s_present, d) / s_present.sum().clamp(min=torch.finfo(s.dtype).tiny)
+    return torch.where(present, d - mix, torch.zeros_like(d))
+
+
+def lambda_gradient(s: torch.Tensor, m_w: torch.Tensor, m_u: torch.Tensor, alpha: float,
+                    signal: str = "difference", present: torch.Tensor | None = None) -> torch.Tensor:
+    """alpha * J^T d with J = diag(s) - s s^T, over the sources present (all when `present` is None)."""
+    d = m_w - m_u
+    if signal == "relative":
+        d = torch.where(m_u > 0, d / m_u.clamp(min=1e-12), torch.zeros_like(d))
+    if present is None:
+        present = torch.ones_like(d, dtype=torch.bool)
+    return alpha * s * centred_difference(s, d, present)
+
+
+class SourceWeights:
+    """The logits lam (init 0: uniform), their optimizer (Adam as the reference, or SGD) and schedule, the paired
+    differences of the current window of `every` steps, and the evidence series."""
+
+    def __init__(self, num_sources: int, lr: float, total_steps: int, warmup_ratio: float, device: torch.device,
+                 optimizer: str = "adam", signal: str = "difference", delay: int = 0, schedule: str = "cosine",
+                 every: int = 1):
+        self.lam = torch.zeros(num_sources, dtype=torch.float32, device=device, requires_grad=True)
+        if optimizer == "sgd":
+            self.optimizer: torch.optim.Optimizer = torch.optim.SGD([self.lam], lr=lr)
+        else:
+            self.optimizer = torch.optim.Adam([self.lam], lr=lr, betas=(0.9, 0.999))
+        self.signal, self.delay, self.every = signal, delay, max(1, every)
+        lam_steps = max(1, (total_steps - delay) // self.every)
+        factor = warmup_cosine(lam_steps, warmup_ratio, decay=schedule == "cosine")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self._lr = self.optimizer.param_groups[0]["lr"]
+        zeros = torch.zeros(num_sources, dtype=torch.float64, device=device)
+        self.window_d, self.window_n = zeros.clone(), zeros.clone()  # sums of d and counts of presence
+        self.advantages: list[list[float | None]] = []  # per lam step, per source: a_k (None: absent)
+        self.last_grad = torch.zeros(num_sources, dtype=torch.float32, device=device)
+
+    def probs(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.softmax(self.lam.detach().to(dtype), dim=0)
+
+    def as_dict(self, names: list[str]) -> dict[str, float]:
+        """The weights to report: a float64 softmax, so they sum to 1 to within 1e-15."""
+        return dict(zip(names, self.probs(torch.float64).tolist()))
+
+    def observe(self, step: int, m_w: torch.Tensor, m_u: torch.Tensor, present: torch.Tensor,
+                alpha: float) -> torch.Tensor:
+        """Take step `step`'s per-source means (of the sources `present` in its batch); at the end of a window of
+        `every` steps after the delay, one lam step from the window's mean paired differences. Returns the latest
+        lam gradient (zeros before the first lam step)."""
+        if step < self.delay:
+            return self.last_grad
+        d = (m_w - m_u).double()
+        if self.signal == "relative":
+            d = torch.where(m_u > 0, d / m_u.double().clamp(min=1e-12), torch.zeros_like(d))
+        self.window_d += torch.where(present, d, torch.zeros_like(d))
+        self.window_n += present.double()
+        if (step - self.delay + 1) % self.every == 0:
+            self._step(alpha)
+        return self.last_grad
+
+    def _step(self, alpha: float) -> None:
+        present = self.window_n > 0
+        d = (self.window_d / self.window_n.clamp(min=1)).float()
+        s = self.probs()
+        centred = centred_difference(s, d, present)
+        grad = alpha * s * centred
+        self._lr = self.optimizer.param_groups[0]["lr"]
+        self.lam.grad = grad
+        with warnings.catch_warnings():  # a scheduler built before the first optimizer step warns needlessly
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            self.optimizer.step()
+            self.scheduler.step()
+        self.lam.grad = None
+        self.last_grad = grad
+        self.advantages.append([-float(a) if p else None for a, p in zip(centred.tolist(), present.tolist())])
+        self.window_d.zero_()
+        self.window_n.zero_()
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the latest lam step (the one its update used)."""
+        return self._lr
+
+    def evidence(self, names: list[str]) -> dict[str, dict[str, Any]]:
+        """weights.json `evidence`: per source, mean advantage, its standard error, z and the lam steps behind it."""
+        out = {}
+        for k, name in enumerate(names):
+            series = np.asarray([row[k] for row in self.advantages if row[k] is not None], dtype=np.float64)
+            out[name] = summarize(series)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"lam": self.lam.detach().clone(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "window_d": self.window_d.clone(),
+                "window_n": self.window_n.clone(), "advantages": self.advantages, "last_grad": self.last_grad,
+                "lr": self._lr}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.lam.copy_(state["lam"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.window_d.copy_(state["window_d"])
+        self.window_n.copy_(state["window_n"])
+        self.advantages = [list(row) for row in state["advantages"]]
+        self.last_grad = state["last_grad"].to(self.lam.device)
+        self._lr = state["lr"]
+
+
+def summarize(series: np.ndarray) -> dict[str, Any]:
+    """Mean, standard error (batch means: the series cut into ~sqrt(n) consecutive batches, so that correlation
+    within a batch does not shrink the error), z = mean / stderr, and n. With fewer than 4 values the error is
+    the plain standard error, and with fewer than 2 there is none (null)."""
+    n = len(series)
+    if n == 0:
+        return {"advantage": None, "stderr": None, "z": None, "steps": 0}
+    mean = float(series.mean())
+    if n < 2:
+        return {"advantage": mean, "stderr": None, "z": None, "steps": n}
+    if n < 4:
+        stderr = float(series.std(ddof=1) / math.sqrt(n))
+    else:
+        batches = np.array([b.mean() for b in np.array_split(series, int(math.sqrt(n)))])
+        stderr = float(batches.std(ddof=1) / math.sqrt(len(batches)))
+    z = mean / stderr if stderr > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
+    return {"advantage": mean, "stderr": stderr, "z": None if math.isinf(z) else z, "steps": n}
