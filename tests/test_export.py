@@ -48,9 +48,12 @@ def test_hf_export_loads_with_datasets_and_interleaves(weights, tmp_path: Path) 
     assert [len(p) for p in parts] == [600, 600, 600]
     assert all(p.column_names == ["messages"] for p in parts)  # one schema, whatever the source format
     mixed = datasets.interleave_datasets(parts, probabilities=mix["probabilities"], seed=0,
-                                         stopping_strategy="first_exhausted")
+                                         stopping_strategy=mix["stopping_strategy"])
     assert {m["role"] for m in mixed[0]["messages"]} <= {"user", "assistant", "system"}
-    assert "interleave_datasets" in (out / "README.md").read_text()
+    readme = (out / "README.md").read_text()
+    # one stopping rule in every export: the first source to run out ends the mixture (LLaMA-Factory's default)
+    assert "interleave_datasets" in readme and 'stopping_strategy="first_exhausted"' in readme
+    assert "all_exhausted\")" not in readme and mix["stopping_strategy"] == "first_exhausted"
 
 
 def _sharegpt_ok(messages: list[dict], tags: dict) -> bool:
@@ -186,3 +189,25 @@ def test_sample_messages_parquet_has_one_schema(weights, tmp_path: Path) -> None
     assert {"messages", "instruction", "prompt", "source"} <= columns
     assert run_cli("sample", "--weights", str(path), "-n", "5", "--format", "xml", "-o", str(tmp_path / "y.jsonl"),
                    ).returncode == 2
+
+
+def test_several_targets_export_each_or_are_refused_clearly(weights, tmp_path: Path) -> None:
+    import shutil
+
+    path = weights[0]
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(path, run / "weights.json")
+    result = run_cli("export", str(run / "weights.json"), "--to", "hf", "--to", "nemo")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [str(run / "export-hf"), str(run / "export-nemo")]
+    assert (run / "export-hf" / "mixture.json").is_file() and (run / "export-nemo" / "nemo.yaml").is_file()
+    config = yaml.safe_load(export.run(path, "llamafactory", tmp_path / "lf").joinpath("llamafactory.yaml")
+                            .read_text())
+    assert config["mix_strategy"] == "interleave_under"  # the same stopping rule as the hf export's
+    for args, message in [(["--to", "hf", "--to", "hf"], "--to hf: given twice"),
+                          (["--to", "hf", "--to", "axolotl", "-o", str(tmp_path / "one")],
+                           "--output names one folder, but 2 targets were given")]:
+        refused = run_cli("export", str(path), *args)
+        assert refused.returncode == 2 and message in refused.stderr and refused.stdout == ""
+    assert not (tmp_path / "one").exists()

@@ -353,14 +353,15 @@ def test_a_fresh_run_over_another_runs_checkpoints_is_refused(finished_run: Path
     recipe = small_recipe(tmp_path / "r.yaml", demo, output_dir=str(run))
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
     result = invoke("reweight", "--config", recipe)
-    assert_refused(result, f"output_dir {run} already holds another run (reweight checkpoints up to step 2, "
-                   "weights.json)", "continue it with --resume auto", "--force")
+    # that run read copies of the sources: a run of another recipe, named as such with the keys that differ
+    assert_refused(result, f"output_dir {run} already holds a reweight run of another recipe (finished; reweight "
+                   "checkpoints up to step 2, weights.json; data.sources: there", "--force")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
     result = invoke("finetune", "--config", recipe, f"finetune.data={demo}/data/clean.jsonl")
-    assert_refused(result, "a fresh finetune run there would mix with it")
+    assert_refused(result, "stage: there reweight, now finetune", "a fresh finetune run there would mix with it")
     shutil.rmtree(run / "checkpoints")  # weights.json alone: nothing to resume, still another run's result
     result = invoke("reweight", "--config", recipe, "--resume", "auto")
-    assert_refused(result, "already holds another run (weights.json)")
+    assert_refused(result, "already holds a reweight run of another recipe (finished; weights.json;")
     assert "--resume auto" not in result.output.split("mix with it")[1]
 
 

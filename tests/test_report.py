@@ -54,3 +54,36 @@ def test_report_renders_in_a_headless_browser(reweighted: Path, tmp_path: Path) 
     subprocess.run([sys.executable, str(ROOT / "scripts" / "screenshot_report.py"), str(page), str(png),
                     "--height", "900"], check=True, timeout=120)
     assert png.stat().st_size > 50_000  # charts drawn, not a blank page
+
+
+def test_smoothing_follows_the_trend_and_skips_gaps() -> None:
+    from scalebio_cli.stages.report import smooth
+
+    noisy = [1.0 + (0.5 if i % 2 else -0.5) for i in range(40)]
+    smoothed = smooth(noisy)
+    assert len(smoothed) == 40 and max(abs(v - 1.0) for v in smoothed[10:]) < 0.2  # the zig-zag averaged out
+    assert smooth([None, 2.0, float("nan"), 4.0], span=1)[1:] == [2.0, 2.0, 4.0]  # gaps carried, not averaged in
+
+
+def test_report_flags_uneven_truncation_and_shows_evidence_only_when_present(reweighted: Path,
+                                                                             tmp_path: Path) -> None:
+    from scalebio_cli.stages import report
+
+    run = tmp_path / "run"
+    shutil.copytree(reweighted, run, ignore=shutil.ignore_patterns("tensorboard", "checkpoints"))
+    doc = json.loads((run / "weights.json").read_text())
+    plain = report.run(run, tmp_path / "plain.html").read_text()
+    assert "Evidence" not in plain and "Truncation differs" not in plain  # the demo fits max_length; no evidence
+    assert "exponential moving average" in plain
+    names = list(doc["weights"])
+    for name, cut in zip(names, [0, 150, 3]):  # 0%, 25%, 0.5% of 600 records
+        doc["sources"][name].update(num_examples=600, num_truncated=cut)
+    doc["evidence"] = {names[0]: {"advantage": 0.031, "stderr": 0.008, "z": 3.9, "steps": 18},
+                       names[1]: {"advantage": -0.004, "stderr": 0.006, "z": -0.7, "steps": 18}}
+    (run / "weights.json").write_text(json.dumps(doc))
+    page = report.run(run, tmp_path / "flagged.html").read_text()
+    assert "Truncation differs between sources" in page and f"{names[1]} 25%" in page
+    assert '<td class="n warn">150 (25%)</td>' in page  # the source that loses most is marked in the table
+    assert "<h2>Evidence</h2>" in page and "|z| &lt; 2: the run cannot tell this source from the mixture" in page
+    assert f"<tr class=weak><td>{names[1]}</td>" in page and "cannot tell from the mixture" in page
+    assert f"<tr><td>{names[0]}</td><td class=n>0.0310</td>" in page

@@ -142,3 +142,17 @@ def test_missing_and_malformed_weights_files(tmp_path: Path, sources) -> None:
     sources["b"].unlink()
     result = run_cli("sample", "--weights", str(w), "-n", "1", "-o", str(tmp_path / "o.jsonl"))
     assert result.returncode == 2 and "source 'b' file not found" in result.stderr
+
+
+def test_an_existing_output_is_replaced_only_with_force(tmp_path: Path, sources) -> None:
+    w = make_weights(tmp_path / "w.json", sources, {"a": 0.5, "b": 0.5})
+    out = tmp_path / "s.jsonl"
+    assert run_cli("sample", "--weights", str(w), "-n", "10", "-o", str(out)).returncode == 0
+    before = out.read_text()
+    again = run_cli("sample", "--weights", str(w), "-n", "12", "-o", str(out), "--seed", "1")
+    assert again.returncode == 2 and again.stdout == "" and "Traceback" not in again.stderr
+    assert f"--output {out}: already exists; pass --force to replace it" in again.stderr
+    assert out.read_text() == before
+    forced = run_cli("sample", "--weights", str(w), "-n", "12", "-o", str(out), "--seed", "1", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert len(out.read_text().splitlines()) == 12

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+import typer.core
 
 from scalebio_cli import __version__
 from scalebio_cli.errors import InputError, TrainingStopped
@@ -45,6 +46,47 @@ ForceOption = Annotated[bool, typer.Option(
                     "checkpoints).")]
 
 
+def recipe_key_hint(option: str, args: list[str], stage: str) -> str | None:
+    """`did you mean reweight.steps=5 ?` for a flag that names a recipe key (`--steps 5`, `--lr=1e-5`), or None.
+
+    Keys of the command's own section come first, then top-level keys, then the other sections'."""
+    from scalebio_cli.recipe.schema import leaf_fields
+
+    name = option.lstrip("-").replace("-", "_")
+    if not name:
+        return None
+    keys = [key for key, _, _ in leaf_fields()]
+    found = [k for k in keys if k == name or k.endswith("." + name)]
+    if not found:
+        return None
+    found.sort(key=lambda k: (0 if k.startswith(stage + ".") else 1 if "." not in k else 2, k.count("."), k))
+    value = "VALUE"
+    for i, arg in enumerate(args):
+        if arg.startswith(option + "="):
+            value = arg.partition("=")[2]
+        elif arg == option and i + 1 < len(args) and not args[i + 1].startswith("-"):
+            value = args[i + 1]
+    return " or ".join(f"{k}={value}" for k in found[:3])
+
+
+class RecipeCommand(typer.core.TyperCommand):
+    """A command whose unknown flags may be recipe keys written as flags: say the KEY=VALUE spelling."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        given = list(args)  # the parser consumes `args`
+        try:
+            return super().parse_args(ctx, args)
+        except Exception as exc:  # click's NoSuchOption: Typer >= 0.26 carries its own click, so matched by name
+            if type(exc).__name__ != "NoSuchOption":
+                raise
+            hint = recipe_key_hint(getattr(exc, "option_name", ""), given, self.name or "")
+            if hint is None:
+                raise
+            usage_error = next(c for c in type(exc).__mro__ if c.__name__ == "UsageError")
+            raise usage_error(f"No such option {getattr(exc, 'option_name', '')}; did you mean {hint} ? (recipe "
+                              "keys are given as KEY=VALUE)", ctx) from None
+
+
 def _fail(problems: list[str]) -> None:
     from rich.markup import escape
 
@@ -63,7 +105,7 @@ def guarded(fn: Callable[[], T]) -> T:
         raise typer.Exit(2) from None
     except TrainingStopped as exc:
         _fail([str(exc)])
-        raise typer.Exit(1) from None
+        raise typer.Exit(exc.exit_code) from None  # 130 after a SIGINT (Ctrl-C), else 1
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
@@ -82,13 +124,31 @@ def _root(
     pass
 
 
-@app.command()
+def _already_complete(recipe: Any, stage: str, resume: str | None) -> Path | None:
+    """`--resume auto` on a finished run of this recipe: its result, at once (nothing is loaded or recomputed)."""
+    if resume != "auto":
+        return None
+    from scalebio_cli.results import run_folder
+
+    result = run_folder.finished_result(Path(recipe.output_dir), stage, recipe.to_dict())
+    if result is not None and process.is_main():
+        from rich.markup import escape
+
+        from scalebio_cli.console import console
+
+        console.print(f"[bold green]already complete:[/] {escape(str(result))} (this {stage} run finished; "
+                      "nothing to resume)")
+    return result
+
+
+@app.command(cls=RecipeCommand)
 def reweight(config: ConfigOption, overrides: OverridesArg = None, resume: ResumeOption = None,
              force: ForceOption = False) -> None:
     """Learn sampling weights over data.sources with ScaleBiO; writes OUTPUT_DIR/weights.json.
 
     Also writes metrics.jsonl (per log step: losses, per-source losses of u and w, weights, learning rates,
-    tokens/s) and weights.png. Prints the weights file's path on stdout.
+    tokens/s through u and w, s/step) and weights.png. Prints the weights file's path on stdout. With --resume auto,
+    a finished run of the same recipe is not recomputed: its weights file is printed at once.
     """
 
     def body() -> Any:
@@ -96,12 +156,17 @@ def reweight(config: ConfigOption, overrides: OverridesArg = None, resume: Resum
         from scalebio_cli.recipe.preflight import check_reweight
 
         recipe = load_recipe(config, overrides)
+        done = _already_complete(recipe, "reweight", resume)
+        if done is not None:
+            return done
         check_reweight(recipe, config)
         from scalebio_cli.results import run_folder
         from scalebio_cli.stages import reweight as stage
 
-        with run_folder.claim(recipe.output_dir, "reweight", resume, force):  # one run per folder, never two mixed
-            return stage.run(recipe, resume, force)
+        with run_folder.claim(recipe.output_dir, "reweight", resume, force, recipe.to_dict()):  # one run per folder
+            result = stage.run(recipe, resume, force)
+            run_folder.mark_finished(Path(recipe.output_dir), "reweight", result, recipe.to_dict())
+            return result
 
     _print_result(guarded(body))
 
@@ -151,6 +216,8 @@ def sample(
         "--format", help="original: each record unchanged plus \"source\"; messages: every record normalised to "
                          "{\"messages\": [...], \"source\": ...} (one schema for LLaMA-Factory, axolotl, TRL).")
     ] = "original",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file (and its manifest).")
+                     ] = False,
 ) -> None:
     """Draw N records from the sources in proportion to their weights; writes OUT.jsonl and OUT.manifest.json.
 
@@ -183,6 +250,9 @@ def sample(
         else:
             draw = stage.weights_file_draw(weights, output, allow_changed_sources, averaged)
         with run_folder.claim_output_file(output.resolve()):
+            if output.exists() and not force:  # checked after the inputs: an output that is an input says so
+                raise InputError(f"--output {output}: already exists; pass --force to replace it (and its "
+                                 "manifest), or choose another file")
             stage.run(draw.probs, draw.sources, num_samples, output.resolve(), seed, replacement, draw.label,
                       draw.sizes, record_format)
         return output
@@ -193,10 +263,12 @@ def sample(
 @app.command()
 def export(
     weights: Annotated[Path, typer.Argument(help="A weights.json from `scalebio reweight`.", show_default=False)],
-    to: Annotated[str, typer.Option("--to", help="llamafactory, hf, axolotl, open-instruct, megatron or nemo.",
-                                    show_default=False)],
+    to: Annotated[list[str], typer.Option("--to", help="llamafactory, hf, axolotl, open-instruct, megatron or "
+                                          "nemo; repeat it to export for several tools at once.",
+                                          show_default=False)],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder to write (replaced as a whole); "
-                                                "default: export-TARGET beside the weights file.")] = None,
+                                                "default: export-TARGET beside the weights file (the only choice "
+                                                "with several --to).")] = None,
     averaged: Annotated[bool, typer.Option("--averaged", help="Use weights_averaged instead of the final "
                                                               "weights.")] = False,
     mix_strategy: Annotated[str, typer.Option(help="llamafactory: interleave_under (stop when the first source "
@@ -212,19 +284,20 @@ def export(
                                                              "sha256 recorded in the weights file.")] = False,
 ) -> None:
     """Write a folder the target tool trains from: the sources in one record schema plus the tool's mixing config,
-    whose probabilities are the weights (same order). Prints the folder on stdout.
+    whose probabilities are the weights (same order). Prints the folder on stdout (one line per --to).
     """
 
-    def body() -> Path:
+    def body() -> list[Path]:
         from scalebio_cli.stages import export as stage
 
         opts = stage.Options(mix_strategy=mix_strategy, num_samples=num_samples, tokenizer=tokenizer, seed=seed)
-        return stage.run(weights, to, output, averaged, allow_changed_sources, opts)
+        return stage.run_many(weights, to, output, averaged, allow_changed_sources, opts)
 
-    _print_result(guarded(body))
+    for folder in guarded(body):
+        _print_result(folder)
 
 
-@app.command()
+@app.command(cls=RecipeCommand)
 def finetune(config: ConfigOption, overrides: OverridesArg = None, resume: ResumeOption = None,
              force: ForceOption = False) -> None:
     """Fine-tune `model` on finetune.data (or data.sources mixed by finetune.weights); writes a Hugging Face model
@@ -239,12 +312,17 @@ def finetune(config: ConfigOption, overrides: OverridesArg = None, resume: Resum
         from scalebio_cli.recipe.preflight import check_finetune
 
         recipe = load_recipe(config, overrides)
+        done = _already_complete(recipe, "finetune", resume)
+        if done is not None:
+            return done
         check_finetune(recipe, config)
         from scalebio_cli.results import run_folder
         from scalebio_cli.stages import finetune as stage
 
-        with run_folder.claim(recipe.output_dir, "finetune", resume, force):  # one run per folder, never two mixed
-            return stage.run(recipe, resume, force)
+        with run_folder.claim(recipe.output_dir, "finetune", resume, force, recipe.to_dict()):  # one run per folder
+            result = stage.run(recipe, resume, force)
+            run_folder.mark_finished(Path(recipe.output_dir), "finetune", result, recipe.to_dict())
+            return result
 
     _print_result(guarded(body))
 

@@ -16,4 +16,23 @@ class InputError(Exception):
 
 
 class TrainingStopped(Exception):
-    """A run stopped before its last step on purpose (a signal, non-finite values): exit status 1, no traceback."""
+    """A run stopped before its last step on purpose (a signal, non-finite values): exit status 1, no traceback;
+    130 when the signal was SIGINT (Ctrl-C), as shells expect of an interrupted command."""
+
+    def __init__(self, message: str, signal: str | None = None):
+        super().__init__(message)
+        self.signal = signal
+
+    @property
+    def exit_code(self) -> int:
+        return 130 if self.signal == "SIGINT" else 1
+
+
+def json_error(exc: ValueError) -> str:
+    """`Expecting ',' delimiter at line 3 column 7` for a JSONDecodeError, without the doubled `at at` of messages
+    that end in `at` (`Unterminated string starting at`, `Invalid control character at`)."""
+    msg, lineno, colno = getattr(exc, "msg", None), getattr(exc, "lineno", None), getattr(exc, "colno", None)
+    if msg is None or colno is None:
+        return str(exc)
+    where = f"line {lineno} column {colno}" if lineno and lineno > 1 else f"column {colno}"
+    return f"{msg} {where}" if msg.rstrip().endswith(" at") else f"{msg} at {where}"

@@ -3,6 +3,7 @@ and content hashes (how a source file is recognised in weights.json, checkpoints
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -82,3 +83,28 @@ def clobbered_input(output: str | os.PathLike[str], inputs: dict[str, str | os.P
         if path and same_file(output, path):
             return label
     return None
+
+
+def did_you_mean(path: str | os.PathLike[str], limit: int = 3) -> str:
+    """` (did you mean clean.jsonl?)`: the names in a missing file's folder closest to its name, or ``.
+
+    The nearest folder that exists is searched when the file's own folder is missing too (a typo in a folder name).
+    """
+    path = Path(path)
+    parent, name = path.parent, path.name
+    while not parent.is_dir():
+        if parent == parent.parent:
+            return ""
+        parent, name = parent.parent, parent.name
+    try:
+        names = [p.name for p in parent.iterdir() if not p.name.startswith(".")]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(name, names, n=limit, cutoff=0.8)  # .jsonl alone must not match
+    if not close:
+        lowered = {n.lower(): n for n in names}
+        close = [lowered[n] for n in difflib.get_close_matches(name.lower(), list(lowered), n=limit, cutoff=0.8)]
+    if not close:
+        return ""
+    shown = " or ".join(str(parent / c) for c in close)
+    return f" (did you mean {shown}?)"

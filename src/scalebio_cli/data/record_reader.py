@@ -17,7 +17,7 @@ import numpy as np
 
 from scalebio_cli.data import sources as data_sources
 from scalebio_cli.data.sources import DataSource, HFTable
-from scalebio_cli.errors import InputError
+from scalebio_cli.errors import InputError, json_error
 from scalebio_cli.files import atomic_path
 
 INDEX_VERSION = "1"
@@ -112,7 +112,7 @@ class RecordReader:
                 try:
                     out[slot] = (where, json.loads(f.readline()))
                 except json.JSONDecodeError as exc:
-                    raise InputError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                    raise InputError(f"{where}: not valid JSON ({json_error(exc)})") from None
                 except UnicodeDecodeError as exc:
                     raise InputError(f"{self._path}: not UTF-8 text ({exc.reason} at byte {offset + exc.start})") \
                         from None

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scalebio_cli.errors import InputError
+from scalebio_cli.errors import InputError, json_error
+from scalebio_cli.files import did_you_mean
 
 EXTENSIONS = (".json", ".jsonl", ".parquet")
 
@@ -53,7 +54,7 @@ def parse_jsonl_line(path: str | Path, lineno: int, line: str) -> tuple[str, Any
     try:
         return f"{path}:{lineno}", json.loads(line)
     except json.JSONDecodeError as exc:
-        raise InputError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        raise InputError(f"{path}:{lineno}: not valid JSON ({json_error(exc)})") from None
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
@@ -149,7 +150,7 @@ def _reading(path: Path, stream: Iterator[Any]) -> Iterator[Any]:
     if path.suffix not in EXTENSIONS:
         raise InputError(f"{path}: unsupported file type '{path.suffix}' (use {', '.join(EXTENSIONS)})")
     if not path.is_file():
-        raise InputError(f"{path}: data file not found")
+        raise InputError(f"{path}: data file not found{did_you_mean(path)}")
     try:
         yield from stream
     except UnicodeDecodeError as exc:

@@ -28,7 +28,7 @@ import numpy as np
 from scalebio_cli.data import records
 from scalebio_cli.data.records import Example, Turn
 from scalebio_cli.errors import InputError
-from scalebio_cli.files import file_sha256
+from scalebio_cli.files import did_you_mean, file_sha256
 from scalebio_cli.recipe.schema import SourceSpec
 
 COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz")
@@ -203,7 +203,7 @@ def _load_dict(spec: SourceSpec, key: str) -> tuple[Any, tuple[str, ...]]:
         if files:  # a file or a glob
             return datasets.load_dataset(_builder(files, key), data_files=list(files), name=spec.name), files
         if not is_hub_id(path):
-            raise InputError(f"{key}: file not found: {path}")
+            raise InputError(f"{key}: file not found: {path}{did_you_mean(path)}")
         return datasets.load_dataset(path, name=spec.name), ()
     except InputError:
         raise

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from scalebio_cli.errors import InputError
+from scalebio_cli.files import did_you_mean
 from scalebio_cli.recipe.schema import (
     BATCH_COMPOSITIONS,
     LAMBDA_OPTIMIZERS,
@@ -443,7 +444,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: recipe file not found")
+        raise InputError(f"{path}: recipe file not found{did_you_mean(path)}")
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:

@@ -19,7 +19,7 @@ from scalebio_cli.data import sources as data_sources
 from scalebio_cli.data.records import AUTO_COLUMNS, detect_format, has_response
 from scalebio_cli.data.sources import DataSource
 from scalebio_cli.errors import InputError
-from scalebio_cli.files import clobbered_input
+from scalebio_cli.files import clobbered_input, did_you_mean
 from scalebio_cli.recipe import model_folder
 from scalebio_cli.recipe.load import looks_like_hub_id
 from scalebio_cli.recipe.schema import PRECISIONS, Recipe
@@ -47,7 +47,7 @@ def _where_problems(source: DataSource) -> list[str]:
         if any(c in source.path for c in "*?[") and not data_sources._local_files(source.path):
             return [f"{key}: no file matches {source.path}"]
         if not p.exists() and not data_sources.is_hub_id(source.path):
-            return [f"{key}: file not found: {p}"]
+            return [f"{key}: file not found: {p}{did_you_mean(p)}"]
         try:
             data_sources.open_table(source)
         except InputError as exc:
@@ -142,12 +142,14 @@ def model_folder_problems(key: str, path: str, need_weights: bool = True, need_t
     p = Path(path)
     if p.suffix == ".gguf":  # one file holds weights, tokenizer and chat template
         if not p.is_file():
-            return [f"{key}: GGUF file not found: {p}"]
+            return [f"{key}: GGUF file not found: {p}{did_you_mean(p)}"]
         with p.open("rb") as f:
             magic = f.read(4)
         return [] if magic == b"GGUF" else [f"{key}: {p} is not a GGUF file (it does not start with 'GGUF')"]
     if not p.exists():
-        return [] if looks_like_hub_id(path) else [f"{key}: folder not found: {p}"]
+        if looks_like_hub_id(path):
+            return hub_model_problems(key, path, "config.json" if need_weights else "tokenizer_config.json")
+        return [f"{key}: folder not found: {p}{did_you_mean(p)}"]
     if not p.is_dir():
         return [f"{key}: not a folder: {p}"]
     problems = []
@@ -163,6 +165,60 @@ def model_folder_problems(key: str, path: str, need_weights: bool = True, need_t
         else:
             problems += [f"{key}: {problem}" for problem in model_folder.weights_problems(p)]
     return problems + (_tokenizer_files(key, p) if need_tokenizer else [])
+
+
+HUB_PROBE_SECONDS = 3.0  # how long a Hub id waits for the Hub to answer before the run is refused
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether a TCP connection to the Hub opens within `timeout` seconds (name lookup included: it runs in a
+    thread, since a lookup ignores socket timeouts)."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    answered: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            answered.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered)
+
+
+def hub_model_problems(key: str, repo_id: str, probe_file: str = "config.json") -> list[str]:
+    """`org/name` that is no local folder names a Hub model: fine when the Hugging Face cache holds it or the Hub
+    answers; otherwise refused now (exit 2), not after the loader's retries and a traceback."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(repo_id, probe_file), str):
+            return []  # downloaded before: transformers loads it from the cache
+    except Exception:  # an id the Hub client rejects is reported below like any unreachable one
+        pass
+    if _hub_offline():
+        why = "the Hub is off (HF_HUB_OFFLINE is set) and the Hugging Face cache does not hold it"
+    elif not _hub_reachable():
+        host = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+        why = f"the Hub ({host}) cannot be reached and the Hugging Face cache does not hold it"
+    else:
+        return []
+    return [f"{key}: '{repo_id}' is not a local path, so it names a Hub model, but {why}; set `{key}:` to a local "
+            "model folder or a .gguf file (download it where a hub is reachable, e.g. `hf download "
+            f"{repo_id} --local-dir DIR`)"]
 
 
 def _tokenizer_files(key: str, p: Path) -> list[str]:
@@ -228,7 +284,7 @@ def deepspeed_problems(path: str | None) -> list[str]:
                         "(pip install 'scalebio-cli[deepspeed]')")
     p = Path(path)
     if not p.is_file():
-        return problems + [f"deepspeed: config file not found: {p}"]
+        return problems + [f"deepspeed: config file not found: {p}{did_you_mean(p)}"]
     try:
         config = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -256,7 +312,7 @@ def chat_template_problems(key: str, path: str | None) -> list[str]:
         return []
     p = Path(path)
     if not p.is_file():
-        return [f"{key}: file not found: {p}"]
+        return [f"{key}: file not found: {p}{did_you_mean(p)}"]
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

@@ -1,4 +1,12 @@
-"""metrics.jsonl (one JSON line per log step), the trackers that mirror it, and the weights-over-steps plot."""
+"""metrics.jsonl (one JSON line per log step), the trackers that mirror it, and the weights-over-steps plot.
+
+Cost keys of every line (train/loop.Throughput):
+- `tokens_per_s`: training throughput since the previous line, all processes together, counting non-padding tokens
+  only. reweight: the tokens fed through u and w (the training batch through u, training and validation batch
+  through w; the log says `train tok/s (u+w)`); finetune: the training batch's tokens (`train tok/s`).
+- `sec_per_step`: wall-clock seconds per step so far in this process (its first step left out once a second is
+  timed); the log line turns it into an ETA for the run.
+"""
 
 from __future__ import annotations
 

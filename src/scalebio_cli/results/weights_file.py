@@ -52,7 +52,9 @@ def _read(path: Path) -> dict[str, Any]:
     from scalebio_cli.errors import InputError
 
     if not path.is_file():
-        raise InputError(f"{path}: weights file not found")
+        from scalebio_cli.files import did_you_mean
+
+        raise InputError(f"{path}: weights file not found{did_you_mean(path)}")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_refuse_duplicates)
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
@@ -169,7 +171,9 @@ def _file_problems(path: Path, name: str, info: dict[str, Any], allow_changed_so
     source = Path(info["path"])
     spec = isinstance(info.get("source"), dict)
     if not spec and not source.is_file():
-        return [f"{path}: source '{name}' file not found: {source}"]
+        from scalebio_cli.files import did_you_mean
+
+        return [f"{path}: source '{name}' file not found: {source}{did_you_mean(source)}"]
     if allow_changed_sources:
         return []
     try:

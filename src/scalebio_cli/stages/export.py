@@ -5,6 +5,11 @@ expects (data/normalize.py), and the tool's own mixing configuration whose proba
 weights file's source order. Tools that mix by subsampling or by record counts (axolotl, open-instruct) get the
 counts that realise the weights as closely as whole records allow, and say how many records that keeps.
 
+One stopping rule for every mixture that interleaves (hf, llamafactory): it ends when the first source runs out
+(`datasets`' `first_exhausted`, LLaMA-Factory's `interleave_under`), so no record repeats and each source is drawn
+with its weight's probability up to the end. What the weights mean per trainer (a probability per draw, a keep
+fraction, a record count, a blend weight) is said in each exported file's header.
+
 The folder is assembled under a temporary name and renamed when complete (files.atomic_path); the configuration
 files name the final paths.
 """
@@ -16,6 +21,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +41,10 @@ from scalebio_cli.results import weights_file
 
 TARGETS = ("llamafactory", "hf", "axolotl", "open-instruct", "megatron", "nemo")
 MIX_STRATEGIES = ("interleave_under", "interleave_over", "interleave_once", "concat")  # LLaMA-Factory's names
+# The stopping rule of every interleaving export (see the module docstring), in each tool's own words.
+HF_STOPPING = "first_exhausted"
+STOPPING_RULE = ("the mixture ends when its first source runs out (no record repeats; every draw picks a source "
+                 "with its weight's probability)")
 _SHUFFLE_STREAM = 0xE7  # the seeded order of open-instruct's copies
 
 
@@ -152,8 +162,10 @@ def export_llamafactory(mix: Mixture, tmp: Path, out: Path, opts: Options) -> li
     config = {"dataset_dir": str(out), "dataset": ",".join(mix.stems), "mix_strategy": opts.mix_strategy,
               "interleave_probs": ",".join(repr(p) for p in mix.probs)}
     header = (f"LLaMA-Factory training-config lines {_provenance(mix)}.\n"
-              "Merge them into your training YAML; interleave_probs follow the order of `dataset`.\n"
-              "interleave_under stops when the first source runs out, interleave_over when the last does.")
+              "Merge them into your training YAML; interleave_probs follow the order of `dataset`: each one is the\n"
+              "probability that a draw comes from that dataset.\n"
+              f"interleave_under (the default, as every scalebio export): {STOPPING_RULE};\n"
+              "interleave_over ends when the last runs out, repeating the records of the others.")
     write_text(tmp / "llamafactory.yaml", _yaml(header, config))
     return ["dataset_info.json", "llamafactory.yaml"]
 
@@ -163,18 +175,21 @@ def export_hf(mix: Mixture, tmp: Path, out: Path, opts: Options) -> list[str]:
     write_sources(mix, tmp)
     files = [str(out / f"{stem}.jsonl") for stem in mix.stems]
     write_json(tmp / "mixture.json", {"sources": mix.names, "files": files, "probabilities": mix.probs,
+                                      "stopping_strategy": HF_STOPPING,
                                       "weights_file": str(mix.weights_file), "averaged": mix.averaged})
     readme = f"""# A ScaleBiO mixture for Hugging Face `datasets`
 
 Sources {_provenance(mix)}: {format_weights(dict(zip(mix.names, mix.probs)))}.
 Each `*.jsonl` holds one source as `{{"messages": [...]}}` records (TRL's SFTTrainer and torchtune read them too).
+`probabilities` are the chance that each draw comes from a source; `stopping_strategy="{HF_STOPPING}"`: {STOPPING_RULE}
+(the rule of every scalebio export; `all_exhausted` would go on, repeating the records of the sources that ran out).
 
 ```python
 import datasets, json
 mix = json.load(open("{out / 'mixture.json'}"))
 parts = [datasets.load_dataset("json", data_files=f, split="train") for f in mix["files"]]
 mixed = datasets.interleave_datasets(parts, probabilities=mix["probabilities"], seed=0,
-                                     stopping_strategy="all_exhausted")
+                                     stopping_strategy="{HF_STOPPING}")
 ```
 """
     write_text(tmp / "README.md", readme)
@@ -288,19 +303,40 @@ EXPORTERS: dict[str, Callable[[Mixture, Path, Path, Options], list[str]]] = {
 def run(weights: Path, target: str, output: Path | None = None, averaged: bool = False,
         allow_changed_sources: bool = False, opts: Options | None = None) -> Path:
     """Export `weights` for `target` into `output` (default: RUN/export-TARGET); returns the folder."""
-    if target not in EXPORTERS:
-        raise InputError(f"--to: must be one of {', '.join(TARGETS)}, got {target!r}")
+    return run_many(weights, [target], output, averaged, allow_changed_sources, opts)[0]
+
+
+def run_many(weights: Path, targets: list[str], output: Path | None = None, averaged: bool = False,
+             allow_changed_sources: bool = False, opts: Options | None = None) -> list[Path]:
+    """Export `weights` for every target (`--to a --to b`), each into its own folder (RUN/export-TARGET, or
+    `output` for a single target); returns the folders. All or nothing: every folder is assembled under a
+    temporary name and renamed into place only when all of them are complete."""
+    problems = [f"--to: must be one of {', '.join(TARGETS)}, got {t!r}" for t in targets if t not in EXPORTERS]
+    problems += [f"--to {t}: given twice" for t in sorted({t for t in targets if targets.count(t) > 1})]
+    if len(targets) > 1 and output is not None:
+        problems.append(f"--output names one folder, but {len(targets)} targets were given (--to "
+                        f"{' --to '.join(targets)}): leave --output out (each goes to export-TARGET beside the "
+                        "weights file) or export one target per command")
     opts = opts or Options()
     if opts.mix_strategy not in MIX_STRATEGIES:
-        raise InputError(f"--mix-strategy: must be one of {', '.join(MIX_STRATEGIES)}, got {opts.mix_strategy!r}")
+        problems.append(f"--mix-strategy: must be one of {', '.join(MIX_STRATEGIES)}, got {opts.mix_strategy!r}")
+    if not targets:
+        problems.append(f"--to: name a target ({', '.join(TARGETS)})")
+    if problems:
+        raise InputError(problems)
     mix = load_mixture(weights, averaged, allow_changed_sources)
-    out = (output or weights.parent / f"export-{target}").resolve()
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--output {out}: exists and is not a folder (export writes a folder)")
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
-        made = EXPORTERS[target](mix, tmp, out, opts)
-    console.print(f"[bold green]export[/] {target}: {format_weights(dict(zip(mix.names, mix.probs)))}; "
-                  f"{escape(', '.join(made))} in {escape(str(out))}")
-    return out
+    outs = [(output or weights.parent / f"export-{target}").resolve() for target in targets]
+    for out in outs:
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--output {out}: exists and is not a folder (export writes a folder)")
+    made: list[list[str]] = []
+    with ExitStack() as stack:  # the renames happen when the block ends, only if every export succeeded
+        for target, out in zip(targets, outs):
+            tmp = stack.enter_context(atomic_path(out))
+            tmp.mkdir()
+            made.append(EXPORTERS[target](mix, tmp, out, opts))
+    for target, out, files in zip(targets, outs, made):
+        console.print(f"[bold green]export[/] {target}: {format_weights(dict(zip(mix.names, mix.probs)))}; "
+                      f"{escape(', '.join(files))} in {escape(str(out))}")
+    return outs
 

@@ -198,7 +198,7 @@ def train(ft: FineTuning) -> None:
     metrics = MetricsLog(ft.out / "metrics.jsonl", ft.start, ft.recipe) if dist.is_main else None
     if ft.start == 0:
         validate(ft, 0, metrics)
-    throughput = loop.Throughput()
+    throughput = loop.Throughput(ft.start, ft.steps, "train tok/s")  # non-padding training tokens
     progress = step_progress("finetune", dist.is_main)
     task = progress.add_task("finetune", total=ft.steps, completed=ft.start, info="")
     with progress, control.signals.installed():
@@ -214,20 +214,26 @@ def train(ft: FineTuning) -> None:
             control.guard.observe(step + 1, (loss_sum / response_tokens).view(1))
 
             done = step + 1
+            throughput.step(done)
+            if throughput.early(done, cfg.log_every):  # what the run costs, long before its first log line
+                control.guard.check()  # synchronises with the device
+                if dist.is_main:
+                    progress.console.print(f"[dim]{throughput.first_steps(throughput.rate())}[/]")
+                progress.update(task, info=throughput.short())
             if done % cfg.eval_every == 0 or done == ft.steps:
                 validate(ft, done, metrics)
             if done % cfg.log_every == 0 or done == ft.steps:
                 control.guard.check()
                 record = {"step": done, "loss": float(loss_sum) / response_tokens, "lr": ft.engine.lr,
                           "grad_norm": None if grad_norm is None else float(grad_norm),
-                          "tokens_per_s": throughput.rate()}
+                          "tokens_per_s": throughput.rate(), "sec_per_step": throughput.sec_per_step()}
                 if metrics is not None:
                     metrics.write(record)
                 info = f"loss {record['loss']:.4f}" + ("" if ft.val_loss is None else f" · val {ft.val_loss:.4f}")
-                progress.update(task, info=info)
+                progress.update(task, info=f"{throughput.short()} · {info}")
                 if dist.is_main:
                     progress.console.print(f"step {done:>5}/{ft.steps}  {info}  lr {ft.engine.lr:.2e}  "
-                                           f"{record['tokens_per_s']:,.0f} tok/s")
+                                           f"{record['tokens_per_s']:,.0f} {throughput.unit}  {throughput.pace()}")
             progress.advance(task)
             control.after_step(done, stop_votes, checkpoint_writer(ft))
     control.guard.check()

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from scalebio_cli.errors import InputError
-from scalebio_cli.files import write_text
+from scalebio_cli.files import did_you_mean, write_text
 
 WEIGHTS_FORMAT = "scalebio-weights/1"
 
@@ -28,7 +28,7 @@ WEIGHTS_FORMAT = "scalebio-weights/1"
 
 def _read_json(path: Path, what: str) -> Any:
     if not path.is_file():
-        raise InputError(f"{path}: {what} not found")
+        raise InputError(f"{path}: {what} not found{did_you_mean(path)}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -38,7 +38,7 @@ def _read_json(path: Path, what: str) -> Any:
 def read_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
     """(weights.json, metrics lines, recipe YAML text) of a reweight run folder."""
     if not run_dir.is_dir():
-        raise InputError(f"{run_dir}: run folder not found")
+        raise InputError(f"{run_dir}: run folder not found{did_you_mean(run_dir)}")
     doc = _read_json(run_dir / "weights.json", "weights.json (is this the output_dir of `scalebio reweight`?)")
     if not isinstance(doc, dict) or doc.get("format") != WEIGHTS_FORMAT or not isinstance(doc.get("weights"), dict):
         raise InputError(f"{run_dir / 'weights.json'}: not a weights file of format {WEIGHTS_FORMAT!r}")
@@ -94,6 +94,34 @@ def _figure(title: str, ylabel: str) -> tuple[Any, Any]:
     return fig, ax
 
 
+RAW_ALPHA = 0.25  # raw points stay visible, faint, under their smoothed curve
+
+
+def smooth(values: list[Any], span: int | None = None) -> list[float]:
+    """An exponential moving average (span ~ a tenth of the points, at least 1): the trend through noisy steps.
+    Missing values (None, NaN) are carried over, never averaged in."""
+    import math
+
+    span = span or max(1, len(values) // 10)
+    alpha = 2 / (span + 1)
+    out: list[float] = []
+    level: float | None = None
+    for v in values:
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            level = float(v) if level is None else alpha * float(v) + (1 - alpha) * level
+        out.append(float("nan") if level is None else level)
+    return out
+
+
+def _plot(ax: Any, steps: list[int], values: list[Any], **style: Any) -> None:
+    """The smoothed curve, with the raw points faint behind it (one legend entry: the smoothed one)."""
+    (line,) = ax.plot(steps, smooth(values), **style)
+    if len(steps) >= 5:
+        raw = [float("nan") if v is None else v for v in values]
+        ax.plot(steps, raw, color=line.get_color(), linestyle=style.get("linestyle", "-"), alpha=RAW_ALPHA,
+                linewidth=0.8)
+
+
 def _per_source(metrics: list[dict[str, Any]], key: str) -> tuple[list[int], dict[str, list[float]]]:
     rows = [m for m in metrics if isinstance(m.get(key), dict)]
     names = list(rows[0][key]) if rows else []
@@ -111,7 +139,7 @@ def charts(doc: dict[str, Any], metrics: list[dict[str, Any]]) -> dict[str, str]
     if steps:
         fig, ax = _figure("Source weights over steps", "sampling weight")
         for name, values in weights.items():
-            ax.plot(steps, values, label=name, linewidth=1.8)
+            _plot(ax, steps, values, label=name, linewidth=1.8)
         ax.axhline(1 / max(1, len(weights)), color="grey", linestyle=":", linewidth=1, label="uniform")
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=8)
@@ -120,7 +148,7 @@ def charts(doc: dict[str, Any], metrics: list[dict[str, Any]]) -> dict[str, str]
     if rows:
         fig, ax = _figure("Objectives", "loss")
         for key, label in (("L1", "L1 (validation, w)"), ("L2_u", "L2(u)"), ("L2_w", "L2(w)")):
-            ax.plot([m["step"] for m in rows], [m.get(key) for m in rows], label=label)
+            _plot(ax, [m["step"] for m in rows], [m.get(key) for m in rows], label=label)
         ax.legend(fontsize=8)
         out["Objectives"] = _png(fig)
     out.update(_loss_lambda_lr_charts(metrics))
@@ -137,9 +165,9 @@ def _loss_lambda_lr_charts(metrics: list[dict[str, Any]]) -> dict[str, str]:
         fig, ax = _figure("Per-source training loss of u (solid) and w (dashed)", "mean loss")
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         for i, name in enumerate(loss_u):
-            ax.plot(steps, loss_u[name], color=colors[i % len(colors)], label=f"{name} u")
+            _plot(ax, steps, loss_u[name], color=colors[i % len(colors)], label=f"{name} u")
             if name in loss_w:
-                ax.plot(steps, loss_w[name], color=colors[i % len(colors)], linestyle="--", label=f"{name} w")
+                _plot(ax, steps, loss_w[name], color=colors[i % len(colors)], linestyle="--", label=f"{name} w")
         ax.legend(fontsize=7, ncol=2)
         out["Per-source losses"] = _png(fig)
     steps, grads = _per_source(metrics, "lambda_grad")
@@ -205,16 +233,79 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def weights_table(doc: dict[str, Any]) -> str:
     averaged = doc.get("weights_averaged") or {}
     sources = doc.get("sources") or {}
+    shares = truncation_shares(doc)
+    flagged = bool(truncation_note(doc))
+
+    def share(name: str) -> str:
+        return f" ({shares[name]:.0%})" if shares.get(name, 0) > 0 else ""
+
+    def flag(name: str) -> str:
+        return '"n warn"' if flagged and shares.get(name, 0) - min(shares.values()) > TRUNCATION_SPREAD else "n"
+
     rows = []
     for name, weight in doc["weights"].items():
         info = sources.get(name) or {}
         rows.append(f"<tr><td>{html.escape(name)}</td><td class=n>{_fmt(weight)}</td>"
                     f"<td class=n>{_fmt(averaged.get(name))}</td><td class=n>{_fmt(info.get('num_examples'))}</td>"
                     f"<td class=n>{_fmt(info.get('num_trainable'))}</td>"
-                    f"<td class=n>{_fmt(info.get('num_truncated'))}</td>"
+                    f"<td class={flag(name)}>{_fmt(info.get('num_truncated'))}{share(name)}</td>"
                     f"<td class=p>{html.escape(str(info.get('path', '-')))}</td></tr>")
     return ("<table><tr><th>source</th><th>weight</th><th>averaged</th><th>records</th><th>trainable</th>"
             "<th>truncated</th><th>file</th></tr>" + "".join(rows) + "</table>")
+
+
+TRUNCATION_SPREAD = 0.05  # truncated shares that differ by more than this between sources are flagged
+
+
+def truncation_shares(doc: dict[str, Any]) -> dict[str, float]:
+    """Each source's share of records cut by data.max_length (over the records tokenized), where recorded."""
+    shares = {}
+    for name, info in (doc.get("sources") or {}).items():
+        if not isinstance(info, dict):
+            continue
+        cut, total = info.get("num_truncated"), info.get("num_tokenized", info.get("num_examples"))
+        if isinstance(cut, int) and isinstance(total, int) and total > 0:
+            shares[name] = cut / total
+    return shares
+
+
+def truncation_note(doc: dict[str, Any]) -> str:
+    """A warning when truncation differs a lot between sources (it confounds the weights), else ""."""
+    shares = truncation_shares(doc)
+    if len(shares) < 2 or max(shares.values()) - min(shares.values()) <= TRUNCATION_SPREAD:
+        return ""
+    most, least = max(shares, key=shares.__getitem__), min(shares, key=shares.__getitem__)
+    listed = ", ".join(f"{html.escape(n)} {v:.0%}" for n, v in sorted(shares.items(), key=lambda kv: -kv[1]))
+    return (f"<p class=warn><b>Truncation differs between sources</b> ({listed}): a cut record loses its end, "
+            f"often the answer, and so its loss changes. The weight of {html.escape(most)} against "
+            f"{html.escape(least)} may reflect data.max_length rather than the data: raise data.max_length "
+            "(or filter long records) and compare.</p>")
+
+
+def evidence_table(doc: dict[str, Any]) -> str:
+    """weights.json `evidence` (how sure the run is of each source's direction): a table, when the run has it."""
+    evidence = doc.get("evidence")
+    if not isinstance(evidence, dict) or not evidence:
+        return ""
+    rows = []
+    for name, e in evidence.items():
+        e = e if isinstance(e, dict) else {}
+        z = e.get("z")
+        known = isinstance(z, (int, float)) and not isinstance(z, bool)
+        if known and abs(z) >= 2:
+            reading = "w beats u more here than on the mixture" if z > 0 else "w beats u less here than on the mixture"
+        else:
+            reading = "cannot tell from the mixture" if known else "-"
+        cls = " class=weak" if known and abs(z) < 2 else ""
+        rows.append(f"<tr{cls}><td>{html.escape(str(name))}</td><td class=n>{_fmt(e.get('advantage'))}</td>"
+                    f"<td class=n>{_fmt(e.get('stderr'))}</td><td class=n>{_fmt(z, 2)}</td>"
+                    f"<td class=n>{_fmt(e.get('steps'))}</td><td>{reading}</td></tr>")
+    return ("<h2>Evidence</h2><table><tr><th>source</th><th>advantage</th><th>stderr</th><th>z</th><th>steps</th>"
+            "<th>reading</th></tr>" + "".join(rows) + "</table>"
+            "<p class=meta>advantage: the mean of the source's centred paired difference over the steps in which "
+            "lambda moved (positive: the direction in which lambda raises the source); stderr accounts for "
+            "autocorrelation; z = advantage / stderr. <b>|z| &lt; 2: the run cannot tell this source from the "
+            "mixture.</b></p>")
 
 
 def eval_table(evals: dict[str, dict[str, Any]]) -> str:
@@ -240,6 +331,7 @@ figure{margin:0;border:1px solid #e4e4e4;border-radius:6px;padding:6px;backgroun
 figure img{width:560px;display:block}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px solid #ddd;padding:4px 8px}
 th{background:#f4f4f4}.n{text-align:right;font-variant-numeric:tabular-nums}.p{color:#777;font-size:11px}
+.warn{background:#fff3cd}p.warn{border:1px solid #f0d98c;padding:6px 10px;border-radius:4px}tr.weak td{color:#888}
 pre{background:#f7f7f7;border:1px solid #e4e4e4;padding:10px;font-size:12px;overflow:auto;max-height:420px}"""
 
 
@@ -262,7 +354,11 @@ def page(doc: dict[str, Any], images: dict[str, str], recipe: str, evals: dict[s
 <h2>Weights</h2>{weights_table(doc)}
 <p class=meta>averaged: the mean over the second half of the run; truncated: records cut by data.max_length
 ("-" where the weights file does not record it).</p>
+{truncation_note(doc)}
+{evidence_table(doc)}
 <h2>Training curves</h2><div class=grid>{figures}</div>
+<p class=meta>Curves: an exponential moving average (span: a tenth of the points); the raw points are the faint
+lines behind them.</p>
 {evaluation}
 <h2>Recipe</h2><pre>{html.escape(recipe)}</pre>
 </body></html>

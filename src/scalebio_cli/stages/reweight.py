@@ -218,7 +218,7 @@ def train(rw: Reweighting) -> None:
     """The loop: one bilevel step per step, a metrics line every log_every steps, checkpoints and stops."""
     cfg, dist, control = rw.recipe.reweight, rw.dist, rw.control
     metrics = MetricsLog(rw.out / "metrics.jsonl", rw.start, rw.recipe) if dist.is_main else None
-    throughput = loop.Throughput()
+    throughput = loop.Throughput(rw.start, cfg.steps, "train tok/s (u+w)")  # non-padding tokens through u and w
     progress = step_progress("reweight", dist.is_main)
     task = progress.add_task("reweight", total=cfg.steps, completed=rw.start,
                              info=format_weights(rw.trajectory[-1]["weights"], 14))
@@ -236,9 +236,16 @@ def train(rw: Reweighting) -> None:
             throughput.add(batch.num_tokens * dist.world_size)
 
             done = step + 1
+            throughput.step(done)
+            if throughput.early(done, cfg.log_every):  # what the run costs, long before its first log line
+                control.guard.check()  # synchronises with the device: the time is the steps', not their queueing
+                if dist.is_main:
+                    progress.console.print(f"[dim]{throughput.first_steps(throughput.rate())}[/]")
+                progress.update(task, info=f"{throughput.short()} · {format_weights(rw.trajectory[-1]['weights'], 14)}")
             if done % cfg.log_every == 0 or done == cfg.steps:
                 control.guard.check()
                 record = metrics_record(rw, done, result, batch, throughput.rate())
+                record["sec_per_step"] = throughput.sec_per_step()
                 rw.trajectory.append({"step": done, "weights": record["weights"]})
                 if metrics is not None:
                     metrics.write(record)
@@ -246,9 +253,9 @@ def train(rw: Reweighting) -> None:
                     sets = f" ({format_weights(per_set)})" if per_set else ""
                     progress.console.print(
                         f"step {done:>5}/{cfg.steps}  L1 {record['L1']:.4f}{sets}  L2(u) {record['L2_u']:.4f}  "
-                        f"L2(w) {record['L2_w']:.4f}  {record['tokens_per_s']:,.0f} tok/s  | "
-                        f"{format_weights(record['weights'])}")
-                progress.update(task, info=format_weights(record["weights"], 14))
+                        f"L2(w) {record['L2_w']:.4f}  {record['tokens_per_s']:,.0f} {throughput.unit}  "
+                        f"{throughput.pace()}  | {format_weights(record['weights'])}")
+                progress.update(task, info=f"{throughput.short()} · {format_weights(record['weights'], 14)}")
             progress.advance(task)
             control.after_step(done, result.stop_votes, checkpoint_writer(rw, batch.sampler_state))
     control.guard.check()

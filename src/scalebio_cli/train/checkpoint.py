@@ -20,7 +20,13 @@ import torch
 
 from scalebio_cli import __version__
 from scalebio_cli.errors import InputError
-from scalebio_cli.results.run_folder import CHECKPOINT_PREFIX, checkpoints_dir, complete_checkpoints
+from scalebio_cli.results.run_folder import (  # noqa: F401  (flatten, config_differences: used from here too)
+    CHECKPOINT_PREFIX,
+    checkpoints_dir,
+    complete_checkpoints,
+    config_differences,
+    flatten,
+)
 from scalebio_cli.train.distributed import DistInfo, barrier
 
 
@@ -93,29 +99,6 @@ def meta(path: Path) -> dict[str, Any]:
         raise InputError(f"{file}: damaged checkpoint metadata (needs an integer 'step', the run's 'config' and "
                          "its data files' 'data_sha256')")
     return info
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and not (prefix + key).startswith("data.sources"):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
-def config_differences(saved: dict[str, Any], current: dict[str, Any], result_keys: tuple[str, ...]) -> list[str]:
-    """Keys (dotted) under `result_keys` prefixes whose values differ between two resolved recipes."""
-    a, b = flatten(saved), flatten(current)
-    keys = sorted(k for k in set(a) | set(b) if k.startswith(result_keys))
-    problems = [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
-    old, new = a.get("data.sources"), b.get("data.sources")
-    if "data.sources" in keys and isinstance(old, dict) and isinstance(new, dict) and old == new \
-            and list(old) != list(new):
-        # Dicts compare equal in any order, but a source's position fixes its sampler stream and weight index.
-        problems.append(f"data.sources: reordered (checkpoint {', '.join(old)}; now {', '.join(new)})")
-    return problems
 
 
 def check_resumable(path: Path, stage: str, config: dict[str, Any], fingerprints: dict[str, str],

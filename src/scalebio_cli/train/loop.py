@@ -21,6 +21,7 @@ from scalebio_cli.errors import TrainingStopped
 from scalebio_cli.files import write_text
 from scalebio_cli.recipe import Recipe, dump_recipe
 from scalebio_cli.recipe.schema import result_keys
+from scalebio_cli.results import run_folder
 from scalebio_cli.train import checkpoint, distributed
 from scalebio_cli.train.distributed import DistInfo
 from scalebio_cli.train.stopping import FiniteGuard, StopSignals, StopVote
@@ -31,6 +32,7 @@ def open_run_folder(recipe: Recipe, dist: DistInfo) -> Path:
     out = Path(recipe.output_dir)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        run_folder.clear_finished(out)  # the folder holds a finished run again only when this one finishes
         write_text(out / "recipe.yaml", dump_recipe(recipe))
     return out
 
@@ -112,20 +114,88 @@ class StepControl:
         path = checkpoint.save(self.out, done, meta, self.recipe.checkpoint.keep, self.dist, write)
         if stop:
             raise TrainingStopped(f"stopped by {self.signals.received or 'a signal on another process'} after step "
-                                  f"{done} of {self.total}; checkpoint saved to {path}; continue with --resume auto")
+                                  f"{done} of {self.total}; checkpoint saved to {path}; continue with --resume auto",
+                                  signal=self.signals.received)
+
+
+def format_duration(seconds: float) -> str:
+    """`45s`, `12m05s`, `3h07m`: an ETA as a person reads it."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 class Throughput:
-    """Tokens per second since the previous log line."""
+    """What a run costs as it goes: tokens per second since the previous log line, seconds per step, and the ETA.
 
-    def __init__(self) -> None:
+    `unit` names what the tokens are, for the log line (`train tok/s (u+w)`: reweight's non-padding tokens fed
+    through u and w; `train tok/s`: finetune's non-padding training tokens). Seconds per step leave out the first
+    step of this process (allocation, warm-up, compilation) once a second one is timed, so the ETA after a few steps
+    is already the run's. Times are host times: callers read them at steps that synchronise with the device (log
+    steps), so queued GPU work is counted. Used by every loop (reweight, finetune; later select, compare).
+    """
+
+    EARLY_STEP = 3  # steps after the start at which a first line with s/step and the ETA is printed
+
+    def __init__(self, start: int = 0, total: int = 0, unit: str = "tok/s") -> None:
+        self.start, self.total, self.unit = start, total, unit
         self.tokens, self.since = 0, time.perf_counter()
+        self.began = self.since
+        self.first_done: float | None = None  # when this process's first step ended
+        self.done = start
 
     def add(self, tokens: int) -> None:
         self.tokens += tokens
 
+    def step(self, done: int) -> None:
+        """Step `done` (1-based) has been taken."""
+        self.done = done
+        if self.first_done is None:
+            self.first_done = time.perf_counter()
+
     def rate(self) -> float:
+        """Tokens per second since the previous call (or the start)."""
         now = time.perf_counter()
-        rate = self.tokens / (now - self.since)
+        rate = self.tokens / max(now - self.since, 1e-9)
         self.tokens, self.since = 0, now
         return rate
+
+    def sec_per_step(self) -> float | None:
+        """Seconds per step so far (the first step left out once there is a second), or None before a step."""
+        taken = self.done - self.start
+        if taken <= 0 or self.first_done is None:
+            return None
+        now = time.perf_counter()
+        if taken == 1:
+            return now - self.began
+        return (now - self.first_done) / (taken - 1)
+
+    def eta(self) -> float | None:
+        """Seconds left to the run's last step, or None before a step."""
+        per_step = self.sec_per_step()
+        return None if per_step is None else per_step * max(0, self.total - self.done)
+
+    def early(self, done: int, log_every: int) -> bool:
+        """Whether step `done` gets the early line: EARLY_STEP steps in, when no log line falls there or before."""
+        return done == self.start + self.EARLY_STEP and done < self.total \
+            and not any(d % log_every == 0 for d in range(self.start + 1, done + 1))
+
+    def pace(self) -> str:
+        """`1.23 s/step · ETA 4m05s` (empty before a step)."""
+        per_step, eta = self.sec_per_step(), self.eta()
+        if per_step is None or eta is None:
+            return ""
+        return f"{self.short()} · ETA {format_duration(eta)}"
+
+    def short(self) -> str:
+        """`1.23 s/step` for the progress bar (which shows the ETA in its own column); empty before a step."""
+        per_step = self.sec_per_step()
+        return "" if per_step is None else f"{per_step:.2f} s/step" if per_step < 10 else f"{per_step:,.0f} s/step"
+
+    def first_steps(self, tokens_per_s: float) -> str:
+        """The early line: `first steps: 1.23 s/step · ETA 4m05s for 200 steps · 5,120 train tok/s (u+w)`."""
+        return (f"first {self.done - self.start} steps: {self.pace()} for steps {self.start + 1}-{self.total} · "
+                f"{tokens_per_s:,.0f} {self.unit}")

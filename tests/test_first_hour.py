@@ -1,0 +1,172 @@
+"""A user's first hour (issue #32): what a run costs as it goes, honest resume, and errors that say the fix."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import invoke, write_recipe
+
+SHORT = ["reweight.steps=8", "reweight.log_every=5", "checkpoint.every=4"]
+
+
+# -- cost and progress -------------------------------------------------------------------------------------------
+
+
+def test_throughput_says_seconds_per_step_and_eta(monkeypatch) -> None:
+    from scalebio_cli.train import loop
+
+    clock = iter([100.0, 103.0])  # then 106 for ever
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock, 106.0))
+    pace = loop.Throughput(start=0, total=100, unit="train tok/s (u+w)")  # t=100
+    assert pace.pace() == "" and pace.sec_per_step() is None
+    pace.step(1)  # t=103: the first step (warm-up) is left out once a second is timed
+    pace.add(1000)
+    pace.step(2)
+    pace.step(3)
+    assert pace.early(3, log_every=20) and not pace.early(3, log_every=2) and not pace.early(4, log_every=20)
+    assert pace.sec_per_step() == pytest.approx(1.5)  # at t=106: (106 - 103) / 2
+    assert pace.pace() == "1.50 s/step · ETA 2m26s"  # 97 steps left
+    assert "train tok/s (u+w)" in pace.first_steps(500.0) and "steps 1-100" in pace.first_steps(500.0)
+    assert [loop.format_duration(s) for s in (5, 65, 3725)] == ["5s", "1m05s", "1h02m"]
+
+
+@pytest.fixture(scope="module")
+def short_run(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """An 8-step reweight (checkpoint at step 4, log lines at 5 and 8): its recipe and its stderr."""
+    recipe = write_recipe(tmp_path_factory.mktemp("first-hour") / "recipe.yaml", demo)
+    result = invoke("reweight", "--config", recipe, *SHORT)
+    assert result.returncode == 0, result.stderr
+    return recipe, result.stderr
+
+
+def test_the_log_says_what_a_run_costs_from_step_3(short_run) -> None:
+    recipe, stderr = short_run
+    early = next(line for line in stderr.splitlines() if line.startswith("first 3 steps:"))
+    assert " s/step · ETA " in early and "for steps 1-8" in early and "train tok/s (u+w)" in early
+    step5 = next(line for line in stderr.splitlines() if line.startswith("step     5/8"))
+    assert "train tok/s (u+w)" in step5 and " s/step · ETA " in step5
+    lines = [json.loads(line) for line in (recipe.parent / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["sec_per_step"] > 0 and r["tokens_per_s"] > 0 for r in lines)
+
+
+# -- honest resume -----------------------------------------------------------------------------------------------
+
+
+def test_resume_auto_on_a_finished_run_recomputes_nothing(short_run) -> None:
+    recipe, _ = short_run
+    out = recipe.parent / "run"
+    weights = out / "weights.json"
+    assert json.loads((out / "finished.json").read_text())["result"] == "weights.json"  # the folder may move
+    before = weights.stat().st_mtime_ns
+    start = time.perf_counter()
+    result = invoke("reweight", "--config", recipe, *SHORT, "--resume", "auto")
+    assert result.returncode == 0, result.stderr
+    assert time.perf_counter() - start < 5
+    assert result.stdout.strip() == str(weights)  # the result path on stdout, as a normal run prints it
+    assert f"already complete: {weights}" in result.stderr and "resumed from" not in result.stderr
+    assert weights.stat().st_mtime_ns == before
+
+
+def test_refusals_tell_this_run_finished_interrupted_and_another_recipe(short_run, tmp_path: Path) -> None:
+    import shutil
+
+    recipe, _ = short_run
+    run = tmp_path / "run"
+    shutil.copytree(recipe.parent / "run", run)
+    args = ["reweight", "--config", recipe, *SHORT, f"output_dir={run}"]
+    result = invoke(*args)
+    assert result.returncode == 2
+    assert f"already holds this run, finished ({run / 'weights.json'})" in result.stderr
+    assert "`--resume auto` prints its result" in result.stderr
+    other = invoke(*args, "reweight.alpha=3")
+    assert other.returncode == 2
+    assert "already holds a reweight run of another recipe (finished" in other.stderr
+    assert "reweight.alpha: there 1.0, now 3.0" in other.stderr and "another run" not in other.stderr
+    (run / "weights.json").unlink()  # as if stopped after the checkpoint of step 4
+    (run / "finished.json").unlink()
+    result = invoke(*args)
+    assert result.returncode == 2
+    assert "already holds this run, interrupted at step 4 (resume with --resume auto)" in result.stderr
+
+
+def test_sigint_checkpoints_and_exits_130(demo: Path, tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "recipe.yaml", demo)
+    out = tmp_path / "run"
+    exe = str(Path(sys.executable).parent / "scalebio")
+    proc = subprocess.Popen([exe, "reweight", "--config", str(recipe), "reweight.steps=60", "checkpoint.every=5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "step-000005").exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "stopped by SIGINT after step" in stderr and "--resume auto" in stderr and "Traceback" not in stderr
+    assert stdout == "" and not (out / "weights.json").exists() and not (out / "finished.json").exists()
+    assert max(int(p.name.split("-")[1]) for p in (out / "checkpoints").iterdir()) > 5  # saved on the signal
+
+
+# -- errors that say the fix -------------------------------------------------------------------------------------
+
+
+def test_an_unreachable_hub_model_fails_at_once(demo: Path, tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "recipe.yaml", demo, model="someorg/some-model")
+    start = time.perf_counter()
+    result = invoke("reweight", "--config", recipe)  # conftest sets HF_HUB_OFFLINE=1
+    assert time.perf_counter() - start < 5
+    assert result.returncode == 2 and "Traceback" not in result.stderr and result.stdout == ""
+    assert "model: 'someorg/some-model' is not a local path, so it names a Hub model" in result.stderr
+    assert "HF_HUB_OFFLINE" in result.stderr and "local model folder or a .gguf file" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, hint", [
+    (["--steps", "5"], "No such option --steps; did you mean reweight.steps=5 ?"),
+    (["--lr_u=1e-4"], "No such option --lr_u; did you mean reweight.lr_u=1e-4 ?"),
+    (["--output-dir", "/tmp/x"], "No such option --output-dir; did you mean output_dir=/tmp/x ?"),
+])
+def test_a_flag_that_is_a_recipe_key_gets_the_key_value_spelling(tmp_path: Path, args: list[str],
+                                                                   hint: str) -> None:
+    result = invoke("reweight", "--config", tmp_path / "r.yaml", *args)
+    assert result.returncode == 2 and hint in result.stderr
+
+
+def test_a_flag_that_is_no_recipe_key_keeps_clicks_message(tmp_path: Path) -> None:
+    result = invoke("reweight", "--config", tmp_path / "r.yaml", "--bogus")
+    assert result.returncode == 2 and "No such option: --bogus" in result.stderr
+
+
+def test_file_not_found_suggests_nearby_names(demo: Path, tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "recipe.yaml", demo)
+    result = invoke("reweight", "--config", tmp_path / "recipe.yml")
+    assert result.returncode == 2 and f"recipe file not found (did you mean {recipe}?)" in result.stderr
+    result = invoke("reweight", "--config", recipe, f"data.sources.clean={demo}/data/clena.jsonl")
+    assert result.returncode == 2
+    assert f"file not found: {demo}/data/clena.jsonl (did you mean {demo}/data/clean.jsonl?)" in result.stderr
+    result = invoke("sample", "--weights", tmp_path / "wieghts.json", "-n", "3", "-o", tmp_path / "s.jsonl")
+    (tmp_path / "weights.json").write_text("{}")
+    result = invoke("sample", "--weights", tmp_path / "wieghts.json", "-n", "3", "-o", tmp_path / "s.jsonl")
+    assert result.returncode == 2
+    assert f"weights file not found (did you mean {tmp_path / 'weights.json'}?)" in result.stderr
+
+
+def test_json_errors_say_at_once() -> None:
+    from scalebio_cli.data.records import parse_jsonl_line
+    from scalebio_cli.errors import InputError
+
+    for line, expected in [('{"a": "x', "Unterminated string starting at column 7"),
+                           ('{"a": "\x01"}', "Invalid control character at column 8"),
+                           ('{"a" 1}', "Expecting ':' delimiter at column 6")]:
+        with pytest.raises(InputError) as exc:
+            parse_jsonl_line("f.jsonl", 3, line)
+        assert str(exc.value) == f"f.jsonl:3: not valid JSON ({expected})"
+        assert "at at" not in str(exc.value)
