@@ -383,6 +383,113 @@ def evaluate(
         typer.echo(json.dumps(result, indent=2))  # no --output: the results themselves go to the pipe
 
 
+@app.command(name="select")
+def select_records(
+    config: ConfigOption,
+    method: Annotated[str, typer.Option(help="rho-loss (reducible holdout loss) or less (validation-gradient "
+                                             "similarity): the paper's per-record baselines.", show_default=False)],
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", help="Records to keep in total (the "
+                                             "highest-scoring over all sources).", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output .jsonl, or .parquet (a .manifest.json with "
+                                         "every selected record's score is written beside it).", show_default=False)],
+    overrides: OverridesArg = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the output's shuffle, LESS's warm-up subset and "
+                                                  "projection (default: the recipe's seed).")] = None,
+    record_format: Annotated[str, typer.Option("--format", help="original: each record unchanged plus \"source\"; "
+                                               "messages: every record normalised to {\"messages\": [...]}.")
+                             ] = "original",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file (and its manifest).")
+                     ] = False,
+) -> None:
+    """Choose N records of data.sources for data.validation with RHO-loss or LESS; writes OUT as `sample` does.
+
+    Settings under the recipe key `select` (select.rho_loss.*, select.less.*). The irreducible-loss model (RHO-loss)
+    and the warm-up checkpoints and gradient scores (LESS) are kept in select.work_dir (default OUTPUT_DIR/select)
+    and reused by a rerun with the same settings. Prints the output path on stdout.
+    """
+
+    def body() -> Path:
+        from scalebio_cli.recipe import load_recipe
+        from scalebio_cli.stages import select as stage
+
+        recipe = load_recipe(config, overrides)
+        out = output.resolve()
+        stage.check(recipe, config, method, num_samples, out, record_format, force)
+        from scalebio_cli.results import run_folder
+        from scalebio_cli.stages import finetune as finetune_stage
+
+        with run_folder.claim_output_file(out):
+            stage.run(recipe, method, num_samples, out, recipe.seed if seed is None else seed, record_format,
+                      finetune=finetune_stage.run)
+        return output
+
+    _print_result(guarded(body))
+
+
+def _seed_list(given: list[str], extra: list[str]) -> list[int]:
+    """`--seeds 0 1 2` (the values after the first land among the positional arguments), `--seeds 0,1,2`, or
+    `--seeds 0 --seeds 1`."""
+    seeds = []
+    for token in [t for g in given for t in g.split(",")] + extra:
+        try:
+            seeds.append(int(token))
+        except ValueError:
+            raise InputError(f"--seeds: {token!r} is not an integer") from None
+    return seeds
+
+
+@app.command()
+def compare(
+    config: ConfigOption,
+    mix: Annotated[list[str], typer.Option("--mix", help="NAME=SPEC, repeatable. SPEC: a weights.json, uniform, "
+                                           "proportional (over data.sources), or a sample/select output file "
+                                           "(used as is). `--mix uniform` alone means uniform=uniform.",
+                                           show_default=False)],
+    test: Annotated[list[str], typer.Option("--test", help="NAME=FILE, repeatable: held-out data to evaluate on.",
+                                            show_default=False)],
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", help="Records sampled per mix and seed.",
+                                             show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder: cells/, compare.json, compare.md, "
+                                         "compare.png.", show_default=False)],
+    overrides: OverridesArg = None,
+    seeds: Annotated[list[str] | None, typer.Option("--seeds", help="Seeds (of sampling and fine-tuning): "
+                                                    "--seeds 0 1 2, or 0,1,2. Default 0 1 2.")] = None,
+    generate: Annotated[bool, typer.Option("--generate", help="Also exact-match accuracy from greedy generation "
+                                           "(as `eval --generate`).")] = False,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation length limit.")] = 256,
+    force: Annotated[bool, typer.Option("--force", help="Redo every cell, finished or not.")] = False,
+) -> None:
+    """Compare mixtures the way the paper does: for every mix and seed, sample N records, fine-tune `model` with
+    the recipe's finetune section, evaluate on every test file; mean and std over seeds.
+
+    Finished cells (DIR/cells/MIX-seedS/eval.json) are reused on a rerun. Prints DIR/compare.json on stdout.
+    """
+
+    def body() -> Path:
+        from scalebio_cli.recipe import load_recipe
+        from scalebio_cli.stages import compare as stage
+
+        extra = [o for o in overrides or [] if o.lstrip("-").isdigit()]
+        recipe = load_recipe(config, [o for o in overrides or [] if o not in extra])
+        seed_list = _seed_list(seeds or [], extra) if seeds or extra else [0, 1, 2]
+        mixes = stage.parse_mixes(mix)
+        tests = _parse_named_files(test, "--test")
+        out = output.resolve()
+        stage.check(recipe, config, mixes, tests, num_samples, seed_list, out)
+        from scalebio_cli.results import run_folder
+        from scalebio_cli.stages import evaluate as eval_stage
+        from scalebio_cli.stages import finetune as finetune_stage
+        from scalebio_cli.stages import sample as sample_stage
+
+        out.mkdir(parents=True, exist_ok=True)
+        comparison = stage.Comparison(recipe, mixes, tests, num_samples, seed_list, out, generate, max_new_tokens,
+                                      force)
+        with run_folder.locked(out / run_folder.LOCK_NAME, "scalebio compare"):
+            return stage.run(comparison, stage.Stages(sample_stage, finetune_stage, eval_stage))
+
+    _print_result(guarded(body))
+
+
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A reweight run folder (its output_dir).", show_default=False)],

@@ -176,6 +176,52 @@ class FinetuneConfig:
     lora: LoraConfig = section(LoraConfig, stage="finetune")
 
 
+def _attention_projections() -> list[str]:
+    return ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@dataclass
+class RhoLossConfig:
+    """RHO-loss (Mindermann et al. 2022): score = a record's mean response-token loss under `model` minus under an
+    irreducible-loss model (`model` fine-tuned on data.validation). null: the finetune section's value."""
+
+    holdout_epochs: float | None = setting(None, affects=NONE)  # epochs of the irreducible model over validation
+    lr: float | None = setting(None, affects=NONE)  # its learning rate
+    batch_size: int | None = setting(None, affects=NONE)  # its examples per optimizer step
+    micro_batch_size: int = setting(8, affects=NONE)  # records per scoring forward pass
+
+
+@dataclass
+class LessConfig:
+    """LESS (Xia et al. 2024): LoRA warm-up on a seeded fraction of the pool, per-record LoRA gradients (Adam-
+    preconditioned with each epoch checkpoint's moments), a seeded Rademacher projection, cosine to the validation
+    sets' mean gradients. Published values except where marked CPU-sized (set the published ones on a GPU)."""
+
+    warmup_fraction: float = setting(0.05, affects=NONE)  # share of the pool the warm-up trains on (published 5%)
+    lora_r: int = setting(8, affects=NONE)  # CPU-sized: published 128 (the projection's cost grows with it)
+    lora_alpha: float = setting(32.0, affects=NONE)  # CPU-sized with r: published 512 (alpha / r = 4 kept)
+    lora_dropout: float = setting(0.1, affects=NONE)  # published
+    target_modules: list[str] = setting(affects=NONE, factory=_attention_projections)  # published: q/k/v/o
+    epochs: int = setting(4, affects=NONE)  # warm-up epochs = checkpoints scored (published 4)
+    lr: float = setting(2e-5, affects=NONE)  # peak, linear decay after warmup (published)
+    warmup_ratio: float = setting(0.03, affects=NONE)  # published
+    batch_size: int = setting(32, affects=NONE)  # warm-up examples per optimizer step (published 32)
+    # CPU-sized: published 8,192 (4,096 common); each record's projection costs LoRA parameters x dims
+    projection_dim: int = setting(1024, affects=NONE)
+    micro_batch_size: int = setting(8, affects=NONE)  # records per gradient batch
+
+
+@dataclass
+class SelectConfig:
+    """`scalebio select`: the paper's per-record baselines (ALGORITHM.md, "The paper's baselines")."""
+
+    # where the irreducible-loss model, warm-up checkpoints and gradient features are kept (and reused on a
+    # rerun); default OUTPUT_DIR/select
+    work_dir: str | None = setting(None, affects=NONE, path="file")
+    rho_loss: RhoLossConfig = section(RhoLossConfig)
+    less: LessConfig = section(LessConfig)
+
+
 @dataclass
 class CheckpointConfig:
     every: int = setting(100, affects=NONE)  # steps between checkpoints (reweight and finetune); 0 = only on signals
@@ -199,6 +245,7 @@ class Recipe:
     reweight: ReweightConfig = section(ReweightConfig, stage="reweight")
     finetune: FinetuneConfig = section(FinetuneConfig, stage="finetune")
     checkpoint: CheckpointConfig = section(CheckpointConfig)
+    select: SelectConfig = section(SelectConfig)
 
     @property
     def tokenizer_path(self) -> str:

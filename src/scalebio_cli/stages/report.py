@@ -366,7 +366,11 @@ lines behind them.</p>
 
 
 def run(run_dir: Path, output: Path | None = None, evals: dict[str, str] | None = None) -> Path:
-    """Write RUN/report.html (or `output`); returns its path."""
+    """Write RUN/report.html (or `output`); returns its path. A `scalebio compare` folder gets its own page."""
+    if (run_dir / "compare.json").is_file():
+        from scalebio_cli.results import compare_report
+
+        return compare_report.render(run_dir, output)
     doc, metrics, recipe = read_run(run_dir)
     results = read_evals(evals or {})
     output = output or run_dir / "report.html"

@@ -1,18 +1,14 @@
 """`scalebio sample`: draw N records from the sources in proportion to their weights.
 
-Counts are exact (largest-remainder rounding, so they add up to N). The records are streamed: each source file is
-read once and only the chosen records are parsed; chosen records are appended to a scratch file and the shuffled
-output is assembled from their byte offsets, so memory holds two integer arrays of length N, never whole files.
+Counts are exact (largest-remainder rounding, so they add up to N). The records are streamed (data/record_writer.py,
+which `select` shares): each source file is read once and only the chosen records are parsed, and memory holds two
+integer arrays of length N, never whole files.
 `fmt="messages"` writes every record in one schema (`{"messages": [...], "source": NAME}`, data/normalize.py); an
 output ending in `.parquet` is written as JSON lines first and converted in batches (data/parquet_out.py).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,72 +17,13 @@ import numpy as np
 
 from scalebio_cli.data import sources as data_sources
 from scalebio_cli.data.mixture import largest_remainder
-from scalebio_cli.data.normalize import to_messages
-from scalebio_cli.data.parquet_out import jsonl_to_parquet
+from scalebio_cli.data.record_writer import FORMATS, Chosen, write_records
 from scalebio_cli.data.sources import DataSource
 from scalebio_cli.errors import InputError
-from scalebio_cli.files import atomic_path, write_json
+from scalebio_cli.files import write_json
 
 _STREAM = 0x5A3  # separates sample's random streams from reweight's under the same seed
-FORMATS = ("original", "messages")
-
-
-def output_record(record: Any, name: str, fmt: str, where: str, columns: dict[str, str] | None = None) -> dict[str,
-                                                                                                            Any]:
-    """What one drawn record becomes in the output: unchanged plus `source`, or normalised to messages (through
-    the source's column map, if it has one)."""
-    if fmt == "messages":
-        return {"messages": to_messages(data_sources.to_example(record, columns or {}, where)), "source": name}
-    return {**record, "source": name} if isinstance(record, dict) else {"record": record, "source": name}
-
-
-# Characters that JSON leaves raw (ensure_ascii=False) but that line-based readers take for line breaks
-# (Python's str.splitlines, JavaScript): escaped, so one record stays one line for every reader.
-_LINE_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
-
-
-def json_line(record: Any) -> str:
-    """One JSON record as one line (UTF-8 kept readable, line separators escaped)."""
-    text = json.dumps(record, ensure_ascii=False)
-    for raw, escaped in _LINE_BREAKS.items():
-        text = text.replace(raw, escaped)
-    return text
-
-
-def _iter_chosen(source: DataSource, chosen: np.ndarray) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (index, record) for the records at the sorted indices `chosen`, parsing only those for a plain
-    .jsonl (any other source: through data/sources.py, which applies its split_by and max_samples choice)."""
-    if not len(chosen):
-        return
-    if not source.is_plain:
-        yield from data_sources.records_at(source, np.unique(chosen).tolist())
-        return
-    path = Path(source.path)
-    wanted = iter(np.unique(chosen).tolist())
-    target = next(wanted, None)
-    if path.suffix == ".jsonl":
-        with path.open("rb") as f:
-            index = -1
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                index += 1
-                if index != target:
-                    continue
-                try:
-                    yield index, json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    raise InputError(f"{path}:{lineno}: not valid JSON ({exc})") from None
-                target = next(wanted, None)
-                if target is None:
-                    return
-    else:
-        for index, (_, record) in enumerate(data_sources.iter_records(source)):
-            if index == target:
-                yield index, record
-                target = next(wanted, None)
-                if target is None:
-                    return
+__all__ = ["FORMATS", "largest_remainder"]  # re-exported: the CLI and tests read them here
 
 
 def run(weights: dict[str, float], sources: dict[str, DataSource], num_samples: int, output: Path, seed: int = 0,
@@ -109,46 +46,16 @@ def run(weights: dict[str, float], sources: dict[str, DataSource], num_samples: 
 
     rng = np.random.default_rng([seed, _STREAM])
     positions = rng.permutation(num_samples)  # where each drawn record lands in the shuffled output
-    offsets = np.zeros(num_samples, dtype=np.int64)
-    lengths = np.zeros(num_samples, dtype=np.int64)
     manifest_path = output.with_name(output.stem + ".manifest.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=output.parent) as scratch:
-        start = 0
-        for k, name in enumerate(names):
-            n = counts[name]
-            pick_rng = np.random.default_rng([seed, _STREAM, k])
-            picks = (pick_rng.integers(0, sizes[name], n) if replacement
-                     else pick_rng.choice(sizes[name], n, replace=False))
-            order = np.argsort(picks, kind="stable")
-            picks, slots = picks[order], positions[start: start + n][order]
-            start += n
-            j = 0
-            for index, record in _iter_chosen(sources[name], picks):
-                record = output_record(record, name, fmt, f"{sources[name].path} record {index}",
-                                       sources[name].spec.columns)
-                line = (json_line(record) + "\n").encode()
-                while j < n and picks[j] == index:  # a record drawn several times (replacement)
-                    offsets[slots[j]] = scratch.tell()
-                    lengths[slots[j]] = len(line)
-                    scratch.write(line)
-                    j += 1
-            if j != n:
-                raise InputError(f"{sources[name].path}: has fewer records than expected ({sizes[name]:,}); "
-                                 "was it modified during sampling?")
-        scratch.flush()
-        with atomic_path(output) as tmp:
-            lines = tmp.with_name(tmp.name + ".jsonl") if output.suffix == ".parquet" else tmp
-            try:
-                with open(lines, "wb") as out:
-                    fd = scratch.fileno()
-                    for off, length in zip(offsets.tolist(), lengths.tolist()):  # positioned reads: no file in memory
-                        out.write(os.pread(fd, length, off))
-                if lines != tmp:
-                    jsonl_to_parquet(lines, tmp)
-            finally:
-                if lines != tmp:
-                    lines.unlink(missing_ok=True)
+    chosen, start = [], 0
+    for k, name in enumerate(names):
+        n = counts[name]
+        pick_rng = np.random.default_rng([seed, _STREAM, k])
+        picks = (pick_rng.integers(0, sizes[name], n) if replacement
+                 else pick_rng.choice(sizes[name], n, replace=False))
+        chosen.append(Chosen(name, sources[name], picks, positions[start: start + n]))
+        start += n
+    write_records(chosen, num_samples, output, fmt)
     manifest = {"num_samples": num_samples, "counts": counts, "weights_file": weights_file, "seed": seed,
                 "replacement": replacement, "weights": weights, "sources": {n: sources[n].path for n in names},
                 "output": str(output), "format": fmt}

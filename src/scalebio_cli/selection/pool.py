@@ -1,0 +1,87 @@
+"""The pool a selection scores (every kept example of data.sources) and per-record losses streamed over it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from scalebio_cli.data import sources as data_sources
+from scalebio_cli.data.batching import MicroBatch, collate
+from scalebio_cli.data.render import Renderer
+from scalebio_cli.data.tokenized import TokenizedData
+from scalebio_cli.recipe import Recipe
+from scalebio_cli.train import loop
+from scalebio_cli.train.distributed import DistInfo
+from scalebio_cli.train.losses import ResponseLoss, response_losses
+from scalebio_cli.train.modeling import load_tokenizer
+
+Advance = Callable[[int], None]
+
+
+@dataclass
+class Pool:
+    """The tokenized sources (by name, recipe order) and validation sets of a recipe."""
+
+    sources: dict[str, TokenizedData]
+    validation: dict[str, TokenizedData]
+    tokenizer: Any
+    pad_id: int
+
+    @property
+    def size(self) -> int:
+        return sum(len(d) for d in self.sources.values())
+
+    def fingerprint(self, *parts: Any) -> str:
+        """A short hash of the data (sources and validation sets, as tokenized) and `parts` (settings)."""
+        data = {"sources": {n: d.sha256 for n, d in self.sources.items()},
+                "validation": {n: d.sha256 for n, d in self.validation.items()}}
+        text = json.dumps([data, *parts], sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def load_pool(recipe: Recipe, dist: DistInfo) -> Pool:
+    tokenizer = load_tokenizer(recipe.tokenizer_path, recipe.trust_remote_code, recipe.data.chat_template)
+    renderer = Renderer(tokenizer, recipe.data.max_length)
+    sources = data_sources.recipe_sources(recipe)
+    validation = data_sources.validation_sources(recipe)
+    named = [(s.key, s) for s in sources.values()] + [(v.key, v) for v in validation.values()]
+    loaded = loop.load_data_files(named, renderer, recipe, dist)  # type: ignore[arg-type]
+    return Pool(dict(zip(sources, loaded[: len(sources)])), dict(zip(validation, loaded[len(sources):])),
+                tokenizer, tokenizer.pad_token_id)
+
+
+def length_batches(data: TokenizedData, micro_batch_size: int) -> list[np.ndarray]:
+    """Example indices in batches of similar lengths (little padding), every example once."""
+    if not len(data):
+        return []
+    order = np.argsort(data.lengths, kind="stable")
+    return np.array_split(order, math.ceil(len(order) / micro_batch_size))
+
+
+def batch_of(data: TokenizedData, indices: np.ndarray, pad_id: int, device: torch.device) -> MicroBatch:
+    return collate([data.example(int(i)) for i in indices], [0] * len(indices), pad_id).to(device)
+
+
+@torch.no_grad()
+def example_losses(model: nn.Module, data: TokenizedData, micro_batch_size: int, pad_id: int, device: torch.device,
+                   advance: Advance) -> np.ndarray:
+    """Each example's mean response-token cross-entropy (float64, example order), streamed in micro-batches
+    through ResponseLoss (the LM head runs on response positions only, a chunk at a time)."""
+    was_training = model.training
+    model.eval()
+    loss = ResponseLoss(model)
+    out = np.zeros(len(data), dtype=np.float64)
+    for indices in length_batches(data, micro_batch_size):
+        sums, counts = response_losses(loss, batch_of(data, indices, pad_id, device))
+        out[indices] = (sums / counts).double().cpu().numpy()
+        advance(len(indices))
+    model.train(was_training)
+    return out

@@ -1,0 +1,147 @@
+"""`scalebio select`: the paper's per-record baselines, RHO-loss and LESS (ALGORITHM.md, "The paper's baselines").
+
+Every kept record of data.sources gets a score for data.validation (selection/rho_loss.py, selection/less.py); the
+N best over all sources are written as `sample` writes its draw (data/record_writer.py: each record unchanged plus
+"source", shuffled with the seed, `--format`, .jsonl or .parquet, atomically) with OUT.manifest.json (method,
+counts, seed, the method's settings, each selected record's score). The work that takes long (the irreducible-loss
+model, the warm-up checkpoints, per-checkpoint gradient scores) is kept under select.work_dir and reused.
+
+RHO-loss needs a fine-tuning run; the CLI hands the finetune stage in (stages never import each other).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scalebio_cli.errors import InputError
+from scalebio_cli.recipe import Recipe
+
+METHODS = ("rho-loss", "less")
+_STREAM = 0x5E1  # the output's shuffle
+
+
+def _range_problems(recipe: Recipe) -> list[str]:
+    rho, less = recipe.select.rho_loss, recipe.select.less
+    checks = [
+        (rho.holdout_epochs is None or rho.holdout_epochs > 0, "select.rho_loss.holdout_epochs: must be > 0 or null"),
+        (rho.lr is None or 0 < rho.lr < 10, "select.rho_loss.lr: must be in (0, 10) or null"),
+        (rho.batch_size is None or rho.batch_size >= 1, "select.rho_loss.batch_size: must be >= 1 or null"),
+        (rho.micro_batch_size >= 1, "select.rho_loss.micro_batch_size: must be >= 1"),
+        (0 < less.warmup_fraction <= 1, "select.less.warmup_fraction: must be in (0, 1]"),
+        (less.lora_r >= 1, "select.less.lora_r: must be >= 1"),
+        (less.lora_alpha > 0, "select.less.lora_alpha: must be > 0"),
+        (0 <= less.lora_dropout < 1, "select.less.lora_dropout: must be in [0, 1)"),
+        (bool(less.target_modules), "select.less.target_modules: needs module names (e.g. [q_proj, v_proj])"),
+        (less.epochs >= 1, "select.less.epochs: must be >= 1"),
+        (0 < less.lr < 10, "select.less.lr: must be in (0, 10)"),
+        (0 <= less.warmup_ratio < 1, "select.less.warmup_ratio: must be in [0, 1)"),
+        (less.batch_size >= 1, "select.less.batch_size: must be >= 1"),
+        (less.projection_dim >= 1, "select.less.projection_dim: must be >= 1"),
+        (less.micro_batch_size >= 1, "select.less.micro_batch_size: must be >= 1"),
+    ]
+    return [message for ok, message in checks if not ok]
+
+
+def check(recipe: Recipe, where: str | Path, method: str, num_samples: int, output: Path, fmt: str,
+          force: bool) -> None:
+    """Every problem of the inputs at once (exit 2), before torch loads: the method, the recipe's select section,
+    sources and validation sets (each record parsed), the model folder, and the output."""
+    from scalebio_cli.data.record_writer import FORMATS
+    from scalebio_cli.recipe.preflight import (
+        model_files,
+        model_folder_problems,
+        output_file_problems,
+        recipe_source_problems,
+    )
+
+    usage = []
+    if method not in METHODS:
+        usage.append(f"--method: must be one of {', '.join(METHODS)}, got {method!r}")
+    if fmt not in FORMATS:
+        usage.append(f"--format: must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if num_samples < 1:
+        usage.append(f"--num-samples: must be >= 1, got {num_samples}")
+    if output.suffix not in (".jsonl", ".parquet"):
+        usage.append(f"--output {output}: must end in .jsonl or .parquet (the output type follows the extension)")
+    manifest = output.with_name(output.stem + ".manifest.json")
+    if output.exists() and not output.is_dir() and not force:
+        usage.append(f"--output {output}: already exists; pass --force to replace it (and its manifest)")
+    problems = _range_problems(recipe)
+    if not recipe.data.sources:
+        problems.append("data.sources: select needs the sources to choose records from")
+    if not recipe.data.validation:
+        problems.append("data.validation: select needs a validation set (what the chosen records should serve)")
+    sources, data_problems = recipe_source_problems(recipe, validation=True)
+    problems += data_problems + model_folder_problems("model", recipe.model, need_tokenizer=not recipe.tokenizer)
+    if recipe.tokenizer:
+        problems += model_folder_problems("tokenizer", recipe.tokenizer, need_weights=False)
+    inputs = {s.key: s.path for s in sources.values()} | model_files(recipe.model)
+    inputs |= {f"the validation set {n}": s.path for n, s in recipe.validation_sets().items()}
+    usage += output_file_problems("--output", output, inputs)
+    usage += output_file_problems("--output (its manifest)", manifest, inputs)
+    if usage or problems:
+        raise InputError(usage + [f"{where}: {p}" for p in problems])
+
+
+def top_n(scores: dict[str, np.ndarray], num_samples: int) -> list[tuple[str, int, float]]:
+    """The `num_samples` highest-scoring (source, example, score) over all sources; ties: source order, then
+    example order. Non-finite scores rank last."""
+    names = list(scores)
+    which = np.concatenate([np.full(len(scores[n]), k) for k, n in enumerate(names)] or [np.zeros(0, int)])
+    index = np.concatenate([np.arange(len(scores[n])) for n in names] or [np.zeros(0, int)])
+    value = np.concatenate([scores[n] for n in names] or [np.zeros(0)])
+    ranked = np.where(np.isfinite(value), value, -np.inf)
+    order = np.lexsort((index, which, -ranked))[:num_samples]
+    return [(names[which[j]], int(index[j]), float(value[j])) for j in order]
+
+
+def run(recipe: Recipe, method: str, num_samples: int, output: Path, seed: int, fmt: str,
+        finetune: Any) -> dict[str, Any]:
+    """Score, keep the top N, write OUT and OUT.manifest.json; returns the manifest."""
+    from rich.markup import escape
+
+    from scalebio_cli.console import console
+    from scalebio_cli.data.record_writer import Chosen, write_records
+    from scalebio_cli.data.sources import recipe_sources
+    from scalebio_cli.files import write_json
+    from scalebio_cli.selection import less, rho_loss
+    from scalebio_cli.selection.pool import load_pool
+    from scalebio_cli.train import distributed
+
+    dist = distributed.setup()
+    pool = load_pool(recipe, dist)
+    if num_samples > pool.size:
+        raise InputError(f"--num-samples: {num_samples:,} asked for, but the sources keep only {pool.size:,} "
+                         f"records with a response token within data.max_length={recipe.data.max_length}")
+    work = Path(recipe.select.work_dir or Path(recipe.output_dir) / "select")
+    console.print(f"[dim]select[/] {method}: {num_samples:,} of {pool.size:,} records for "
+                  f"{', '.join(pool.validation)}; work folder {escape(str(work))}")
+    if method == "rho-loss":
+        scores, settings = rho_loss.scores(recipe, pool, dist, finetune, work)
+    else:
+        scores, settings = less.scores(recipe, pool, dist, seed, work)
+    picked = top_n(scores, num_samples)
+    positions = np.random.default_rng([seed, _STREAM]).permutation(num_samples)
+    sources = recipe_sources(recipe)
+    chosen = []
+    for name, data in pool.sources.items():
+        mine = [(j, i) for j, (n, i, _) in enumerate(picked) if n == name]
+        records = np.array([int(data.record_index[i]) for _, i in mine], dtype=np.int64)
+        chosen.append(Chosen(name, sources[name], records, positions[[j for j, _ in mine]].astype(np.int64)))
+    write_records(chosen, num_samples, output, fmt)
+    counts = {name: sum(1 for n, _, _ in picked if n == name) for name in pool.sources}
+    selected = sorted(({"position": int(positions[j]), "source": n, "index": int(pool.sources[n].record_index[i]),
+                        "score": s} for j, (n, i, s) in enumerate(picked)), key=lambda r: r["position"])
+    manifest = {"method": method, "num_samples": num_samples, "counts": counts, "seed": seed, "settings": settings,
+                "sources": {n: s.path for n, s in sources.items()}, "scored": {n: len(d) for n, d in
+                                                                              pool.sources.items()},
+                "mean_score": {n: float(np.mean(v)) if len(v) else None for n, v in scores.items()},
+                "output": str(output), "format": fmt, "selected": selected}
+    write_json(output.with_name(output.stem + ".manifest.json"), manifest)
+    console.print(f"[bold green]selected[/] {', '.join(f'{n} {c:,}' for n, c in counts.items())} -> "
+                  f"{escape(str(output))}")
+    distributed.teardown()
+    return manifest
