@@ -81,7 +81,8 @@ def write_recipe(path: Path, demo: Path, **sections: object) -> Path:
             "validation": str(demo / "data" / "val.jsonl"),
             "max_length": 64,
         },
-        "reweight": {"steps": 200, "alpha": 1, "lr_u": 3e-3, "lr_w": 3e-3, "lr_lambda": 2e-2, "batch_size": 24,
+        "reweight": {"steps": 200, "alpha": 1, "lr_u": 3e-3, "lr_w": 3e-3, "lr_lambda": 2e-2,
+                     "lambda_schedule": "cosine", "lambda_delay": 0, "batch_size": 24,
                      "val_batch_size": 8, "micro_batch_size": 32, "log_every": 20,
                      "lisa": {"layers": 2, "interval": 20}},
     }

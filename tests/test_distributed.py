@@ -112,3 +112,25 @@ def test_full_logits_give_the_head_only_weights_under_every_engine(demo: Path, t
               else run_cli("reweight", "--config", str(recipe), *SHORT))
     got = weights_of(result, tmp_path / "run")
     assert max(abs(got[k] - plain_weights[k]) for k in got) < 1e-5, (got, plain_weights)
+
+
+def test_two_processes_give_one_process_weights_after_40_steps_on_uneven_data(demo: Path, tmp_path: Path) -> None:
+    """Chat records of 1-3 turns (lengths that vary, micro-batches of 3 that differ in shape between 1 and 2
+    processes), dropout on: the first lam gradient is exactly 0 on both, and after 40 steps the weights agree within
+    1e-4 (only float rounding of the model updates differs)."""
+    from test_lam_step import conversations, metrics, with_dropout, write_jsonl
+
+    records = {n: [json.loads(line) for line in (demo / "data" / f).read_text().splitlines()]
+               for n, f in (("clean", "clean.jsonl"), ("val", "val.jsonl"))}
+    sources = {f"s{k}": write_jsonl(tmp_path / f"s{k}.jsonl", conversations(records["clean"], 200, k))
+               for k in range(3)}
+    args = ["reweight.steps=40", "reweight.log_every=1", "reweight.micro_batch_size=3", "reweight.lisa.interval=10",
+            f"data.sources={json.dumps(sources)}", f"data.validation={write_jsonl(tmp_path / 'v.jsonl', records['val'])}",
+            f"model={with_dropout(demo, tmp_path / 'model')}"]
+    one = write_recipe(tmp_path / "one" / "recipe.yaml", demo)
+    two = write_recipe(tmp_path / "two" / "recipe.yaml", demo)
+    reference = weights_of(invoke("reweight", "--config", str(one), *args), one.parent / "run")
+    got = weights_of(torchrun(2, "reweight", "--config", str(two), *args), two.parent / "run")
+    for run in (one.parent / "run", two.parent / "run"):
+        assert set(metrics(run)[0]["lambda_grad"].values()) == {0.0}
+    assert max(abs(got[k] - reference[k]) for k in got) < 1e-4, (got, reference)

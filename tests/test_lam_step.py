@@ -193,3 +193,36 @@ def test_weights_do_not_depend_on_what_the_cache_holds(demo: Path, tmp_path: Pat
             renderer = Renderer(AutoTokenizer.from_pretrained(demo / "model"), 64)
             assert tokenized.load_tokenized(mixed, renderer, cache).num_skipped == 30
     assert weights[0] == weights[1]
+
+
+def conversations(records: list[dict], n: int, seed: int) -> list[dict]:
+    """Chat records of 1-3 turns drawn from `records`: lengths that vary as instruct-math's do."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        turns = [m for i in rng.integers(0, len(records), int(rng.integers(1, 4))) for m in records[i]["messages"]]
+        out.append({"messages": turns})
+    return out
+
+
+def write_jsonl(path: Path, records: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.mark.parametrize("composition", ["balanced", pytest.param("pooled", marks=pytest.mark.slow)])
+def test_no_signal_keeps_every_z_small(demo: Path, tmp_path: Path, composition: str) -> None:
+    """Sources drawn from one distribution (one file split three ways, the validation set drawn from it too): the
+    run cannot tell them apart, and its evidence must say so."""
+    records = [json.loads(line) for line in (demo / "data" / "clean.jsonl").read_text().splitlines()]
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(records))
+    parts = [[records[i] for i in order[k::4]] for k in range(4)]
+    sources = {f"part{k}": write_jsonl(tmp_path / f"part{k}.jsonl", parts[k]) for k in range(3)}
+    recipe = write_recipe(tmp_path / "recipe.yaml", demo)
+    result = invoke("reweight", "--config", str(recipe), "reweight.steps=48", "reweight.log_every=48",
+                    f"reweight.batch_composition={composition}", f"data.sources={json.dumps(sources)}",
+                    f"data.validation={write_jsonl(tmp_path / 'val.jsonl', parts[3])}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    evidence = json.loads((tmp_path / "run" / "weights.json").read_text())["evidence"]
+    assert all(abs(e["z"]) < 3 for e in evidence.values()), evidence

@@ -405,9 +405,8 @@ def _check_ranges(recipe: Recipe) -> list[str]:
          f"got {rw.lambda_signal!r}")
     need(rw.lambda_schedule in LAMBDA_SCHEDULES, f"reweight.lambda_schedule: must be one of "
          f"{', '.join(LAMBDA_SCHEDULES)}, got {rw.lambda_schedule!r}")
-    need(0 <= rw.lambda_delay < rw.steps, f"reweight.lambda_delay: must be in [0, reweight.steps), got "
-         f"{rw.lambda_delay}")
-    need(1 <= rw.lambda_every <= rw.steps - rw.lambda_delay, "reweight.lambda_every: must be in [1, reweight.steps - "
+    need(0 <= rw.delay < rw.steps, f"reweight.lambda_delay: must be in [0, reweight.steps), got {rw.lambda_delay}")
+    need(1 <= rw.lambda_every <= rw.steps - rw.delay, "reweight.lambda_every: must be in [1, reweight.steps - "
          f"reweight.lambda_delay] (at least one lam step), got {rw.lambda_every}")
     need(rw.tau >= 1, f"reweight.tau: must be >= 1 (alpha grows or stays), got {rw.tau}")
     need(rw.tau_every >= 1, f"reweight.tau_every: must be >= 1, got {rw.tau_every}")

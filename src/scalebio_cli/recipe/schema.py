@@ -123,18 +123,26 @@ class DataConfig:
 
 @dataclass
 class ReweightConfig:
+    """Defaults are for a pretrained model (what every user reweights): the reference's lam step with three
+    variance-reducing choices that keep its fixed point (train/source_weights.py; docs/results.md, "The lam step").
+    The reference's own values are in recipes/reference.yaml."""
+
     steps: int = setting(300, affects=RW)
     alpha: float = setting(10.0, affects=RW)  # penalty weight
-    lr_u: float = setting(1e-5, affects=RW)
-    lr_w: float = setting(1e-5, affects=RW)
-    lr_lambda: float = setting(1e-2, affects=RW)
+    # AdamW rates of u and w: 1e-4 suits models up to ~1B parameters (the paper: 1e-5 GPT-2, 2e-6 Llama-3-8B + LISA)
+    lr_u: float = setting(1e-4, affects=RW)
+    lr_w: float = setting(1e-4, affects=RW)
+    lr_lambda: float = setting(5e-2, affects=RW)
     lambda_optimizer: str = setting("adam", affects=RW)  # adam (the reference) | sgd
     # what the lam gradient alpha * J^T d is made of: difference (d = m(w) - m(u), the method as written) or
-    # relative (d = (m(w) - m(u)) / m(u): the same signal, comparable across sources whose losses differ in scale)
+    # relative (d / m(u): NOT the same objective: to first order the lam gradient of sum_k s_k log m_k, which moves
+    # the fixed point against low-loss sources; kept for comparison)
     lambda_signal: str = setting("difference", affects=RW)
-    # cosine: lam's rate decays with u's and w's (the reference); constant: the full rate after warmup
-    lambda_schedule: str = setting("cosine", affects=RW)
-    lambda_delay: int = setting(0, affects=RW)  # steps u and w train before lam moves (u warms up on the mixture)
+    # constant: lam keeps its rate after warmup (the signal grows as w moves away from u); cosine: lam's rate decays
+    # with u's and w's (the reference)
+    lambda_schedule: str = setting("constant", affects=RW)
+    # steps u and w train on the uniform mixture before lam moves (u warms up); null: min(10, steps // 5)
+    lambda_delay: int | None = setting(None, affects=RW)
     # one lam step per N steps, from the mean paired difference of those N steps (N x the examples per source)
     lambda_every: int = setting(1, affects=RW)
     tau: float = setting(1.0, affects=RW)  # alpha grows by this factor every tau_every steps (1: constant)
@@ -155,6 +163,11 @@ class ReweightConfig:
     gradient_checkpointing: bool = setting(False, affects=NONE)
     lisa: LisaConfig = section(LisaConfig, stage="reweight")
     lora: LoraConfig = section(LoraConfig, stage="reweight")
+
+    @property
+    def delay(self) -> int:
+        """lambda_delay as run: the value written, or min(10, steps // 5) when null."""
+        return min(10, self.steps // 5) if self.lambda_delay is None else self.lambda_delay
 
 
 @dataclass

@@ -135,7 +135,7 @@ def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, f
     dtype = resolve_dtype(recipe.precision, dist.device)
     u, w, num_params = model_copies(recipe, dist, dtype)
     lam = SourceWeights(len(names), cfg.lr_lambda, cfg.steps, cfg.warmup_ratio, dist.device,
-                        optimizer=cfg.lambda_optimizer, signal=cfg.lambda_signal, delay=cfg.lambda_delay,
+                        optimizer=cfg.lambda_optimizer, signal=cfg.lambda_signal, delay=cfg.delay,
                         schedule=cfg.lambda_schedule, every=cfg.lambda_every)
     out = loop.open_run_folder(recipe, dist)
     if dist.is_main:
