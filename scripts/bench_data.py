@@ -1,13 +1,19 @@
-"""Data preparation: cold records/s, time to the first reweight step on 1,000,000 records, RSS of 1 vs 2 processes.
+"""Data preparation: cold records/s against the bare Rust tokenizer, time to the first reweight step on 1,000,000
+records, RSS of 1 vs 2 processes.
 
-    python scripts/bench_data.py [--records 50000] [--big 1000000] [--no-record]
+    python scripts/bench_data.py [--records 60000] [--big 1000000] [--no-record]
 
-Writes instruct-math-like chat records (the records of ../shared/data/instruct-math repeated with a numbered
-variant appended to each prompt, or synthetic math text when that folder is absent) into a temporary folder, then:
+Writes instruct-math-like chat records (the training records of all five sources of ../shared/data/instruct-math
+repeated with a numbered variant appended to each prompt, or synthetic math text when that folder is absent) into
+a temporary folder, then:
 1. cold preparation: `load_tokenized` of `--records` records into an empty cache, with the SmolLM2-135M-Instruct
    tokenizer and its chat template (a tiny `scalebio_cli.tiny` tokenizer when the SmolLM2 folder is absent: said
    in the table), on one process and on every core, with the CPU time per record (all processes: steadier than
-   the wall clock on a busy machine);
+   the wall clock on a busy machine); against it, the bare Rust tokenizer on the same cores: the same texts,
+   rendered beforehand, tokenized by the same number of forked workers, each calling
+   `backend_tokenizer.encode_batch` on chunks of the same size (nothing else: no reading, parsing, rendering,
+   token location or cache). Target: cold preparation on every core at >= 0.6x that rate (the two alternated,
+   fastest of `--repeats` runs each);
 2. time from process start to the first reweight step: the real CLI (a 2-block model over that tokenizer) on a
    `--big`-record JSON-lines source plus a small one, cold cache;
 3. peak RSS per process: 1, then 2 processes at once mapping the cached tokens of (1) and reading every token;
@@ -84,28 +90,64 @@ def build_model(folder: Path, data: Path) -> str:
     return which
 
 
-def cold_preparation(model: Path, data: Path, cache: Path, workers: int,
-                     rust_only: bool = False) -> tuple[float, float]:
-    """Seconds to tokenize `data` into an empty cache (a child process: nothing warm), and the CPU seconds it took
-    (its worker processes included), which a busy machine changes less than the seconds. `rust_only`: every text
-    through the Rust tokenizer (SCALEBIO_RUST_TOKENIZER=1), not plain-ASCII ones through data/ascii_bpe.py."""
-    code = f"""
-import resource, time, sys
+CPU_TIME = """
+import resource, time
+def cpu():  # this process's CPU seconds and its (finished) children's
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+"""
+
+COLD_CHILD = CPU_TIME + """
+import sys
 from scalebio_cli.train.modeling import load_tokenizer
 from scalebio_cli.data.render import Renderer
 from scalebio_cli.data.tokenized import load_tokenized
-r = Renderer(load_tokenizer({str(model)!r}), 1024)
-def cpu():
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + children.ru_utime + children.ru_stime
+model, data, cache, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+r = Renderer(load_tokenizer(model), 1024)
 t, c = time.perf_counter(), cpu()
-d = load_tokenized({str(data)!r}, r, cache_dir={str(cache)!r}, workers={workers})
+d = load_tokenized(data, r, cache_dir=cache, workers=workers)
 assert not d.from_cache
-print(time.perf_counter() - t, cpu() - c, d.num_records, len(d.ids))
+print(time.perf_counter() - t, cpu() - c, d.num_records, int(d.full_lengths.sum()))
 """
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
-                         env={**os.environ, **ENV, "SCALEBIO_RUST_TOKENIZER": "1" if rust_only else "0"}).stdout.split()
-    return float(out[0]), float(out[1])
+
+# The same rendered texts through `backend_tokenizer.encode_batch` alone, on `workers` forked processes that each
+# take chunks of encode_chunks.CHUNK texts (what the cold pass's workers get), the texts inherited by the fork.
+BARE_CHILD = CPU_TIME + """
+import multiprocessing, sys
+from scalebio_cli.data.encode_chunks import CHUNK
+from scalebio_cli.data.records import iter_examples
+from scalebio_cli.data.render import Renderer
+from scalebio_cli.train.modeling import load_tokenizer
+model, data, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+renderer = Renderer(load_tokenizer(model), 1024)
+items = [(example, where) for where, example in iter_examples(data)]
+texts = ["".join(text for text, _ in segments) for segments in renderer.segments_many(items)]
+backend = renderer.tokenizer.backend_tokenizer
+def tokens(start):
+    return sum(len(e) for e in backend.encode_batch(texts[start:start + CHUNK], add_special_tokens=False))
+t, c = time.perf_counter(), cpu()
+with multiprocessing.get_context("fork").Pool(workers) as pool:
+    total = sum(pool.imap(tokens, range(0, len(texts), CHUNK)))
+print(time.perf_counter() - t, cpu() - c, len(texts), total)
+"""
+
+
+def run_child(code: str, *args: object) -> tuple[float, float, int, int]:
+    """A child process (nothing warm): its seconds, CPU seconds (worker processes included, which a busy machine
+    changes less than the seconds), records and tokens (untruncated)."""
+    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], check=True, capture_output=True, text=True,
+                         env={**os.environ, **ENV}).stdout.split()
+    return float(out[0]), float(out[1]), int(out[2]), int(out[3])
+
+
+def cold_preparation(model: Path, data: Path, cache: Path, workers: int) -> tuple[float, float, int, int]:
+    """`load_tokenized` of `data` into an empty cache."""
+    return run_child(COLD_CHILD, model, data, cache, workers)
+
+
+def bare_tokenizer(model: Path, data: Path, workers: int) -> tuple[float, float, int, int]:
+    """The Rust tokenizer alone on the texts of `data`, rendered beforehand (not timed)."""
+    return run_child(BARE_CHILD, model, data, workers)
 
 
 def first_step(model: Path, big: Path, small: Path, val: Path, folder: Path) -> tuple[float, float]:
@@ -188,54 +230,57 @@ def write_section(text: str) -> None:
     doc.write_text(new, encoding="utf-8")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--records", type=int, default=50_000, help="records of the cold-preparation file")
-    parser.add_argument("--big", type=int, default=1_000_000, help="records of the time-to-first-step source")
-    parser.add_argument("--no-record", action="store_true", help="do not write docs/benchmarks.md")
-    args = parser.parse_args()
-    from scalebio_cli.data.encode_chunks import default_workers
-
-    load_start = os.getloadavg()
-    workers = default_workers()
+def measure(args: argparse.Namespace, workers: int) -> dict:
+    """Every measurement, in a temporary folder."""
     base, origin = base_records()
+    m: dict = {"origin": origin}
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         data = folder / "prep.jsonl"
         write_jsonl(data, base, args.records)
-        which = build_model(folder / "model", data)
+        m["which"] = build_model(folder / "model", data)
         model = folder / "model"
-        serial, serial_cpu = cold_preparation(model, data, folder / "cache-serial", 1)
-        parallel, parallel_cpu = cold_preparation(model, data, folder / "cache", workers)
-        rust, rust_cpu = cold_preparation(model, data, folder / "cache-rust", workers, rust_only=True)
-        entry = cache_entry(model, data, folder / "cache")
-        rss1, rss2 = peak_rss(entry, 1, "mmap"), peak_rss(entry, 2, "mmap")
-        copy1, copy2 = peak_rss(entry, 1, "copy"), peak_rss(entry, 2, "copy")
+        m["serial"] = cold_preparation(model, data, folder / "cache-serial", 1)
+        # Alternated, each the fastest of `--repeats` runs: the ratio should not be a change in the machine's load.
+        parallel, bare = [], []
+        for k in range(args.repeats):
+            parallel.append(cold_preparation(model, data, folder / f"cache-{k}", workers))
+            bare.append(bare_tokenizer(model, data, workers))
+        m["parallel"], m["bare"] = min(parallel), min(bare)
+        if m["bare"][3] != m["parallel"][3]:
+            raise SystemExit(f"the bare tokenizer gave {m['bare'][3]:,} tokens, preparation {m['parallel'][3]:,}")
+        entry = cache_entry(model, data, folder / "cache-0")
+        m["rss1"], m["rss2"] = peak_rss(entry, 1, "mmap"), peak_rss(entry, 2, "mmap")
+        m["copy1"], m["copy2"] = peak_rss(entry, 1, "copy"), peak_rss(entry, 2, "copy")
         big = folder / "big.jsonl"
         t = time.perf_counter()
         write_jsonl(big, base, args.big)
-        written = time.perf_counter() - t
+        m["written"] = time.perf_counter() - t
         small, val = folder / "small.jsonl", folder / "val.jsonl"
         write_jsonl(small, base[::-1], 2000)
         write_jsonl(val, base[1::7], 500)
-        first, total = first_step(model, big, small, val, folder / "first")
-        big_mb = big.stat().st_size / 1e6
-    load_end = os.getloadavg()
+        m["first"], m["total"] = first_step(model, big, small, val, folder / "first")
+        m["big_mb"] = big.stat().st_size / 1e6
+    return m
+
+
+def rows(m: dict, records: int, big: int, workers: int) -> list[tuple[str, str]]:
+    def rate(name: str) -> str:
+        seconds, cpu = m[name][:2]
+        return (f"{records / seconds:,.0f} records/s ({seconds:.1f} s for {records:,}; "
+                f"{cpu / records * 1e6:,.0f} µs CPU per record, all processes)")
 
     mb = 1024  # kB per MiB
-    data_mib = rss1[0][2] / 2**20
-    rows = [
-        ("cold preparation, 1 process",
-         f"{args.records / serial:,.0f} records/s ({serial:.1f} s for {args.records:,}; "
-         f"{serial_cpu / args.records * 1e6:,.0f} µs CPU per record)"),
-        (f"cold preparation, {workers} worker processes",
-         f"{args.records / parallel:,.0f} records/s ({parallel:.1f} s for {args.records:,}; "
-         f"{parallel_cpu / args.records * 1e6:,.0f} µs CPU per record, all processes)"),
-        (f"for comparison: {workers} workers, every text through the Rust tokenizer (`SCALEBIO_RUST_TOKENIZER=1`)",
-         f"{args.records / rust:,.0f} records/s ({rust:.1f} s; "
-         f"{rust_cpu / args.records * 1e6:,.0f} µs CPU per record)"),
-        (f"start to first reweight step, {args.big:,}-record .jsonl ({big_mb:,.0f} MB), cold cache",
-         f"{first:.1f} s (run of 2 steps done at {total:.1f} s)"),
+    rss1, rss2, copy1, copy2 = m["rss1"], m["rss2"], m["copy1"], m["copy2"]
+    ratio = m["bare"][0] / m["parallel"][0]  # same records: the ratio of records/s
+    return [
+        ("cold preparation, 1 process", rate("serial")),
+        (f"cold preparation, {workers} worker processes", rate("parallel")),
+        (f"bare Rust tokenizer, {workers} forked worker processes: `backend_tokenizer.encode_batch` on the same "
+         "texts, rendered beforehand, chunks of 512", rate("bare")),
+        (f"cold preparation / bare tokenizer, {workers} workers each (target >= 0.6)", f"**{ratio:.2f}**"),
+        (f"start to first reweight step, {big:,}-record .jsonl ({m['big_mb']:,.0f} MB), cold cache",
+         f"{m['first']:.1f} s (run of 2 steps done at {m['total']:.1f} s)"),
         ("peak RSS per process, 1 process (token data memory-mapped)", f"{rss1[0][0] / mb:,.0f} MiB "
          f"(PSS {rss1[0][1] / mb:,.0f} MiB)"),
         ("peak RSS per process, 2 processes (token data memory-mapped)",
@@ -244,17 +289,37 @@ def main() -> None:
          f"{copy1[0][0] / mb:,.0f} MiB (PSS {copy1[0][1] / mb:,.0f}) / "
          + " / ".join(f"{r[0] / mb:,.0f} MiB (PSS {r[1] / mb:,.0f})" for r in copy2)),
     ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=60_000, help="records of the cold-preparation file")
+    parser.add_argument("--big", type=int, default=1_000_000, help="records of the time-to-first-step source")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of the two rows compared (fastest counts)")
+    parser.add_argument("--no-record", action="store_true", help="do not write docs/benchmarks.md")
+    args = parser.parse_args()
+    from scalebio_cli.data.encode_chunks import default_workers
+
+    load_start = os.getloadavg()
+    workers = default_workers()
+    m = measure(args, workers)
+    load_end = os.getloadavg()
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    table = "| measure | result |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
+    table = "| measure | result |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in
+                                                           rows(m, args.records, args.big, workers))
     text = f"""## Data preparation (`make bench-data`, scripts/bench_data.py)
 
 Measured {when} on {os.cpu_count()} CPU cores (load average {load_start[0]:.2f} at the
-start, {load_end[0]:.2f} at the end). Records: {origin}, each prompt with a variant number; tokenizer: {which};
-max_length 1024 (preparation) and 256 (first step). Token data of the RSS rows: {data_mib:,.0f} MiB of ids and
-masks ({args.records:,} records), read in full by each process (a child that maps the cache entry and reads every
-token, nothing else: no tokenizer, no torch); RSS counts the shared page-cache pages of the mapped files in every
-process, PSS splits them between the processes that share them. Writing the
-{args.big:,}-record file took {written:.0f} s (not counted).
+start, {load_end[0]:.2f} at the end). Records: {m['origin']}, each prompt with a variant number; tokenizer:
+{m['which']}; max_length 1024 (preparation) and 256 (first step). Cold preparation is `load_tokenized` into an
+empty cache in a fresh process (reading, parsing, rendering, tokenizing, locating the response tokens, writing
+the cache); the bare tokenizer row is the fair floor on the same cores: the same number of forked workers, each
+tokenizing chunks of the same pre-rendered texts with the Rust tokenizer and nothing else (same token count,
+checked); these two rows ran alternately, {args.repeats} times each, the fastest run counted. Token data of the
+RSS rows: {m['rss1'][0][2] / 2**20:,.0f} MiB of ids and masks ({args.records:,} records), read in full by each
+process (a child that maps the cache entry and reads every token, nothing else: no tokenizer, no torch); RSS
+counts the shared page-cache pages of the mapped files in every process, PSS splits them between the processes
+that share them. Writing the {args.big:,}-record file took {m['written']:.0f} s (not counted).
 
 {table}
 """

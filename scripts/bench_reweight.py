@@ -17,8 +17,9 @@ false`: embeddings frozen), with all blocks, and "reference": LISA as the refere
 "reweight-lora-lisa": the same adapters with LISA over them (`reweight.lora.r` with `reweight.lisa.layers`: only
 the drawn blocks' adapters train, and the backward pass stops at the lowest drawn block; its time depends on the
 draw, so compare medians over several draws, e.g. `--interval 1`).
-`NAME-ckpt` is a setting with gradient checkpointing, which on CPU also gives freed blocks back to the system
-(train/host_memory.py); `NAME-heap-ckpt` is checkpointing with glibc's default heap, which keeps them; "peer-sft"
+`NAME-ckpt` is a setting with gradient checkpointing (run the script with `MALLOC_MMAP_THRESHOLD_=131072` to
+have glibc give freed blocks back to the system); `NAME-heap-ckpt` is now the same as `NAME-ckpt` (it compared
+the CLI's former CPU allocator setting with glibc's default heap); "peer-sft"
 is the SFT step users already run, transformers.Trainer on the same model and examples (all blocks, the usual SFT
 collator, full logits), timed per optimizer step by a callback. On a GPU the table adds model FLOPs utilisation
 (MFU: 6 x parameters x tokens/s over the device's dense bf16 peak).
@@ -79,7 +80,6 @@ def child(setting: str, args: argparse.Namespace) -> dict:
     from scalebio_cli.data.tokenized import TokenizedData
     from scalebio_cli.recipe.schema import LisaConfig, Recipe
     from scalebio_cli.train.batch_plan import BatchPlan
-    from scalebio_cli.train import host_memory
     from scalebio_cli.train.bilevel import bilevel_step
     from scalebio_cli.train.distributed import DistInfo
     from scalebio_cli.train.engine import Engine
@@ -89,9 +89,7 @@ def child(setting: str, args: argparse.Namespace) -> dict:
     p = PRESETS[args.preset]
     checkpointing = setting.endswith("-ckpt")
     setting = setting.removesuffix("-ckpt")
-    if setting.endswith("-heap"):  # glibc's default even under checkpointing: freed blocks stay in the heap
-        setting = setting.removesuffix("-heap")
-        host_memory.return_freed_memory = lambda: False
+    setting = setting.removesuffix("-heap")  # the allocator is the environment's now (MALLOC_MMAP_THRESHOLD_)
     torch.manual_seed(0)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -313,7 +311,7 @@ def summary(r: dict, p: dict, args: argparse.Namespace, mib: float) -> list[str]
                        "(same parameter count, so the MFU ratio is the tokens/s ratio; target >= 0.9)")
     if {"reweight-lisa-ckpt", "reweight-lisa-heap-ckpt"} <= set(r):
         fixed, heap = r["reweight-lisa-ckpt"], r["reweight-lisa-heap-ckpt"]
-        out.append(f"- checkpointed, freed blocks given back (train/host_memory) vs glibc's default heap: peak memory "
+        out.append(f"- checkpointed, freed blocks given back vs glibc's default heap: peak memory "
                    f"{fixed['peak_bytes'] / heap['peak_bytes']:.2f}x, step {fixed['median_s'] / heap['median_s']:.2f}x"
                    " the time")
     before = r.get("reweight-lisa-logits")  # the step as it was: full logits, no checkpointing

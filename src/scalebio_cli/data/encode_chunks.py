@@ -11,7 +11,6 @@ transformers and loading it again, which costs seconds per worker.
 
 from __future__ import annotations
 
-import gc
 import multiprocessing
 import os
 from collections import deque
@@ -28,10 +27,6 @@ from scalebio_cli.data.sources import RecordChunk
 CHUNK = 512  # records per batched tokenizer call (and per message to a worker)
 PARALLEL_MIN_RECORDS = 20_000  # below this a pool's start-up (~0.1 s per forked worker) is not worth it
 MAX_WORKERS = 8
-# Words a worker's BPE remembers (Renderer.enlarge_word_cache), ~30 MiB per 100,000 while the pass runs. The default,
-# 10,000, is full after ~600 instruct-math records; then the Rust tokenizer takes ~7% more instructions by 10,000
-# records, and ~20% more time by 50,000.
-WORKER_WORD_CACHE = 200_000
 
 
 @dataclass
@@ -70,15 +65,6 @@ def truncate(batch: TokenBatch, max_length: int) -> EncodedChunk:
 _worker_renderer: Renderer | None = None  # set in the parent just before forking; each worker inherits it
 
 
-def _start_worker() -> None:
-    """Set up a forked worker. Its tokenizer is its own: a larger word cache there costs the parent nothing. The
-    objects it inherits (torch, transformers: ~300,000) are frozen out of garbage collection, which would otherwise
-    go through all of them every few thousand records (~4% of a worker's time) and copy their pages."""
-    assert _worker_renderer is not None
-    gc.freeze()
-    _worker_renderer.enlarge_word_cache(WORKER_WORD_CACHE)
-
-
 def _encode_in_worker(chunk: RecordChunk) -> EncodedChunk:
     assert _worker_renderer is not None
     return encode_records(_worker_renderer, chunk)
@@ -102,13 +88,12 @@ def encode_all(renderer: Renderer, chunks: Iterable[RecordChunk], workers: int =
             yield encode_records(renderer, chunk)
         return
     global _worker_renderer
-    renderer.warm_up()
     _worker_renderer = renderer
     # Workers must not start their own thread pools in the tokenizer: that is what the cores are for.
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
-        with multiprocessing.get_context("fork").Pool(workers, initializer=_start_worker) as pool:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
             # In order, with a bounded window: a few chunks in flight per worker keep every worker busy while the
             # parent reads, without queueing a whole large source in memory (Pool.imap would).
             pending: deque[Any] = deque()

@@ -3,34 +3,28 @@
 A conversation is cut into alternating prompt and response text segments. The prompt segment ends with the
 generation prompt (e.g. `<|im_start|>assistant\\n`), so the tokens the model is trained to produce are the tokens
 it would generate at inference after `apply_chat_template(..., add_generation_prompt=True)`. The whole text is then
-tokenized at once (a fast tokenizer locates each token in the text, which says whether it lies in a response
-segment), so the tokens are exactly the tokenization of the whole conversation, never an unnatural split at a
+tokenized at once, and the character offset of each token in the text says whether it lies in a response
+segment, so the tokens are exactly the tokenization of the whole conversation, never an unnatural split at a
 segment boundary (`' ', '5'` instead of `' 5'`). Chat templates carry their own special tokens (BOS included), so
 nothing is added (the reference code's double-BOS bug). Tokenizers without a chat template get a plain layout,
 `User: ...\\n\\nAssistant: ...`, whose prompt ends at `Assistant:` so that the response starts with its natural
-leading-space token, with BOS/EOS added by hand. Slow (non-Rust) tokenizers report no spans: their segments are
+leading-space token, with BOS/EOS added by hand. Slow (non-Rust) tokenizers report no offsets: their segments are
 tokenized one by one.
 
-Records are rendered and tokenized a chunk at a time (`encode_batch`) into flat numpy arrays, with no Python loop
-over tokens: the Rust tokenizer takes ~300 us per chat record, and per-token Python work used to cost about as much.
+Records are rendered and tokenized a chunk at a time, through public batched calls only (`apply_chat_template` on
+a list of conversations, `tokenizer(texts, return_offsets_mapping=True)`), into flat numpy arrays, with no Python
+loop over tokens.
 """
 
 from __future__ import annotations
 
-import inspect
-import os
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 from itertools import chain
 from typing import Any
 
 import numpy as np
 
-from scalebio_cli.data.ascii_bpe import AsciiBpe
 from scalebio_cli.data.records import Example, Turn
-from scalebio_cli.data.template_pieces import PieceRenderer, Render, pastes_content_only
-from scalebio_cli.data.tokenizer_spec import component_spec, plain_bpe, spec_pieces
 from scalebio_cli.errors import InputError
 
 PLAIN_ROLE_PREFIX = {"system": "", "user": "User: "}
@@ -101,6 +95,12 @@ class Renderer:
             done = _append_turn(segments, done, prompt, full, where)
         return segments
 
+    def _render_many(self, conversations: list[list[dict[str, str]]], generation_prompt: bool) -> list[str]:
+        """Each conversation as `apply_chat_template(conversation, tokenize=False, add_generation_prompt=...)`
+        renders it, in one batched call."""
+        return self.tokenizer.apply_chat_template(conversations, tokenize=False,
+                                                  add_generation_prompt=generation_prompt)
+
     def _template_segments_many(self, conversations: list[tuple[list[Turn], str]]) -> list[Segments]:
         """The segments of many conversations, from two template calls in all (one for the prompts, one for the
         prompts with their responses) instead of two per assistant turn: the per-call work of apply_chat_template
@@ -117,9 +117,8 @@ class Renderer:
                     fulls.append(messages[: i + 1])
             counts.append(len(prompts) - before)
         try:
-            render = self._render_many
-            prompt_texts = render(prompts, True) if prompts else []
-            full_texts = render(fulls, False) if fulls else []
+            prompt_texts = self._render_many(prompts, True) if prompts else []
+            full_texts = self._render_many(fulls, False) if fulls else []
             out, k = [], 0
             for (_, where), n in zip(conversations, counts):
                 out.append(_cut(prompt_texts[k: k + n], full_texts[k: k + n], where))
@@ -186,111 +185,23 @@ class Renderer:
         return Encoded(batch.ids[keep].tolist(), batch.trainable[keep].tolist(), int(batch.lengths[0]))
 
     def _encode_whole(self, all_segments: list[Segments]) -> TokenBatch:
-        """Tokenize each whole text; a token is trainable when it starts inside a response segment.
-
-        Where a token starts comes from the byte lengths of the tokens before it when that is exact
-        (`_token_bytes`: the tokenizer then skips computing offsets, a quarter of its work), else from the offsets
-        the tokenizer reports."""
+        """Tokenize each whole text; a token is trainable when it starts inside a response segment, by the
+        character offset the tokenizer reports for it."""
         texts = ["".join(text for text, _ in segments) for segments in all_segments]
-        backend = self._plain_backend()
-        if backend is not None and self._token_bytes is not None:
-            return self._encode_by_bytes(backend, texts, all_segments)
-        return self._encode_by_offsets(backend, texts, all_segments)
-
-    def _encode_by_offsets(self, backend: Any, texts: list[str], all_segments: list[Segments]) -> TokenBatch:
-        """Tokens located by the character offsets the tokenizer reports (`backend`: the Rust tokenizer, or None
-        to call the transformers tokenizer)."""
-        if backend is not None:  # the same call transformers makes, minus its per-record dict building (~30%)
-            encodings = backend.encode_batch(texts, add_special_tokens=False)
-            id_lists, offset_lists = [e.ids for e in encodings], [e.offsets for e in encodings]
-        else:
-            batch = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-            id_lists, offset_lists = batch["input_ids"], batch["offset_mapping"]
-        ids, lengths = _flatten(id_lists)
-        spans = _Spans(all_segments, len)
-        local = np.fromiter(chain.from_iterable(chain.from_iterable(offset_lists)), dtype=np.int64,
-                            count=2 * len(ids)).reshape(-1, 2)[:, 0]
-        return TokenBatch(ids, spans.inside(local + np.repeat(spans.record_starts, lengths)), lengths)
-
-    def _encode_by_bytes(self, backend: Any, texts: list[str], all_segments: list[Segments]) -> TokenBatch:
-        """Tokens located by summing their UTF-8 lengths. A text whose tokens do not account for each of its bytes
-        (a character the vocabulary lacks, which BPE drops; an unknown-token id) is located by offsets instead."""
-        ids, lengths = _flatten(self._token_ids(backend, texts))
-        table = self._token_bytes
-        width = np.where(ids < len(table), table[np.minimum(ids, len(table) - 1)], -1)  # -1 too: a token added since
-        spans = _Spans(all_segments, _utf8_length)
-        ends = np.concatenate([[0], np.cumsum(width)])
-        first = np.cumsum(lengths) - lengths  # each record's first token
-        record = np.repeat(np.arange(len(lengths)), lengths)
-        unknown = np.bincount(record[width < 0], minlength=len(lengths)) > 0
-        wrong = unknown | (ends[first + lengths] - ends[first] != spans.record_sizes)
-        # A token starts after the bytes of its record's tokens before it.
-        starts = spans.record_starts[record] + ends[:-1] - ends[first][record]
-        batch = TokenBatch(ids, spans.inside(starts), lengths)
-        if wrong.any():
-            redo = np.flatnonzero(wrong)
-            exact = self._encode_by_offsets(backend, [texts[i] for i in redo], [all_segments[i] for i in redo])
-            if not np.array_equal(exact.lengths, lengths[redo]):
-                return self._encode_by_offsets(backend, texts, all_segments)
-            batch.trainable[wrong[record]] = exact.trainable
-        return batch
-
-    def _token_ids(self, backend: Any, texts: list[str]) -> list[list[int]]:
-        """The Rust tokenizer's ids of each text (add_special_tokens=False), plain-ASCII texts through AsciiBpe
-        where it holds for this tokenizer (the same ids, a third of the time)."""
-        def rust(part: list[str]) -> list[list[int]]:
-            return [e.ids for e in backend.encode_batch_fast(part, add_special_tokens=False)]
-
-        fast = self._ascii_bpe
-        return rust(texts) if fast is None else fast.encode_many(texts, rust)
-
-    def warm_up(self) -> None:
-        """Build now what every batch uses (the template renderer, the token byte lengths, the ASCII encoder):
-        workers forked afterwards inherit it instead of each building it again."""
-        _ = self._render_many, self._token_bytes, self._ascii_bpe
-
-    def enlarge_word_cache(self, words: int) -> None:
-        """Let a Rust BPE remember up to `words` words: its cache stops taking new words once full (10,000 by
-        default), and every word it has to merge again costs. Only speed changes: a cached word's tokens are the
-        ones BPE computes for it."""
-        model = getattr(getattr(self.tokenizer, "_tokenizer", None), "model", None)
-        if hasattr(model, "_resize_cache"):  # tokenizers >= 0.21
-            model._resize_cache(words)
-
-    @cached_property
-    def _render_many(self) -> Render:
-        return _batch_renderer(self.tokenizer)
-
-    @cached_property
-    def _token_bytes(self) -> np.ndarray | None:
-        """token_byte_lengths of the Rust tokenizer, where it can tokenize without offsets."""
-        backend = self._plain_backend()
-        return None if backend is None or not hasattr(backend, "encode_batch_fast") else token_byte_lengths(backend)
-
-    @cached_property
-    def _ascii_bpe(self) -> AsciiBpe | None:
-        """The Python encoder of plain-ASCII texts, for a tokenizer located by byte lengths (None where it does not
-        hold, or with SCALEBIO_RUST_TOKENIZER=1: every text through the Rust tokenizer, as benchmarks compare)."""
-        backend = self._plain_backend()
-        if backend is None or self._token_bytes is None or os.environ.get("SCALEBIO_RUST_TOKENIZER") == "1":
-            return None
-        return AsciiBpe.for_backend(backend)
-
-    def _plain_backend(self) -> Any:
-        """The Rust tokenizer, when calling it directly gives what `tokenizer(texts, add_special_tokens=False)`
-        gives: no truncation or padding configured on it and special tokens handled alike (transformers would set
-        those per call)."""
-        backend = getattr(self.tokenizer, "_tokenizer", None)
-        if backend is None or not hasattr(backend, "encode_batch"):
-            return None
-        same = (backend.truncation is None and backend.padding is None
-                and getattr(backend, "encode_special_tokens", False) == bool(
-                    getattr(self.tokenizer, "split_special_tokens", False)))
-        return backend if same else None
+        # verbose=False: the whole text is tokenized on purpose and cut to max_length afterwards
+        # (encode_chunks.truncate), so transformers' warning about texts longer than the model takes is noise here.
+        batch = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
+                               return_attention_mask=False, return_token_type_ids=False, verbose=False)
+        ids, lengths = _flatten(batch["input_ids"])
+        starts = np.fromiter(chain.from_iterable(chain.from_iterable(batch["offset_mapping"])), dtype=np.int64,
+                             count=2 * len(ids)).reshape(-1, 2)[:, 0]
+        spans = _Spans(all_segments)
+        return TokenBatch(ids, spans.inside(starts + np.repeat(spans.record_starts, lengths)), lengths)
 
     def _encode_by_segment(self, all_segments: list[Segments]) -> TokenBatch:
         flat = [text for segments in all_segments for text, _ in segments]
-        ids, piece_lengths = _flatten(self.tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
+        pieces = self.tokenizer(flat, add_special_tokens=False, verbose=False)["input_ids"] if flat else []
+        ids, piece_lengths = _flatten(pieces)
         flags = np.fromiter((train for segments in all_segments for _, train in segments), dtype=bool, count=len(flat))
         per_record = np.fromiter((len(segments) for segments in all_segments), dtype=np.int64,
                                  count=len(all_segments))
@@ -334,71 +245,27 @@ def _append_turn(segments: Segments, done: str, prompt: str, full: str, where: s
     return full
 
 
-def _batch_renderer(tokenizer: Any) -> Render:
-    """Renders many conversations at once, each exactly as `tokenizer.apply_chat_template(conversation,
-    tokenize=False, add_generation_prompt=...)` renders it.
-
-    apply_chat_template renders a batch through transformers' render_jinja_template, which renders each
-    conversation on its own, after normalising messages that are plain `{"role", "content"}` dicts of strings into
-    equal dicts, with the tokenizer's chat template and special tokens as template variables. Calling
-    render_jinja_template the same way skips that normalisation (a third of the cost of rendering a short
-    conversation), and a template that only pastes contents is rendered from cached pieces in front of it. A
-    tokenizer class that overrides apply_chat_template, or a transformers without that function, gets its batched
-    apply_chat_template instead."""
-    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
-
-    def batched(conversations: list[list[dict[str, str]]], generation_prompt: bool) -> list[str]:
-        return tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=generation_prompt)
-
-    if getattr(type(tokenizer), "apply_chat_template", None) is not PreTrainedTokenizerBase.apply_chat_template:
-        return batched
-    try:
-        from transformers.utils.chat_template_utils import render_jinja_template
-    except ImportError:
-        return batched
-    if not {"conversations", "chat_template", "add_generation_prompt"} <= set(
-            inspect.signature(render_jinja_template).parameters):
-        return batched
-
-    def direct(conversations: list[list[dict[str, str]]], generation_prompt: bool) -> list[str]:
-        rendered, _ = render_jinja_template(conversations=conversations, chat_template=tokenizer.get_chat_template(),
-                                            add_generation_prompt=generation_prompt, **tokenizer.special_tokens_map)
-        return rendered
-
-    # A template that only pastes contents in is rendered once per shape, then from its pieces (template_pieces)
-    template = getattr(tokenizer, "chat_template", None)  # one template (not a dict of named ones) to look into
-    return PieceRenderer(direct) if isinstance(template, str) and pastes_content_only(template) else direct
-
-
 class _Spans:
-    """The response segments of many texts as [start, end) pairs of positions in the texts laid end to end, one
-    position apart (so that a token at the very end of one text is never counted in the next), positions counted by
-    `size` (characters or UTF-8 bytes)."""
+    """The response segments of many texts as [start, end) pairs of character positions in the texts laid end to
+    end, one position apart (so that a token at the very end of one text is never counted in the next)."""
 
-    def __init__(self, all_segments: list[Segments], size: Callable[[str], int]):
+    def __init__(self, all_segments: list[Segments]):
         bounds: list[int] = []  # [start0, end0, start1, end1, ...], ascending
-        starts, sizes = [], []
+        starts = []
         pos = 0
         for segments in all_segments:
             starts.append(pos)
             for text, train in segments:
-                n = size(text)
                 if train:
-                    bounds += [pos, pos + n]
-                pos += n
-            sizes.append(pos - starts[-1])
+                    bounds += [pos, pos + len(text)]
+                pos += len(text)
             pos += 1
         self.bounds = np.asarray(bounds, dtype=np.int64)
         self.record_starts = np.asarray(starts, dtype=np.int64)
-        self.record_sizes = np.asarray(sizes, dtype=np.int64)
 
     def inside(self, token_starts: np.ndarray) -> np.ndarray:
         """Per token (by where it starts): does it start inside a response segment?"""
         return np.searchsorted(self.bounds, token_starts, side="right") % 2 == 1
-
-
-def _utf8_length(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
 def _flatten(id_lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -406,51 +273,3 @@ def _flatten(id_lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.fromiter((len(x) for x in id_lists), dtype=np.int64, count=len(id_lists))
     ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.int32, count=int(lengths.sum()))
     return ids, lengths
-
-
-# -- where tokens start, without offsets --------------------------------------------------------------------------
-
-# Pre-tokenizers that only cut the text (none drops, adds or changes a character), as serialized in tokenizer.json
-_CUTTING = {"ByteLevel", "Split", "Digits", "Punctuation"}
-# Post-processors that leave offsets alone when no special tokens are added (ByteLevel and Roberta may trim them)
-_UNTRIMMED = {"TemplateProcessing", "BertProcessing", "ByteLevel", "RobertaProcessing"}
-
-
-def token_byte_lengths(backend: Any) -> np.ndarray | None:
-    """Per token id, the length in UTF-8 bytes of the text it stands for (-1: unknown), when a tokenization's
-    tokens are the text's bytes in order, so that summing these lengths gives each token's start exactly as its
-    offsets would; None for a tokenizer where that does not hold.
-
-    It holds for byte-level BPE with nothing that changes the text: no normalizer, a pre-tokenizer that only cuts
-    (ByteLevel without an added prefix space), a BPE without word prefixes/suffixes, dropout or byte fallback,
-    added tokens that strip no whitespace, and a post-processor that does not trim offsets. A byte-level token's
-    string has one character per byte; an added token stands for its content. (Read through the tokenizer's
-    objects, not its JSON: parsing the merges costs ~0.1 s before any worker can start.)"""
-    if (not plain_bpe(backend) or not _only_cuts(component_spec(backend.pre_tokenizer))
-            or not _untrimmed(component_spec(backend.post_processor))):
-        return None
-    model, added = backend.model, backend.get_added_tokens_decoder()
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    alphabet = set(ByteLevel.alphabet())
-    vocab: dict[str, int] = backend.get_vocab(with_added_tokens=False)
-    lengths = np.full(1 + max([*vocab.values(), *added, -1]), -1, dtype=np.int64)
-    for token, i in vocab.items():
-        if alphabet.issuperset(token):
-            lengths[i] = len(token)
-    for i, t in added.items():
-        lengths[i] = len(t.content.encode("utf-8"))
-    if model.unk_token in vocab:  # stands for any number of bytes
-        lengths[vocab[model.unk_token]] = -1
-    return lengths
-
-
-def _only_cuts(pre_tokenizer: dict[str, Any] | None) -> bool:
-    pieces = spec_pieces(pre_tokenizer, "pretokenizers")
-    return (sum(p["type"] == "ByteLevel" for p in pieces) == 1
-            and all(p["type"] in _CUTTING and p.get("behavior") != "Removed" and not p.get("add_prefix_space")
-                    for p in pieces))
-
-
-def _untrimmed(post_processor: dict[str, Any] | None) -> bool:
-    return all(p["type"] in _UNTRIMMED and not p.get("trim_offsets") for p in spec_pieces(post_processor, "processors"))

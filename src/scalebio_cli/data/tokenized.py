@@ -30,7 +30,7 @@ from scalebio_cli.data.render import Renderer
 from scalebio_cli.data.sources import DataSource
 from scalebio_cli.errors import InputError
 
-RENDER_VERSION = "2"  # bump when render.py changes what tokens an example becomes
+RENDER_VERSION = "3"  # bump when render.py changes what tokens an example becomes
 # A progress display for one cold pass: called with the records to come (None: unknown), it returns what to call
 # with the records done after each chunk.
 Progress = Callable[[int | None], Callable[[int], None]]

@@ -15,7 +15,7 @@ from torch import nn
 from scalebio_cli.console import console
 from scalebio_cli.errors import InputError
 from scalebio_cli.recipe.model_folder import MODEL_FILES
-from scalebio_cli.train import host_memory, process
+from scalebio_cli.train import process
 
 try:
     from safetensors import SafetensorError as _SafetensorError
@@ -112,10 +112,6 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool) -> None
         # Non-reentrant checkpointing: with LISA the lowest active block's input may need no grad, which the
         # reentrant variant would turn into "no gradient for this block".
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if next(model.parameters()).device.type == "cpu":
-            # Checkpointing is the setting that trades time for memory; on a CPU run it also gives freed blocks
-            # back to the system at once (~1 GB less on a SmolLM2 reweight step, ~1.3x its time: host_memory).
-            host_memory.return_freed_memory()
     model.train()
 
 
