@@ -142,11 +142,11 @@ def child(setting: str, args: argparse.Namespace) -> dict:
             sft_step(engines[0], batches[i].to(device).train, response_tokens[i], dist)
     elif setting in ("reweight-lora", "reweight-lora-lisa"):
         from scalebio_cli.recipe.schema import LoraConfig
-        from scalebio_cli.train.lora import adapter_pair
+        from scalebio_cli.train.factory import Copy, make_engines
 
-        lora_kwargs = {k: v for k, v in kwargs.items() if k != "lisa" or setting == "reweight-lora-lisa"}
-        u, w = adapter_pair(model, LoraConfig(r=args.lora_r, target_modules=args.lora_targets), "bench", lr_u=1e-4,
-                            lr_w=1e-4, **lora_kwargs)
+        lora_kwargs = {**kwargs, "lisa": kwargs["lisa"] if setting == "reweight-lora-lisa" else LisaConfig(layers=0)}
+        u, w = make_engines(model, [Copy(1e-4, 1, "u"), Copy(1e-4, 1, "w")], ds_config=None, lora_key="bench",
+                            lora=LoraConfig(r=args.lora_r, target_modules=args.lora_targets), **lora_kwargs)
         engines = [u, w]
         lam = SourceWeights(len(sources), 1e-2, 10_000, 0.0, device)
         batches = [plan.next(i) for i in range(args.steps)]

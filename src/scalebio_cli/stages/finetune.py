@@ -28,7 +28,8 @@ from scalebio_cli.recipe import Recipe
 from scalebio_cli.results import weights_file
 from scalebio_cli.results.metrics import MetricsLog
 from scalebio_cli.train import checkpoint, distributed, loop
-from scalebio_cli.train.engine import TrainEngine, make_engine
+from scalebio_cli.train.engine import TrainEngine
+from scalebio_cli.train.factory import Copy, make_engines
 from scalebio_cli.train.losses import dataset_loss
 from scalebio_cli.train.modeling import load_model, load_tokenizer, resolve_dtype, save_hf_folder
 from scalebio_cli.train.sft import sft_step
@@ -137,17 +138,13 @@ def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, f
     ds_config = load_deepspeed_config(recipe.deepspeed) if recipe.deepspeed else None
     with zero3_loading(ds_config, dtype == torch.bfloat16, dist.world_size):
         model = load_model(recipe.model, dtype, dist.device, recipe.trust_remote_code)
-    common = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, total_steps=steps,
-                  warmup_ratio=cfg.warmup_ratio, seed=recipe.seed, dist=dist,
-                  gradient_checkpointing=cfg.gradient_checkpointing)
-    if cfg.lora.r > 0:  # one adapter over the frozen model, merged into it at the end
-        from scalebio_cli.train.lora import single_adapter
-
-        engine: TrainEngine = single_adapter(model, cfg.lora, "finetune.lora", lisa=cfg.lisa, **common)
-        model = engine.model
-    else:
-        engine = make_engine(model, lisa=cfg.lisa, ds_config=ds_config, micro_batches=num_micro_batches(
-            cfg.batch_size // dist.world_size, cfg.micro_batch_size), **common)
+    (engine,) = make_engines(model, [Copy(cfg.lr, num_micro_batches(cfg.batch_size // dist.world_size,
+                                                                  cfg.micro_batch_size))],
+                             lora=cfg.lora, lora_key="finetune.lora", lisa=cfg.lisa, ds_config=ds_config, dist=dist,
+                             weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, total_steps=steps,
+                             warmup_ratio=cfg.warmup_ratio, seed=recipe.seed,
+                             gradient_checkpointing=cfg.gradient_checkpointing)
+    model = engine.model  # with LoRA the peft model: validation runs through the adapter
     out = loop.open_run_folder(recipe, dist)
     if dist.is_main:
         mode = f"LISA {cfg.lisa.layers} of {len(engine.lisa.blocks)} blocks" if engine.lisa.enabled else "all blocks"

@@ -8,7 +8,6 @@ writes weights.json and weights.png.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,8 @@ from scalebio_cli.results.metrics import MetricsLog, plot_weights
 from scalebio_cli.train import checkpoint, distributed, loop
 from scalebio_cli.train.batch_plan import BatchPlan, StepBatches
 from scalebio_cli.train.bilevel import StepResult, bilevel_step
-from scalebio_cli.train.engine import TrainEngine, make_engine
+from scalebio_cli.train.engine import TrainEngine
+from scalebio_cli.train.factory import Copy, make_engines
 from scalebio_cli.train.modeling import count_parameters, load_model, load_tokenizer, resolve_dtype
 from scalebio_cli.train.source_weights import SourceWeights
 from scalebio_cli.train.stopping import FiniteGuard
@@ -158,31 +158,28 @@ def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, f
 
 def model_copies(recipe: Recipe, dist: distributed.DistInfo,
                  dtype: torch.dtype) -> tuple[TrainEngine, TrainEngine, int]:
-    """u and w on their engines, and the base model's parameter count: two full copies (our engine, DDP or
-    DeepSpeed), or with `reweight.lora.r > 0` two LoRA adapters over one frozen base (train/lora.py)."""
+    """u and w on their engines (train/factory.py chooses: two full copies on our engine, DDP or DeepSpeed, or with
+    `reweight.lora.r > 0` two LoRA adapters over one frozen base), and the base model's parameter count."""
     cfg = recipe.reweight
     ds_config = load_deepspeed_config(recipe.deepspeed) if recipe.deepspeed else None
-    common = dict(weight_decay=cfg.weight_decay, total_steps=cfg.steps, warmup_ratio=cfg.warmup_ratio,
-                  seed=recipe.seed, dist=dist, gradient_checkpointing=cfg.gradient_checkpointing,
-                  # both objectives carry alpha * L2, so the clipping threshold scales with alpha
-                  max_grad_norm=None if cfg.max_grad_norm is None else cfg.max_grad_norm * cfg.alpha)
-    with zero3_loading(ds_config, dtype == torch.bfloat16, dist.world_size):  # ZeRO-3: each process its shards
-        model_u = load_model(recipe.model, dtype, dist.device, recipe.trust_remote_code)
-        num_params = count_parameters(model_u)
-        if cfg.lora.r > 0:
-            from scalebio_cli.train.lora import adapter_pair
 
-            u, w = adapter_pair(model_u, cfg.lora, "reweight.lora", lr_u=cfg.lr_u, lr_w=cfg.lr_w, lisa=cfg.lisa,
-                                **common)
-            return u, w, num_params
-        model_w = (copy.deepcopy(model_u) if ds_config is None
-                   else load_model(recipe.model, dtype, dist.device, recipe.trust_remote_code))
+    def load() -> torch.nn.Module:
+        return load_model(recipe.model, dtype, dist.device, recipe.trust_remote_code)
+
+    with zero3_loading(ds_config, dtype == torch.bfloat16, dist.world_size):  # ZeRO-3: each process its shards
+        model = load()
+    num_params = count_parameters(model)  # before LoRA adds its adapters
     local_batch = cfg.batch_size // dist.world_size
-    u = make_engine(model_u, lr=cfg.lr_u, micro_batches=num_micro_batches(local_batch, cfg.micro_batch_size),
-                    lisa=cfg.lisa, ds_config=ds_config, **common)
-    w = make_engine(model_w, lr=cfg.lr_w, micro_batches=num_micro_batches(local_batch, cfg.micro_batch_size)
-                    + num_micro_batches(cfg.val_batch_size // dist.world_size, cfg.micro_batch_size), lisa=cfg.lisa,
-                    ds_config=ds_config, **common)
+    # w's pass: the micro-batches of B (as u's), then those of V
+    copies = [Copy(cfg.lr_u, num_micro_batches(local_batch, cfg.micro_batch_size), "u"),
+              Copy(cfg.lr_w, num_micro_batches(local_batch, cfg.micro_batch_size)
+                   + num_micro_batches(cfg.val_batch_size // dist.world_size, cfg.micro_batch_size), "w")]
+    u, w = make_engines(model, copies, reload=load, lora=cfg.lora, lora_key="reweight.lora", lisa=cfg.lisa,
+                        ds_config=ds_config, dist=dist, weight_decay=cfg.weight_decay, total_steps=cfg.steps,
+                        warmup_ratio=cfg.warmup_ratio, seed=recipe.seed,
+                        gradient_checkpointing=cfg.gradient_checkpointing,
+                        # both objectives carry alpha * L2, so the clipping threshold scales with alpha
+                        max_grad_norm=None if cfg.max_grad_norm is None else cfg.max_grad_norm * cfg.alpha)
     return u, w, num_params
 
 

@@ -1,9 +1,10 @@
 """LoRA: model copies as adapters over one frozen base model (recipe `reweight.lora`, `finetune.lora`).
 
 Reweight holds ONE base model with TWO peft adapters, `u` and `w`: the base (and its embeddings and head) is
-frozen and held once, only the adapters and their optimizer state are doubled. Each `AdapterEngine` is one
-adapter behind train/engine.TrainEngine: its forward activates its adapter (peft `set_adapter`, which also makes
-only that adapter require gradients), its AdamW holds only its adapter's parameters. Both adapters start equal
+frozen and held once, only the adapters and their optimizer state are doubled. `Adapters` is that shared peft
+model (and which adapter is in force); each `AdapterEngine` is one adapter on the engine core
+(train/engine.AdamWEngine): its forward puts its adapter in force (peft `set_adapter`, which also makes only that
+adapter require gradients), its AdamW holds only its adapter's parameters. Both adapters start equal
 (w's initialisation is copied from u's; LoRA's B = 0, so both start as the base model).
 
 LISA over adapters (`lisa.layers > 0` with `lora.r > 0`): every block carries both adapters, and only the drawn
@@ -14,8 +15,7 @@ through about two thirds of the model, where LoRA alone runs through all of it a
 every block. That makes its reweight step faster than LISA's with full model copies (0.80x on SmolLM2 on CPU,
 without checkpointing: docs/benchmarks.md), where LoRA in every block is slower (1.09x).
 
-Several processes: no DDP wrapper. The parameter set a forward uses changes between the u- and w-passes of one
-step, which DDP's reducer handles only with unused-parameter detection; the adapters are small, so the engine
+Several processes: no DDP wrapper (AdapterEngine._gradients_ready says why); the adapters are small, so the engine
 all-reduces its adapter's gradients itself (one flat sum, after the step's last micro-batch). The losses are
 global-batch sums, so the summed gradient is the global gradient on every process, as DDP with its world-size
 scaling gives.
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import re
 import warnings
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +35,11 @@ from scalebio_cli.data.batching import MicroBatch
 from scalebio_cli.errors import InputError
 from scalebio_cli.recipe.schema import LisaConfig, LoraConfig
 from scalebio_cli.train import distributed
-from scalebio_cli.train.engine import clip_and_step
+from scalebio_cli.train.engine import AdamWEngine
 from scalebio_cli.train.lisa import Lisa
-from scalebio_cli.train.losses import ResponseLoss, response_losses
+from scalebio_cli.train.losses import ResponseLoss
 from scalebio_cli.train.modeling import prepare_for_training
-from scalebio_cli.train.optim import AdamW, warmup_cosine
+from scalebio_cli.train.optim import LrSchedule
 
 ALL_LINEAR = "all-linear"
 FINETUNE_ADAPTER = "default"  # peft saves the default adapter at the top of its folder
@@ -102,112 +101,113 @@ def adapter_parameters(peft_model: nn.Module, name: str) -> list[tuple[str, nn.P
     return [(n, p) for n, p in peft_model.named_parameters() if pattern.search(n)]
 
 
-class AdapterEngine:
-    """One LoRA adapter of a shared peft model, trained by our AdamW, in one process or several (torchrun)."""
+class Adapters:
+    """The LoRA adapters of one run over one frozen base model: u and w for reweight, one for fine-tuning.
 
-    def __init__(self, peft_model: nn.Module, adapter: str, *, lr: float, weight_decay: float,
+    The engines of a pair share this object, and with it the one peft model: a forward runs whichever adapter peft
+    has set, so each engine asks `use` for its own first. This object remembers which adapter (and LISA draw) is
+    in force, so consecutive forwards of one engine do not re-apply it.
+    """
+
+    def __init__(self, model: nn.Module, cfg: LoraConfig, names: list[str], key: str):
+        self.model = add_adapters(model, cfg, names, key)  # the peft model: base + every adapter
+        self.base: nn.Module = self.model.get_base_model()
+        self._in_force: tuple[str, tuple[int, ...]] | None = None
+
+    def parameters(self, name: str) -> list[tuple[str, nn.Parameter]]:
+        return adapter_parameters(self.model, name)
+
+    def use(self, name: str, lisa: Lisa) -> None:
+        """Make adapter `name` the one forwards use, with gradients for LISA's drawn blocks only. peft's
+        set_adapter makes every parameter of the adapter it activates trainable (and every other adapter's
+        frozen), so LISA's draw is applied again after it."""
+        wanted = (name, tuple(lisa.active))
+        if self._in_force != wanted:
+            self.model.set_adapter(name)
+            lisa.activate(lisa.active)
+            self._in_force = wanted
+
+    def forget(self) -> None:
+        """A LISA re-draw changed requires_grad flags behind peft's back: the next `use` applies both again."""
+        self._in_force = None
+
+
+class AdapterEngine(AdamWEngine):
+    """One adapter of an `Adapters`, trained by our AdamW, in one process or several (torchrun).
+
+    What differs from the whole-model engine: the optimizer holds this adapter's parameters only, a forward first
+    puts this adapter in force, LISA switches this adapter's parameters in the drawn blocks (the base stays frozen),
+    gradients are all-reduced here (see the module docstring), and a checkpoint holds the adapter's weights only.
+    """
+
+    def __init__(self, adapters: Adapters, adapter: str, *, lr: float, weight_decay: float,
                  max_grad_norm: float | None, total_steps: int, warmup_ratio: float, seed: int,
                  dist: distributed.DistInfo, gradient_checkpointing: bool = False, lisa: LisaConfig | None = None):
-        self.model, self.adapter, self.dist = peft_model, adapter, dist
-        self.max_grad_norm = max_grad_norm
-        base = peft_model.get_base_model()
-        prepare_for_training(base, gradient_checkpointing)
-        named = adapter_parameters(peft_model, adapter)
+        prepare_for_training(adapters.base, gradient_checkpointing)
+        named = adapters.parameters(adapter)
         if not named:  # pragma: no cover - add_adapters made it
             raise RuntimeError(f"adapter {adapter!r} has no parameters")
-        self.names = [n for n, _ in named]
-        self.params = [p for _, p in named]
-        self.optimizer = AdamW(self.params, lr=lr, weight_decay=weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(total_steps, warmup_ratio))
-        self.module = ResponseLoss(base)
-        own = {id(p) for p in self.params}
+        params = [p for _, p in named]
+        own = {id(p) for p in params}
         layers, interval = (lisa.layers, lisa.interval) if lisa is not None else (0, 1)
-        self.lisa = Lisa(base, layers, interval, seed,
-                         block_parameters=lambda block: [p for p in block.parameters() if id(p) in own])
-        self.trainable = self.params  # the parameters of the blocks LISA has drawn (all of them without LISA)
-        self._lr = lr
+        # lisa.train_embeddings does not apply: the base, its embeddings included, is frozen anyway.
+        blocks = Lisa(adapters.base, layers, interval, seed,
+                      block_parameters=lambda block: [p for p in block.parameters() if id(p) in own])
+        super().__init__(adapters.model, params, ResponseLoss(adapters.base), blocks,
+                         LrSchedule(lr, total_steps, warmup_ratio), dist, weight_decay=weight_decay,
+                         max_grad_norm=max_grad_norm)
+        self.adapters, self.adapter = adapters, adapter
+        self.names, self.params = [n for n, _ in named], params
+        self.trainable = params  # the parameters of the blocks LISA has drawn (all of them without LISA)
 
-    def activate(self) -> None:
-        """Make this engine's adapter the one forwards use, with gradients for its drawn blocks only. peft's
-        set_adapter makes every parameter of the adapter it activates trainable (and every other adapter's
-        frozen); LISA's draw is applied again after it."""
-        applied = (self.adapter, tuple(self.lisa.active))
-        if getattr(self.model, "_scalebio_trainable", None) != applied:
-            self.model.set_adapter(self.adapter)
-            self.lisa.activate(self.lisa.active)
-            self.model._scalebio_trainable = applied
-
-    def begin_step(self, step: int) -> None:
-        """Apply the LISA draw covering `step`: the adapters of blocks switched off give their state back."""
-        if self.lisa.update(step):
-            frozen = list(self.lisa.frozen_parameters())
-            self.optimizer.release(frozen)
-            off = {id(p) for p in frozen}
-            self.trainable = [p for p in self.params if id(p) not in off]
-            self.model._scalebio_trainable = None  # the next forward applies the draw after set_adapter
-        self._lr = self.optimizer.param_groups[0]["lr"]
+    def _redrawn(self) -> None:
+        """The adapters of blocks switched off give their optimizer state back (and keep their values)."""
+        super()._redrawn()
+        off = {id(p) for p in self.lisa.frozen_parameters()}
+        self.trainable = [p for p in self.params if id(p) not in off]
+        self.adapters.forget()
 
     def __call__(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        self.activate()
-        return response_losses(self.module, batch)
+        self.adapters.use(self.adapter, self.lisa)
+        return super().__call__(batch)
 
-    def sync_context(self, sync: bool) -> AbstractContextManager[Any]:
-        return nullcontext()  # gradients are reduced once, in `step`
+    def _gradients_ready(self) -> list[nn.Parameter]:
+        """One flat all-reduce of the drawn adapters' gradients, after the step's last micro-batch.
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> torch.Tensor | None:
+        Why not DDP: DDP wraps a module and reduces the parameters that require grad when it is built, but u and w
+        are two adapters in ONE peft model over one shared base, and peft's set_adapter flips which adapter requires
+        grad between the u- and w-passes of every step. A DDP per adapter would each wrap (and broadcast) the whole
+        shared model, own whichever adapter happened to be set at construction, and need unused-parameter detection
+        (a walk of the autograd graph every forward) for LISA's switched-off adapters. The adapters are small: one
+        sum per step is exact and simpler.
+        """
         params = self.trainable  # adapters LISA switched off have no gradient and are not updated
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         if self.dist.distributed:
             flat = torch.cat([g.reshape(-1) for g in grads])
             distributed.all_reduce_sum(flat, self.dist)
-            grads = list(flat.split([g.numel() for g in grads]))
-            grads = [g.view_as(p) for g, p in zip(grads, params)]
+            grads = [g.view_as(p) for g, p in zip(flat.split([g.numel() for g in grads]), params)]
         for p, g in zip(params, grads):
             p.grad = g
-        return clip_and_step(params, self.max_grad_norm, self.optimizer, self.scheduler)
-
-    @property
-    def lr(self) -> float:
-        return self._lr
+        return params
 
     # -- checkpoints and final weights --------------------------------------------------------------------------
 
-    def save(self, folder: Path, name: str) -> None:
-        """The adapter's weights (the base is the model folder's, unchanged), optimizer and schedule."""
-        if self.dist.is_main:
-            weights = {n: p.detach().clone() for n, p in zip(self.names, self.params)}
-            torch.save({"adapter": weights, "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict()}, folder / f"{name}.pt")
+    def _weights(self) -> dict[str, Any]:
+        """The adapter's weights only: the base is the model folder's, unchanged."""
+        return {"adapter": {n: p.detach().clone() for n, p in zip(self.names, self.params)}}
 
-    def load(self, folder: Path, name: str) -> None:
-        state = torch.load(folder / f"{name}.pt", map_location=self.dist.device, weights_only=True)
-        saved = state.get("adapter")
-        if not isinstance(saved, dict) or sorted(saved) != sorted(self.names):
-            raise InputError(f"{folder / (name + '.pt')}: not a checkpoint of this run's LoRA adapter (its "
-                             "parameters differ); resume with the recipe that wrote it")
+    def _load_weights(self, saved: dict[str, Any], file: Path) -> None:
+        weights = saved.get("adapter")
+        if not isinstance(weights, dict) or sorted(weights) != sorted(self.names):
+            raise InputError(f"{file}: not a checkpoint of this run's LoRA adapter (its parameters differ); resume "
+                             "with the recipe that wrote it")
         with torch.no_grad():
             for n, p in zip(self.names, self.params):
-                p.copy_(saved[n])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+                p.copy_(weights[n])
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         return None  # the stage writes the merged model and the adapter folder (save_merged)
-
-
-def adapter_pair(model: nn.Module, cfg: LoraConfig, key: str, *, lr_u: float, lr_w: float,
-                 **kwargs: Any) -> tuple[AdapterEngine, AdapterEngine]:
-    """u and w: two adapters over the one frozen `model`, each with its own engine and AdamW."""
-    peft_model = add_adapters(model, cfg, ["u", "w"], key)
-    return AdapterEngine(peft_model, "u", lr=lr_u, **kwargs), AdapterEngine(peft_model, "w", lr=lr_w, **kwargs)
-
-
-def single_adapter(model: nn.Module, cfg: LoraConfig, key: str, **kwargs: Any) -> AdapterEngine:
-    """Fine-tuning: one adapter over the frozen `model`."""
-    return AdapterEngine(add_adapters(model, cfg, [FINETUNE_ADAPTER], key), FINETUNE_ADAPTER, **kwargs)
 
 
 def save_merged(engine: AdapterEngine, tokenizer: Any, out: Path) -> nn.Module:

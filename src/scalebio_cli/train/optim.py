@@ -1,4 +1,4 @@
-"""AdamW whose state lives only where it is needed, and the warmup + cosine learning-rate shape.
+"""AdamW whose state lives only where it is needed, and the warmup + cosine learning-rate schedule.
 
 State (first and second moments, and an fp32 master copy of any bf16/fp16 parameter) is created the first time a
 parameter has a gradient and can be released when LISA freezes its block again. So a model of L blocks with n
@@ -103,3 +103,16 @@ def warmup_cosine(total_steps: int, warmup_ratio: float, decay: bool = True) -> 
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+class LrSchedule:
+    """The learning rate of every step of a model copy: `base` times warmup_cosine's factor. Every engine (ours and
+    DeepSpeed's) sets each step's rate from it in `begin_step`; it is a pure function of the step, so a resumed run
+    needs no scheduler state. `base * factor(step)` is the product torch's LambdaLR forms, to the bit."""
+
+    def __init__(self, base: float, total_steps: int, warmup_ratio: float):
+        self.base = base
+        self.factor = warmup_cosine(total_steps, warmup_ratio)
+
+    def __call__(self, step: int) -> float:
+        return self.base * self.factor(step)

@@ -20,66 +20,58 @@ from typing import Any
 import torch
 from torch import nn
 
-from scalebio_cli.data.batching import MicroBatch
 from scalebio_cli.errors import InputError
 from scalebio_cli.recipe.schema import LisaConfig
 from scalebio_cli.train.distributed import DistInfo
+from scalebio_cli.train.engine import EngineCore
 from scalebio_cli.train.lisa import Lisa
-from scalebio_cli.train.losses import ResponseLoss, response_losses
+from scalebio_cli.train.losses import ResponseLoss
 from scalebio_cli.train.modeling import prepare_for_training
-from scalebio_cli.train.optim import warmup_cosine
+from scalebio_cli.train.optim import LrSchedule
 
 
-class DeepSpeedEngine:
-    """A model copy trained by a DeepSpeed engine."""
+class DeepSpeedEngine(EngineCore):
+    """A model copy trained by a DeepSpeed engine: the engine core (LISA, schedule, loss forward) over ZeRO, which
+    synchronises the gradients and holds the optimizer; LISA's freezing is enforced through parameter groups."""
 
     def __init__(self, model: nn.Module, *, lr: float, weight_decay: float, max_grad_norm: float | None,
                  total_steps: int, warmup_ratio: float, lisa: LisaConfig, seed: int, dist: DistInfo,
                  gradient_checkpointing: bool = False, ds_config: dict[str, Any], micro_batches: int):
         import deepspeed
 
-        self.model, self.dist = model, dist
         prepare_for_training(model, gradient_checkpointing)
-        self.lisa = Lisa(model, lisa.layers, lisa.interval, seed, lisa.train_embeddings)
-        in_blocks = {id(p) for block in self.lisa.blocks for p in block.parameters()}
-        fixed = {id(p) for p in self.lisa.frozen_upstream}
-        groups = [{"params": list(block.parameters())} for block in self.lisa.blocks]
-        groups.append({"params": [p for p in model.parameters() if id(p) not in in_blocks | fixed]})
-        # Frozen input embeddings (lisa.train_embeddings: false) get zero gradients from ZeRO: a group of their
-        # own with learning rate and decay 0 keeps them exactly still, as the plain engine (no gradient) does.
-        self.never_trained: set[int] = set()
-        if fixed:
-            self.never_trained = {len(groups)}
-            groups.append({"params": list(self.lisa.frozen_upstream)})
-        self.base_lr, self.weight_decay = lr, weight_decay
-        self.factor = warmup_cosine(total_steps, warmup_ratio)
+        blocks = Lisa(model, lisa.layers, lisa.interval, seed, lisa.train_embeddings)
+        groups, self.never_trained = lisa_groups(model, blocks)
+        self.weight_decay = weight_decay
         optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
         config = finalize_deepspeed_config(ds_config, micro_batches, dist.world_size, max_grad_norm,
                                            bf16=next(model.parameters()).dtype == torch.bfloat16)
         skip_inference_comm_op()
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=ResponseLoss(model), optimizer=optimizer,
                                                              config=config)
-        self.module = self.ds
-        self.grad_scale = float(dist.world_size)
-        self._lr = lr
-        self._active: set[int] = set(range(len(self.lisa.blocks)))
+        if len(self.optimizer.param_groups) != len(groups):  # DeepSpeed drops empty groups: indices would shift
+            raise RuntimeError(f"DeepSpeed kept {len(self.optimizer.param_groups)} of the {len(groups)} optimizer "
+                               "parameter groups scalebio made (one per block); LISA cannot address them")
+        super().__init__(model, self.ds, blocks, LrSchedule(lr, total_steps, warmup_ratio), dist,
+                         grad_scale=float(dist.world_size))
+        self.stage = self.ds.zero_optimization_stage()
+        self._active: set[int] = set(range(len(blocks.blocks)))
+        self._stepped = False  # has the optimizer state been made (a step taken, or a checkpoint loaded)?
 
-    def begin_step(self, step: int) -> None:
-        """LISA draw (newly active blocks start from fresh state), then this step's learning rates: 0 (and no
-        decay) for the frozen blocks' groups."""
-        if self.lisa.update(step):
-            active = set(self.lisa.active)
-            for group in sorted(active - self._active):
-                reset_group_state(self.ds.optimizer, group)
-            self._active = active
-        self._lr = self.base_lr * self.factor(step)
+    def _redrawn(self) -> None:
+        """Newly active blocks start from fresh optimizer state."""
+        active = set(self.lisa.active)
+        for group in sorted(active - self._active):
+            reset_group_state(self.ds.optimizer, group, self.stage, self._stepped)
+        self._active = active
+
+    def _set_lr(self, lr: float) -> None:
+        """This step's rate for the active blocks' groups; 0 (and no decay) for the frozen ones, which ZeRO feeds
+        zero gradients and would otherwise decay."""
         frozen = (set(range(len(self.lisa.blocks))) - set(self.lisa.active)) | self.never_trained
         for i, group in enumerate(self.ds.optimizer.param_groups):
-            group["lr"] = 0.0 if i in frozen else self._lr
+            group["lr"] = 0.0 if i in frozen else lr
             group["weight_decay"] = 0.0 if i in frozen else self.weight_decay
-
-    def __call__(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return response_losses(self.ds, batch)
 
     def sync_context(self, sync: bool) -> AbstractContextManager[Any]:
         # DeepSpeed reduces gradients at the accumulation boundary: the step's last micro-batch.
@@ -91,12 +83,9 @@ class DeepSpeedEngine:
 
     def step(self) -> torch.Tensor | None:
         self.ds.step()  # the boundary was set on the last micro-batch: this is the optimizer step
+        self._stepped = True
         norm = self.ds.get_global_grad_norm()
         return None if norm is None else torch.as_tensor(norm, dtype=torch.float32)
-
-    @property
-    def lr(self) -> float:
-        return self._lr
 
     def save(self, folder: Path, name: str) -> None:
         self.ds.save_checkpoint(str(folder / name), tag="state", save_latest=False)
@@ -110,6 +99,7 @@ class DeepSpeedEngine:
         if path is None:
             raise InputError(f"{folder / name}: DeepSpeed could not load this checkpoint")
         self._active = set(self.lisa.active)  # the state saved under this draw is the state to continue from
+        self._stepped = True
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         if self.ds.zero_optimization_stage() == 3:
@@ -119,23 +109,89 @@ class DeepSpeedEngine:
         return self.model.state_dict() if self.dist.is_main else None
 
 
-def _group_partitions(zero_optimizer: Any, group: int) -> list[torch.Tensor]:
-    """The fp32 tensors the inner optimizer steps for client parameter group `group` on this process."""
-    if hasattr(zero_optimizer, "sub_group_to_group_id"):  # ZeRO-3: a group is split into sub-groups
-        return [zero_optimizer.fp32_partitioned_groups_flat[sub]
-                for sub, g in sorted(zero_optimizer.sub_group_to_group_id.items()) if g == group]
-    if hasattr(zero_optimizer, "single_partition_of_fp32_groups"):  # ZeRO-1/2
-        return [zero_optimizer.single_partition_of_fp32_groups[group]]
-    return list(zero_optimizer.param_groups[group]["params"])  # stage 0: the client optimizer itself
+def lisa_groups(model: nn.Module, lisa: Lisa) -> tuple[list[dict[str, Any]], set[int]]:
+    """Optimizer parameter groups: one per block (group i is block i), then everything else, then (with
+    lisa.train_embeddings: false) the frozen input embeddings, whose index is returned as never trained: ZeRO gives
+    them zero gradients, and a group of their own with learning rate and decay 0 keeps them exactly still, as the
+    plain engine (no gradient) does."""
+    in_blocks = {id(p) for block in lisa.blocks for p in block.parameters()}
+    fixed = {id(p) for p in lisa.frozen_upstream}
+    groups = [{"params": list(block.parameters())} for block in lisa.blocks]
+    groups.append({"params": [p for p in model.parameters() if id(p) not in in_blocks | fixed]})
+    never_trained: set[int] = set()
+    if fixed:
+        never_trained = {len(groups)}
+        groups.append({"params": list(lisa.frozen_upstream)})
+    return groups, never_trained
 
 
-def reset_group_state(zero_optimizer: Any, group: int) -> None:
-    """Zero the Adam moments and step count of one parameter group, as if it had never been stepped."""
+# -- DeepSpeed internals ------------------------------------------------------------------------------------------
+# Resetting one group's Adam state needs the fp32 tensors DeepSpeed's inner optimizer steps for it. Every wrapper
+# but ZeRO-3 points the inner optimizer's param group at them (torch's public param_groups); ZeRO-3 splits groups
+# into sub-groups and fills the inner group only during its step, so only its private attributes say which tensors
+# belong to a group. Anything unexpected raises: a renamed attribute must not silently reset nothing (a block would
+# then resume the moments and step count of its frozen period). pyproject.toml pins deepspeed below 0.20;
+# tests/test_zero.py checks the reset on ZeRO-2 and ZeRO-3.
+
+_ZERO3_ATTRIBUTES = ("sub_group_to_group_id", "fp32_partitioned_groups_flat")
+_ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
+
+
+def _internal(obj: Any, name: str) -> Any:
+    if not hasattr(obj, name):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            installed = version("deepspeed")
+        except PackageNotFoundError:  # pragma: no cover - a DeepSpeed engine exists, so DeepSpeed is installed
+            installed = "?"
+        raise RuntimeError(f"DeepSpeed {installed}: {type(obj).__name__} has no attribute {name!r}, which "
+                           "scalebio reads to reset a LISA block's optimizer state (train/zero.py); this DeepSpeed "
+                           "version is not supported (pyproject.toml pins the tested range)")
+    return getattr(obj, name)
+
+
+def _inner(zero_optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer that holds the state (DeepSpeed's wrappers keep it in `.optimizer`)."""
     inner = getattr(zero_optimizer, "optimizer", zero_optimizer)
-    for tensor in _group_partitions(zero_optimizer, group):
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise RuntimeError(f"DeepSpeed's optimizer {type(zero_optimizer).__name__} wraps a "
+                           f"{type(inner).__name__}, not a torch optimizer: cannot reset LISA blocks' state")
+    return inner
+
+
+def group_partitions(zero_optimizer: Any, group: int, stage: int) -> list[torch.Tensor]:
+    """The fp32 tensors the inner optimizer steps for client parameter group `group` on this process."""
+    if stage == 3:
+        sub_groups = _internal(zero_optimizer, _ZERO3_ATTRIBUTES[0])
+        flat = _internal(zero_optimizer, _ZERO3_ATTRIBUTES[1])
+        tensors = [flat[sub] for sub, g in sorted(sub_groups.items()) if g == group]
+    else:
+        tensors = list(_inner(zero_optimizer).param_groups[group]["params"])
+    if not tensors:
+        raise RuntimeError(f"DeepSpeed (ZeRO stage {stage}) holds no optimizer tensors for parameter group {group}: "
+                           "cannot reset the optimizer state of a LISA block that becomes active")
+    return tensors
+
+
+def reset_group_state(zero_optimizer: Any, group: int, stage: int, stepped: bool) -> None:
+    """Zero the Adam moments and step count of one parameter group, as if it had never been stepped.
+
+    `stepped`: the optimizer has state (a step was taken or a checkpoint loaded). ZeRO steps every group every step
+    (frozen blocks with zero gradients and rate 0), so then every group must have state; none is an error.
+    """
+    inner = _inner(zero_optimizer)
+    for tensor in group_partitions(zero_optimizer, group, stage):
         state = inner.state.get(tensor)
         if not state:
-            continue  # never stepped: already fresh
+            if stepped:
+                raise RuntimeError(f"DeepSpeed (ZeRO stage {stage}): parameter group {group} has no optimizer state "
+                                   "after steps were taken; its LISA block would not start fresh")
+            continue  # nothing stepped yet: already fresh
+        missing = [key for key in _ADAM_STATE if key not in state]
+        if missing:
+            raise RuntimeError(f"DeepSpeed (ZeRO stage {stage}): the optimizer state of parameter group {group} has "
+                               f"no {', '.join(missing)} (keys: {', '.join(state)}); not Adam's state")
         for key, value in state.items():
             if torch.is_tensor(value):
                 value.zero_()
