@@ -124,9 +124,10 @@ def test_two_processes_give_one_process_weights_after_40_steps_on_uneven_data(de
                for n, f in (("clean", "clean.jsonl"), ("val", "val.jsonl"))}
     sources = {f"s{k}": write_jsonl(tmp_path / f"s{k}.jsonl", conversations(records["clean"], 200, k))
                for k in range(3)}
-    args = ["reweight.steps=40", "reweight.log_every=1", "reweight.micro_batch_size=3", "reweight.lisa.interval=10",
-            f"data.sources={json.dumps(sources)}", f"data.validation={write_jsonl(tmp_path / 'v.jsonl', records['val'])}",
-            f"model={with_dropout(demo, tmp_path / 'model')}"]
+    val = write_jsonl(tmp_path / "v.jsonl", records["val"])
+    args = ["reweight.steps=40", "reweight.log_every=1", "reweight.batch_size=12", "reweight.val_batch_size=4",
+            "reweight.micro_batch_size=3", "reweight.lisa.interval=10", f"data.sources={json.dumps(sources)}",
+            f"data.validation={val}", f"model={with_dropout(demo, tmp_path / 'model')}"]
     one = write_recipe(tmp_path / "one" / "recipe.yaml", demo)
     two = write_recipe(tmp_path / "two" / "recipe.yaml", demo)
     reference = weights_of(invoke("reweight", "--config", str(one), *args), one.parent / "run")

@@ -20,9 +20,9 @@ def _step(device: str, dtype: torch.dtype, tokenizer) -> torch.Tensor:
     from scalebio_cli.tiny import build_model
     from scalebio_cli.train.batch_plan import StepBatches
     from scalebio_cli.train.bilevel import bilevel_step
-    from scalebio_cli.train.source_weights import SourceWeights
     from scalebio_cli.train.distributed import DistInfo
     from scalebio_cli.train.engine import Engine
+    from scalebio_cli.train.source_weights import SourceWeights
 
     dev = torch.device(device)
     dist = DistInfo(0, 1, 0, dev)
