@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install demo test test-slow lint pipeline instruct-math real-math bench bench-data bench-quality smollm2 clean \
-	bench-select compare-math
+	bench-select compare-math instruct-math-data docs
 
 install: $(VENV)/.installed
 
@@ -33,8 +33,17 @@ pipeline: install
 	$(BIN)/python scripts/build_demo.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/pipeline.sh recipes/demo.yaml demo/data/test.jsonl runs/pipeline 600
 
-# The pipeline on ../shared/data/instruct-math with a tiny local model; records docs/results.md (~20 min on CPU).
-instruct-math: install
+# The instruct-math recipes read data/instruct-math/; this links it to INSTRUCT_MATH (a folder holding the five
+# train_*.json files, val.json and test.json). A fresh clone has neither: pass INSTRUCT_MATH=/path/to/instruct-math.
+INSTRUCT_MATH ?= ../shared/data/instruct-math
+instruct-math-data:
+	@test -f "$(INSTRUCT_MATH)/val.json" || { echo "INSTRUCT_MATH=$(INSTRUCT_MATH) holds no val.json: pass INSTRUCT_MATH=/path/to/instruct-math" >&2; exit 2; }
+	@mkdir -p data
+	@if [ ! -e data/instruct-math ]; then ln -s "$(abspath $(INSTRUCT_MATH))" data/instruct-math; fi
+	@echo "data/instruct-math -> $$(readlink -f data/instruct-math)"
+
+# The pipeline on data/instruct-math with a tiny local model; records docs/results.md (~20 min on CPU).
+instruct-math: install instruct-math-data
 	$(BIN)/python scripts/run_instruct_math.py
 
 # The instruct-math pipeline on SmolLM2-135M-Instruct (real pretrained model): reweight (LISA), sample ScaleBiO and
@@ -42,7 +51,7 @@ instruct-math: install
 # 2 cores. GPU, the reference's scale (max_length 1024, batch 64, 300 steps, 3 seeds): make real-math DEVICE=cuda
 DEVICE ?= cpu
 REAL_MATH_ARGS ?= $(if $(filter cuda,$(DEVICE)),--device cuda --preset gpu --seeds 0 1 2)
-real-math: smollm2
+real-math: smollm2 instruct-math-data
 	$(BIN)/python scripts/real_math.py $(REAL_MATH_ARGS)
 
 # Speed and memory targets: append measured tables to docs/benchmarks.md (~3 min on 2 CPU cores).
@@ -62,7 +71,7 @@ smollm2: install
 # Denoising on a real pretrained model (SmolLM2): clean vs four corrupted copies; records docs/results.md.
 # CPU-sized (60 steps of batch 9; 6 runs, ~2 h on 2 cores); on a GPU: make bench-quality QUALITY_ARGS="--device cuda --preset gpu --seeds 0 1 2"
 QUALITY_ARGS ?= --seeds 0 1 2 --variants default full
-bench-quality: smollm2
+bench-quality: smollm2 instruct-math-data
 	$(BIN)/python scripts/bench_quality.py $(QUALITY_ARGS)
 
 # The paper's per-record baselines on a real model: SmolLM2 denoising (clean / "." / shuffled), each method asked
@@ -78,17 +87,23 @@ COMPARE_ARGS ?=
 COMPARE_RECIPE := recipes/instruct-math-smollm2.yaml
 COMPARE_MODEL := $(HOME)/.cache/scalebio/models/SmolLM2-135M-Instruct
 COMPARE_DIR := runs/compare-math
-compare-math: smollm2
+compare-math: smollm2 instruct-math-data
 	$(BIN)/scalebio reweight --config $(COMPARE_RECIPE) model=$(COMPARE_MODEL) output_dir=$(COMPARE_DIR)/reweight $(COMPARE_ARGS) --resume auto
 	$(BIN)/scalebio select --config $(COMPARE_RECIPE) model=$(COMPARE_MODEL) output_dir=$(COMPARE_DIR)/reweight $(COMPARE_ARGS) --method rho-loss -n $(COMPARE_N) -o $(COMPARE_DIR)/rho-loss.jsonl --force
 	$(BIN)/scalebio select --config $(COMPARE_RECIPE) model=$(COMPARE_MODEL) output_dir=$(COMPARE_DIR)/reweight $(COMPARE_ARGS) --method less -n $(COMPARE_N) -o $(COMPARE_DIR)/less.jsonl --force
 	$(BIN)/scalebio compare --config $(COMPARE_RECIPE) model=$(COMPARE_MODEL) $(COMPARE_ARGS) -n $(COMPARE_N) --seeds 0 1 2 \
 	  --mix scalebio=$(COMPARE_DIR)/reweight/weights.json --mix uniform --mix proportional \
 	  --mix rho-loss=$(COMPARE_DIR)/rho-loss.jsonl --mix less=$(COMPARE_DIR)/less.jsonl \
-	  --test test=../shared/data/instruct-math/test.json --output $(COMPARE_DIR)
+	  --test test=data/instruct-math/test.json --output $(COMPARE_DIR)
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Rewrite every demo figure the docs quote (README.md, docs/*.md, between <!-- demo:NAME:begin/end --> markers) from
+# fresh runs, and docs/reliability.md from tests/bad_inputs.py (~20 min on 2 CPU cores); tests/test_docs.py checks both.
+docs: install
+	$(BIN)/python scripts/write_demo_docs.py
+	$(BIN)/python scripts/write_reliability_doc.py
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
@@ -98,4 +113,4 @@ lint: install
 	$(BIN)/ruff check src tests scripts
 
 clean:
-	rm -rf runs demo .cache
+	rm -rf runs demo .cache  # data/instruct-math is a link: kept

@@ -29,7 +29,7 @@ from get_smollm2 import cache_folder, convert, find_gguf
 from run_instruct_math import PAPER, RESULTS, replace_section, spearman
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "instruct-math"
+DATA = ROOT / "data" / "instruct-math"  # what the recipes read; `make instruct-math-data` links it
 RECIPE = ROOT / "recipes" / "instruct-math-smollm2.yaml"
 SAMPLINGS = ("scalebio", "uniform")
 # cpu: what fits 2 cores in an hour (the recipe's own sizes); gpu: the reference's scale (max_length 1024, batch 64,
@@ -193,7 +193,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra KEY=VALUE recipe overrides (reweight and finetune)")
     args = parser.parse_args()
     if not DATA.is_dir():
-        sys.exit(f"{DATA} not found: this run needs the shared instruct-math data")
+        sys.exit(f"{DATA} not found: make instruct-math-data INSTRUCT_MATH=/path/to/instruct-math")
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     if args.model is None:

@@ -6,7 +6,7 @@
 Builds (once) runs/instruct-math-tiny/model: a byte-level BPE tokenizer trained on the data and an 8-block Llama.
 Then scripts/pipeline.sh with recipes/instruct-math-tiny.yaml: reweight; sample N records by the ScaleBiO weights,
 uniformly, and proportionally to source size; fine-tune the tiny model on each (same steps, same seed); evaluate
-each on test.json. Writes the weights and the held-out losses into docs/results.md. Needs ../shared/data.
+each on test.json. Writes the weights and the held-out losses into docs/results.md. Needs data/instruct-math/.
 `--lora R` also reweights with u and w as two rank-R LoRA adapters over the one frozen model (10x the learning
 rate, as adapters need), training in every block and with LISA over the adapters, and records the weight vectors
 side by side with their rank correlations;
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "instruct-math"
+DATA = ROOT / "data" / "instruct-math"  # what the recipes read; `make instruct-math-data` links it
 MODEL = ROOT / "runs" / "instruct-math-tiny" / "model"
 RECIPE = ROOT / "recipes" / "instruct-math-tiny.yaml"
 RESULTS = ROOT / "docs" / "results.md"
@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="with --weights-only: keep weights.json files that exist")
     args = parser.parse_args()
     if not DATA.is_dir():
-        sys.exit(f"{DATA} not found: this run needs the shared instruct-math data")
+        sys.exit(f"{DATA} not found: make instruct-math-data INSTRUCT_MATH=/path/to/instruct-math")
     build_model()
     start = time.perf_counter()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
