@@ -50,7 +50,7 @@ VARIANTS: dict[str, list[str]] = {
     "default": [],
     "full": ["reweight.lisa.layers=0"],
     # u and w as two LoRA adapters over one frozen base, training in every block (train/lora.py), with the ~10x
-    # learning rate adapters want (README, "Multi-GPU and multi-node": LoRA)
+    # learning rate adapters want (docs/multi-gpu.md, LoRA)
     "lora": ["reweight.lisa.layers=0", "reweight.lora.r=8", "reweight.lr_u=1e-3", "reweight.lr_w=1e-3"],
     "cut-embeddings": ["reweight.lisa.train_embeddings=false"],
     "lisa-2": ["reweight.lisa.layers=2"],
