@@ -116,9 +116,10 @@ def test_full_logits_give_the_head_only_weights_under_every_engine(demo: Path, t
 
 def test_two_processes_give_one_process_weights_after_40_steps_on_uneven_data(demo: Path, tmp_path: Path) -> None:
     """Chat records of 1-3 turns (lengths that vary, micro-batches of 3 that differ in shape between 1 and 2
-    processes), dropout on: the first lam gradient is exactly 0 on both, and after 40 steps the weights agree within
-    1e-4 (only float rounding of the model updates differs)."""
-    from test_lam_step import conversations, metrics, with_dropout, write_jsonl
+    processes): the first lam gradient is exactly 0 on both, and after 40 steps the weights agree within 1e-4 (only
+    float rounding of the model updates differs). Dropout is off here: each process draws the masks of its own
+    rows, so with dropout 1 and 2 processes make different random draws, not only different rounding."""
+    from test_lam_step import conversations, metrics, write_jsonl
 
     records = {n: [json.loads(line) for line in (demo / "data" / f).read_text().splitlines()]
                for n, f in (("clean", "clean.jsonl"), ("val", "val.jsonl"))}
@@ -127,7 +128,7 @@ def test_two_processes_give_one_process_weights_after_40_steps_on_uneven_data(de
     val = write_jsonl(tmp_path / "v.jsonl", records["val"])
     args = ["reweight.steps=40", "reweight.log_every=1", "reweight.batch_size=12", "reweight.val_batch_size=4",
             "reweight.micro_batch_size=3", "reweight.lisa.interval=10", f"data.sources={json.dumps(sources)}",
-            f"data.validation={val}", f"model={with_dropout(demo, tmp_path / 'model')}"]
+            f"data.validation={val}"]
     one = write_recipe(tmp_path / "one" / "recipe.yaml", demo)
     two = write_recipe(tmp_path / "two" / "recipe.yaml", demo)
     reference = weights_of(invoke("reweight", "--config", str(one), *args), one.parent / "run")
