@@ -1,6 +1,6 @@
 """The lam step's variance reductions, one change at a time, on the demo (tiny model, CPU): weights and evidence.
 
-    python scripts/study_lam.py                        # 3 seeds, every variant, ~35 min on 2 idle cores; finished runs are reused
+    python scripts/study_lam.py                 # 3 seeds, every variant, ~35 min on 2 idle cores (runs reused)
     python scripts/study_lam.py --seeds 0 --variants reference every-3
 
 Two cases built from the demo data (scripts/build_demo.py):
