@@ -100,8 +100,8 @@ def cpu():  # this process's CPU seconds and its (finished) children's
 COLD_CHILD = CPU_TIME + """
 import sys
 from scalebio_cli.train.modeling import load_tokenizer
-from scalebio_cli.data.render import Renderer
-from scalebio_cli.data.tokenized import load_tokenized
+from scalebio_cli.data.tokens.render import Renderer
+from scalebio_cli.data.tokens.tokenized import load_tokenized
 model, data, cache, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 r = Renderer(load_tokenizer(model), 1024)
 t, c = time.perf_counter(), cpu()
@@ -114,9 +114,9 @@ print(time.perf_counter() - t, cpu() - c, d.num_records, int(d.full_lengths.sum(
 # take chunks of encode_chunks.CHUNK texts (what the cold pass's workers get), the texts inherited by the fork.
 BARE_CHILD = CPU_TIME + """
 import multiprocessing, sys
-from scalebio_cli.data.encode_chunks import CHUNK
-from scalebio_cli.data.records import iter_examples
-from scalebio_cli.data.render import Renderer
+from scalebio_cli.data.tokens.encode_chunks import CHUNK
+from scalebio_cli.data.read.records import iter_examples
+from scalebio_cli.data.tokens.render import Renderer
 from scalebio_cli.train.modeling import load_tokenizer
 model, data, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
 renderer = Renderer(load_tokenizer(model), 1024)
@@ -181,7 +181,7 @@ RSS_CHILD = """
 import sys, time
 import numpy as np
 from pathlib import Path
-from scalebio_cli.data import token_cache
+from scalebio_cli.data.tokens import token_cache
 arrays, meta = token_cache.read(Path(sys.argv[1]), ("ids", "trainable", "offsets"))
 ids, mask = arrays["ids"], arrays["trainable"]
 if sys.argv[2] == "copy":
@@ -196,10 +196,10 @@ print(field("/proc/self/status", "VmHWM:"), field("/proc/self/smaps_rollup", "Ps
 
 def cache_entry(model: Path, data: Path, cache: Path) -> Path:
     """The token-cache folder of `data` (the children read it without loading a tokenizer: RSS is the data's)."""
-    from scalebio_cli.data import sources as data_sources
-    from scalebio_cli.data import token_cache
-    from scalebio_cli.data.render import Renderer
-    from scalebio_cli.data.tokenized import cache_key
+    from scalebio_cli.data.read import sources as data_sources
+    from scalebio_cli.data.tokens import token_cache
+    from scalebio_cli.data.tokens.render import Renderer
+    from scalebio_cli.data.tokens.tokenized import cache_key
     from scalebio_cli.train.modeling import load_tokenizer
 
     source = data_sources.from_path("data", str(data))
@@ -298,7 +298,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of the two rows compared (fastest counts)")
     parser.add_argument("--no-record", action="store_true", help="do not write docs/benchmarks.md")
     args = parser.parse_args()
-    from scalebio_cli.data.encode_chunks import default_workers
+    from scalebio_cli.data.tokens.encode_chunks import default_workers
 
     load_start = os.getloadavg()
     workers = default_workers()

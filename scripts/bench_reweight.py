@@ -77,9 +77,9 @@ def child(setting: str, args: argparse.Namespace) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from scalebio_cli.data.tokenized import TokenizedData
+    from scalebio_cli.data.batch_plan import BatchPlan
+    from scalebio_cli.data.tokens.tokenized import TokenizedData
     from scalebio_cli.recipe.schema import LisaConfig, Recipe
-    from scalebio_cli.train.batch_plan import BatchPlan
     from scalebio_cli.train.bilevel import bilevel_step
     from scalebio_cli.train.distributed import DistInfo
     from scalebio_cli.train.engine import Engine

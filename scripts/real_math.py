@@ -45,7 +45,7 @@ PRESETS: dict[str, dict] = {
 
 def gsm8k_subset(out: Path, limit: int) -> Path:
     """test.json's first `limit` records with a GSM8K-style checkable answer ('#### N'); 0 = all checkable."""
-    from scalebio_cli.data.answers import extract_answer
+    from scalebio_cli.data.out.answers import extract_answer
 
     records = json.loads((DATA / "test.json").read_text())
     checkable = [r for r in records if r["items"][-1]["from"] == "gpt"

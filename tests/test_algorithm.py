@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from scalebio_cli.data.batching import CursorSampler, balanced_counts, collate, micro_batches
-from scalebio_cli.data.tokenized import TokenizedData
+from scalebio_cli.data.tokens.tokenized import TokenizedData
 from scalebio_cli.tiny import build_model
 from scalebio_cli.train.losses import example_losses
 from scalebio_cli.train.optim import AdamW, warmup_cosine
@@ -177,8 +177,8 @@ def test_samplers_are_balanced_seeded_and_cover_every_example() -> None:
 def test_pooled_batches_follow_source_sizes(model, tokenizer) -> None:
     """batch_composition: pooled (the reference's batches): counts follow the source sizes, seeded per step (what a
     source absent from a step does to lam: test_lam_step.py)."""
+    from scalebio_cli.data.batch_plan import BatchPlan
     from scalebio_cli.recipe.schema import Recipe
-    from scalebio_cli.train.batch_plan import BatchPlan
     from scalebio_cli.train.distributed import DistInfo
 
     rng = np.random.default_rng(3)
@@ -264,7 +264,7 @@ def test_head_only_losses_and_gradients_equal_the_full_logits_path(tokenizer, ar
 def test_a_source_named_validation_keeps_its_own_fingerprint(tokenizer) -> None:
     from dataclasses import replace
 
-    from scalebio_cli.data.sources import from_path
+    from scalebio_cli.data.read.sources import from_path
     from scalebio_cli.stages.reweight import RunData, data_fingerprints
 
     rng = np.random.default_rng(6)

@@ -35,8 +35,8 @@ def test_a_broken_template_is_refused_before_any_model_loads(demo: Path, tmp_pat
 def test_shipped_templates_render_incrementally(tokenizer) -> None:
     import copy
 
-    from scalebio_cli.data.records import Turn
-    from scalebio_cli.data.render import Renderer
+    from scalebio_cli.data.read.records import Turn
+    from scalebio_cli.data.tokens.render import Renderer
 
     turns = [Turn("system", "Be brief."), Turn("user", "hi"), Turn("assistant", "yo"), Turn("user", "more"),
              Turn("assistant", "ok")]

@@ -13,7 +13,7 @@ from conftest import invoke, write_recipe
 
 def _weights(demo: Path, path: Path) -> Path:
     """A weights file over the demo sources as reweight writes it (clean favoured)."""
-    from scalebio_cli.data.records import count_records
+    from scalebio_cli.data.read.records import count_records
     from scalebio_cli.files import file_sha256
     from scalebio_cli.results import weights_file
 

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from scalebio_cli.data.records import Turn, detect_format, iter_examples
-from scalebio_cli.data.render import Renderer
-from scalebio_cli.data.tokenized import load_tokenized
+from scalebio_cli.data.read.records import Turn, detect_format, iter_examples
+from scalebio_cli.data.tokens.render import Renderer
+from scalebio_cli.data.tokens.tokenized import load_tokenized
 from scalebio_cli.errors import InputError
 
 
@@ -184,7 +184,7 @@ def test_formats_may_mix_within_a_file(tmp_path: Path) -> None:
 
 
 def test_json_array_streams_across_chunks(tmp_path: Path) -> None:
-    from scalebio_cli.data.records import _iter_json_array
+    from scalebio_cli.data.read.records import _iter_json_array
 
     records = [{"text": f"record {i} " + "x" * (i % 50)} for i in range(300)]
     path = tmp_path / "big.json"
@@ -207,7 +207,7 @@ def test_encode_prompt_ends_with_generation_prompt(tokenizer) -> None:
 
 
 def test_truncation_warning_names_the_source_and_a_max_length_that_fits(tmp_path: Path, tokenizer) -> None:
-    from scalebio_cli.data.tokenized import load_all
+    from scalebio_cli.data.tokens.tokenized import load_all
 
     records = [{"prompt": "What is 1 + 1?", "completion": "2 " * (40 if i % 10 == 0 else 2)} for i in range(40)]
     path = tmp_path / "d.jsonl"

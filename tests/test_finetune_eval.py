@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, invoke, run_cli, write_recipe
-from scalebio_cli.data.answers import extract_answer, math_verify_equal
+from scalebio_cli.data.out.answers import extract_answer, math_verify_equal
 from scalebio_cli.train.lisa import draw_blocks
 
 FT = {"epochs": 1, "lr": 3e-3, "batch_size": 16, "micro_batch_size": 8, "log_every": 5, "eval_every": 10}

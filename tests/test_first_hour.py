@@ -160,7 +160,7 @@ def test_file_not_found_suggests_nearby_names(demo: Path, tmp_path: Path) -> Non
 
 
 def test_json_errors_say_at_once() -> None:
-    from scalebio_cli.data.records import parse_jsonl_line
+    from scalebio_cli.data.read.records import parse_jsonl_line
     from scalebio_cli.errors import InputError
 
     for line, expected in [('{"a": "x', "Unterminated string starting at column 7"),

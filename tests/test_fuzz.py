@@ -253,9 +253,9 @@ def data_files(draw: st.DrawFn) -> tuple[str, bytes]:
 
 
 def test_fuzz_records(small: dict[str, Path], tokenizer: Any) -> None:
-    from scalebio_cli.data.records import count_records, iter_records
-    from scalebio_cli.data.render import Renderer
-    from scalebio_cli.data.tokenized import load_tokenized
+    from scalebio_cli.data.read.records import count_records, iter_records
+    from scalebio_cli.data.tokens.render import Renderer
+    from scalebio_cli.data.tokens.tokenized import load_tokenized
     from scalebio_cli.recipe.preflight import data_file_problems
 
     @given(file=data_files(), n=st.integers(0, 8), replacement=st.booleans())

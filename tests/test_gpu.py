@@ -15,10 +15,10 @@ pytestmark = pytest.mark.gpu
 
 
 def _step(device: str, dtype: torch.dtype, tokenizer) -> torch.Tensor:
+    from scalebio_cli.data.batch_plan import StepBatches
     from scalebio_cli.data.batching import collate
     from scalebio_cli.recipe.schema import LisaConfig
     from scalebio_cli.tiny import build_model
-    from scalebio_cli.train.batch_plan import StepBatches
     from scalebio_cli.train.bilevel import bilevel_step
     from scalebio_cli.train.distributed import DistInfo
     from scalebio_cli.train.engine import Engine

@@ -150,8 +150,8 @@ def test_weights_json_carries_evidence(demo: Path, tmp_path: Path) -> None:
 
 
 def test_a_cursor_saved_under_another_sampling_rule_is_refused(tokenizer) -> None:
+    from scalebio_cli.data.batch_plan import BatchPlan
     from scalebio_cli.recipe.schema import Recipe
-    from scalebio_cli.train.batch_plan import BatchPlan
     from scalebio_cli.train.distributed import DistInfo
     from test_algorithm import fake_data
 
@@ -168,8 +168,8 @@ def test_weights_do_not_depend_on_what_the_cache_holds(demo: Path, tmp_path: Pat
     filled the cache) are drawn by one rule: bitwise the same weights, skipped records included."""
     from transformers import AutoTokenizer
 
-    from scalebio_cli.data import tokenized
-    from scalebio_cli.data.render import Renderer
+    from scalebio_cli.data.tokens import tokenized
+    from scalebio_cli.data.tokens.render import Renderer
     from scalebio_cli.stages import reweight
 
     records = [json.loads(line) for line in (demo / "data" / "clean.jsonl").read_text().splitlines()]

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from scalebio_cli.data.batching import CursorSampler, RecordSampler
-from scalebio_cli.data.lazy_tokens import LazyTokens
-from scalebio_cli.data.render import Renderer
-from scalebio_cli.data.sources import from_path
-from scalebio_cli.data.tokenized import load_all, load_tokenized
+from scalebio_cli.data.read.sources import from_path
+from scalebio_cli.data.tokens.lazy_tokens import LazyTokens
+from scalebio_cli.data.tokens.render import Renderer
+from scalebio_cli.data.tokens.tokenized import load_all, load_tokenized
 from scalebio_cli.errors import InputError
 
 
@@ -119,8 +119,8 @@ def test_load_all_reads_large_sources_lazily_and_names_a_sample_without_response
 
 
 def test_preflight_checks_a_sample_of_a_large_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from scalebio_cli.data import record_reader
-    from scalebio_cli.data.sources import from_path as source_at
+    from scalebio_cli.data.read import record_reader
+    from scalebio_cli.data.read.sources import from_path as source_at
     from scalebio_cli.recipe import preflight
 
     monkeypatch.setattr(record_reader, "LAZY_MIN_RECORDS", 100)
@@ -139,7 +139,7 @@ def test_a_cold_pass_over_a_large_source_reports_progress(data_file: Path, tmp_p
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A long cold pass shows a progress bar (the records to come, then each chunk's records); a pass from the
     cache, or over a small source, shows none."""
-    from scalebio_cli.data import tokenized
+    from scalebio_cli.data.tokens import tokenized
 
     shown: list[tuple[str, object]] = []
 

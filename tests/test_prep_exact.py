@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from conftest import INSTRUCT_MATH, SMOLLM2
-from scalebio_cli.data.records import Turn, iter_examples, to_example
-from scalebio_cli.data.render import Renderer
-from scalebio_cli.data.tokenized import load_tokenized
+from scalebio_cli.data.read.records import Turn, iter_examples, to_example
+from scalebio_cli.data.tokens.render import Renderer
+from scalebio_cli.data.tokens.tokenized import load_tokenized
 from scalebio_cli.errors import InputError
 from test_data import expected
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import invoke, run_cli
-from scalebio_cli.data import sources as S
+from scalebio_cli.data.read import sources as S
 from scalebio_cli.errors import InputError
 from scalebio_cli.recipe.load import load_recipe
 from scalebio_cli.recipe.schema import SourceSpec

@@ -233,13 +233,13 @@ def sample(
             raise InputError(f"--format: must be one of {', '.join(stage.FORMATS)}, got {record_format!r}")
         if weights in ("uniform", "proportional"):
             if config is not None:
-                from scalebio_cli.data.sources import recipe_sources
+                from scalebio_cli.data.read.sources import recipe_sources
                 from scalebio_cli.recipe import load_recipe
 
                 draw = stage.baseline_draw(weights, recipe_sources(load_recipe(config)), output,
                                            {"the recipe": str(config)})
             else:
-                from scalebio_cli.data.sources import from_path
+                from scalebio_cli.data.read.sources import from_path
 
                 named = _parse_named_files(sources or [], "--sources")
                 draw = stage.baseline_draw(weights, {n: from_path(f"--sources {n}", p) for n, p in named.items()},

@@ -83,7 +83,7 @@ def _write_parquet(path: Path, records: list[dict[str, Any]]) -> None:
 
 def corpus_texts(paths: list[Path]) -> list[str]:
     """Every string in the records of `paths`, to train a tokenizer on."""
-    from scalebio_cli.data.records import iter_records
+    from scalebio_cli.data.read.records import iter_records
 
     texts: list[str] = []
 

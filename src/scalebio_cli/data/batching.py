@@ -17,8 +17,8 @@ from typing import Generic, TypeVar
 import numpy as np
 import torch
 
-from scalebio_cli.data.lazy_tokens import LazyTokens
-from scalebio_cli.data.tokenized import TokenizedData
+from scalebio_cli.data.tokens.lazy_tokens import LazyTokens
+from scalebio_cli.data.tokens.tokenized import TokenizedData
 
 
 class CursorSampler:

@@ -21,17 +21,13 @@ import yaml
 from scalebio_cli.errors import InputError
 from scalebio_cli.files import did_you_mean
 from scalebio_cli.recipe.schema import (
-    BATCH_COMPOSITIONS,
-    LAMBDA_OPTIMIZERS,
-    LAMBDA_SCHEDULES,
-    LAMBDA_SIGNALS,
-    PRECISIONS,
     SPEC_FIELDS,
     TRACKERS,
     PathKind,
     Recipe,
     SourceSpec,
     path_fields,
+    value_problems,
 )
 
 
@@ -64,7 +60,6 @@ def _describe(value: Any) -> str:
 # What consumes the integers: numpy arrays and torch tensors of int64 (steps, sizes, cursors), and the seeding of
 # numpy's legacy generator and of Python's `random`-compatible streams, which take 32-bit seeds.
 INT64_MAX = 2**63 - 1
-SEED_MAX = 2**32 - 1
 
 
 def fold_name(name: str) -> str:
@@ -352,7 +347,8 @@ def resolve_paths(recipe: Recipe, base: Path) -> None:
 
 
 def _check_ranges(recipe: Recipe) -> list[str]:
-    problems: list[str] = []
+    """The values each field declares (schema's `check`), then what only several fields together decide."""
+    problems: list[str] = value_problems(recipe)
 
     def need(ok: bool, message: str) -> None:
         if not ok:
@@ -360,10 +356,6 @@ def _check_ranges(recipe: Recipe) -> list[str]:
 
     need(bool(recipe.model), "model: required (a model folder AutoModelForCausalLM can load)")
     need(bool(recipe.output_dir), "output_dir: required (where outputs are written)")
-    need(recipe.precision in PRECISIONS, f"precision: must be one of {', '.join(PRECISIONS)}, got {recipe.precision!r}")
-    need(0 <= recipe.seed <= SEED_MAX, f"seed: must be in [0, {SEED_MAX}] (what numpy and torch seeding take), "
-         f"got {recipe.seed}")
-    need(recipe.data.max_length >= 8, f"data.max_length: must be >= 8 tokens, got {recipe.data.max_length}")
     for name, spec in recipe.data.sources.items():
         need(bool(name.strip()), "data.sources: a source has an empty name")
         need(bool(spec.path), f"data.sources.{name}: the path is empty")
@@ -382,56 +374,14 @@ def _check_ranges(recipe: Recipe) -> list[str]:
     need(len(set(recipe.report_to)) == len(recipe.report_to), "report_to: a tracker is named twice")
 
     rw = recipe.reweight
-    need(rw.steps >= 1, f"reweight.steps: must be >= 1, got {rw.steps}")
-    need(rw.alpha > 0, f"reweight.alpha: must be > 0, got {rw.alpha}")
-    for key in ("lr_u", "lr_w", "lr_lambda"):
-        value = getattr(rw, key)
-        need(0 < value < 10, f"reweight.{key}: must be in (0, 10), got {value}")
     for section, cfg in (("reweight", rw), ("finetune", recipe.finetune)):
-        need(cfg.batch_size >= 1, f"{section}.batch_size: must be >= 1, got {cfg.batch_size}")
-        need(cfg.micro_batch_size >= 1, f"{section}.micro_batch_size: must be >= 1, got {cfg.micro_batch_size}")
-        need(0 <= cfg.warmup_ratio < 1, f"{section}.warmup_ratio: must be in [0, 1), got {cfg.warmup_ratio}")
-        need(cfg.weight_decay >= 0, f"{section}.weight_decay: must be >= 0, got {cfg.weight_decay}")
-        need(cfg.max_grad_norm is None or cfg.max_grad_norm > 0,
-             f"{section}.max_grad_norm: must be > 0 or null, got {cfg.max_grad_norm}")
-        need(cfg.log_every >= 1, f"{section}.log_every: must be >= 1, got {cfg.log_every}")
-        need(cfg.lisa.layers >= 0, f"{section}.lisa.layers: must be >= 0 (0 = all blocks), got {cfg.lisa.layers}")
-        need(cfg.lisa.interval >= 1, f"{section}.lisa.interval: must be >= 1, got {cfg.lisa.interval}")
-        problems += _lora_problems(f"{section}.lora", cfg.lora)
-    need(rw.val_batch_size >= 1, f"reweight.val_batch_size: must be >= 1, got {rw.val_batch_size}")
-    need(rw.lambda_optimizer in LAMBDA_OPTIMIZERS, f"reweight.lambda_optimizer: must be one of "
-         f"{', '.join(LAMBDA_OPTIMIZERS)}, got {rw.lambda_optimizer!r}")
-    need(rw.lambda_signal in LAMBDA_SIGNALS, f"reweight.lambda_signal: must be one of {', '.join(LAMBDA_SIGNALS)}, "
-         f"got {rw.lambda_signal!r}")
-    need(rw.lambda_schedule in LAMBDA_SCHEDULES, f"reweight.lambda_schedule: must be one of "
-         f"{', '.join(LAMBDA_SCHEDULES)}, got {rw.lambda_schedule!r}")
+        lora = cfg.lora
+        need(bool(lora.target_modules) and all(str(m).strip() for m in lora.target_modules),
+             f"{section}.lora.target_modules: needs module names (e.g. [q_proj, v_proj]) or all-linear, got "
+             f"{lora.target_modules!r}")
     need(0 <= rw.delay < rw.steps, f"reweight.lambda_delay: must be in [0, reweight.steps), got {rw.lambda_delay}")
     need(1 <= rw.lambda_every <= rw.steps - rw.delay, "reweight.lambda_every: must be in [1, reweight.steps - "
          f"reweight.lambda_delay] (at least one lam step), got {rw.lambda_every}")
-    need(rw.tau >= 1, f"reweight.tau: must be >= 1 (alpha grows or stays), got {rw.tau}")
-    need(rw.tau_every >= 1, f"reweight.tau_every: must be >= 1, got {rw.tau_every}")
-    need(rw.batch_composition in BATCH_COMPOSITIONS, f"reweight.batch_composition: must be one of "
-         f"{', '.join(BATCH_COMPOSITIONS)}, got {rw.batch_composition!r}")
-    ft = recipe.finetune
-    need(ft.epochs > 0, f"finetune.epochs: must be > 0, got {ft.epochs}")
-    need(0 < ft.lr < 10, f"finetune.lr: must be in (0, 10), got {ft.lr}")
-    need(ft.eval_every >= 1, f"finetune.eval_every: must be >= 1, got {ft.eval_every}")
-    need(recipe.checkpoint.every >= 0, f"checkpoint.every: must be >= 0 (0 = never), got {recipe.checkpoint.every}")
-    need(recipe.checkpoint.keep >= 1, f"checkpoint.keep: must be >= 1, got {recipe.checkpoint.keep}")
-    return problems
-
-
-def _lora_problems(key: str, lora: Any) -> list[str]:
-    problems = []
-    if lora.r < 0:
-        problems.append(f"{key}.r: must be >= 0 (0 = no LoRA), got {lora.r}")
-    if lora.alpha <= 0:
-        problems.append(f"{key}.alpha: must be > 0, got {lora.alpha}")
-    if not 0 <= lora.dropout < 1:
-        problems.append(f"{key}.dropout: must be in [0, 1), got {lora.dropout}")
-    if not lora.target_modules or any(not str(m).strip() for m in lora.target_modules):
-        problems.append(f"{key}.target_modules: needs module names (e.g. [q_proj, v_proj]) or all-linear, got "
-                        f"{lora.target_modules!r}")
     return problems
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from rich.markup import escape
 
 from scalebio_cli.console import console
-from scalebio_cli.data import sources as data_sources
-from scalebio_cli.data.records import AUTO_COLUMNS, detect_format, has_response
-from scalebio_cli.data.sources import DataSource
+from scalebio_cli.data.read import sources as data_sources
+from scalebio_cli.data.read.records import AUTO_COLUMNS, detect_format, has_response
+from scalebio_cli.data.read.sources import DataSource
 from scalebio_cli.errors import InputError
 from scalebio_cli.files import clobbered_input, did_you_mean
 from scalebio_cli.recipe import model_folder
@@ -108,7 +108,7 @@ _SAMPLE_STREAM = 0xC4EC
 def _sampled_records(source: DataSource) -> tuple[int, list[tuple[str, object]]] | None:
     """(record count, a seeded sample of the records with the first and the last) of a large source; None to
     parse the source whole."""
-    from scalebio_cli.data import record_reader
+    from scalebio_cli.data.read import record_reader
 
     if not record_reader.may_read_lazily(source, record_reader.LAZY_MIN_RECORDS):
         return None

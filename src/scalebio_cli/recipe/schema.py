@@ -22,6 +22,7 @@ BATCH_COMPOSITIONS = ("balanced", "pooled")
 LAMBDA_OPTIMIZERS = ("adam", "sgd")
 LAMBDA_SIGNALS = ("difference", "relative")
 LAMBDA_SCHEDULES = ("cosine", "constant")
+SEED_MAX = 2**32 - 1  # what numpy and torch seeding take
 TRACKERS = ("tensorboard", "wandb")  # report_to values (results/tracking.py)
 STAGES = ("reweight", "finetune")
 RW: tuple[str, ...] = ("reweight",)
@@ -32,10 +33,67 @@ NONE: tuple[str, ...] = ()
 PathKind = Literal["file", "model", "files"]
 
 
+@dataclass(frozen=True)
+class Check:
+    """The values a field takes, declared with it: a range (`low`/`high`, open or closed ends) or a list of
+    choices; `null`: None is allowed too; `note` follows the range in the message (what a boundary value means)."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    choices: tuple[str, ...] = ()
+    null: bool = False
+    note: str = ""
+
+    def problem(self, key: str, value: Any) -> str | None:
+        """None when `value` is allowed, else the message naming `key`, the allowed values and `value`."""
+        if value is None and self.null:
+            return None
+        if self.choices:
+            return None if value in self.choices else (
+                f"{key}: must be one of {', '.join(self.choices)}, got {value!r}")
+        above = self.low is None or (value > self.low if self.open_low else value >= self.low)
+        below = self.high is None or (value < self.high if self.open_high else value <= self.high)
+        if above and below:
+            return None
+        return f"{key}: must be {self._range()}{' or null' if self.null else ''}{self.note}, got {value}"
+
+    def _range(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.open_low else '>='} {_number(self.low)}"
+        return (f"in {'(' if self.open_low else '['}{_number(self.low)}, {_number(self.high)}"
+                f"{')' if self.open_high else ']'}")
+
+
+def _number(x: float | None) -> str:
+    return str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
+
+
+def at_least(low: float, note: str = "", null: bool = False) -> Check:
+    return Check(low=low, note=note, null=null)
+
+
+def above(low: float, null: bool = False) -> Check:
+    return Check(low=low, open_low=True, null=null)
+
+
+def within(low: float, high: float, open_low: bool = False, open_high: bool = True, note: str = "",
+           null: bool = False) -> Check:
+    return Check(low=low, high=high, open_low=open_low, open_high=open_high, note=note, null=null)
+
+
+def one_of(*choices: str) -> Check:
+    return Check(choices=choices)
+
+
+RATE = within(0, 10, open_low=True)  # learning rates: (0, 10)
+
+
 def setting(default: Any = dataclasses.MISSING, *, affects: tuple[str, ...], path: PathKind | None = None,
-            factory: Any = dataclasses.MISSING) -> Any:
-    """A recipe field with its classification (see the module docstring)."""
-    meta = {"affects": affects, "path": path}
+            factory: Any = dataclasses.MISSING, check: Check | None = None) -> Any:
+    """A recipe field with its classification (see the module docstring) and the values it takes (`check`)."""
+    meta = {"affects": affects, "path": path, "check": check}
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -51,8 +109,9 @@ def section(factory: Any, stage: str | None = None) -> Any:
 class LisaConfig:
     """Layerwise importance sampling: train `layers` random transformer blocks at a time."""
 
-    layers: int = setting(4, affects=BOTH)  # blocks trainable at a time (the reference's 8B script); 0 = all blocks
-    interval: int = setting(20, affects=BOTH)  # steps between re-draws
+    # blocks trainable at a time (the reference's 8B script); 0 = all blocks
+    layers: int = setting(4, affects=BOTH, check=at_least(0, " (0 = all blocks)"))
+    interval: int = setting(20, affects=BOTH, check=at_least(1))  # steps between re-draws
     # true: the backward pass reaches the input embeddings every step (they learn, as ALGORITHM.md says); false:
     # it stops at the lowest active block (cheaper) and the input embeddings are frozen (tied heads still learn)
     train_embeddings: bool = setting(True, affects=BOTH)
@@ -67,9 +126,10 @@ class LoraConfig:
     """LoRA adapters over one frozen base model (r = 0: off). In reweight, u and w are two adapters of the same
     base; in finetune, one adapter that is merged into the saved model."""
 
-    r: int = setting(0, affects=BOTH)  # adapter rank; 0 = full-parameter (or LISA) training
-    alpha: float = setting(16.0, affects=BOTH)  # scaling: the update is (alpha / r) * B A
-    dropout: float = setting(0.0, affects=BOTH)  # dropout on the adapter's input
+    # adapter rank; 0 = full-parameter (or LISA) training
+    r: int = setting(0, affects=BOTH, check=at_least(0, " (0 = no LoRA)"))
+    alpha: float = setting(16.0, affects=BOTH, check=above(0))  # scaling: the update is (alpha / r) * B A
+    dropout: float = setting(0.0, affects=BOTH, check=within(0, 1))  # dropout on the adapter's input
     # module names (e.g. q_proj, v_proj), or all-linear: every linear layer of the blocks (not the LM head)
     target_modules: list[str] = setting(affects=BOTH, factory=_all_linear)
 
@@ -114,7 +174,8 @@ class DataConfig:
     sources: dict[str, SourceSpec] = setting(affects=BOTH, path="files", factory=dict)
     # required by reweight: one set (a path or a mapping), or several named sets {NAME: {path, weight, ...}}
     validation: SourceSpec | dict[str, SourceSpec] | None = setting(None, affects=RW, path="file")
-    max_length: int = setting(1024, affects=BOTH)  # tokens per example; longer examples are cut on the right
+    # tokens per example; longer examples are cut on the right
+    max_length: int = setting(1024, affects=BOTH, check=at_least(8, " tokens"))
     # tokenized-data cache; default $SCALEBIO_CACHE or ~/.cache/scalebio
     cache_dir: str | None = setting(None, affects=NONE, path="file")
     # a Jinja chat template that replaces the tokenizer's for every record (and is saved with the fine-tuned model)
@@ -127,39 +188,42 @@ class ReweightConfig:
     variance-reducing choices that keep its fixed point (train/source_weights.py; docs/results.md, "The lam step").
     The reference's own values are in recipes/reference.yaml."""
 
-    steps: int = setting(300, affects=RW)
-    alpha: float = setting(10.0, affects=RW)  # penalty weight
+    steps: int = setting(300, affects=RW, check=at_least(1))
+    alpha: float = setting(10.0, affects=RW, check=above(0))  # penalty weight
     # AdamW rates of u and w: 1e-4 suits models up to ~1B parameters (the paper: 1e-5 GPT-2, 2e-6 Llama-3-8B + LISA)
-    lr_u: float = setting(1e-4, affects=RW)
-    lr_w: float = setting(1e-4, affects=RW)
-    lr_lambda: float = setting(5e-2, affects=RW)
-    lambda_optimizer: str = setting("adam", affects=RW)  # adam (the reference) | sgd
+    lr_u: float = setting(1e-4, affects=RW, check=RATE)
+    lr_w: float = setting(1e-4, affects=RW, check=RATE)
+    lr_lambda: float = setting(5e-2, affects=RW, check=RATE)
+    lambda_optimizer: str = setting("adam", affects=RW, check=one_of(*LAMBDA_OPTIMIZERS))  # adam (the reference) | sgd
     # what the lam gradient alpha * J^T d is made of: difference (d = m(w) - m(u), the method as written) or
     # relative (d / m(u): NOT the same objective: to first order the lam gradient of sum_k s_k log m_k, which moves
     # the fixed point against low-loss sources; kept for comparison)
-    lambda_signal: str = setting("difference", affects=RW)
+    lambda_signal: str = setting("difference", affects=RW, check=one_of(*LAMBDA_SIGNALS))
     # constant: lam keeps its rate after warmup (the signal grows as w moves away from u); cosine: lam's rate decays
     # with u's and w's (the reference)
-    lambda_schedule: str = setting("constant", affects=RW)
+    lambda_schedule: str = setting("constant", affects=RW, check=one_of(*LAMBDA_SCHEDULES))
     # steps u and w train on the uniform mixture before lam moves (u warms up); null: min(10, steps // 5)
     lambda_delay: int | None = setting(None, affects=RW)
     # one lam step per N steps, from the mean paired difference of those N steps (N x the examples per source)
     lambda_every: int = setting(1, affects=RW)
-    tau: float = setting(1.0, affects=RW)  # alpha grows by this factor every tau_every steps (1: constant)
-    tau_every: int = setting(50, affects=RW)  # steps per round of alpha growth
-    batch_size: int = setting(32, affects=RW)  # training examples per step, all sources and processes together
+    # alpha grows by this factor every tau_every steps (1: constant)
+    tau: float = setting(1.0, affects=RW, check=at_least(1, " (alpha grows or stays)"))
+    tau_every: int = setting(50, affects=RW, check=at_least(1))  # steps per round of alpha growth
+    # training examples per step, all sources and processes together
+    batch_size: int = setting(32, affects=RW, check=at_least(1))
     # validation examples per step, all processes together (the reference validates on as many as it trains on)
-    val_batch_size: int = setting(32, affects=RW)
+    val_batch_size: int = setting(32, affects=RW, check=at_least(1))
     # balanced: every source equally often in every batch (an unbiased estimate of sum_k s_k m_k, lower variance for
     # small sources); pooled: drawn from all sources pooled, proportional to their sizes (the reference's batches)
-    batch_composition: str = setting("balanced", affects=RW)
+    batch_composition: str = setting("balanced", affects=RW, check=one_of(*BATCH_COMPOSITIONS))
     # examples per forward pass on one process (gradient accumulation: the same gradient up to rounding)
-    micro_batch_size: int = setting(8, affects=NONE)
-    warmup_ratio: float = setting(0.03, affects=RW)  # linear warmup, then cosine decay (u, w and lambda)
-    weight_decay: float = setting(5e-4, affects=RW)  # AdamW decay of u and w (reference value)
+    micro_batch_size: int = setting(8, affects=NONE, check=at_least(1))
+    # linear warmup, then cosine decay (u, w and lambda)
+    warmup_ratio: float = setting(0.03, affects=RW, check=within(0, 1))
+    weight_decay: float = setting(5e-4, affects=RW, check=at_least(0))  # AdamW decay of u and w (reference value)
     # clip u and w gradients at max_grad_norm * alpha; null = no clipping
-    max_grad_norm: float | None = setting(1.0, affects=RW)
-    log_every: int = setting(10, affects=NONE)  # steps between metrics lines and trajectory points
+    max_grad_norm: float | None = setting(1.0, affects=RW, check=above(0, null=True))
+    log_every: int = setting(10, affects=NONE, check=at_least(1))  # steps between metrics lines and trajectory points
     gradient_checkpointing: bool = setting(False, affects=NONE)
     lisa: LisaConfig = section(LisaConfig, stage="reweight")
     lora: LoraConfig = section(LoraConfig, stage="reweight")
@@ -175,15 +239,16 @@ class FinetuneConfig:
     data: str | None = setting(None, affects=FT, path="file")  # a data file in any supported format ...
     weights: str | None = setting(None, affects=FT, path="file")  # ... or a weights.json: mix data.sources
     validation: str | None = setting(None, affects=NONE, path="file")  # periodic held-out loss
-    epochs: float = setting(1.0, affects=FT)
-    lr: float = setting(2e-5, affects=FT)
-    batch_size: int = setting(32, affects=FT)  # examples per optimizer step, all processes together
-    micro_batch_size: int = setting(8, affects=NONE)
-    warmup_ratio: float = setting(0.03, affects=FT)
-    weight_decay: float = setting(0.0, affects=FT)
-    max_grad_norm: float | None = setting(1.0, affects=FT)
-    log_every: int = setting(10, affects=NONE)
-    eval_every: int = setting(100, affects=NONE)  # steps between validation losses (when `validation` is set)
+    epochs: float = setting(1.0, affects=FT, check=above(0))
+    lr: float = setting(2e-5, affects=FT, check=RATE)
+    batch_size: int = setting(32, affects=FT, check=at_least(1))  # examples per optimizer step, all processes together
+    micro_batch_size: int = setting(8, affects=NONE, check=at_least(1))
+    warmup_ratio: float = setting(0.03, affects=FT, check=within(0, 1))
+    weight_decay: float = setting(0.0, affects=FT, check=at_least(0))
+    max_grad_norm: float | None = setting(1.0, affects=FT, check=above(0, null=True))
+    log_every: int = setting(10, affects=NONE, check=at_least(1))
+    # steps between validation losses (when `validation` is set)
+    eval_every: int = setting(100, affects=NONE, check=at_least(1))
     gradient_checkpointing: bool = setting(False, affects=NONE)
     lisa: LisaConfig = section(_finetune_lisa, stage="finetune")
     lora: LoraConfig = section(LoraConfig, stage="finetune")
@@ -237,8 +302,9 @@ class SelectConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = setting(100, affects=NONE)  # steps between checkpoints (reweight and finetune); 0 = only on signals
-    keep: int = setting(2, affects=NONE)  # complete checkpoints kept
+    # steps between checkpoints (reweight and finetune); 0 = only on signals
+    every: int = setting(100, affects=NONE, check=at_least(0, " (0 = never)"))
+    keep: int = setting(2, affects=NONE, check=at_least(1))  # complete checkpoints kept
 
 
 @dataclass
@@ -247,8 +313,10 @@ class Recipe:
     model: str = setting("", affects=BOTH, path="model")
     tokenizer: str | None = setting(None, affects=BOTH, path="model")  # defaults to `model`
     output_dir: str = setting("", affects=NONE, path="file")
-    seed: int = setting(0, affects=BOTH)
-    precision: str = setting("auto", affects=BOTH)  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    seed: int = setting(0, affects=BOTH,
+                        check=within(0, SEED_MAX, open_high=False, note=" (what numpy and torch seeding take)"))
+    # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    precision: str = setting("auto", affects=BOTH, check=one_of(*PRECISIONS))
     trust_remote_code: bool = setting(False, affects=BOTH)  # run modelling code shipped inside the model folder
     # a DeepSpeed config (JSON): train u, w / the model with DeepSpeed ZeRO (an engine: the same result)
     deepspeed: str | None = setting(None, affects=NONE, path="file")
@@ -310,6 +378,21 @@ def result_keys(stage: str) -> tuple[str, ...]:
     """Dotted keys whose change alters `stage`'s result (refused on --resume without --force)."""
     return tuple(key for key, f, scope in leaf_fields()
                  if stage in f.metadata["affects"] and scope in (None, stage))
+
+
+def value_problems(recipe: Recipe) -> list[str]:
+    """Every field whose value its declared Check refuses, as messages naming the dotted key."""
+    problems = []
+    for key, f, _ in leaf_fields():
+        check = f.metadata.get("check")
+        if check is not None:
+            value: Any = recipe
+            for part in key.split("."):
+                value = getattr(value, part)
+            problem = check.problem(key, value)
+            if problem:
+                problems.append(problem)
+    return problems
 
 
 def path_fields() -> dict[str, PathKind]:

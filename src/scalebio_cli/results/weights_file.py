@@ -134,7 +134,7 @@ def _recipe_name(name: str, info: Any) -> str:
 
 
 def _as_path(value: Any) -> str:
-    from scalebio_cli.data.sources import is_hub_id
+    from scalebio_cli.data.read.sources import is_hub_id
 
     text = str(value)
     return text if is_hub_id(text) else str(Path(text).resolve())
@@ -144,7 +144,7 @@ def _hash_and_count(source: Path) -> tuple[str, int]:
     """sha256 and record count; one pass over a .jsonl (the hash needs every byte anyway)."""
     import hashlib
 
-    from scalebio_cli.data.records import count_records
+    from scalebio_cli.data.read.records import count_records
     from scalebio_cli.files import file_sha256
 
     if source.suffix != ".jsonl":
@@ -159,7 +159,7 @@ def _hash_and_count(source: Path) -> tuple[str, int]:
 
 def _spec_hash_and_count(name: str, info: dict[str, Any]) -> tuple[str, int]:
     """sha256 and record count of a source read through its recorded spec (a folder, a Hub id, split_by, ...)."""
-    from scalebio_cli.data import sources as data_sources
+    from scalebio_cli.data.read import sources as data_sources
 
     source = data_sources.from_record(f"source '{name}'", info["path"], info["source"])
     return data_sources.fingerprint(source), data_sources.count(source)

@@ -28,7 +28,7 @@ from rich.markup import escape
 
 from scalebio_cli.console import console, step_progress
 from scalebio_cli.data.batching import micro_batches, response_token_count
-from scalebio_cli.data.tokenized import TokenizedData
+from scalebio_cli.data.tokens.tokenized import TokenizedData
 from scalebio_cli.recipe import Recipe
 from scalebio_cli.recipe.schema import LoraConfig
 from scalebio_cli.selection.pool import Advance, Pool, batch_of, length_batches

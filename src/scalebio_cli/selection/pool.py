@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from scalebio_cli.data import sources as data_sources
 from scalebio_cli.data.batching import MicroBatch, collate
-from scalebio_cli.data.render import Renderer
-from scalebio_cli.data.tokenized import TokenizedData
+from scalebio_cli.data.read import sources as data_sources
+from scalebio_cli.data.tokens.render import Renderer
+from scalebio_cli.data.tokens.tokenized import TokenizedData
 from scalebio_cli.recipe import Recipe
 from scalebio_cli.train import loop
 from scalebio_cli.train.distributed import DistInfo

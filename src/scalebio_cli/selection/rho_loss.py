@@ -21,8 +21,8 @@ import numpy as np
 from rich.markup import escape
 
 from scalebio_cli.console import console, step_progress
-from scalebio_cli.data import sources as data_sources
-from scalebio_cli.data.normalize import to_messages
+from scalebio_cli.data.out.normalize import to_messages
+from scalebio_cli.data.read import sources as data_sources
 from scalebio_cli.files import write_json, write_text
 from scalebio_cli.recipe import Recipe
 from scalebio_cli.results import run_folder

@@ -126,7 +126,7 @@ def _cell_settings(recipe: Recipe, mix: Mix, seed: int, num_samples: int, tests:
 
 
 def _sample(stages: Stages, recipe: Recipe, mix: Mix, seed: int, num_samples: int, out: Path) -> None:
-    from scalebio_cli.data.sources import recipe_sources
+    from scalebio_cli.data.read.sources import recipe_sources
 
     if mix.kind == "weights":
         draw = stages.sample.weights_file_draw(mix.spec, out, False, False)

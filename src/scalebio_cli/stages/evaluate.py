@@ -13,8 +13,8 @@ from rich.markup import escape
 from torch import nn
 
 from scalebio_cli.console import console, step_progress
-from scalebio_cli.data.answers import extract_answer, math_verify_equal
-from scalebio_cli.data.sources import from_path, iter_examples
+from scalebio_cli.data.out.answers import extract_answer, math_verify_equal
+from scalebio_cli.data.read.sources import from_path, iter_examples
 from scalebio_cli.errors import InputError
 from scalebio_cli.train import distributed
 from scalebio_cli.train.losses import dataset_loss
@@ -87,8 +87,8 @@ def run(model_dir: str, data: dict[str, str], *, output: Path | None, batch_size
         generate: bool = False, max_new_tokens: int = 256, lm_eval_tasks: list[str] | None = None,
         lm_eval_limit: int | None = None, precision: str = "auto", trust_remote_code: bool = False,
         chat_template: str | None = None) -> dict[str, Any]:
-    from scalebio_cli.data.render import Renderer
-    from scalebio_cli.data.tokenized import describe, load_tokenized, truncation_warning
+    from scalebio_cli.data.tokens.render import Renderer
+    from scalebio_cli.data.tokens.tokenized import describe, load_tokenized, truncation_warning
     from scalebio_cli.files import write_json
     from scalebio_cli.train.modeling import load_model, load_tokenizer, resolve_dtype
 

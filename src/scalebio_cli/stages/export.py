@@ -1,7 +1,7 @@
 """`scalebio export`: hand a weights file to the tool users train with.
 
 One weights file becomes a folder that the target reads: the sources normalised to the one record schema the tool
-expects (data/normalize.py), and the tool's own mixing configuration whose probabilities are the weights, in the
+expects (data/out/normalize.py), and the tool's own mixing configuration whose probabilities are the weights, in the
 weights file's source order. Tools that mix by subsampling or by record counts (axolotl, open-instruct) get the
 counts that realise the weights as closely as whole records allow, and say how many records that keeps.
 
@@ -31,10 +31,10 @@ import yaml
 from rich.markup import escape
 
 from scalebio_cli.console import console, format_weights
-from scalebio_cli.data.mixture import keep_fractions, largest_remainder, no_repeat_counts
-from scalebio_cli.data.normalize import iter_conversations
-from scalebio_cli.data.records import Turn
-from scalebio_cli.data.sources import DataSource, doc_sources, iter_examples
+from scalebio_cli.data.out.mixture import keep_fractions, largest_remainder, no_repeat_counts
+from scalebio_cli.data.out.normalize import iter_conversations
+from scalebio_cli.data.read.records import Turn
+from scalebio_cli.data.read.sources import DataSource, doc_sources, iter_examples
 from scalebio_cli.errors import InputError
 from scalebio_cli.files import atomic_path, write_json, write_text
 from scalebio_cli.results import weights_file
@@ -237,7 +237,7 @@ def export_open_instruct(mix: Mixture, tmp: Path, out: Path, opts: Options) -> l
 
 
 def _renderer(mix: Mixture, opts: Options) -> Any:
-    from scalebio_cli.data.render import Renderer
+    from scalebio_cli.data.tokens.render import Renderer
     from scalebio_cli.train.modeling import load_tokenizer
 
     config = mix.doc.get("config") or {}

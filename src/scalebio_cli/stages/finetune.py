@@ -18,11 +18,11 @@ import torch
 from rich.markup import escape
 
 from scalebio_cli.console import console, format_weights, step_progress
-from scalebio_cli.data import sources as data_sources
 from scalebio_cli.data.batching import CursorSampler, micro_batches, num_micro_batches, response_token_count
-from scalebio_cli.data.render import Renderer
-from scalebio_cli.data.sources import DataSource
-from scalebio_cli.data.tokenized import TokenizedData
+from scalebio_cli.data.read import sources as data_sources
+from scalebio_cli.data.read.sources import DataSource
+from scalebio_cli.data.tokens.render import Renderer
+from scalebio_cli.data.tokens.tokenized import TokenizedData
 from scalebio_cli.errors import InputError
 from scalebio_cli.recipe import Recipe
 from scalebio_cli.results import weights_file

@@ -17,18 +17,18 @@ import torch
 from rich.markup import escape
 
 from scalebio_cli.console import console, format_evidence, format_weights, step_progress
-from scalebio_cli.data import sources as data_sources
+from scalebio_cli.data.batch_plan import BatchPlan, StepBatches
 from scalebio_cli.data.batching import Prefetcher, num_micro_batches
-from scalebio_cli.data.lazy_tokens import LazyTokens
-from scalebio_cli.data.record_reader import LAZY_MIN_RECORDS
-from scalebio_cli.data.render import Renderer
-from scalebio_cli.data.sources import DataSource
-from scalebio_cli.data.tokenized import TokenizedData
+from scalebio_cli.data.read import sources as data_sources
+from scalebio_cli.data.read.record_reader import LAZY_MIN_RECORDS
+from scalebio_cli.data.read.sources import DataSource
+from scalebio_cli.data.tokens.lazy_tokens import LazyTokens
+from scalebio_cli.data.tokens.render import Renderer
+from scalebio_cli.data.tokens.tokenized import TokenizedData
 from scalebio_cli.recipe import Recipe
 from scalebio_cli.results import weights_file
 from scalebio_cli.results.metrics import MetricsLog, plot_weights
 from scalebio_cli.train import checkpoint, distributed, loop
-from scalebio_cli.train.batch_plan import BatchPlan, StepBatches
 from scalebio_cli.train.bilevel import StepResult, bilevel_step
 from scalebio_cli.train.engine import TrainEngine
 from scalebio_cli.train.factory import Copy, make_engines

@@ -1,10 +1,10 @@
 """`scalebio sample`: draw N records from the sources in proportion to their weights.
 
-Counts are exact (largest-remainder rounding, so they add up to N). The records are streamed (data/record_writer.py,
+Counts are exact (largest-remainder rounding, so they add up to N). The records are streamed (data/out/record_writer.py,
 which `select` shares): each source file is read once and only the chosen records are parsed, and memory holds two
 integer arrays of length N, never whole files.
-`fmt="messages"` writes every record in one schema (`{"messages": [...], "source": NAME}`, data/normalize.py); an
-output ending in `.parquet` is written as JSON lines first and converted in batches (data/parquet_out.py).
+`fmt="messages"` writes every record in one schema (`{"messages": [...], "source": NAME}`, data/out/normalize.py); an
+output ending in `.parquet` is written as JSON lines first and converted in batches (data/out/parquet_out.py).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from scalebio_cli.data import sources as data_sources
-from scalebio_cli.data.mixture import largest_remainder
-from scalebio_cli.data.record_writer import FORMATS, Chosen, write_records
-from scalebio_cli.data.sources import DataSource
+from scalebio_cli.data.out.mixture import largest_remainder
+from scalebio_cli.data.out.record_writer import FORMATS, Chosen, write_records
+from scalebio_cli.data.read import sources as data_sources
+from scalebio_cli.data.read.sources import DataSource
 from scalebio_cli.errors import InputError
 from scalebio_cli.files import write_json
 

@@ -1,7 +1,7 @@
 """`scalebio select`: the paper's per-record baselines, RHO-loss and LESS (ALGORITHM.md, "The paper's baselines").
 
 Every kept record of data.sources gets a score for data.validation (selection/rho_loss.py, selection/less.py); the
-N best over all sources are written as `sample` writes its draw (data/record_writer.py: each record unchanged plus
+N best over all sources are written as `sample` writes its draw (data/out/record_writer.py: each record unchanged plus
 "source", shuffled with the seed, `--format`, .jsonl or .parquet, atomically) with OUT.manifest.json (method,
 counts, seed, the method's settings, each selected record's score). The work that takes long (the irreducible-loss
 model, the warm-up checkpoints, per-checkpoint gradient scores) is kept under select.work_dir and reused.
@@ -49,7 +49,7 @@ def check(recipe: Recipe, where: str | Path, method: str, num_samples: int, outp
           force: bool) -> None:
     """Every problem of the inputs at once (exit 2), before torch loads: the method, the recipe's select section,
     sources and validation sets (each record parsed), the model folder, and the output."""
-    from scalebio_cli.data.record_writer import FORMATS
+    from scalebio_cli.data.out.record_writer import FORMATS
     from scalebio_cli.recipe.preflight import (
         model_files,
         model_folder_problems,
@@ -104,8 +104,8 @@ def run(recipe: Recipe, method: str, num_samples: int, output: Path, seed: int, 
     from rich.markup import escape
 
     from scalebio_cli.console import console
-    from scalebio_cli.data.record_writer import Chosen, write_records
-    from scalebio_cli.data.sources import recipe_sources
+    from scalebio_cli.data.out.record_writer import Chosen, write_records
+    from scalebio_cli.data.read.sources import recipe_sources
     from scalebio_cli.files import write_json
     from scalebio_cli.selection import less, rho_loss
     from scalebio_cli.selection.pool import load_pool

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from scalebio_cli.data.batch_plan import StepBatches
 from scalebio_cli.data.batching import MicroBatch
 from scalebio_cli.train import checkpoint, distributed
-from scalebio_cli.train.batch_plan import StepBatches
 from scalebio_cli.train.engine import TrainEngine
 from scalebio_cli.train.source_weights import SourceWeights
 

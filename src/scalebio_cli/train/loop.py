@@ -14,9 +14,9 @@ import torch
 from rich.markup import escape
 
 from scalebio_cli.console import console, step_progress
-from scalebio_cli.data.render import Renderer
-from scalebio_cli.data.sources import DataSource
-from scalebio_cli.data.tokenized import load_all
+from scalebio_cli.data.read.sources import DataSource
+from scalebio_cli.data.tokens.render import Renderer
+from scalebio_cli.data.tokens.tokenized import load_all
 from scalebio_cli.errors import TrainingStopped
 from scalebio_cli.files import write_text
 from scalebio_cli.recipe import Recipe, dump_recipe

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from scalebio_cli.data.batching import MicroBatch, micro_batches
-from scalebio_cli.data.tokenized import TokenizedData
+from scalebio_cli.data.tokens.tokenized import TokenizedData
 from scalebio_cli.train import distributed
 
 

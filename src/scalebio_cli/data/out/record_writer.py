@@ -4,7 +4,7 @@ Each chosen record is written unchanged plus `"source": NAME` (or normalised to 
 output position its caller gives it. Records are streamed: each source file is read once and only the chosen
 records are parsed; chosen records are appended to a scratch file and the output is assembled from their byte
 offsets, so memory holds two integer arrays of the output's length, never whole files. An output ending in
-`.parquet` is written as JSON lines first and converted in batches (data/parquet_out.py). The output replaces its
+`.parquet` is written as JSON lines first and converted in batches (data/out/parquet_out.py). The output replaces its
 path atomically: a failure leaves no partial file.
 """
 
@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from scalebio_cli.data import sources as data_sources
-from scalebio_cli.data.normalize import to_messages
-from scalebio_cli.data.parquet_out import jsonl_to_parquet
-from scalebio_cli.data.sources import DataSource
+from scalebio_cli.data.out.normalize import to_messages
+from scalebio_cli.data.out.parquet_out import jsonl_to_parquet
+from scalebio_cli.data.read import sources as data_sources
+from scalebio_cli.data.read.sources import DataSource
 from scalebio_cli.errors import InputError
 from scalebio_cli.files import atomic_path
 
@@ -54,7 +54,7 @@ def json_line(record: Any) -> str:
 
 def iter_chosen(source: DataSource, chosen: np.ndarray) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (index, record) for the records at the sorted indices `chosen`, parsing only those for a plain
-    .jsonl (any other source: through data/sources.py, which applies its split_by and max_samples choice)."""
+    .jsonl (any other source: through data/read/sources.py, which applies its split_by and max_samples choice)."""
     if not len(chosen):
         return
     if not source.is_plain:

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from scalebio_cli.data import sources as data_sources
-from scalebio_cli.data.records import Example, Turn, to_example
+from scalebio_cli.data.read import sources as data_sources
+from scalebio_cli.data.read.records import Example, Turn, to_example
 from scalebio_cli.errors import InputError
 
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from scalebio_cli.data import sources as data_sources
-from scalebio_cli.data.encode_chunks import encode_chunk
-from scalebio_cli.data.record_reader import RecordReader
-from scalebio_cli.data.render import Renderer
-from scalebio_cli.data.sources import DataSource
+from scalebio_cli.data.read import sources as data_sources
+from scalebio_cli.data.read.record_reader import RecordReader
+from scalebio_cli.data.read.sources import DataSource
+from scalebio_cli.data.tokens.encode_chunks import encode_chunk
+from scalebio_cli.data.tokens.render import Renderer
 
 SAMPLE_SIZE = 1_000  # records tokenized up front (seeded) to check the source and estimate truncation
 _SAMPLE_STREAM = 0x5A11

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from scalebio_cli.data.records import Example
-from scalebio_cli.data.render import Renderer, TokenBatch
-from scalebio_cli.data.sources import RecordChunk
+from scalebio_cli.data.read.records import Example
+from scalebio_cli.data.read.sources import RecordChunk
+from scalebio_cli.data.tokens.render import Renderer, TokenBatch
 
 CHUNK = 512  # records per batched tokenizer call (and per message to a worker)
 PARALLEL_MIN_RECORDS = 20_000  # below this a pool's start-up (~0.1 s per forked worker) is not worth it

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from scalebio_cli.data import records
-from scalebio_cli.data.records import Example, Turn
+from scalebio_cli.data.read import records
+from scalebio_cli.data.read.records import Example, Turn
 from scalebio_cli.errors import InputError
 from scalebio_cli.files import did_you_mean, file_sha256
 from scalebio_cli.recipe.schema import SourceSpec

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from scalebio_cli.data.records import Example, Turn
+from scalebio_cli.data.read.records import Example, Turn
 from scalebio_cli.errors import InputError
 
 PLAIN_ROLE_PREFIX = {"system": "", "user": "User: "}

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from scalebio_cli.data import sources as data_sources
-from scalebio_cli.data.sources import DataSource, HFTable
+from scalebio_cli.data.read import sources as data_sources
+from scalebio_cli.data.read.sources import DataSource, HFTable
 from scalebio_cli.errors import InputError, json_error
 from scalebio_cli.files import atomic_path
 

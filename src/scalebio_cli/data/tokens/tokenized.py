@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from scalebio_cli.data import sources as data_sources
-from scalebio_cli.data import token_cache
-from scalebio_cli.data.encode_chunks import CHUNK, PARALLEL_MIN_RECORDS, default_workers, encode_all
-from scalebio_cli.data.lazy_tokens import LazyTokens
-from scalebio_cli.data.record_reader import large_source, may_read_lazily
-from scalebio_cli.data.render import Renderer
-from scalebio_cli.data.sources import DataSource
+from scalebio_cli.data.read import sources as data_sources
+from scalebio_cli.data.read.record_reader import large_source, may_read_lazily
+from scalebio_cli.data.read.sources import DataSource
+from scalebio_cli.data.tokens import token_cache
+from scalebio_cli.data.tokens.encode_chunks import CHUNK, PARALLEL_MIN_RECORDS, default_workers, encode_all
+from scalebio_cli.data.tokens.lazy_tokens import LazyTokens
+from scalebio_cli.data.tokens.render import Renderer
 from scalebio_cli.errors import InputError
 
 RENDER_VERSION = "3"  # bump when render.py changes what tokens an example becomes

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from scalebio_cli.data.batching import MicroBatch, RecordSampler, balanced_counts, micro_batches, response_token_count
-from scalebio_cli.data.lazy_tokens import LazyTokens
-from scalebio_cli.data.tokenized import TokenizedData
+from scalebio_cli.data.tokens.lazy_tokens import LazyTokens
+from scalebio_cli.data.tokens.tokenized import TokenizedData
 from scalebio_cli.errors import InputError
 from scalebio_cli.recipe import Recipe
 from scalebio_cli.train.distributed import DistInfo
