@@ -206,8 +206,9 @@ def _mtime(path: Path) -> float:
 
 
 def mark_finished(folder: Path, stage: str, result: Path, config: dict[str, Any]) -> None:
-    """Record that the run in `folder` finished (after its result is written; main process only)."""
-    if not process.is_main():
+    """Record that the run in `folder` finished (after its result is written; main process only). A result that
+    does not exist marks nothing: only a run that wrote its result has finished."""
+    if not process.is_main() or not Path(result).exists():
         return
     from scalebio_cli.files import write_json
 
