@@ -68,7 +68,7 @@ bench-quality: smollm2
 # The paper's per-record baselines on a real model: SmolLM2 denoising (clean / "." / shuffled), each method asked
 # for a third of the pool must take >= 60% clean; replaces its section of docs/benchmarks.md. The default size
 # (100 records a source) is for an idle machine; BENCH_SELECT_ARGS="--per-source 24 --num-val 16 --max-chars 400"
-# is the size docs/benchmarks.md records (~25 min on 2 loaded cores).
+# is the size docs/benchmarks.md records (40 min on 2 loaded cores).
 BENCH_SELECT_ARGS ?=
 bench-select: smollm2
 	$(BIN)/python scripts/bench_select.py $(BENCH_SELECT_ARGS)
