@@ -75,26 +75,37 @@ bench-quality: smollm2 instruct-math-data
 	$(BIN)/python scripts/bench_quality.py $(QUALITY_ARGS)
 
 # The paper's per-record baselines on a real model: SmolLM2 denoising (clean / "." / shuffled), each method asked
-# for a third of the pool must take >= 60% clean; replaces its section of docs/benchmarks.md.
+# for a third of the pool must take >= 60% clean; replaces its section of docs/benchmarks.md. The default size
+# (100 records a source) is for an idle machine; BENCH_SELECT_ARGS="--per-source 24 --num-val 16 --max-chars 400"
+# is the size docs/benchmarks.md records (40 min on 2 loaded cores).
+BENCH_SELECT_ARGS ?=
 bench-select: smollm2
-	$(BIN)/python scripts/bench_select.py
+	$(BIN)/python scripts/bench_select.py $(BENCH_SELECT_ARGS)
 
 # The instruct-math comparison on SmolLM2: reweight, then mixes scalebio / uniform / proportional / rho-loss / less,
-# each sampled (N records), fine-tuned and evaluated over 3 seeds (scalebio compare). CPU: hours; meant for a GPU
-# (COMPARE_ARGS="precision=bf16 ..."). Results: runs/compare-math/compare.{json,md,png}.
+# each sampled (N records), fine-tuned and evaluated over COMPARE_SEEDS (scalebio compare). CPU: many hours (the
+# irreducible-loss model alone is 167 full fine-tuning steps); meant for a GPU (COMPARE_ARGS="precision=bf16 ...").
+# Every step resumes: reweight --resume auto, select reuses its work folder, compare its finished cells.
+# Results: runs/compare-math/compare.{json,md,png}. A smoke run of the wiring:
+#   make compare-math COMPARE_N=6 COMPARE_SEEDS=0 COMPARE_ARGS="reweight.steps=2 reweight.lambda_delay=0 reweight.lisa.interval=1"
 COMPARE_N ?= 160
+COMPARE_SEEDS ?= 0 1 2
 COMPARE_ARGS ?=
 COMPARE_RECIPE := recipes/instruct-math-smollm2.yaml
 COMPARE_MODEL := $(HOME)/.cache/scalebio/models/SmolLM2-135M-Instruct
 COMPARE_DIR := runs/compare-math
+COMPARE_TEST := $(CURDIR)/data/instruct-math/test.json
+COMPARE := --config $(COMPARE_RECIPE) model=$(COMPARE_MODEL) $(COMPARE_ARGS)
 compare-math: smollm2 instruct-math-data
-	$(BIN)/scalebio reweight --config $(COMPARE_RECIPE) model=$(COMPARE_MODEL) output_dir=$(COMPARE_DIR)/reweight $(COMPARE_ARGS) --resume auto
-	$(BIN)/scalebio select --config $(COMPARE_RECIPE) model=$(COMPARE_MODEL) output_dir=$(COMPARE_DIR)/reweight $(COMPARE_ARGS) --method rho-loss -n $(COMPARE_N) -o $(COMPARE_DIR)/rho-loss.jsonl --force
-	$(BIN)/scalebio select --config $(COMPARE_RECIPE) model=$(COMPARE_MODEL) output_dir=$(COMPARE_DIR)/reweight $(COMPARE_ARGS) --method less -n $(COMPARE_N) -o $(COMPARE_DIR)/less.jsonl --force
-	$(BIN)/scalebio compare --config $(COMPARE_RECIPE) model=$(COMPARE_MODEL) $(COMPARE_ARGS) -n $(COMPARE_N) --seeds 0 1 2 \
+	$(BIN)/scalebio reweight $(COMPARE) output_dir=$(COMPARE_DIR)/reweight --resume auto
+	$(BIN)/scalebio select $(COMPARE) output_dir=$(COMPARE_DIR)/reweight --method rho-loss -n $(COMPARE_N) \
+	  -o $(COMPARE_DIR)/rho-loss.jsonl --force
+	$(BIN)/scalebio select $(COMPARE) output_dir=$(COMPARE_DIR)/reweight --method less -n $(COMPARE_N) \
+	  -o $(COMPARE_DIR)/less.jsonl --force
+	$(BIN)/scalebio compare $(COMPARE) -n $(COMPARE_N) --seeds $(COMPARE_SEEDS) \
 	  --mix scalebio=$(COMPARE_DIR)/reweight/weights.json --mix uniform --mix proportional \
 	  --mix rho-loss=$(COMPARE_DIR)/rho-loss.jsonl --mix less=$(COMPARE_DIR)/less.jsonl \
-	  --test test=data/instruct-math/test.json --output $(COMPARE_DIR)
+	  --test test=$(COMPARE_TEST) --output $(COMPARE_DIR)
 
 test: install
 	$(BIN)/python -m pytest -q

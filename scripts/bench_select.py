@@ -1,9 +1,9 @@
 """`scalebio select` on a real model: SmolLM2-135M-Instruct on a denoising case built from instruct-math records
-(clean / "." answers / shuffled answers, a few hundred records each; validation: clean records of the same kind).
+(clean / "." answers / shuffled answers, 100 records each by default; validation: clean records of the same kind).
 Each method is asked for a third of the pool and must take >= 60% clean. Prints a table and replaces the section
 between `<!-- bench_select: begin -->` and `<!-- bench_select: end -->` in docs/benchmarks.md.
 
-    python scripts/bench_select.py [--per-source 200] [--no-record] [KEY=VALUE ...]   (recipe overrides)
+    python scripts/bench_select.py [--per-source 100] [--no-record] [KEY=VALUE ...]   (recipe overrides)
 """
 
 from __future__ import annotations
@@ -30,28 +30,34 @@ RECIPE = {"data": {"max_length": 128}, "finetune": {"lr": 5e-5, "batch_size": 8,
                                                                   "projection_dim": 1024}}}
 
 
-def pairs_from(path: Path, skip: int):
+def pairs_from(path: Path, max_chars: int = 600):
+    """(question, answer) pairs of the file's short records (question + answer < max_chars: most fit max_length 128
+    tokens), in file order; `take(n)` hands out the next n and stops the benchmark when the file runs out."""
     records = json.loads(path.read_text())
     turns = [(r["items"][0]["value"], r["items"][1]["value"]) for r in records
-             if len(r.get("items", [])) >= 2 and len(r["items"][0]["value"]) + len(r["items"][1]["value"]) < 500]
-    position = [skip]
+             if len(r.get("items", [])) >= 2 and len(r["items"][0]["value"]) + len(r["items"][1]["value"]) < max_chars]
+    position = [0]
 
     def take(n: int) -> list[tuple[str, str]]:
         out = turns[position[0]: position[0] + n]
         position[0] += n
+        if len(out) < n:
+            sys.exit(f"{path.name}: only {len(turns):,} records under {max_chars} characters; lower --per-source or "
+                     "--num-val")
         return out
     return take
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--per-source", type=int, default=200)
+    parser.add_argument("--per-source", type=int, default=100)
     parser.add_argument("--num-val", type=int, default=64)
+    parser.add_argument("--max-chars", type=int, default=600, help="records used: question + answer shorter than this")
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-select-"))
-    paths = write_case(work / "data", pairs_from(DATA, 0), args.per_source, args.num_val)
+    paths = write_case(work / "data", pairs_from(DATA, args.max_chars), args.per_source, args.num_val)
     recipe = {"model": str(MODEL), "output_dir": str(work / "run"), **RECIPE}
     recipe["data"] = {**RECIPE["data"], "sources": {n: str(paths[n]) for n in ("clean", "dot", "shuffled")},
                       "validation": str(paths["val"])}

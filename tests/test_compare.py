@@ -1,9 +1,13 @@
 """`scalebio compare`: every mix x seed sampled, fine-tuned and evaluated; compare.json with per-seed values, mean and
-std; a rerun reuses every finished cell; `scalebio report DIR` renders the folder; bad mixes exit 2."""
+std; a rerun reuses every finished cell; `scalebio report DIR` renders the folder; changed settings and bad mixes
+exit 2. One comparison (2 mixes x 2 seeds, then its rerun) serves every assertion about it (a module fixture)."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,66 +32,100 @@ def _weights(demo: Path, path: Path) -> Path:
     return path
 
 
-@pytest.fixture()
-def recipe(demo: Path, tmp_path: Path) -> Path:
-    return write_recipe(tmp_path / "recipe.yaml", demo,
-                        finetune={"lr": 3e-3, "batch_size": 8, "epochs": 1, "micro_batch_size": 8})
+@pytest.fixture(scope="module")
+def files(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with recipe.yaml (the demo's, 1 epoch of 8-record steps), weights.json and test.jsonl (24 records)."""
+    root = tmp_path_factory.mktemp("compare")
+    write_recipe(root / "recipe.yaml", demo, finetune={"lr": 3e-3, "batch_size": 8, "epochs": 1, "micro_batch_size": 8})
+    _weights(demo, root / "weights.json")
+    lines = (demo / "data" / "test.jsonl").read_text().splitlines(keepends=True)
+    (root / "test.jsonl").write_text("".join(lines[:24]))
+    return root
 
 
-def test_compare_two_mixes_two_seeds_then_reuse(demo: Path, tmp_path: Path, recipe: Path) -> None:
-    weights = _weights(demo, tmp_path / "weights.json")
-    out = tmp_path / "cmp"
-    args = ["compare", "--config", recipe, "--mix", f"scalebio={weights}", "--mix", "uniform",
-            "--test", f"test={demo / 'data' / 'test.jsonl'}", "-n", "16", "--seeds", "0", "1", "-o", out]
+def _args(files: Path, out: Path, *mixes: str) -> list[str]:
+    return ["compare", "--config", str(files / "recipe.yaml"), *[a for m in mixes for a in ("--mix", m)],
+            "--test", f"test={files / 'test.jsonl'}", "-o", str(out)]
+
+
+@dataclass
+class Run:
+    out: Path
+    args: list[str]
+    result: subprocess.CompletedProcess[str]
+    doc: dict
+    mtimes: dict[str, int]  # each cell's eval.json after the first run
+    again: subprocess.CompletedProcess[str]
+    report: subprocess.CompletedProcess[str]
+
+
+@pytest.fixture(scope="module")
+def run(files: Path) -> Run:
+    """compare (scalebio weights vs uniform, seeds 0 and 1, 16 records a cell), its rerun, and `scalebio report`
+    on the folder."""
+    out = files / "cmp"
+    args = [*_args(files, out, f"scalebio={files / 'weights.json'}", "uniform"), "-n", "16", "--seeds", "0", "1"]
     result = invoke(*args)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == str(out / "compare.json")
     doc = json.loads((out / "compare.json").read_text())
+    mtimes = {c.name: (c / "eval.json").stat().st_mtime_ns for c in (out / "cells").iterdir()}
+    again = invoke(*args)
+    assert again.returncode == 0, again.stderr
+    return Run(out, args, result, doc, mtimes, again, invoke("report", out))
+
+
+def test_compare_writes_every_cell_and_the_summary(run: Run) -> None:
+    out, doc = run.out, run.doc
+    assert run.result.stdout.strip() == str(out / "compare.json")
     assert doc["format"] == "scalebio-compare/1" and doc["seeds"] == [0, 1] and doc["num_samples"] == 16
     assert set(doc["mixes"]) == {"scalebio", "uniform"} and doc["mixes"]["uniform"]["spec"] == "uniform"
     for mix in doc["mixes"].values():
         loss = mix["results"]["test"]["loss"]
         assert len(loss["per_seed"]) == 2 and loss["std"] >= 0
         assert loss["mean"] == pytest.approx(sum(loss["per_seed"]) / 2)
-    assert "cell 4 of 4: uniform seed 1" in result.stderr
+    assert "cell 4 of 4: uniform seed 1" in run.result.stderr
     assert (out / "compare.png").stat().st_size > 0 and "| scalebio |" in (out / "compare.md").read_text()
-    cells = sorted(p.name for p in (out / "cells").iterdir())
-    assert cells == ["scalebio-seed0", "scalebio-seed1", "uniform-seed0", "uniform-seed1"]
+    assert sorted(run.mtimes) == ["scalebio-seed0", "scalebio-seed1", "uniform-seed0", "uniform-seed1"]
     sample = [json.loads(line) for line in (out / "cells" / "scalebio-seed0" / "sample.jsonl").read_text().splitlines()]
     assert len(sample) == 16 and sum(r["source"] == "clean" for r in sample) == 13  # round(16 x 0.8)
-    mtimes = {c: (out / "cells" / c / "eval.json").stat().st_mtime_ns for c in cells}
+    seeds = [(out / "cells" / f"uniform-seed{s}" / "sample.jsonl").read_text() for s in (0, 1)]
+    assert seeds[0] != seeds[1]  # each seed its own draw
 
-    again = invoke(*args)
-    assert again.returncode == 0, again.stderr
-    assert again.stderr.count("reusing the finished cell") == 4 and "finetune" not in again.stderr.replace(
-        "finetune.", "")
-    assert {c: (out / "cells" / c / "eval.json").stat().st_mtime_ns for c in cells} == mtimes
-    assert json.loads((out / "compare.json").read_text())["mixes"] == doc["mixes"]
 
-    report = invoke("report", out)
-    assert report.returncode == 0, report.stderr
-    page = (out / "report.html").read_text()
+def test_rerun_reuses_every_finished_cell(run: Run) -> None:
+    assert run.again.stderr.count("reusing the finished cell") == 4
+    assert "finetune" not in run.again.stderr.replace("finetune.", "")
+    cells = run.out / "cells"
+    assert {c: (cells / c / "eval.json").stat().st_mtime_ns for c in run.mtimes} == run.mtimes
+    assert json.loads((run.out / "compare.json").read_text())["mixes"] == run.doc["mixes"]
+
+
+def test_report_renders_the_folder(run: Run) -> None:
+    assert run.report.returncode == 0, run.report.stderr
+    page = (run.out / "report.html").read_text()
     assert "Mixture comparison" in page and "scalebio" in page and "data:image/png;base64," in page
 
 
-def test_changed_settings_refuse_a_finished_cell(demo: Path, tmp_path: Path, recipe: Path) -> None:
+def test_changed_settings_refuse_a_finished_cell(files: Path, run: Run, tmp_path: Path) -> None:
     out = tmp_path / "cmp"
-    args = ["compare", "--config", recipe, "--mix", "uniform", "--test", f"test={demo / 'data' / 'val.jsonl'}",
-            "--seeds", "0", "-o", out]
-    assert invoke(*args, "-n", "8").returncode == 0
-    changed = invoke(*args, "-n", "9")
-    assert changed.returncode == 2 and "finished with other settings" in changed.stderr
-    forced = invoke(*args, "-n", "9", "--force")
+    shutil.copytree(run.out, out)
+    summary = (out / "compare.json").stat().st_mtime_ns
+    changed = invoke(*_args(files, out, f"scalebio={files / 'weights.json'}", "uniform"), "-n", "17",
+                     "--seeds", "0", "1")
+    assert changed.returncode == 2 and "finished with other settings" in changed.stderr, changed.stderr
+    assert "Traceback" not in changed.stderr and (out / "compare.json").stat().st_mtime_ns == summary
+    assert sorted(p.name for p in (out / "cells").iterdir()) == sorted(run.mtimes)  # nothing new started
+    forced = invoke(*_args(files, out, "uniform"), "-n", "9", "--seeds", "0", "--force")  # one cell redone
     assert forced.returncode == 0, forced.stderr
     assert json.loads((out / "compare.json").read_text())["num_samples"] == 9
+    assert len((out / "cells" / "uniform-seed0" / "sample.jsonl").read_text().splitlines()) == 9
 
 
 @pytest.mark.parametrize(("mix", "message"), [
     ("a=missing.json", "--mix a: file not found"),
     ("noname", "--mix 'noname': expected NAME=SPEC"),
 ])
-def test_bad_mix_exits_2(demo: Path, tmp_path: Path, recipe: Path, mix: str, message: str) -> None:
-    result = invoke("compare", "--config", recipe, "--mix", mix, "--test", f"t={demo / 'data' / 'test.jsonl'}",
-                    "-n", "4", "-o", tmp_path / "cmp")
+def test_bad_mix_exits_2(files: Path, tmp_path: Path, mix: str, message: str) -> None:
+    result = invoke(*_args(files, tmp_path / "cmp", mix), "-n", "4")
     assert result.returncode == 2 and message in result.stderr, result.stderr
-    assert not (tmp_path / "cmp").exists()
+    assert "Traceback" not in result.stderr and not (tmp_path / "cmp").exists()

@@ -1,7 +1,8 @@
 """A denoising case with a known right answer, for tests and benchmarks of `select`: three sources holding the same
 kind of records, `clean` (answered correctly), `dot` (every answer replaced by ".") and `shuffled` (each answer
 belongs to another record's question), and a validation set drawn like `clean`. A selection asked for a third of
-the pool should take mostly `clean`."""
+the pool should take mostly `clean`. `write_task_case`: a case told apart by the task instead, for a model that
+knows nothing yet."""
 
 from __future__ import annotations
 
@@ -29,11 +30,15 @@ def write_case(out: Path, pairs: Callable[[int], list[QA]], per_source: int, num
     rng.shuffle(answers)
     shuffled = [message(q, a) for (q, _), a in zip(noisy, answers)]
     val = [message(q, a) for q, a in pairs(num_val)]
+    return _write(out, {"clean": clean, "dot": dot, "shuffled": shuffled, "val": val})
+
+
+def _write(out: Path, records: dict[str, list[dict[str, Any]]]) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, records in (("clean", clean), ("dot", dot), ("shuffled", shuffled), ("val", val)):
+    for name, rows in records.items():
         paths[name] = out / f"{name}.jsonl"
-        paths[name].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        paths[name].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return paths
 
 
@@ -44,3 +49,18 @@ def tiny_pairs(seed: int = 0) -> Callable[[int], list[QA]]:
 
     rng = random.Random(seed)
     return lambda n: [(arithmetic_qa if rng.random() < 0.5 else reverse_qa)(rng) for _ in range(n)]
+
+
+def write_task_case(out: Path, per_source: int, num_val: int, seed: int = 0) -> dict[str, Path]:
+    """A case a randomly initialised model's gradients can tell apart: sources `arith` (arithmetic, answered),
+    `reverse` (word-list reversal, answered) and `dot` (arithmetic questions, "." answers); validation: answered
+    arithmetic. Asked for a third of the pool, a selection should take `arith`. Writes arith/reverse/dot/val
+    .jsonl; returns their paths."""
+    from scalebio_cli.tiny import arithmetic_qa, reverse_qa
+
+    rng = random.Random(seed)
+    records = {"arith": [message(*arithmetic_qa(rng)) for _ in range(per_source)],
+               "reverse": [message(*reverse_qa(rng)) for _ in range(per_source)],
+               "dot": [message(arithmetic_qa(rng)[0], ".") for _ in range(per_source)],
+               "val": [message(*arithmetic_qa(rng)) for _ in range(num_val)]}
+    return _write(out, records)

@@ -244,6 +244,7 @@ def scores(recipe: Recipe, pool: Pool, dist: DistInfo, seed: int, work: Path
     folder.mkdir(parents=True, exist_ok=True)
     n_warm = len(warmup_items(pool, cfg.warmup_fraction, seed))
     steps_per_epoch = max(1, math.ceil(n_warm / cfg.batch_size))
+    torch.manual_seed(seed * 1_000_003 + _WARMUP_STREAM)  # LoRA init and dropout: not whatever ran before
     engine = build_engine(recipe, dist, cfg.epochs * steps_per_epoch, seed)
     checkpoints = warm_up(recipe, pool, engine, dist, seed, folder, steps_per_epoch)
     num_params = sum(p.numel() for p in engine.params)
