@@ -322,6 +322,8 @@ def test_resume_drops_a_torn_metrics_line_and_goes_on(finished_run: Path, demo: 
     metrics = run / "metrics.jsonl"
     lines = metrics.read_text().splitlines()
     metrics.write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])  # killed mid-write of step 4's line
+    for result in ("weights.json", "weights.png", "finished.json"):  # ... so the run never finished
+        (run / result).unlink(missing_ok=True)
     recipe = small_recipe(tmp_path / "r.yaml", demo, data=_data(finished_run, demo, ["clean", "noisy", "offtopic"]),
                           output_dir=str(run))
     result = invoke("reweight", "--config", recipe, "--resume", "auto")

@@ -160,10 +160,10 @@ def test_non_finite_loss_stops_with_status_1_and_keeps_the_last_good_checkpoint(
     calls = {"n": 0}
     real = Engine.__call__
 
-    def poisoned(self, batch):  # 2 calls per step (u on B, w on B and V together): step 13 turns NaN
+    def poisoned(self, batch):  # 3 calls per step (u on B; w on B, then on V): step 13 turns NaN
         calls["n"] += 1
         sums, counts = real(self, batch)
-        return (sums * float("nan"), counts) if calls["n"] > 24 else (sums, counts)
+        return (sums * float("nan"), counts) if calls["n"] > 36 else (sums, counts)
 
     monkeypatch.setattr(Engine, "__call__", poisoned)
     recipe = write_recipe(tmp_path / "recipe.yaml", demo)

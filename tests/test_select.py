@@ -162,7 +162,7 @@ def test_batched_gradients_equal_one_record_at_a_time(case: Path) -> None:
     with torch.no_grad():
         for p in engine.params:
             p.normal_(0, 0.05)  # B = 0 at init would make every A gradient 0
-    engine.activate()
+    engine.adapters.use(engine.adapter, engine.lisa)
     engine.model.eval()
     data, idx = pool.sources["clean"], np.arange(12)
     loop = less.record_gradients(engine.module, engine.params, data, idx, pool.pad_id, dist.device)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from scalebio_cli.recipe.schema import LoraConfig
 from scalebio_cli.selection.pool import Advance, Pool, batch_of, length_batches
 from scalebio_cli.selection.projection import RademacherProjection
 from scalebio_cli.train.distributed import DistInfo
-from scalebio_cli.train.lora import AdapterEngine, single_adapter
+from scalebio_cli.train.lora import FINETUNE_ADAPTER, AdapterEngine, Adapters
 from scalebio_cli.train.losses import ResponseLoss, response_losses
 from scalebio_cli.train.modeling import load_model, resolve_dtype
 from scalebio_cli.train.sft import sft_step
@@ -61,11 +62,22 @@ def build_engine(recipe: Recipe, dist: DistInfo, total_steps: int, seed: int) ->
                        recipe.trust_remote_code)
     lora = LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                       target_modules=list(cfg.target_modules))
-    engine = single_adapter(model, lora, "select.less", lr=cfg.lr, weight_decay=0.0, max_grad_norm=1.0,
-                            total_steps=total_steps, warmup_ratio=cfg.warmup_ratio, seed=seed, dist=dist)
-    engine.scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer,
-                                                         linear_schedule(total_steps, cfg.warmup_ratio))
+    engine = AdapterEngine(Adapters(model, lora, [FINETUNE_ADAPTER], "select.less"), FINETUNE_ADAPTER, lr=cfg.lr,
+                           weight_decay=0.0, max_grad_norm=1.0, total_steps=total_steps,
+                           warmup_ratio=cfg.warmup_ratio, seed=seed, dist=dist)
+    engine.schedule = LinearSchedule(cfg.lr, linear_schedule(total_steps, cfg.warmup_ratio))
     return engine
+
+
+class LinearSchedule:
+    """LESS's warm-up rate (its paper: linear warmup, then linear decay) in place of the engines' warmup + cosine;
+    engines read each step's rate from `schedule(step)` in begin_step."""
+
+    def __init__(self, base: float, factor: Callable[[int], float]):
+        self.base, self.factor = base, factor
+
+    def __call__(self, step: int) -> float:
+        return self.base * self.factor(step)
 
 
 def warmup_items(pool: Pool, fraction: float, seed: int) -> list[tuple[int, int]]:
@@ -226,7 +238,7 @@ def checkpoint_cosines(engine: AdapterEngine, pool: Pool, path: Path, projection
                        micro_batch_size: int, advance: Advance) -> dict[str, torch.Tensor]:
     """Per source `[n, S]`: cosine of each record's preconditioned feature to each validation set's mean row."""
     moments = _load_checkpoint(engine, path)
-    engine.activate()
+    engine.adapters.use(engine.adapter, engine.lisa)  # this adapter in force, its parameters trainable
     engine.model.eval()  # no LoRA dropout: a record's feature is a function of the record
     device = engine.params[0].device
     plain = Features(engine.module, engine.params, BatchGradients(engine.model, engine.names, engine.params),
