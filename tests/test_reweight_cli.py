@@ -30,6 +30,9 @@ def test_clean_source_wins_and_corrupted_source_loses(demo_run) -> None:
     assert min(w, key=w.get) == "noisy"
     avg = doc["weights_averaged"]
     assert max(avg, key=avg.get) == "clean" and min(avg, key=avg.get) == "noisy"
+    # the evidence says so too: clean far above the mixture, the corrupted copy far below
+    z = {name: e["z"] for name, e in doc["evidence"].items()}
+    assert z["clean"] > 3 and z["noisy"] < -3 and z["offtopic"] < 0, z
 
 
 def test_weights_file_follows_the_contract(demo_run, demo: Path) -> None:
