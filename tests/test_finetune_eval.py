@@ -149,6 +149,7 @@ def test_math_verify_compares_answers_as_math(reference: str, generated: str, eq
     assert math_verify_equal(reference, generated) is equal
 
 
+@pytest.mark.slow  # the lm-eval harness end to end (unchanged code path); kept out of `make test` for its budget
 def test_lm_eval_task_offline(finetuned, tmp_path: Path) -> None:
     pytest.importorskip("lm_eval")
     finetuned = finetuned[1]
