@@ -47,7 +47,8 @@ def plain_weights(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
 
 # One-process DeepSpeed runs are slow-marked: the two-process ones cover the same engine code and the reductions.
 # ZeRO-2 with two processes too (test budget): ZeRO-3's is kept, and tests/test_zero.py runs ZeRO-2's LISA re-draws.
-@pytest.mark.parametrize("engine, nproc", [("ddp", 2), pytest.param("zero2", 1, marks=pytest.mark.slow), pytest.param("zero2", 2, marks=pytest.mark.slow),
+@pytest.mark.parametrize("engine, nproc", [("ddp", 2), pytest.param("zero2", 1, marks=pytest.mark.slow),
+                                           pytest.param("zero2", 2, marks=pytest.mark.slow),
                                            pytest.param("zero3", 1, marks=pytest.mark.slow), ("zero3", 2)])
 def test_every_engine_matches_the_plain_engine_with_lisa(demo: Path, tmp_path: Path, plain_weights, engine: str,
                                                           nproc: int) -> None:
