@@ -211,3 +211,23 @@ def test_several_targets_export_each_or_are_refused_clearly(weights, tmp_path: P
         refused = run_cli("export", str(path), *args)
         assert refused.returncode == 2 and message in refused.stderr and refused.stdout == ""
     assert not (tmp_path / "one").exists()
+
+
+def test_export_log_says_how_sure_the_run_was(weights, tmp_path: Path) -> None:
+    """The evidence of the exported weights is in the export's log; a weights file without it (an earlier version)
+    or with a hand-edited one that does not read exports the same, without the lines."""
+    from conftest import invoke
+
+    path, names, _ = weights
+    result = invoke("export", str(path), "--to", "hf", "-o", str(tmp_path / "hf"))
+    assert result.returncode == 0, result.stderr
+    assert "evidence" in result.stderr and all(f"{n}: " in result.stderr for n in names)
+    assert " z " in result.stderr
+    doc = json.loads(path.read_text())
+    doc["evidence"] = {names[0]: "tampered"}
+    edited = tmp_path / "run" / "weights.json"
+    edited.parent.mkdir()
+    edited.write_text(json.dumps(doc))
+    result = invoke("export", str(edited), "--to", "hf", "-o", str(tmp_path / "hf2"))
+    assert result.returncode == 0, result.stderr
+    assert "evidence" not in result.stderr

@@ -42,7 +42,7 @@ def format_evidence(evidence: dict[str, dict]) -> str:
     """The log's evidence lines: per source its mean advantage, standard error and z, and what |z| < 2 means."""
     lines = ["[bold]evidence[/] (advantage of w over u on a source, vs the mixture; z = advantage / stderr)"]
     for name, e in evidence.items():
-        if e["z"] is None:
+        if e["z"] is None or e["stderr"] is None or e["advantage"] is None:
             verdict, numbers = "too few lam steps to tell", f"{e['steps']} lam steps"
         else:
             z = e["z"]

@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 from rich.markup import escape
 
-from scalebio_cli.console import console, format_weights
+from scalebio_cli.console import console, format_evidence, format_weights
 from scalebio_cli.data.out.mixture import keep_fractions, largest_remainder, no_repeat_counts
 from scalebio_cli.data.out.normalize import iter_conversations
 from scalebio_cli.data.read.records import Turn
@@ -338,5 +338,23 @@ def run_many(weights: Path, targets: list[str], output: Path | None = None, aver
     for target, out, files in zip(targets, outs, made):
         console.print(f"[bold green]export[/] {target}: {format_weights(dict(zip(mix.names, mix.probs)))}; "
                       f"{escape(', '.join(files))} in {escape(str(out))}")
+    evidence = recorded_evidence(weights, mix.names)
+    if evidence is not None:  # how sure the run was of the weights just exported
+        console.print(format_evidence(evidence))
     return outs
+
+
+def recorded_evidence(weights: Path, names: list[str]) -> dict[str, dict[str, Any]] | None:
+    """The weights file's `evidence` for `names` when it has a readable one (files of earlier versions have none;
+    a hand-edited one that does not read is left out of the log, never an error: the weights were checked)."""
+    import json
+
+    evidence = json.loads(weights.read_text(encoding="utf-8")).get("evidence")
+    fields = {"advantage", "stderr", "z", "steps"}
+    if (not isinstance(evidence, dict) or set(evidence) != set(names)
+            or not all(isinstance(e, dict) and fields <= set(e) for e in evidence.values())
+            or not all(isinstance(e[f], (int, float)) or (e[f] is None and f != "steps")
+                       for e in evidence.values() for f in fields)):
+        return None
+    return {n: evidence[n] for n in names}
 
