@@ -11,7 +11,7 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-slow lint pipeline instruct-math real-math bench bench-data bench-quality smollm2 clean \
+.PHONY: install demo test study-lam test-slow lint pipeline instruct-math real-math bench bench-data bench-quality smollm2 clean \
 	bench-select compare-math instruct-math-data docs
 
 install: $(VENV)/.installed
@@ -106,6 +106,10 @@ compare-math: smollm2 instruct-math-data
 	  --mix scalebio=$(COMPARE_DIR)/reweight/weights.json --mix uniform --mix proportional \
 	  --mix rho-loss=$(COMPARE_DIR)/rho-loss.jsonl --mix less=$(COMPARE_DIR)/less.jsonl \
 	  --test test=$(COMPARE_TEST) --output $(COMPARE_DIR)
+
+# The lam step's variance reductions one change at a time on the demo, 3 seeds (docs/results.md, ~10 min on 2 cores)
+study-lam: install
+	$(BIN)/python scripts/study_lam.py
 
 test: install
 	$(BIN)/python -m pytest -q
