@@ -117,6 +117,9 @@ def test_evidence_is_small_under_noise_and_large_under_signal() -> None:
     for t in range(1, 400):
         ar[t] = 0.9 * ar[t - 1] + rng.normal()
     assert summarize(ar)["stderr"] > 2 * ar.std(ddof=1) / np.sqrt(len(ar))
+    # ... and never below the plain standard error: a few batch means that happen to agree claim no precision
+    alternating = np.tile([1.0, -1.0], 30) + 0.1
+    assert summarize(alternating)["stderr"] >= alternating.std(ddof=1) / np.sqrt(60)
     assert summarize(np.array([]))["z"] is None and summarize(np.array([0.3]))["stderr"] is None
 
 
