@@ -177,6 +177,7 @@ metric_list:
     assert 0.0 <= metrics["acc,none"] <= 1.0
 
 
+@pytest.mark.slow  # 45 s: the test budget (`make pipeline` runs it; test_docs runs the quickstart's five commands)
 def test_pipeline_scalebio_sampling_beats_uniform(demo: Path, tmp_path: Path) -> None:
     """reweight -> sample (ScaleBiO, uniform) -> finetune each -> eval on the held-out test set."""
     recipe = write_recipe(tmp_path / "recipe.yaml", demo, finetune={**FT, "epochs": 1},
