@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from scalebio_cli.train.distributed import DistInfo
 from scalebio_cli.train.lora import FINETUNE_ADAPTER, AdapterEngine, Adapters
 from scalebio_cli.train.losses import ResponseLoss, response_losses
 from scalebio_cli.train.modeling import load_model, resolve_dtype
+from scalebio_cli.train.optim import LrSchedule
 from scalebio_cli.train.sft import sft_step
 
 _WARMUP_STREAM = 0x1E55  # the warm-up subset and its epoch orders
@@ -65,19 +65,10 @@ def build_engine(recipe: Recipe, dist: DistInfo, total_steps: int, seed: int) ->
     engine = AdapterEngine(Adapters(model, lora, [FINETUNE_ADAPTER], "select.less"), FINETUNE_ADAPTER, lr=cfg.lr,
                            weight_decay=0.0, max_grad_norm=1.0, total_steps=total_steps,
                            warmup_ratio=cfg.warmup_ratio, seed=seed, dist=dist)
-    engine.schedule = LinearSchedule(cfg.lr, linear_schedule(total_steps, cfg.warmup_ratio))
+    # LESS's warm-up rate (its paper: linear warmup, then linear decay) in place of the engines' warmup + cosine
+    engine.schedule = LrSchedule(cfg.lr, total_steps, cfg.warmup_ratio, linear_schedule(total_steps, cfg.warmup_ratio))
     return engine
 
-
-class LinearSchedule:
-    """LESS's warm-up rate (its paper: linear warmup, then linear decay) in place of the engines' warmup + cosine;
-    engines read each step's rate from `schedule(step)` in begin_step."""
-
-    def __init__(self, base: float, factor: Callable[[int], float]):
-        self.base, self.factor = base, factor
-
-    def __call__(self, step: int) -> float:
-        return self.base * self.factor(step)
 
 
 def warmup_items(pool: Pool, fraction: float, seed: int) -> list[tuple[int, int]]:

@@ -259,7 +259,7 @@ def train(rw: Reweighting) -> None:
 
 def alpha_at(cfg: Any, step: int) -> float:
     """alpha, grown by `tau` every `tau_every` steps (one round; tau = 1: constant, the reference's scripts)."""
-    return cfg.alpha * cfg.tau ** (step // cfg.tau_every) if cfg.tau != 1 else cfg.alpha
+    return cfg.alpha * cfg.tau ** (step // cfg.tau_every)
 
 
 def metrics_record(rw: Reweighting, done: int, result: StepResult, batch: StepBatches,

@@ -110,9 +110,11 @@ class LrSchedule:
     DeepSpeed's) sets each step's rate from it in `begin_step`; it is a pure function of the step, so a resumed run
     needs no scheduler state. `base * factor(step)` is the product torch's LambdaLR forms, to the bit."""
 
-    def __init__(self, base: float, total_steps: int, warmup_ratio: float):
+    def __init__(self, base: float, total_steps: int, warmup_ratio: float,
+                 factor: Callable[[int], float] | None = None):
+        """`factor`: another shape of schedule (LESS's linear decay) in place of warmup_cosine."""
         self.base = base
-        self.factor = warmup_cosine(total_steps, warmup_ratio)
+        self.factor = factor or warmup_cosine(total_steps, warmup_ratio)
 
     def __call__(self, step: int) -> float:
         return self.base * self.factor(step)

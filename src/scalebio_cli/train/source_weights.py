@@ -42,12 +42,16 @@ def centred_difference(s: torch.Tensor, d: torch.Tensor, present: torch.Tensor) 
     return torch.where(present, d - mix, torch.zeros_like(d))
 
 
+def paired_difference(m_w: torch.Tensor, m_u: torch.Tensor, signal: str = "difference") -> torch.Tensor:
+    """d = m(w) - m(u), or with `relative` (d / m(u)) scaled per source."""
+    d = m_w - m_u
+    return torch.where(m_u > 0, d / m_u.clamp(min=1e-12), torch.zeros_like(d)) if signal == "relative" else d
+
+
 def lambda_gradient(s: torch.Tensor, m_w: torch.Tensor, m_u: torch.Tensor, alpha: float,
                     signal: str = "difference", present: torch.Tensor | None = None) -> torch.Tensor:
     """alpha * J^T d with J = diag(s) - s s^T, over the sources present (all when `present` is None)."""
-    d = m_w - m_u
-    if signal == "relative":
-        d = torch.where(m_u > 0, d / m_u.clamp(min=1e-12), torch.zeros_like(d))
+    d = paired_difference(m_w, m_u, signal)
     if present is None:
         present = torch.ones_like(d, dtype=torch.bool)
     return alpha * s * centred_difference(s, d, present)
@@ -89,9 +93,7 @@ class SourceWeights:
         lam gradient (zeros before the first lam step)."""
         if step < self.delay:
             return self.last_grad
-        d = (m_w - m_u).double()
-        if self.signal == "relative":
-            d = torch.where(m_u > 0, d / m_u.double().clamp(min=1e-12), torch.zeros_like(d))
+        d = paired_difference(m_w.double(), m_u.double(), self.signal)
         self.window_d += torch.where(present, d, torch.zeros_like(d))
         self.window_n += present.double()
         if (step - self.delay + 1) % self.every == 0:
