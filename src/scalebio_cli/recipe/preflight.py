@@ -247,15 +247,16 @@ def model_fit_problems(recipe: Recipe, stage: str) -> list[str]:
 
 def lora_problems(recipe: Recipe, stage: str) -> list[str]:
     """LoRA (`STAGE.lora.r > 0`, with LISA over its adapters when `STAGE.lisa.layers > 0`) runs on our engine (one
-    process or DDP) and needs peft."""
+    process or several) or on one DeepSpeed engine with ZeRO-2/3 (train/zero_adapters.py), and needs peft."""
     cfg = recipe.reweight if stage == "reweight" else recipe.finetune
     if cfg.lora.r <= 0:
         return []
     problems = []
     if recipe.deepspeed:
-        problems.append(f"{stage}.lora.r: LoRA runs in one process or under torchrun (DDP), not with DeepSpeed "
-                        f"(the base model is held once and only the adapters train); remove `deepspeed` "
-                        f"(or set {stage}.lora.r=0 to use DeepSpeed ZeRO)")
+        zero_stage = deepspeed_stage(recipe.deepspeed)
+        if zero_stage is not None and zero_stage not in (2, 3):
+            problems.append(f"{stage}.lora.r: LoRA under DeepSpeed runs with ZeRO-2 or ZeRO-3 (the adapters of a run "
+                            f"share one engine); {recipe.deepspeed} sets stage {zero_stage}")
     import importlib.util
 
     if importlib.util.find_spec("peft") is None:
@@ -271,6 +272,16 @@ def output_dir_problems(path: str) -> list[str]:
     if not os.access(existing, os.W_OK):
         return [f"output_dir: cannot write into {existing} (permissions)"]
     return []
+
+
+def deepspeed_stage(path: str) -> int | None:
+    """The ZeRO stage a DeepSpeed config file sets (0 when it sets none), or None when the file cannot be read
+    (deepspeed_problems reports that)."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return config.get("zero_optimization", {}).get("stage", 0) if isinstance(config, dict) else None
 
 
 def deepspeed_problems(path: str | None) -> list[str]:

@@ -242,7 +242,7 @@ def finish(ft: FineTuning) -> Path:
     if ft.dist.is_main and ft.recipe.finetune.lora.r > 0:
         from scalebio_cli.train.lora import save_merged
 
-        save_merged(ft.engine, ft.tokenizer, ft.out)  # type: ignore[arg-type]
+        save_merged(ft.engine, ft.tokenizer, ft.out, weights)  # weights: None, or gathered from ZeRO-3's shards
     elif ft.dist.is_main:
         save_hf_folder(ft.model, ft.tokenizer, ft.out, weights)
         validation = "" if ft.val_loss is None else f" (validation loss {ft.val_loss:.4f})"

@@ -1,7 +1,8 @@
 """Which engine trains the model copies of a stage, chosen from its recipe section, so the stages never branch on it:
 
-- `lora.r > 0`: the copies are LoRA adapters over the one loaded model (train/lora.py; preflight refuses LoRA with
-  DeepSpeed), each an AdapterEngine: one process or several, all-reducing its own gradients;
+- `lora.r > 0`: the copies are LoRA adapters over the one loaded model (train/lora.py), each an AdapterEngine: one
+  process or several, all-reducing its own gradients; with a DeepSpeed config all adapters share one DeepSpeed
+  engine over the (ZeRO-3: sharded) base, each behind a ZeroAdapterEngine (train/zero_adapters.py);
 - a DeepSpeed config: a whole model per copy on a DeepSpeedEngine (train/zero.py);
 - otherwise a whole model per copy on our Engine (train/engine.py), under DDP when the world size is above 1.
 """
@@ -40,6 +41,15 @@ def make_engines(model: nn.Module, copies: list[Copy], *, lora: LoraConfig, lora
     zero.zero3_loading); a whole-model copy beyond the first is a deep copy of it, or under DeepSpeed `reload()`
     (partitioned weights cannot be deep-copied). `common`: weight_decay, max_grad_norm, total_steps, warmup_ratio,
     seed, gradient_checkpointing. `lora_key` names the recipe key in messages (an unknown target module)."""
+    if lora.r > 0 and ds_config is not None:
+        from scalebio_cli.train.zero_adapters import ZeroAdapterEngine, ZeroAdapters
+
+        pair = ZeroAdapters(model, lora, [(c.name, c.lr, c.micro_batches) for c in copies], lora_key, lisa=lisa,
+                            seed=common["seed"], weight_decay=common["weight_decay"],
+                            max_grad_norm=common["max_grad_norm"], ds_config=ds_config, dist=dist,
+                            gradient_checkpointing=common.get("gradient_checkpointing", False))
+        return [ZeroAdapterEngine(pair, c.name, lr=c.lr, total_steps=common["total_steps"],
+                                  warmup_ratio=common["warmup_ratio"], dist=dist) for c in copies]
     if lora.r > 0:
         adapters = Adapters(model, lora, [c.name for c in copies], lora_key)
         return [AdapterEngine(adapters, c.name, lr=c.lr, lisa=lisa, dist=dist, **common) for c in copies]

@@ -111,6 +111,7 @@ class Adapters:
 
     def __init__(self, model: nn.Module, cfg: LoraConfig, names: list[str], key: str):
         self.model = add_adapters(model, cfg, names, key)  # the peft model: base + every adapter
+        self.cfg, self.key = cfg, key
         self.base: nn.Module = self.model.get_base_model()
         self._in_force: tuple[str, tuple[int, ...]] | None = None
 
@@ -210,22 +211,46 @@ class AdapterEngine(AdamWEngine):
         return None  # the stage writes the merged model and the adapter folder (save_merged)
 
 
-def save_merged(engine: AdapterEngine, tokenizer: Any, out: Path) -> nn.Module:
+def save_merged(engine: Any, tokenizer: Any, out: Path, gathered: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """The adapter folder (OUT/adapter/, peft's format) and the merged model as a plain Hugging Face folder in
-    OUT (main process only). Returns the merged model."""
+    OUT (main process only). `gathered`: under ZeRO-3 the engine's tensors are shards, so the base-with-adapter
+    weights gathered from them (engine.full_state_dict) are put into a copy of the model built on the CPU and
+    merged there. Returns the merged model."""
     import os
     import shutil
     import tempfile
 
     from scalebio_cli.train.modeling import save_hf_folder
 
+    model = engine.model if gathered is None else _rebuilt(engine.adapters, engine.adapter, gathered)
     tmp = Path(tempfile.mkdtemp(prefix=".adapter-tmp-", dir=out))
     try:
-        engine.model.save_pretrained(tmp, selected_adapters=[engine.adapter])
+        model.save_pretrained(tmp, selected_adapters=[engine.adapter])
         shutil.rmtree(out / "adapter", ignore_errors=True)
         os.replace(tmp, out / "adapter")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    merged = engine.model.merge_and_unload()
+    merged = model.merge_and_unload()
     save_hf_folder(merged, tokenizer, out)
     return merged
+
+
+def _rebuilt(adapters: Adapters, adapter: str, gathered: dict[str, torch.Tensor]) -> Any:
+    """A peft model like `adapters.model` with only `adapter`, its tensors the `gathered` ones: built on the meta
+    device (no memory, no initialisation) and then given the gathered tensors, so a 70B model costs its weights
+    once, in host memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(adapters.base.config)
+    model = add_adapters(fresh, adapters.cfg, [adapter], adapters.key)
+    base = model.get_base_model()
+    missing, unexpected = base.load_state_dict(gathered, strict=False, assign=True)
+    tied = {name for name, p in base.named_parameters(remove_duplicate=False)} - {
+        name for name, p in base.named_parameters()}  # names of tied tensors (the head tied to the embeddings)
+    left = [k for k in missing if k not in tied and not k.endswith("inv_freq")]
+    if left or unexpected:
+        raise RuntimeError(f"ZeRO-3's gathered weights do not fit the model: missing {left[:3]}, unexpected "
+                           f"{unexpected[:3]}")
+    base.tie_weights()
+    return model

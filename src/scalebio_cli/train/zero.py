@@ -103,10 +103,16 @@ class DeepSpeedEngine(EngineCore):
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         if self.ds.zero_optimization_stage() == 3:
-            state = self.ds._zero3_consolidated_16bit_state_dict()  # gathers the shards; collective
-            # The engine wraps ResponseLoss(model): its keys carry the wrapper's `model.` prefix.
-            return {k.removeprefix("model."): v for k, v in state.items()} if self.dist.is_main else None
+            return gathered_state_dict(self.ds, self.dist)
         return self.model.state_dict() if self.dist.is_main else None
+
+
+def gathered_state_dict(ds: Any, dist: DistInfo) -> dict[str, torch.Tensor] | None:
+    """A ZeRO-3 engine's whole weights on the main process (None elsewhere), gathered from the shards one module at
+    a time (collective: every process calls it), by the call transformers' Trainer makes to save under ZeRO-3. The
+    engine wraps ResponseLoss(model): the wrapper's `model.` prefix is taken off the keys."""
+    state = ds._zero3_consolidated_16bit_state_dict()
+    return {k.removeprefix("model."): v for k, v in state.items()} if dist.is_main else None
 
 
 def lisa_groups(model: nn.Module, lisa: Lisa) -> tuple[list[dict[str, Any]], set[int]]:
