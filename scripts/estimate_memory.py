@@ -46,10 +46,11 @@ ZeRO buffers (from the DeepSpeed config the recipe names, recipes/deepspeed/*.js
                      stage3_param_persistence_threshold elements (norms, biases, the small LoRA matrices) stay whole
                      on every GPU: their elements x 2 x (1 - 1/N) beyond the partition. With N = 1 nothing is
                      gathered: the partition is the whole parameter, which DeepSpeed uses in place.
-  reduce buckets     per DeepSpeed engine, one per copy (u, w): ZeRO-3 reduce_bucket_size x 2 (contiguous_gradients);
+  reduce buckets     per DeepSpeed engine (one per whole copy u, w; one for both LoRA adapters, which share an
+                     engine: train/zero_adapters.py): ZeRO-3 reduce_bucket_size x 2 (contiguous_gradients);
                      ZeRO-2 2 x reduce_bucket_size x 2 (overlap_comm double-buffers it).
   optimizer step     the fp32 gradient of one parameter group's partition: largest group / N x 4 (LISA's groups: one
-                     per block, one for the rest; LoRA: assumed one group per adapter). On the CPU with offload.
+                     per block, one for the rest; LoRA: one per adapter and block). On the CPU with offload.
 
 Host RAM (node), the larger of
   loading            under ZeRO-3 rank 0 reads the whole checkpoint into host memory (transformers 5's ZeRO-3 path;
@@ -139,12 +140,13 @@ def _activations(c: dict[str, Any], micro: int, seq: int) -> float:
 
 
 def _zero_buffers(c: dict[str, Any], ds: dict[str, Any], gpus: int, largest_group: float,
-                  persistent: float, block: float) -> float:
-    """Gathered and persistent parameters (ZeRO-3), both engines' reduce buckets, the step's fp32 group gradient.
-    `persistent`: elements of all copies' parameters under the persistence threshold; `block`: one block's."""
+                  persistent: float, block: float, engines: int = 2) -> float:
+    """Gathered and persistent parameters (ZeRO-3), the engines' reduce buckets (two whole copies: an engine each;
+    LoRA: one engine for both adapters), the step's fp32 group gradient. `persistent`: elements of all copies'
+    parameters under the persistence threshold; `block`: one block's."""
     stage = ds["stage"]
     bucket = ds["reduce_bucket_size"] * 2 * (2 if stage == 2 and ds["overlap_comm"] else 1)
-    buckets = 2 * bucket if ds["contiguous_gradients"] else 0.0
+    buckets = engines * bucket if ds["contiguous_gradients"] else 0.0
     step = 0.0 if "offload_optimizer" in ds else largest_group / gpus * 4
     if stage != 3:
         return buckets + step
@@ -177,7 +179,7 @@ def estimate_lora(c: dict[str, Any], engine: str, gpus: int, r: int, micro: int,
         optimizer = 2 * adapter * 12 / gpus
         small = [n for i, o in c["linears"] for n in (r * i, r * o)]  # A: r x in, B: out x r
         persistent = _small(c["numels"], ds) + 2 * _small(small, ds)
-        buffers = _zero_buffers(c, ds, gpus, adapter, persistent, c["block"] + 2 * adapter / c["blocks"])
+        buffers = _zero_buffers(c, ds, gpus, adapter / c["blocks"], persistent, c["block"] + 2 * adapter / c["blocks"], engines=1)
     total = weights + grads + optimizer + activations + buffers
     return {"weights": weights / GIB, "gradients": grads / GIB, "optimizer": optimizer / GIB,
             "activations": activations / GIB, "buffers": buffers / GIB, "total": total / GIB, "host": load / GIB,

@@ -53,21 +53,27 @@ def weights(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def one_process(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    """The references: one process, LoRA on our engine (train/lora.py), with and without LISA over the adapters."""
-    refs = {}
-    for name, args in (("lisa", LISA), ("every-block", EVERY_BLOCK)):
-        recipe = write_recipe(tmp_path_factory.mktemp(name) / "recipe.yaml", demo)
-        result = invoke("reweight", "--config", str(recipe), *args)
-        assert result.returncode == 0, result.stderr[-3000:]
-        refs[name] = weights(recipe.parent / "run")
-    return refs
+def one_process(demo: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The references, each run once when first asked for: one process, LoRA on our engine (train/lora.py), with
+    and without LISA over the adapters."""
+    refs: dict[str, dict] = {}
+
+    def reference(mode: str) -> dict:
+        if mode not in refs:
+            recipe = write_recipe(tmp_path_factory.mktemp(mode) / "recipe.yaml", demo)
+            result = invoke("reweight", "--config", str(recipe), *(LISA if mode == "lisa" else EVERY_BLOCK))
+            assert result.returncode == 0, result.stderr[-3000:]
+            refs[mode] = weights(recipe.parent / "run")
+        return refs[mode]
+
+    return reference
 
 
 def _gap(a: dict, b: dict) -> float:
     return max(abs(a["weights"][k] - b["weights"][k]) for k in a["weights"])
 
 
+# ZeRO-3 with LISA over the adapters stays in `make test`; every block's adapters and ZeRO-2 are slow-marked (budget)
 @pytest.mark.parametrize("stage, mode", [(3, "lisa"), pytest.param(3, "every-block", marks=pytest.mark.slow),
                                          pytest.param(2, "lisa", marks=pytest.mark.slow)])
 def test_two_processes_under_zero_give_the_one_process_lora_weights(demo: Path, tmp_path: Path, one_process, sharded,
@@ -77,7 +83,7 @@ def test_two_processes_under_zero_give_the_one_process_lora_weights(demo: Path, 
     result = torchrun(2, "reweight", "--config", str(recipe), *args)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "DeepSpeed x 2" in result.stderr and "LoRA r=8" in result.stderr
-    got, ref = weights(tmp_path / "run"), one_process[mode]
+    got, ref = weights(tmp_path / "run"), one_process(mode)
     assert ref["weights"] != ref["trajectory"][0]["weights"]  # the weights moved
     assert _gap(got, ref) < 1e-4, (got["weights"], ref["weights"])
     # u's and w's gradient norms are each their own (clipped separately), logged as on one process
@@ -86,6 +92,7 @@ def test_two_processes_under_zero_give_the_one_process_lora_weights(demo: Path, 
     assert any(abs(x["grad_norm_u"] - x["grad_norm_w"]) > 1e-6 for x in lines[1:])
 
 
+@pytest.mark.slow  # ~75 s; `make test-slow` runs it
 def test_zero3_lora_resumes_bitwise_after_sigkill(demo: Path, tmp_path: Path, sharded) -> None:
     short = [*LISA, "reweight.steps=24", "reweight.lisa.interval=5", "checkpoint.every=4"]
     whole = write_recipe(tmp_path / "whole" / "recipe.yaml", demo, deepspeed=sharded[3])

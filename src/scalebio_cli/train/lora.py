@@ -15,10 +15,13 @@ through about two thirds of the model, where LoRA alone runs through all of it a
 every block. That makes its reweight step faster than LISA's with full model copies (0.80x on SmolLM2 on CPU,
 without checkpointing: docs/benchmarks.md), where LoRA in every block is slower (1.09x).
 
-Several processes: no DDP wrapper (AdapterEngine._gradients_ready says why); the adapters are small, so the engine
-all-reduces its adapter's gradients itself (one flat sum, after the step's last micro-batch). The losses are
-global-batch sums, so the summed gradient is the global gradient on every process, as DDP with its world-size
-scaling gives.
+Several processes without DeepSpeed: no DDP wrapper (AdapterEngine._gradients_ready says why); the adapters are
+small, so the engine all-reduces its adapter's gradients itself (one flat sum, after the step's last micro-batch).
+The losses are global-batch sums, so the summed gradient is the global gradient on every process, as DDP with its
+world-size scaling gives. With a DeepSpeed config the adapters run on one DeepSpeed engine instead
+(train/zero_adapters.py), which reduces their gradients and, under ZeRO-3, shards the base. The all-reduce stays
+for runs without DeepSpeed: DDP cannot do this job (see _gradients_ready), and DeepSpeed is an optional extra a
+torchrun LoRA run should not need.
 """
 
 from __future__ import annotations
