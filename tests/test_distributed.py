@@ -116,7 +116,11 @@ def test_full_logits_give_the_head_only_weights_under_every_engine(demo: Path, t
     assert max(abs(got[k] - plain_weights[k]) for k in got) < 1e-5, (got, plain_weights)
 
 
-def test_two_processes_give_one_process_weights_after_40_steps_on_uneven_data(demo: Path, tmp_path: Path) -> None:
+# DDP in `make test`; DeepSpeed ZeRO-2/3 the same check, slow-marked for the budget (`make test-slow`)
+@pytest.mark.parametrize("engine", ["ddp", pytest.param("zero2", marks=pytest.mark.slow),
+                                    pytest.param("zero3", marks=pytest.mark.slow)])
+def test_two_processes_give_one_process_weights_after_40_steps_on_uneven_data(demo: Path, tmp_path: Path,
+                                                                              engine: str) -> None:
     """Chat records of 1-3 turns (lengths that vary, micro-batches of 3 that differ in shape between 1 and 2
     processes): the first lam gradient is exactly 0 on both, and after 40 steps the weights agree within 1e-4 (only
     float rounding of the model updates differs). Dropout is off here: each process draws the masks of its own
@@ -132,7 +136,8 @@ def test_two_processes_give_one_process_weights_after_40_steps_on_uneven_data(de
             "reweight.micro_batch_size=3", "reweight.lisa.interval=10", f"data.sources={json.dumps(sources)}",
             f"data.validation={val}"]
     one = write_recipe(tmp_path / "one" / "recipe.yaml", demo)
-    two = write_recipe(tmp_path / "two" / "recipe.yaml", demo)
+    extra = {"deepspeed": ZERO[int(engine[-1])]} if engine.startswith("zero") else {}
+    two = write_recipe(tmp_path / "two" / "recipe.yaml", demo, **extra)
     reference = weights_of(invoke("reweight", "--config", str(one), *args), one.parent / "run")
     got = weights_of(torchrun(2, "reweight", "--config", str(two), *args), two.parent / "run")
     for run in (one.parent / "run", two.parent / "run"):
