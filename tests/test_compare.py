@@ -129,3 +129,39 @@ def test_bad_mix_exits_2(files: Path, tmp_path: Path, mix: str, message: str) ->
     result = invoke(*_args(files, tmp_path / "cmp", mix), "-n", "4")
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "cmp").exists()
+
+
+def test_a_signal_during_a_cells_last_step_stops_before_the_next_cell(files: Path, tmp_path: Path) -> None:
+    """SIGTERM while a cell's fine-tuning takes its last step: that fine-tuning finishes (finishing beats a
+    checkpoint) and compare stops before the next cell instead of going on (the stage's handler passes the signal
+    out); the finished cell is kept for the rerun."""
+    import os
+    import signal
+    from types import SimpleNamespace
+
+    from scalebio_cli.errors import TrainingStopped
+    from scalebio_cli.recipe import load_recipe
+    from scalebio_cli.stages import compare
+    from scalebio_cli.train.stopping import StopSignals
+
+    calls = []
+    before = signal.getsignal(signal.SIGTERM)
+
+    def finetune(recipe, resume, force):  # a fine-tuning whose last step receives SIGTERM
+        with StopSignals().installed():
+            os.kill(os.getpid(), signal.SIGTERM)
+        calls.append(recipe.output_dir)
+
+    def evaluate(model, tests, output, **_):
+        output.write_text(json.dumps({"results": {"test": {"loss": 1.0}}}))
+        return json.loads(output.read_text())
+
+    recipe = load_recipe(files / "recipe.yaml", [])
+    mix = compare.Mix("file", str(files / "test.jsonl"), "file")
+    c = compare.Comparison(recipe, {"file": mix}, {"test": str(files / "test.jsonl")}, 8, [0, 1], tmp_path / "out")
+    stages = compare.Stages(SimpleNamespace(), SimpleNamespace(run=finetune), SimpleNamespace(run=evaluate))
+    with pytest.raises(TrainingStopped, match="after 1 of 2 cells") as stopped:
+        compare.run(c, stages)
+    assert stopped.value.signal == "SIGTERM" and len(calls) == 1
+    assert (tmp_path / "out" / "cells" / "file-seed0" / "eval.json").is_file()
+    assert signal.getsignal(signal.SIGTERM) is before  # compare's handler is gone again

@@ -204,12 +204,21 @@ def run(c: Comparison, stages: Stages) -> Path:
     """Every cell (reusing finished ones), then DIR/compare.json, compare.md, compare.png; returns compare.json."""
     from scalebio_cli.results import compare_report
 
+    from scalebio_cli.errors import TrainingStopped
+    from scalebio_cli.train.stopping import StopSignals
+
     cells = [(mix, seed) for mix in c.mixes.values() for seed in c.seeds]
     docs: dict[str, list[dict[str, Any]]] = {name: [] for name in c.mixes}
-    for k, (mix, seed) in enumerate(cells):
-        console.print(f"[bold]compare[/] cell {k + 1} of {len(cells)}: {escape(mix.name)} seed {seed} "
-                      f"({len(cells) - k - 1} remaining after it)")
-        docs[mix.name].append(run_cell(c, stages, mix, seed))
+    # SIGTERM/SIGINT: a fine-tuning checkpoints and stops; a signal that comes while a cell samples or evaluates
+    # (or during a fine-tuning's last step, which then finishes) stops compare once that cell is done
+    with StopSignals().installed() as signals:
+        for k, (mix, seed) in enumerate(cells):
+            if signals.received:
+                raise TrainingStopped(f"stopped by {signals.received} after {k} of {len(cells)} cells; the same "
+                                      "command continues (finished cells are reused)", signal=signals.received)
+            console.print(f"[bold]compare[/] cell {k + 1} of {len(cells)}: {escape(mix.name)} seed {seed} "
+                          f"({len(cells) - k - 1} remaining after it)")
+            docs[mix.name].append(run_cell(c, stages, mix, seed))
     doc = aggregate(c, docs)
     path = c.output / "compare.json"
     write_json(path, doc)

@@ -28,6 +28,9 @@ class StopSignals:
 
     @contextmanager
     def installed(self) -> Iterator[StopSignals]:
+        """Handle SIGTERM/SIGINT while in the block. Nested in another StopSignals' block (a stage that `compare`
+        runs), a signal received here is passed outward when the block ends: a stage that finished anyway (the
+        signal came during its last step) must not swallow the stop its caller is waiting for."""
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         for s in previous:
             signal.signal(s, self._handle)
@@ -36,6 +39,9 @@ class StopSignals:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            outer = getattr(previous[signal.SIGTERM], "__self__", None)
+            if self.received and isinstance(outer, StopSignals) and outer.received is None:
+                outer.received = self.received
 
 
 class FiniteGuard:
