@@ -171,9 +171,11 @@ def run_variant(name: str, seed: int, args: argparse.Namespace, paths: dict[str,
     exe = Path(sys.executable).parent / "scalebio"
     command = [str(exe), "reweight", "--config", str(path), *args.overrides, *VARIANTS[name]]
     # A finished run of the same recipe and command is reused (the benchmark takes hours on CPU; an interrupted
-    # invocation picks up where it stopped). Any change of settings, data or code version reruns it.
+    # invocation picks up where it stopped). A change of settings or data reruns it; a change of code does not:
+    # delete --work's runs/ folder after one.
     done = out / "bench_run.json"
-    key = {"recipe": recipe, "command": command[1:], "data": {n: hashlib.sha256(paths[n].read_bytes()).hexdigest() for n in paths}}
+    data = {n: hashlib.sha256(paths[n].read_bytes()).hexdigest() for n in paths}
+    key = {"recipe": recipe, "command": command[1:], "data": data}
     if done.exists() and (out / "weights.json").exists():
         previous = json.loads(done.read_text())
         if previous.get("key") == key:

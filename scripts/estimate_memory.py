@@ -179,7 +179,8 @@ def estimate_lora(c: dict[str, Any], engine: str, gpus: int, r: int, micro: int,
         optimizer = 2 * adapter * 12 / gpus
         small = [n for i, o in c["linears"] for n in (r * i, r * o)]  # A: r x in, B: out x r
         persistent = _small(c["numels"], ds) + 2 * _small(small, ds)
-        buffers = _zero_buffers(c, ds, gpus, adapter / c["blocks"], persistent, c["block"] + 2 * adapter / c["blocks"], engines=1)
+        per_block = 2 * adapter / c["blocks"]  # both adapters' share of one block
+        buffers = _zero_buffers(c, ds, gpus, adapter / c["blocks"], persistent, c["block"] + per_block, engines=1)
     total = weights + grads + optimizer + activations + buffers
     return {"weights": weights / GIB, "gradients": grads / GIB, "optimizer": optimizer / GIB,
             "activations": activations / GIB, "buffers": buffers / GIB, "total": total / GIB, "host": load / GIB,

@@ -202,9 +202,8 @@ def aggregate(c: Comparison, docs: dict[str, list[dict[str, Any]]]) -> dict[str,
 
 def run(c: Comparison, stages: Stages) -> Path:
     """Every cell (reusing finished ones), then DIR/compare.json, compare.md, compare.png; returns compare.json."""
-    from scalebio_cli.results import compare_report
-
     from scalebio_cli.errors import TrainingStopped
+    from scalebio_cli.results import compare_report
     from scalebio_cli.train.stopping import StopSignals
 
     cells = [(mix, seed) for mix in c.mixes.values() for seed in c.seeds]

@@ -42,8 +42,12 @@ from scalebio_cli.train.lora import Adapters
 from scalebio_cli.train.losses import ResponseLoss
 from scalebio_cli.train.modeling import prepare_for_training
 from scalebio_cli.train.optim import LrSchedule
-from scalebio_cli.train.zero import (finalize_deepspeed_config, gathered_state_dict, reset_group_state,
-                                     skip_inference_comm_op)
+from scalebio_cli.train.zero import (
+    finalize_deepspeed_config,
+    gathered_state_dict,
+    reset_group_state,
+    skip_inference_comm_op,
+)
 
 STATE_NAME = "adapters"  # the checkpoint folder of the pair's one DeepSpeed engine
 
@@ -66,8 +70,8 @@ class ZeroAdapters(Adapters):
         self.lisas: dict[str, Lisa] = {}
         groups: list[dict[str, Any]] = []
         self.groups: dict[str, list[int]] = {}  # adapter -> its group index per block (-1: no adapter there)
-        for name in names:
-            own = {id(p) for p in self.params[name]}
+        for name, lr, _ in copies:
+            own = self._ids[name]
             self.lisas[name] = Lisa(self.base, lisa.layers, lisa.interval, seed,
                                     block_parameters=lambda block, own=own: [p for p in block.parameters()
                                                                              if id(p) in own])
@@ -81,7 +85,7 @@ class ZeroAdapters(Adapters):
                 block_params = [p for p in block.parameters() if id(p) in own]
                 self.groups[name].append(len(groups) if block_params else -1)
                 if block_params:
-                    groups.append({"params": block_params, "lr": lr_of(copies, name)})
+                    groups.append({"params": block_params, "lr": lr})
         for p in self.trainable():  # ZeRO hooks the gradients of parameters that require grad when it starts
             p.requires_grad_(True)
         optimizer = torch.optim.AdamW(groups, lr=copies[0][1], weight_decay=weight_decay)
@@ -209,10 +213,6 @@ class ZeroAdapters(Adapters):
         lora.save_merged to merge on the CPU; None otherwise (ZeRO-2 holds whole tensors: the peft model merges
         itself, as on our engine)."""
         return gathered_state_dict(self.ds, self.dist) if self.stage == 3 else None
-
-
-def lr_of(copies: list[tuple[str, float, int]], name: str) -> float:
-    return next(lr for n, lr, _ in copies if n == name)
 
 
 class ZeroAdapterEngine(EngineCore):
