@@ -153,7 +153,8 @@ def base_settings(base: str) -> dict:
     return {k: v for k, v in settings.items() if k not in ("steps", "batch_size", "val_batch_size")}
 
 
-def run_variant(name: str, seed: int, args: argparse.Namespace, paths: dict[str, Path], model: str) -> dict:
+def run_variant(name: str, seed: int, args: argparse.Namespace, paths: dict[str, Path],
+                model: str) -> dict | None:
     preset = PRESETS[args.preset]
     out = args.work / "runs" / f"{name}-seed{seed}"
     recipe = {
@@ -180,6 +181,8 @@ def run_variant(name: str, seed: int, args: argparse.Namespace, paths: dict[str,
         previous = json.loads(done.read_text())
         if previous.get("key") == key:
             return previous["result"]
+    if args.finished_only:
+        return None
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -262,6 +265,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["default"], help=f"any of {', '.join(VARIANTS)}, or all")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "quality")
     parser.add_argument("--no-record", action="store_true", help="do not append to docs/results.md")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="report the runs that have finished (an interrupted invocation's), run nothing")
     parser.add_argument("overrides", nargs="*", help="extra KEY=VALUE recipe overrides for every run")
     args = parser.parse_args()
     args.work = args.work.resolve()  # recipes name absolute paths
@@ -276,17 +281,23 @@ def main() -> None:
     paths = build_data(args.work / "data")
     model = model_path(args)
     args.model_label = model
-    results = []
+    results, missing = [], []
     for variant in variants:
         for seed in args.seeds:
             r = run_variant(variant, seed, args, paths, model)
+            if r is None:
+                print(f"{variant} seed {seed}: not run yet (--finished-only)", file=sys.stderr)
+                missing.append(f"{variant} seed {seed}")
+                continue
             results.append(r)
             steps = " | ".join(f"{p['step']}: " + " ".join(f"{p['weights'][n]:.2f}" for n in SOURCES)
                                for p in r["trajectory"])
             print(f"{variant} seed {seed} ({r['seconds'] / 60:.1f} min) [{' '.join(SOURCES)}] {steps}",
                   file=sys.stderr)
-    command = "python scripts/bench_quality.py " + " ".join(sys.argv[1:])
+    command = "python scripts/bench_quality.py " + " ".join(a for a in sys.argv[1:] if a != "--finished-only")
     text = report(results, args, command)
+    if missing:
+        text += f"\n\nNot run yet (the invocation was stopped before them): {', '.join(missing)}."
     print(text)
     plot_name = f"quality-{args.preset}.png"
     plot(results, (args.work if args.no_record else ROOT / "docs") / plot_name)
