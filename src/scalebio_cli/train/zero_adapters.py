@@ -128,9 +128,6 @@ class ZeroAdapters(Adapters):
         params = [p for p in self.trainable() if id(p) in self._ids[name]]
         safe_update_full_grad_vectorized(params, lambda grad, _p: torch.zeros_like(grad))
 
-    def forget(self) -> None:
-        self._current = None
-
     def _restore_requires_grad(self) -> None:
         for name in self.names:
             self.lisas[name].activate(self.lisas[name].active)
