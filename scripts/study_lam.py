@@ -1,7 +1,10 @@
 """The lam step's variance reductions, one change at a time, on the demo (tiny model, CPU): weights and evidence.
 
-    python scripts/study_lam.py                 # 3 seeds, every variant, ~35 min on 2 idle cores (runs reused)
+    python scripts/study_lam.py                 # 3 seeds, every variant, ~10 min on 2 idle cores
     python scripts/study_lam.py --seeds 0 --variants reference every-3
+
+Finished runs are kept in --work (runs/study-lam) and reused by a rerun with more seeds or variants; a change of
+code does not invalidate them: delete --work after one.
 
 Two cases built from the demo data (scripts/build_demo.py):
   denoising  the demo: clean (right answers), noisy (answers replaced by "."), offtopic (another task); the right
