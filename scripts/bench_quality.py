@@ -14,6 +14,9 @@ validation set's mix of 2 general records to 1 math record (so only the corrupti
   swapped    responses taken from other records (answers that do not belong to the question)
   wrong      every number in the answer changed (general answers that hold numbers; math: wrong final answers)
 
+`--case alpaca` is the three-source case of the paper's denoising setting: clean / dot / shuffled, all built from
+short GPT4-LLM-Cleaned (Alpaca prompts, GPT-4 answers) records, validation drawn from the same records.
+
 The right answer: `clean` gets the largest weight and every corrupted source less than uniform. Each variant x seed
 is one real `scalebio reweight` run (a subprocess); the script prints the weights per logged step and a table,
 draws the weights over steps, and writes the section "Real-model quality" of docs/results.md with the command.
@@ -37,6 +40,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data" / "instruct-math"
 SOURCES = ("clean", "dot", "shuffled", "swapped", "wrong")
+# The cases: the five-source benchmark above and the paper's alpaca denoising case (three sources).
+CASES = {"mixed": SOURCES, "alpaca": ("clean", "dot", "shuffled")}
+ALPACA_PER_SOURCE, ALPACA_VAL = 120, 90
 # Records per source: general-instruction and math, the validation set's 2:1 mix.
 PER_SOURCE_GENERAL, PER_SOURCE_MATH = 80, 40
 # Budget presets: CPU fits 2 cores (tens of steps, short records); GPU is the reference's scale.
@@ -84,6 +90,38 @@ def _with_response(record: dict, response: str) -> dict:
     return {"items": [record["items"][0], {"from": "gpt", "value": response}]}
 
 
+def _shuffle_words(record: dict, rng: random.Random) -> dict:
+    words = record["items"][1]["value"].split()
+    rng.shuffle(words)
+    return _with_response(record, " ".join(words))
+
+
+def _write(out: Path, named: list[tuple[str, list[dict]]], rng: random.Random) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, records in named:
+        rng.shuffle(records)
+        paths[name] = out / f"{name}.json"
+        paths[name].write_text(json.dumps(records, ensure_ascii=False))
+    return paths
+
+
+def build_alpaca(out: Path, seed: int = 0) -> dict[str, Path]:
+    """The alpaca case: clean / dot / shuffled and the validation set, disjoint GPT4-LLM-Cleaned records."""
+    rng = random.Random(seed)
+    records = short_records("GPT4-LLM-Cleaned")
+    rng.shuffle(records)
+    it = iter(records)
+
+    def take(n: int) -> list[dict]:
+        return [next(it) for _ in range(n)]
+
+    val, clean = take(ALPACA_VAL), take(ALPACA_PER_SOURCE)
+    dot = [_with_response(r, ".") for r in take(ALPACA_PER_SOURCE)]
+    shuffled = [_shuffle_words(r, rng) for r in take(ALPACA_PER_SOURCE)]
+    return _write(out, [("clean", clean), ("dot", dot), ("shuffled", shuffled), ("val", val)], rng)
+
+
 def build_data(out: Path, seed: int = 0) -> dict[str, Path]:
     """Write the five sources and the validation set (sharegpt JSON) into `out`; returns their paths.
 
@@ -112,25 +150,15 @@ def build_data(out: Path, seed: int = 0) -> dict[str, Path]:
     val = take(60, 30)
     clean = take()
     dot = [_with_response(r, ".") for r in take()]
-    shuffled = []
-    for r in take():
-        words = r["items"][1]["value"].split()
-        rng.shuffle(words)
-        shuffled.append(_with_response(r, " ".join(words)))
+    shuffled = [_shuffle_words(r, rng) for r in take()]
     base = take()
     rng.shuffle(base)
     donors = base[1:] + base[:1]  # a derangement: every record gets another record's response
     swapped = [_with_response(r, d["items"][1]["value"]) for r, d in zip(base, donors)]
     numbered = with_numbers + [next(m) for _ in range(PER_SOURCE_MATH)]
     wrong = [_with_response(r, re.sub(r"\d+", perturb, r["items"][1]["value"])) for r in numbered]
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, records in [("clean", clean), ("dot", dot), ("shuffled", shuffled), ("swapped", swapped),
-                          ("wrong", wrong), ("val", val)]:
-        rng.shuffle(records)
-        paths[name] = out / f"{name}.json"
-        paths[name].write_text(json.dumps(records, ensure_ascii=False))
-    return paths
+    return _write(out, [("clean", clean), ("dot", dot), ("shuffled", shuffled), ("swapped", swapped),
+                        ("wrong", wrong), ("val", val)], rng)
 
 
 def model_path(args: argparse.Namespace) -> str:
@@ -159,7 +187,7 @@ def run_variant(name: str, seed: int, args: argparse.Namespace, paths: dict[str,
     out = args.work / "runs" / f"{name}-seed{seed}"
     recipe = {
         "model": model, "output_dir": str(out), "seed": seed,
-        "data": {"sources": {n: str(paths[n]) for n in SOURCES}, "validation": str(paths["val"]),
+        "data": {"sources": {n: str(paths[n]) for n in args.sources}, "validation": str(paths["val"]),
                  "max_length": preset["max_length"]},
         "reweight": {**base_settings(args.base), "steps": preset["steps"], "batch_size": preset["batch_size"],
                      "val_batch_size": preset["val_batch_size"], "micro_batch_size": preset["micro_batch_size"],
@@ -199,7 +227,7 @@ def passes(weights: dict[str, float]) -> bool:
     return max(weights, key=weights.get) == "clean" and all(weights[n] < uniform for n in weights if n != "clean")
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], path: Path, sources: tuple[str, ...]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,10 +238,10 @@ def plot(results: list[dict], path: Path) -> None:
     for ax, variant in zip(axes[0], variants):
         for r in (x for x in results if x["variant"] == variant):
             steps = [p["step"] for p in r["trajectory"]]
-            for i, source in enumerate(SOURCES):
+            for i, source in enumerate(sources):
                 ax.plot(steps, [p["weights"][source] for p in r["trajectory"]], color=f"C{i}", linewidth=1.4,
                         alpha=0.85, label=source if r["seed"] == results[0]["seed"] else None)
-        ax.axhline(1 / len(SOURCES), color="grey", linestyle=":", linewidth=1)
+        ax.axhline(1 / len(sources), color="grey", linestyle=":", linewidth=1)
         ax.set_title(variant)
         ax.set_xlabel("step")
         ax.set_ylim(bottom=0)
@@ -228,21 +256,22 @@ def plot(results: list[dict], path: Path) -> None:
 def report(results: list[dict], args: argparse.Namespace, command: str) -> str:
     lines = [f"Model `{Path(args.model_label).name}`, preset `{args.preset}` ({json.dumps(PRESETS[args.preset])}), "
              f"base `{args.base}` ({json.dumps(base_settings(args.base))}), {args.device}. Passes: clean largest "
-             "and every corrupted source below uniform (0.200).", "", f"`{command}`", "",
-             "| variant | seed | " + " | ".join(SOURCES) + " | passes | minutes |",
-             "|---|---:|" + "---:|" * len(SOURCES) + "---|---:|"]
+             f"and every corrupted source below uniform ({1 / len(args.sources):.3f}).", "", f"`{command}`", "",
+             "| variant | seed | " + " | ".join(args.sources) + " | passes | minutes |",
+             "|---|---:|" + "---:|" * len(args.sources) + "---|---:|"]
     for r in results:
         w = r["weights"]
-        lines.append(f"| {r['variant']} | {r['seed']} | " + " | ".join(f"{w[n]:.3f}" for n in SOURCES)
+        lines.append(f"| {r['variant']} | {r['seed']} | " + " | ".join(f"{w[n]:.3f}" for n in args.sources)
                      + f" | {'yes' if passes(w) else 'no'} | {r['seconds'] / 60:.1f} |")
     return "\n".join(lines)
 
 
-def write_results(text: str, plot_name: str) -> None:
+def write_results(text: str, plot_name: str, case: str) -> None:
     """Put the table between the markers of the section "Real-model quality" in docs/results.md (the section's
     hand-written study around it stays); a results.md without the section gets it appended."""
     doc = ROOT / "docs" / "results.md"
-    begin, end = "<!-- bench_quality: begin -->", "<!-- bench_quality: end -->"
+    tag = "bench_quality" if case == "mixed" else f"bench_quality:{case}"
+    begin, end = f"<!-- {tag}: begin -->", f"<!-- {tag}: end -->"
     block = f"{begin}\n{text}\n\n![weights over steps]({plot_name})\n{end}"
     existing = doc.read_text() if doc.exists() else "# Results\n"
     if begin in existing and end in existing:
@@ -257,19 +286,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a model folder or .gguf (default: SmolLM2 via scripts/get_smollm2.py)")
     parser.add_argument("--gguf", action="store_true", help="use the GGUF file itself instead of the folder")
+    parser.add_argument("--case", default="mixed", choices=list(CASES),
+                        help="mixed: the five sources above; alpaca: clean / dot / shuffled from GPT4-LLM-Cleaned")
     parser.add_argument("--preset", default="cpu", choices=list(PRESETS))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--base", default="defaults", choices=["defaults", "reference"],
                         help="the settings the variants change: the defaults or recipes/reference.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variants", nargs="+", default=["default"], help=f"any of {', '.join(VARIANTS)}, or all")
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "quality")
+    parser.add_argument("--work", type=Path, help="default: runs/quality (alpaca: runs/quality-alpaca)")
     parser.add_argument("--no-record", action="store_true", help="do not append to docs/results.md")
     parser.add_argument("--finished-only", action="store_true",
                         help="report the runs that have finished (an interrupted invocation's), run nothing")
     parser.add_argument("overrides", nargs="*", help="extra KEY=VALUE recipe overrides for every run")
     args = parser.parse_args()
-    args.work = args.work.resolve()  # recipes name absolute paths
+    args.work = (args.work or ROOT / "runs" / ("quality" if args.case == "mixed" else f"quality-{args.case}")).resolve()
+    args.sources = CASES[args.case]
     if not SHARED.is_dir():
         sys.exit(f"{SHARED} not found: the benchmark builds its sources from instruct-math")
     variants = list(VARIANTS) if args.variants == ["all"] else args.variants
@@ -278,7 +310,7 @@ def main() -> None:
         sys.exit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     if args.device == "cpu":
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-    paths = build_data(args.work / "data")
+    paths = (build_data if args.case == "mixed" else build_alpaca)(args.work / "data")
     model = model_path(args)
     args.model_label = model
     results, missing = [], []
@@ -290,20 +322,20 @@ def main() -> None:
                 missing.append(f"{variant} seed {seed}")
                 continue
             results.append(r)
-            steps = " | ".join(f"{p['step']}: " + " ".join(f"{p['weights'][n]:.2f}" for n in SOURCES)
+            steps = " | ".join(f"{p['step']}: " + " ".join(f"{p['weights'][n]:.2f}" for n in args.sources)
                                for p in r["trajectory"])
-            print(f"{variant} seed {seed} ({r['seconds'] / 60:.1f} min) [{' '.join(SOURCES)}] {steps}",
+            print(f"{variant} seed {seed} ({r['seconds'] / 60:.1f} min) [{' '.join(args.sources)}] {steps}",
                   file=sys.stderr)
     command = "python scripts/bench_quality.py " + " ".join(a for a in sys.argv[1:] if a != "--finished-only")
     text = report(results, args, command)
     if missing:
         text += f"\n\nNot run yet (the invocation was stopped before them): {', '.join(missing)}."
     print(text)
-    plot_name = f"quality-{args.preset}.png"
-    plot(results, (args.work if args.no_record else ROOT / "docs") / plot_name)
+    plot_name = f"quality-{args.preset}.png" if args.case == "mixed" else f"quality-{args.case}-{args.preset}.png"
+    plot(results, (args.work if args.no_record else ROOT / "docs") / plot_name, args.sources)
     (args.work / "results.json").write_text(json.dumps(results, indent=1))
     if not args.no_record:
-        write_results(text, plot_name)
+        write_results(text, plot_name, args.case)
 
 
 if __name__ == "__main__":

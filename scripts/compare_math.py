@@ -70,7 +70,7 @@ def report(work: Path, args: argparse.Namespace, minutes: float) -> str:
         loss = mix["results"]["test"]["loss"]
         table.append(f"| {name} | {loss['mean']:.4f} ± {loss['std']:.4f} | "
                      + ", ".join(f"{v:.4f}" for v in loss["per_seed"]) + " |")
-    command = "python scripts/compare_math.py " + " ".join(sys.argv[1:])
+    command = " ".join(["python scripts/compare_math.py", *sys.argv[1:]])
     pool = "whole files" if not args.per_source else f"{args.per_source} records a source"
     val = "all of val.json" if not args.num_val else f"{args.num_val} of val.json"
     return "\n".join([
