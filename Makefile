@@ -58,6 +58,7 @@ smollm2: install
 
 # Denoising on a real pretrained model (SmolLM2): clean vs four corrupted copies; records docs/results.md.
 # CPU-sized (60 steps of batch 9; 6 runs, ~1.5 h on 2 idle cores); on a GPU: make bench-quality QUALITY_ARGS="--device cuda --preset gpu --seeds 0 1 2"
+# The paper's three-source alpaca case (clean / dot / shuffled): make bench-quality QUALITY_ARGS="--case alpaca --seeds 0 1 2 --variants default full"
 QUALITY_ARGS ?= --seeds 0 1 2 --variants default full
 bench-quality: smollm2 instruct-math-data
 	$(BIN)/python scripts/bench_quality.py $(QUALITY_ARGS)
@@ -71,7 +72,8 @@ bench-select: smollm2
 
 # The paper's comparison on SmolLM2 and the five instruct-math sources (scripts/compare_math.py): reweight, select
 # rho-loss and less, then `scalebio compare` of scalebio / uniform / proportional / rho-loss / less (N records each,
-# fine-tuned and evaluated on test.json over 3 seeds); docs/results.md. CPU: a seeded pool of 100 records a source.
+# fine-tuned and evaluated on test.json over 3 seeds); docs/results.md. CPU: a seeded pool of 100 records a source,
+# ~1.5-2 h on 2 cores (106 min measured, beside another job).
 # A GPU at full size: make compare-math COMPARE_ARGS="--per-source 0 --num-val 0 -n 6000 precision=bf16"
 # Every stage resumes (reweight --resume auto, finished selections and compare cells are reused).
 COMPARE_ARGS ?=
