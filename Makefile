@@ -57,9 +57,9 @@ smollm2: install
 	$(BIN)/python scripts/get_smollm2.py
 
 # Denoising on a real pretrained model (SmolLM2): clean vs four corrupted copies; records docs/results.md.
-# CPU-sized (60 steps of batch 9; 6 runs, ~1.5 h on 2 idle cores); on a GPU: make bench-quality QUALITY_ARGS="--device cuda --preset gpu --seeds 0 1 2"
+# CPU-sized (60 steps of batch 9; 9 runs, ~1.5-2 h on 2 idle cores); on a GPU: make bench-quality QUALITY_ARGS="--device cuda --preset gpu --seeds 0 1 2"
 # The paper's three-source alpaca case (clean / dot / shuffled): make bench-quality QUALITY_ARGS="--case alpaca --seeds 0 1 2 --variants default full"
-QUALITY_ARGS ?= --seeds 0 1 2 --variants default full
+QUALITY_ARGS ?= --seeds 0 1 2 --variants default full lora
 bench-quality: smollm2 instruct-math-data
 	$(BIN)/python scripts/bench_quality.py $(QUALITY_ARGS)
 

@@ -40,9 +40,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data" / "instruct-math"
 SOURCES = ("clean", "dot", "shuffled", "swapped", "wrong")
-# The cases: the five-source benchmark above and the paper's alpaca denoising case (three sources).
-CASES = {"mixed": SOURCES, "alpaca": ("clean", "dot", "shuffled")}
-ALPACA_PER_SOURCE, ALPACA_VAL = 120, 90
+ALPACA_SOURCES, ALPACA_PER_SOURCE, ALPACA_VAL = ("clean", "dot", "shuffled"), 120, 90
 # Records per source: general-instruction and math, the validation set's 2:1 mix.
 PER_SOURCE_GENERAL, PER_SOURCE_MATH = 80, 40
 # Budget presets: CPU fits 2 cores (tens of steps, short records); GPU is the reference's scale.
@@ -161,6 +159,10 @@ def build_data(out: Path, seed: int = 0) -> dict[str, Path]:
                         ("wrong", wrong), ("val", val)], rng)
 
 
+# The cases: the five-source benchmark above and the paper's alpaca denoising case, each with its data builder.
+CASES = {"mixed": (SOURCES, build_data), "alpaca": (ALPACA_SOURCES, build_alpaca)}
+
+
 def model_path(args: argparse.Namespace) -> str:
     if args.model:
         return args.model
@@ -257,11 +259,12 @@ def report(results: list[dict], args: argparse.Namespace, command: str) -> str:
     lines = [f"Model `{Path(args.model_label).name}`, preset `{args.preset}` ({json.dumps(PRESETS[args.preset])}), "
              f"base `{args.base}` ({json.dumps(base_settings(args.base))}), {args.device}. Passes: clean largest "
              f"and every corrupted source below uniform ({1 / len(args.sources):.3f}).", "", f"`{command}`", "",
-             "| variant | seed | " + " | ".join(args.sources) + " | passes | minutes |",
-             "|---|---:|" + "---:|" * len(args.sources) + "---|---:|"]
+             "| variant | seed | " + " | ".join(args.sources) + " | evidence z, same order | passes | minutes |",
+             "|---|---:|" + "---:|" * len(args.sources) + "---|---|---:|"]
     for r in results:
-        w = r["weights"]
+        w, z = r["weights"], [r["evidence"].get(n, {}).get("z") for n in args.sources]
         lines.append(f"| {r['variant']} | {r['seed']} | " + " | ".join(f"{w[n]:.3f}" for n in args.sources)
+                     + " | " + " / ".join("-" if v is None else f"{v:+.1f}" for v in z)
                      + f" | {'yes' if passes(w) else 'no'} | {r['seconds'] / 60:.1f} |")
     return "\n".join(lines)
 
@@ -270,7 +273,7 @@ def write_results(text: str, plot_name: str, case: str) -> None:
     """Put the table between the markers of the section "Real-model quality" in docs/results.md (the section's
     hand-written study around it stays); a results.md without the section gets it appended."""
     doc = ROOT / "docs" / "results.md"
-    tag = "bench_quality" if case == "mixed" else f"bench_quality:{case}"
+    tag = "bench_quality" + ("" if case == "mixed" else f":{case}")
     begin, end = f"<!-- {tag}: begin -->", f"<!-- {tag}: end -->"
     block = f"{begin}\n{text}\n\n![weights over steps]({plot_name})\n{end}"
     existing = doc.read_text() if doc.exists() else "# Results\n"
@@ -300,8 +303,9 @@ def main() -> None:
                         help="report the runs that have finished (an interrupted invocation's), run nothing")
     parser.add_argument("overrides", nargs="*", help="extra KEY=VALUE recipe overrides for every run")
     args = parser.parse_args()
-    args.work = (args.work or ROOT / "runs" / ("quality" if args.case == "mixed" else f"quality-{args.case}")).resolve()
-    args.sources = CASES[args.case]
+    suffix = "" if args.case == "mixed" else f"-{args.case}"  # the five-source case keeps its original names
+    args.work = (args.work or ROOT / "runs" / f"quality{suffix}").resolve()  # recipes name absolute paths
+    args.sources, build = CASES[args.case]
     if not SHARED.is_dir():
         sys.exit(f"{SHARED} not found: the benchmark builds its sources from instruct-math")
     variants = list(VARIANTS) if args.variants == ["all"] else args.variants
@@ -310,7 +314,7 @@ def main() -> None:
         sys.exit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     if args.device == "cpu":
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-    paths = (build_data if args.case == "mixed" else build_alpaca)(args.work / "data")
+    paths = build(args.work / "data")
     model = model_path(args)
     args.model_label = model
     results, missing = [], []
@@ -326,12 +330,14 @@ def main() -> None:
                                for p in r["trajectory"])
             print(f"{variant} seed {seed} ({r['seconds'] / 60:.1f} min) [{' '.join(args.sources)}] {steps}",
                   file=sys.stderr)
-    command = "python scripts/bench_quality.py " + " ".join(a for a in sys.argv[1:] if a != "--finished-only")
+    command = " ".join(["python scripts/bench_quality.py", *(a for a in sys.argv[1:] if a != "--finished-only")])
     text = report(results, args, command)
     if missing:
         text += f"\n\nNot run yet (the invocation was stopped before them): {', '.join(missing)}."
     print(text)
-    plot_name = f"quality-{args.preset}.png" if args.case == "mixed" else f"quality-{args.case}-{args.preset}.png"
+    if not results:
+        sys.exit("no finished run to report")
+    plot_name = f"quality{suffix}-{args.preset}.png"
     plot(results, (args.work if args.no_record else ROOT / "docs") / plot_name, args.sources)
     (args.work / "results.json").write_text(json.dumps(results, indent=1))
     if not args.no_record:

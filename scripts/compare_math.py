@@ -75,8 +75,9 @@ def report(work: Path, args: argparse.Namespace, minutes: float) -> str:
     val = "all of val.json" if not args.num_val else f"{args.num_val} of val.json"
     return "\n".join([
         f"`{command}` (`make compare-math`; pool: {pool}, validation: {val}; {args.num_samples} records per mix; "
-        f"seeds {', '.join(map(str, args.seeds))}; {minutes:.0f} min on this machine). Weights: one reweight run "
-        f"({weights['config']['reweight']['steps']} steps), with its evidence per source:", "", *rows, "",
+        f"seeds {', '.join(map(str, args.seeds))}; {minutes:.0f} min on this machine over its invocations). "
+        f"Weights: one reweight run ({weights['config']['reweight']['steps']} steps), with its evidence per source:",
+        "", *rows, "",
         "Held-out loss (response tokens of the 280 test.json records) after fine-tuning SmolLM2 on each mix, "
         "best first; the seed draws the sample (scalebio, uniform, proportional) and the fine-tuning order (all "
         "five; the RHO-loss and LESS files are one selection each):", "", *table, "",
@@ -115,7 +116,12 @@ def main() -> None:
              "--mix", f"scalebio={work / 'reweight' / 'weights.json'}", "--mix", "uniform", "--mix", "proportional",
              "--mix", f"rho-loss={work / 'rho-loss.jsonl'}", "--mix", f"less={work / 'less.jsonl'}",
              "--test", f"test={DATA / 'test.json'}", "--output", str(work / "compare"), log=log)
-    body = report(work, args, (time.perf_counter() - start) / 60)
+    # The time the table cost, summed over invocations: a rerun that reuses finished stages must not report only
+    # its own few seconds.
+    ledger = work / "elapsed.json"
+    seconds = (json.loads(ledger.read_text())["seconds"] if ledger.is_file() else 0.0) + time.perf_counter() - start
+    ledger.write_text(json.dumps({"seconds": seconds}))
+    body = report(work, args, seconds / 60)
     print(body)
     if not args.no_record:
         text = RESULTS.read_text()
