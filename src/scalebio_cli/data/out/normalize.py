@@ -25,11 +25,6 @@ def to_messages(example: Example) -> list[dict[str, str]]:
     return [{"role": t.role, "content": t.content} for t in to_turns(example)]
 
 
-def record_to_messages(record: Any, where: str) -> list[dict[str, str]]:
-    """One raw record (any supported format) as a messages list; an unknown format is an InputError at `where`."""
-    return to_messages(to_example(record, where))
-
-
 def alternation_problem(turns: list[Turn]) -> str | None:
     """Why a conversation is not `[system] user assistant user assistant ...` (None if it is).
 
