@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from scalebio_cli.data.read import sources as data_sources
-from scalebio_cli.data.read.records import Example, Turn, to_example
+from scalebio_cli.data.read.records import Example, Turn
 from scalebio_cli.errors import InputError
 
 
