@@ -110,3 +110,74 @@ def test_reliability_doc_lists_the_catalogue() -> None:
                 assert fragment.replace("|", "\\|") in message, f"{case.id}: {fragment!r} not in the doc: {stale}"
     for cls in HOSTILE:
         assert cls.name in doc, stale
+
+
+def test_reliability_doc_ends_with_the_generators_runs_that_stop_and_their_exit_status() -> None:
+    """The "Runs that stop" table is written by scripts/write_reliability_doc.py (fix it there), and the exit status
+    it gives for Ctrl-C is the one the CLI returns (tests/test_first_hour.py sends the SIGINT)."""
+    import write_reliability_doc
+
+    from scalebio_cli.errors import TrainingStopped
+
+    doc = (ROOT / "docs" / "reliability.md").read_text()
+    assert doc.endswith(write_reliability_doc.FOOTER), "rerun `python scripts/write_reliability_doc.py`"
+    row = next(line for line in doc.splitlines() if line.startswith("| SIGTERM / SIGINT"))
+    assert f"exit status {TrainingStopped('', 'SIGINT').exit_code} after SIGINT" in row
+    assert f"{TrainingStopped('', 'SIGTERM').exit_code} after SIGTERM" in row and "exit status 1 with" not in row
+
+
+def _schema_default(key: str) -> object:
+    from scalebio_cli.recipe.schema import Recipe
+
+    value: object = Recipe()
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _doc_value(text: str) -> object:
+    """A default as docs/recipes.md writes it (`5e-2`, `true`, `4`), as Python reads it; text stays text."""
+    import yaml
+
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def test_recipes_doc_defaults_are_the_schemas() -> None:
+    """Every number or true/false docs/recipes.md gives as a key's default is the schema's default, and so is every
+    `KEY > 0` (the default N)` remark (it once said 4 in the table and 2 in the LoRA row)."""
+    doc = (ROOT / "docs" / "recipes.md").read_text()
+    checked, wrong = 0, []
+    for keys, values in re.findall(r"^\| ((?:`[\w.]+`(?:, )?)+) \| ((?:`[^`]*`(?:, )?)+) \|", doc, re.M):
+        keys, values = re.findall(r"`([\w.]+)`", keys), re.findall(r"`([^`]*)`", values)
+        if len(keys) != len(values):
+            continue  # two keys sharing one default (`lr_u`, `lr_w`: `1e-4`) are checked by their first key below
+        for key, text in zip(keys, values):
+            try:
+                default = _schema_default(key)
+            except AttributeError:
+                continue  # `.alpha`: shorthand for the row's first key's section
+            value = _doc_value(text)
+            if isinstance(value, (bool, int, float)):
+                checked += 1
+                if value != default:
+                    wrong.append(f"{key}: the doc says {text}, the schema {default!r}")
+    for key, text in re.findall(r"`([\w.]+) > 0` \(the default (\w+)\)", doc):
+        checked += 1
+        if _doc_value(text) != _schema_default(key):
+            wrong.append(f"{key}: the doc says the default is {text}, the schema {_schema_default(key)!r}")
+    assert checked > 30 and not wrong, wrong
+
+
+def test_make_test_time_names_the_machine() -> None:
+    """The time `make test` takes is stated with the machine it was measured on, and what a busy machine does."""
+    line = next(line for line in README.splitlines() if line.startswith("make test "))
+    assert re.search(r"\d+m\d\ds on an idle \d+-core, \d+ GiB machine", line), line
+    assert "`make test` takes several times longer" in README
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"# \d+m\d\ds on a \d+-core .*\n(?:#.*\n)*test: install", makefile)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -170,3 +171,40 @@ def test_json_errors_say_at_once() -> None:
             parse_jsonl_line("f.jsonl", 3, line)
         assert str(exc.value) == f"f.jsonl:3: not valid JSON ({expected})"
         assert "at at" not in str(exc.value)
+
+
+# -- small things a new user trips over (issue #43) ------------------------------------------------------------
+
+
+def test_help_is_readable_at_80_columns() -> None:
+    """Every command's --help at COLUMNS=80: no line wider than 80, every option name written out in full (rich's
+    option tables cut them: `--no-replaceme…`)."""
+    import typer.main
+    from typer.testing import CliRunner
+
+    from scalebio_cli import cli
+
+    group = typer.main.get_command(cli.app)
+    for name, command in [("", group), *group.commands.items()]:
+        result = CliRunner().invoke(cli.app, [*([name] if name else []), "--help"], env={"COLUMNS": "80"},
+                                    terminal_width=80)
+        assert result.exit_code == 0, result.output
+        assert "…" not in result.output, f"scalebio {name} --help cuts text at 80 columns"
+        assert max(len(line) for line in result.output.splitlines()) <= 80, f"scalebio {name} --help"
+        for param in command.params:
+            for opt in [*param.opts, *param.secondary_opts]:
+                if opt.startswith("-"):
+                    assert re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", result.output), (name, opt)
+
+
+def test_a_run_folder_given_as_weights_names_its_weights_json(tmp_path: Path) -> None:
+    run = tmp_path / "runs" / "x"
+    run.mkdir(parents=True)
+    args = ["-n", "3", "-o", tmp_path / "s.jsonl"]
+    result = invoke("sample", "--weights", run, *args)
+    assert result.returncode == 2 and "weights.json" in result.stderr and "did you mean" not in result.stderr
+    assert "a folder, not a weights file" in result.stderr and not (tmp_path / "s.jsonl").exists()
+    (run / "weights.json").write_text("{}")
+    result = invoke("sample", "--weights", run, *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{run}: a run folder, not a weights file: did you mean {run / 'weights.json'}?" in result.stderr

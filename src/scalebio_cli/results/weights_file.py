@@ -51,6 +51,11 @@ def _read(path: Path) -> dict[str, Any]:
 
     from scalebio_cli.errors import InputError
 
+    if path.is_dir():  # `--weights runs/x`: the run folder, not its result
+        inside = path / "weights.json"
+        raise InputError(f"{path}: a run folder, not a weights file: did you mean {inside}?" if inside.is_file()
+                         else f"{path}: a folder, not a weights file (a finished reweight run folder holds "
+                              "weights.json; this one has none)")
     if not path.is_file():
         from scalebio_cli.files import did_you_mean
 
