@@ -180,6 +180,9 @@ class DataConfig:
     cache_dir: str | None = setting(None, affects=NONE, path="file")
     # a Jinja chat template that replaces the tokenizer's for every record (and is saved with the fine-tuned model)
     chat_template: str | None = setting(None, affects=BOTH, path="file")
+    # leave out of training the records of a source that copy (or nearly copy) a validation or test record
+    # (data/checks.py; the log warns about them either way)
+    decontaminate: bool = setting(False, affects=RW)
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 from rich.markup import escape
 
 from scalebio_cli.console import console, format_evidence, format_weights, step_progress
+from scalebio_cli.data import checks as data_checks
 from scalebio_cli.data.batch_plan import BatchPlan, StepBatches
 from scalebio_cli.data.batching import Prefetcher, num_micro_batches
 from scalebio_cli.data.read import sources as data_sources
@@ -90,6 +91,7 @@ class Reweighting:
     start: int = 0
     trajectory: list[dict[str, Any]] = field(default_factory=list)
     weights_sum: torch.Tensor | None = None  # sum of s over the second half (weights_averaged)
+    checks: data_checks.DataChecks | None = None  # duplicates, overlap with validation (weights.json)
 
     @property
     def avg_from(self) -> int:
@@ -126,7 +128,8 @@ def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, f
     tokenizer = load_tokenizer(recipe.tokenizer_path, recipe.trust_remote_code,
                                recipe.data.chat_template)
     data = load_data(recipe, Renderer(tokenizer, recipe.data.max_length), dist)
-    names, sources = list(data.sources), data.source_data
+    checks = data_checks.for_reweight(recipe, data, dist.is_main, lambda: distributed.barrier(dist))
+    names, sources = list(data.sources), [checks.without_dropped(n, d) for n, d in zip(data.sources, data.source_data)]
     fingerprints = data_fingerprints(data)
     loop.check_resume(start_from, "reweight", recipe, fingerprints, force, dist)
     plan = BatchPlan(sources, data.val_data, data.val_weights, recipe, dist, tokenizer.pad_token_id)
@@ -152,7 +155,7 @@ def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, f
     control = loop.StepControl("reweight", recipe, out, cfg.steps, dist, fingerprints, guard)
     return Reweighting(recipe, dist, out, names, sources, data, plan, u, w, lam, control,
                        trajectory=[{"step": 0, "weights": lam.as_dict(names)}],
-                       weights_sum=torch.zeros(len(names), dtype=torch.float64, device=dist.device))
+                       weights_sum=torch.zeros(len(names), dtype=torch.float64, device=dist.device), checks=checks)
 
 
 def model_copies(recipe: Recipe, dist: distributed.DistInfo,
@@ -296,7 +299,8 @@ def finish(rw: Reweighting) -> Path:
     if rw.dist.is_main:
         doc = weights_file.build(
             weights=final, weights_averaged=averaged,
-            sources={n: source_info(s, d) for (n, s), d in zip(rw.data.sources.items(), rw.sources)},
+            sources={n: source_info(s, d) | (rw.checks.record(n) if rw.checks else {})
+                     for (n, s), d in zip(rw.data.sources.items(), rw.sources)},
             validation=validation_info(rw), trajectory=rw.trajectory, steps=cfg.steps,
             seed=rw.recipe.seed, model=rw.recipe.model, config=rw.recipe.to_dict(),
             evidence=rw.lam.evidence(names))

@@ -1,0 +1,209 @@
+"""Data checks before training (issue #43, data/checks.py): duplicates, records shared between sources, exact and
+near copies of validation and test records, `data.decontaminate`, and sources smaller than what a run draws."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import invoke, write_recipe
+from scalebio_cli.data import checks
+from scalebio_cli.data.read.sources import from_path
+
+WORDS = [f"w{i}" for i in range(400)] + ["apples", "trains", "sum", "total", "how", "many", "ratio", "left"]
+
+
+def _text(rng: random.Random, n: int = 24) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def _record(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def _write(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _near(record: dict, rng: random.Random) -> dict:
+    """The record with one word of its question replaced (3-gram Jaccard ~0.8: a near copy, not an exact one)."""
+    words = record["messages"][0]["content"].split()
+    words[len(words) // 2] = "changed"
+    return _record(" ".join(words), record["messages"][1]["content"])
+
+
+def _shout(record: dict) -> dict:
+    """The same record in capitals with doubled spaces: an exact copy once whitespace and case are normalised."""
+    question, answer = (m["content"] for m in record["messages"])
+    return _record("  " + question.upper().replace(" ", "  "), answer.upper() + "\n")
+
+
+@pytest.fixture(scope="module")
+def leaky(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Validation and test sets, and sources: `good` holds 20 validation records verbatim (case and spacing changed),
+    5 repeats of its own records and 4 records also in `nearby`; `nearby` holds 15 near copies of test records and
+    9 of validation records; `tiny` has 3 records."""
+    rng = random.Random(0)
+    root = tmp_path_factory.mktemp("leaky")
+    val = [_record(_text(rng), _text(rng, 6)) for _ in range(40)]
+    test = [_record(_text(rng), _text(rng, 6)) for _ in range(30)]
+    own = [_record(_text(rng), _text(rng, 6)) for _ in range(80)]
+    other = [_record(_text(rng), _text(rng, 6)) for _ in range(80)]
+    good = own + [_shout(r) for r in val[:20]] + own[:5] + other[:4]
+    nearby = other + [_near(r, rng) for r in test[:15]] + [_near(r, rng) for r in val[20:29]]
+    rng.shuffle(good)
+    rng.shuffle(nearby)
+    tiny = [_record(_text(rng), _text(rng, 6)) for _ in range(3)]
+    return {"val": _write(root / "val.jsonl", val), "test": _write(root / "test.jsonl", test),
+            "good": _write(root / "good.jsonl", good), "nearby": _write(root / "nearby.jsonl", nearby),
+            "tiny": _write(root / "tiny.jsonl", tiny)}
+
+
+def _sources(paths: dict[str, Path]) -> dict:
+    return {n: from_path(f"data.sources.{n}", paths[n]) for n in ("good", "nearby", "tiny")}
+
+
+# -- the hashes ---------------------------------------------------------------------------------------------------
+
+
+def test_word_3grams_are_those_of_a_plain_reading() -> None:
+    """chunk_shingles (numpy over a whole chunk) gives each text as many distinct 3-grams as a plain Python reading
+    of its words, and the same Jaccard similarity between texts."""
+    word = re.compile(r"[A-Za-z0-9_\u0080-\U0010ffff]+|[^\sA-Za-z0-9_\u0080-\U0010ffff]")
+    rng = random.Random(1)
+    texts = ["", "one", "a b", "what is 3+4=7 ?", "héllo wörld 你好 , x_y", "one two three four one two three"]
+    texts += [" ".join(rng.choice(["a", "b", "c", "d", "1", "+", "=", "é"]) for _ in range(rng.randint(1, 30)))
+              for _ in range(200)]
+    sets = checks._split(*checks.chunk_shingles(texts), len(texts))
+
+    def grams(text: str) -> set:
+        w = word.findall(text)
+        return {tuple(w)} if 0 < len(w) < 3 else {tuple(w[i:i + 3]) for i in range(len(w) - 2)}
+
+    plain = [grams(t) for t in texts]
+    assert [len(s) for s in sets] == [len(g) for g in plain]
+    for i in range(0, len(texts) - 1, 7):
+        union = plain[i] | plain[i + 1]
+        expected = len(plain[i] & plain[i + 1]) / len(union) if union else 1.0
+        assert checks.jaccard(sets[i], sets[i + 1]) == pytest.approx(expected)
+
+
+def test_texts_compare_by_turns_without_case_or_spacing() -> None:
+    from scalebio_cli.data.read.records import Turn
+
+    a = [Turn("user", "What  is 2+2?"), Turn("assistant", "4\n")]
+    b = [Turn("user", "what is\t2+2?"), Turn("assistant", " 4")]
+    assert checks.record_text(a) == checks.record_text(b) == "user: what is 2+2? assistant: 4"
+    assert checks.record_text(a) != checks.record_text([Turn("assistant", "What is 2+2?"), Turn("user", "4")])
+
+
+# -- the checks, as any stage calls them --------------------------------------------------------------------------
+
+
+def test_overlap_with_validation_and_test_sets_is_counted_and_named(leaky: dict[str, Path],
+                                                                     tmp_path: Path) -> None:
+    """What compare calls with its test files: every source against every reference set, named in the report."""
+    lines: list[tuple[str, str]] = []
+    refs = {"data.validation": from_path("data.validation", leaky["val"]),
+            "test set 'exam'": from_path("exam", leaky["test"])}
+    result = checks.check_sources(_sources(leaky), refs, cache_dir=tmp_path,
+                                  report=lambda level, text: lines.append((level, text)))
+    good, nearby, tiny = (result.by_source[n].record() for n in ("good", "nearby", "tiny"))
+    assert good == {"duplicates": 5, "overlap_validation": 20, "near_overlap_validation": 0,
+                    "shared_with": {"nearby": 4}, "dropped": 0}
+    assert nearby == {"duplicates": 0, "overlap_validation": 0, "near_overlap_validation": 24,
+                      "shared_with": {"good": 4}, "dropped": 0}
+    assert tiny == {"duplicates": 0, "overlap_validation": 0, "near_overlap_validation": 0, "shared_with": {},
+                    "dropped": 0}
+    leaks = [text for level, text in lines if level == "leak"]
+    assert any("source 'good' holds 20 records of data.validation verbatim" in t for t in leaks)
+    assert any("source 'nearby' holds 15 near copies" in t and "test set 'exam'" in t for t in leaks)
+    assert any("source 'nearby' holds 9 near copies" in t and "data.validation" in t for t in leaks)
+    assert all("data.decontaminate: true" in t for t in leaks)
+    assert ("info", "good: 5 of 109 records repeat another of the source; 4 records also in 'nearby'") in lines
+
+
+def test_a_second_check_reads_the_cache_and_agrees(leaky: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    refs = {"data.validation": from_path("data.validation", leaky["val"])}
+    first = checks.check_sources(_sources(leaky), refs, cache_dir=tmp_path, report=None)
+
+    def no_scan(*args: object) -> None:
+        raise AssertionError("scanned again")
+
+    monkeypatch.setattr(checks, "scan", no_scan)
+    again = checks.check_sources(_sources(leaky), refs, cache_dir=tmp_path, report=None)
+    assert {n: c.record() for n, c in again.by_source.items()} == {n: c.record() for n, c in first.by_source.items()}
+    assert np.array_equal(again.by_source["good"].flagged, first.by_source["good"].flagged)
+
+
+def test_decontaminated_records_are_never_drawn(leaky: dict[str, Path], tokenizer, tmp_path: Path) -> None:
+    from scalebio_cli.data.batching import RecordSampler
+    from scalebio_cli.data.tokens.render import Renderer
+    from scalebio_cli.data.tokens.tokenized import load_tokenized
+
+    refs = {"data.validation": from_path("data.validation", leaky["val"])}
+    result = checks.check_sources(_sources(leaky), refs, decontaminate=True, cache_dir=tmp_path, report=None)
+    good = result.by_source["good"]
+    assert good.dropped == 20 == len(good.flagged)
+    data = load_tokenized(leaky["good"], Renderer(tokenizer, 256), tmp_path)
+    kept = result.without_dropped("good", data)
+    assert result.without_dropped("tiny", data) is data  # nothing dropped: the tokens themselves
+    slots = set(RecordSampler(kept, seed=0, stream=0).take(3 * data.num_records))
+    dropped_slots = {s for s in data.resolve(good.flagged.tolist()) if s is not None}
+    assert dropped_slots and not slots & dropped_slots
+    assert len(slots) == data.num_kept - len(dropped_slots)
+
+
+def test_decontamination_that_leaves_a_source_empty_is_refused(leaky: dict[str, Path], tmp_path: Path) -> None:
+    from scalebio_cli.errors import InputError
+
+    refs = {"data.validation": from_path("data.validation", leaky["val"])}
+    sources = {"copy": from_path("data.sources.copy", leaky["val"]), "good": from_path("g", leaky["good"])}
+    with pytest.raises(InputError, match=r"data.sources.copy: every one of its 40 records copies a record of "
+                                         r"data.validation, so data.decontaminate: true leaves nothing of it"):
+        checks.check_sources(sources, refs, decontaminate=True, cache_dir=tmp_path, report=None)
+
+
+def test_draws_split_by_composition() -> None:
+    balanced = checks.reweight_draws(100, 24, "balanced", {"a": 10, "b": 30})
+    pooled = checks.reweight_draws(100, 24, "pooled", {"a": 10, "b": 30})
+    assert balanced.per_step == {"a": 12, "b": 12} and pooled.per_step == {"a": 6, "b": 18}
+
+
+# -- in a reweight run ---------------------------------------------------------------------------------------------
+
+
+def _reweight(demo: Path, leaky: dict[str, Path], root: Path, *extra: str):
+    data = {"sources": {n: str(leaky[n]) for n in ("good", "nearby", "tiny")}, "validation": str(leaky["val"]),
+            "max_length": 128}
+    recipe = write_recipe(root / "recipe.yaml", demo, data=data)
+    result = invoke("reweight", "--config", recipe, "reweight.steps=2", "reweight.batch_size=6",
+                    "reweight.val_batch_size=4", "reweight.log_every=1", *extra)
+    assert result.returncode == 0, result.stderr
+    return result.stderr, json.loads((root / "run" / "weights.json").read_text())
+
+
+def test_reweight_names_leaks_and_tiny_sources_and_decontaminates(demo: Path, leaky: dict[str, Path],
+                                                                    tmp_path: Path) -> None:
+    """One short run with data.decontaminate: the log and weights.json name each leak with its count, and the
+    records are dropped (test_decontaminated_records_are_never_drawn checks that the sampler passes over them)."""
+    stderr, doc = _reweight(demo, leaky, tmp_path, "data.decontaminate=true")
+    log = " ".join(stderr.split())  # messages are one line each; the terminal may still wrap them
+    assert "source 'good' holds 20 records of data.validation verbatim" in log
+    assert "source 'nearby' holds 9 near copies of its records" in log and "dropped (data.decontaminate: true)" in log
+    # 2 steps x 6 examples over 3 sources: 4 draws from a 3-record source
+    assert "source 'tiny' has 3 records, fewer than the ~4 reweight draws from it (2 steps x 2 a step)" in log
+    assert "source 'good' has" not in log  # 89 records left for 4 draws: no warning
+    assert doc["sources"]["good"]["checks"] == {"duplicates": 5, "overlap_validation": 20,
+                                                "near_overlap_validation": 0, "shared_with": {"nearby": 4},
+                                                "dropped": 20}
+    assert doc["sources"]["nearby"]["checks"] == {"duplicates": 0, "overlap_validation": 0,
+                                                  "near_overlap_validation": 9, "shared_with": {"good": 4},
+                                                  "dropped": 9}
+    assert doc["sources"]["tiny"]["checks"]["dropped"] == 0 and doc["config"]["data"]["decontaminate"] is True
