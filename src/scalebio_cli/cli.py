@@ -444,13 +444,14 @@ def _seed_list(given: list[str], extra: list[str]) -> list[int]:
 def compare(
     config: ConfigOption,
     mix: Annotated[list[str], typer.Option("--mix", help="NAME=SPEC, repeatable. SPEC: a weights.json, uniform, "
-                                           "proportional (over data.sources), or a sample/select output file "
-                                           "(used as is). `--mix uniform` alone means uniform=uniform.",
+                                           "proportional (over data.sources), source:SOURCE (one source alone), "
+                                           "or a sample/select output file (N of its records per seed). "
+                                           "`--mix uniform` alone means uniform=uniform.",
                                            show_default=False)],
     test: Annotated[list[str], typer.Option("--test", help="NAME=FILE, repeatable: held-out data to evaluate on.",
                                             show_default=False)],
-    num_samples: Annotated[int, typer.Option("--num-samples", "-n", help="Records sampled per mix and seed.",
-                                             show_default=False)],
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", help="Distinct records every mix trains on "
+                                             "per seed.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder: cells/, compare.json, compare.md, "
                                          "compare.png.", show_default=False)],
     overrides: OverridesArg = None,
@@ -460,11 +461,18 @@ def compare(
                                            "(as `eval --generate`).")] = False,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation length limit.")] = 256,
     force: Annotated[bool, typer.Option("--force", help="Redo every cell, finished or not.")] = False,
+    baseline: Annotated[str | None, typer.Option("--baseline", help="The mix every other is compared with, seed "
+                                                 "by seed (default: uniform if given, else the first mix).",
+                                                 show_default=False)] = None,
+    match: Annotated[str, typer.Option("--match", help="records: every mix trains on N records; tokens: on the "
+                                       "same response tokens per seed (the smallest N-record draw's).")
+                     ] = "records",
 ) -> None:
-    """Compare mixtures the way the paper does: for every mix and seed, sample N records, fine-tune `model` with
-    the recipe's finetune section, evaluate on every test file; mean and std over seeds.
+    """Compare mixtures as a paired experiment: for every mix and seed k, draw N records, fine-tune `model` with
+    the recipe's finetune section under seed k, evaluate on every test file; the base model too; each mix's
+    paired difference to the baseline with a 95% interval, its records, tokens and cost.
 
-    Finished cells (DIR/cells/MIX-seedS/eval.json) are reused on a rerun. Prints DIR/compare.json on stdout.
+    Finished cells are reused while everything they read is unchanged. Prints DIR/compare.json on stdout.
     """
 
     def body() -> Path:
@@ -477,7 +485,7 @@ def compare(
         mixes = stage.parse_mixes(mix)
         tests = _parse_named_files(test, "--test")
         out = output.resolve()
-        stage.check(recipe, config, mixes, tests, num_samples, seed_list, out)
+        stage.check(recipe, config, mixes, tests, num_samples, seed_list, out, baseline, match)
         from scalebio_cli.results import run_folder
         from scalebio_cli.stages import evaluate as eval_stage
         from scalebio_cli.stages import finetune as finetune_stage
@@ -485,7 +493,7 @@ def compare(
 
         out.mkdir(parents=True, exist_ok=True)
         comparison = stage.Comparison(recipe, mixes, tests, num_samples, seed_list, out, generate, max_new_tokens,
-                                      force)
+                                      force, baseline, match)
         with run_folder.locked(out / run_folder.LOCK_NAME, "scalebio compare"):
             return stage.run(comparison, stage.Stages(sample_stage, finetune_stage, eval_stage))
 
