@@ -61,3 +61,24 @@ def test_report_to_is_checked(tmp_path: Path) -> None:
         load_recipe(recipe(["mlflow"]))
     with pytest.raises(InputError, match="report_to: expected a list"):
         load_recipe(recipe({"a": 1}))
+
+
+def test_losses_per_source_and_per_set_take_the_train_and_val_names() -> None:
+    """finetune's `train_loss_by_source` and `val_loss` mappings (and reweight's `val_loss/NAME`) reach the trackers
+    as `train/loss/SOURCE` and `val/loss/NAME`, one chart each; other keys keep their names."""
+    seen: list[tuple[int, dict[str, float], dict[str, list[str]]]] = []
+
+    class Capture:
+        def log(self, step: int, values: dict[str, float], groups: dict[str, list[str]]) -> None:
+            seen.append((step, values, groups))
+
+    trackers = Trackers([], Path("."))
+    trackers.trackers.append(Capture())
+    trackers.log({"step": 4, "loss": 2.0, "train_loss_by_source": {"a": 1.5, "b": 2.5},
+                  "val_loss": {"gsm": 1.0, "chat": 3.0}, "weights": {"a": 0.5}})
+    trackers.log({"step": 5, "val_loss": 1.25, "val_loss/math": 0.5})
+    (step, values, groups), (_, second, _) = seen
+    assert step == 4 and values == {"loss": 2.0, "train/loss/a": 1.5, "train/loss/b": 2.5, "val/loss/gsm": 1.0,
+                                    "val/loss/chat": 3.0, "weights/a": 0.5}
+    assert groups == {"train/loss": ["a", "b"], "val/loss": ["gsm", "chat"], "weights": ["a"]}
+    assert second == {"val_loss": 1.25, "val/loss/math": 0.5}  # one unnamed set keeps its plain name

@@ -253,7 +253,8 @@ def _apply_override(tree: dict[str, Any], dotted: str, value: Any, problems: lis
         child = node.get(part)
         if child is None:
             child = node[part] = {}
-        if isinstance(child, str) and dotted.startswith(("data.sources.", "data.validation")) and i >= 1:
+        if isinstance(child, str) and dotted.startswith(("data.sources.", "data.validation", "finetune.validation")) \
+                and i >= 1:
             child = node[part] = {"path": child}  # data.sources.NAME.max_samples=9 on a source written as a path
         if not isinstance(child, dict):
             problems.append(f"override '{dotted}': '{'.'.join(parts[: i + 1])}' is not a section")
@@ -316,12 +317,13 @@ def _resolve_kind(kind: PathKind, value: Any, base: Path) -> Any:
 def _resolve_override(key: str, value: Any) -> Any:
     """A path given on the command line is relative to the current directory, as in any shell command."""
     kinds = path_fields()
-    if key == "data.validation" and isinstance(value, str):
+    if key in ("data.validation", "finetune.validation") and isinstance(value, str):
         return _resolve_data_path(value, Path.cwd())
     if key in kinds:
         return _resolve_kind(kinds[key], value, Path.cwd())
     parts = key.split(".")
-    data_path = key.startswith(("data.sources.", "data.validation.")) and isinstance(value, str) and (
+    data_path = key.startswith(("data.sources.", "data.validation.", "finetune.validation.")) and isinstance(
+        value, str) and (
         parts[-1] == "path" or (len(parts) == 3 and not (parts[1] == "validation" and parts[2] in _SPEC_KEYS)))
     if data_path:  # data.sources.NAME=FILE, data.sources.NAME.path=FILE, data.validation.NAME=FILE
         return _resolve_data_path(value, Path.cwd())
@@ -369,6 +371,14 @@ def _check_ranges(recipe: Recipe) -> list[str]:
     given = [spec.weight is not None for spec in recipe.validation_sets().values()]
     need(all(given) or not any(given), "data.validation: give every validation set a weight, or none (equal "
          "weights)")
+    ft = recipe.finetune
+    for name, spec in ft.validation_sets().items():
+        key = f"finetune.validation.{name}" if ft.named_validation else "finetune.validation"
+        need(bool(name.strip()), "finetune.validation: a validation set has an empty name")
+        need(spec.split_by is None, f"{key}.split_by: only sources are split by a column (name the validation "
+             "sets one by one instead)")
+        need(spec.weight is None, f"{key}.weight: finetune reports each validation set's loss on its own, so a "
+             "weight means nothing here; drop it")
     for name in recipe.report_to:
         need(name in TRACKERS, f"report_to: unknown tracker {name!r} (use {' and/or '.join(TRACKERS)})")
     need(len(set(recipe.report_to)) == len(recipe.report_to), "report_to: a tracker is named twice")

@@ -390,9 +390,12 @@ def check_finetune(recipe: Recipe, where: str | Path = "recipe") -> None:
     if ft.batch_size % process.world_size():
         problems.append(f"finetune.batch_size: {ft.batch_size} does not divide over {process.world_size()} processes")
     problems += _models(recipe, "finetune") + output_dir_problems(recipe.output_dir)
-    problems += _run_products_problems(recipe, "finetune")
+    problems += _run_products_problems(recipe, "finetune") + other_stage_problems(recipe.output_dir, "finetune")
     problems += deepspeed_problems(recipe.deepspeed) + lora_problems(recipe, "finetune")
-    problems += data_file_problems("finetune.data", ft.data) + data_file_problems("finetune.validation", ft.validation)
+    problems += data_file_problems("finetune.data", ft.data)
+    for name, spec in ft.validation_sets().items():  # each set read as data.validation's are
+        key = f"finetune.validation.{name}" if ft.named_validation else "finetune.validation"
+        problems += source_problems(DataSource(key, spec, name, None, recipe.seed))
     problems += tracking_problems(recipe.report_to)
     problems += chat_template_problems("data.chat_template", recipe.data.chat_template)
     if ft.weights:
@@ -450,9 +453,9 @@ def _run_products_problems(recipe: Recipe, stage: str) -> list[str]:
     inputs = {f"data.sources.{n}": spec.path for n, spec in recipe.data.sources.items()}
     inputs |= {(f"data.validation.{n}" if recipe.named_validation else "data.validation"): spec.path
                for n, spec in recipe.validation_sets().items()}
+    inputs |= {f"finetune.validation.{n}": spec.path for n, spec in recipe.finetune.validation_sets().items()}
     inputs |= {"finetune.data": recipe.finetune.data or "",
-               "finetune.weights": recipe.finetune.weights or "", "finetune.validation": recipe.finetune.validation
-               or "", "deepspeed": recipe.deepspeed or ""}
+               "finetune.weights": recipe.finetune.weights or "", "deepspeed": recipe.deepspeed or ""}
     products = ("weights.json", "weights.png") if stage == "reweight" else model_folder.MODEL_FILES
     for name in (*products, "metrics.jsonl"):
         clobbered = clobbered_input(out / name, inputs)
@@ -460,6 +463,31 @@ def _run_products_problems(recipe: Recipe, stage: str) -> list[str]:
             problems.append(f"{clobbered}: {inputs[clobbered]} is where this run writes its {name}: move the input "
                             "or choose another output_dir")
     return problems
+
+
+def other_stage_problems(output_dir: str, stage: str) -> list[str]:
+    """A folder that holds another stage's run is refused, even with --force: the new run would write its
+    metrics.jsonl, recipe.yaml and finished.json beside the other run's results (which --force, clearing only
+    checkpoints, keeps), and `report` would then draw a page of the two mixed."""
+    from scalebio_cli.results import run_folder
+
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    run = run_folder.held_run(folder)
+    other, held = (run.stage, list(run.held)) if run is not None else (None, [])
+    if other in (None, stage) and (folder / "compare.json").is_file():
+        other, held = "compare", ["compare.json"]
+    if other in (None, stage) and (folder / "weights.json").is_file() and stage != "reweight":
+        other = "reweight"  # a weights.json that records no recipe is still reweight's result
+    if other in (None, stage):
+        return []
+    marker = folder / run_folder.FINISHED_NAME
+    if marker.is_file():
+        held.append(f"{marker.name} of stage {other}")
+    return [f"output_dir {folder}: holds a {other} run ({', '.join(held)}); a {stage} run there would mix its "
+            "metrics.jsonl, recipe.yaml and finished.json with that run's (--force clears only checkpoints, never "
+            f"another stage's results): choose another output_dir, e.g. output_dir={folder}-{stage}"]
 
 
 def check_eval(model: Path, named: dict[str, str], output: Path | None, *, precision: str = "auto",

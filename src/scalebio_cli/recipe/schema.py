@@ -237,11 +237,28 @@ class ReweightConfig:
         return min(10, self.steps // 5) if self.lambda_delay is None else self.lambda_delay
 
 
+def named_sets(value: SourceSpec | dict[str, SourceSpec] | None) -> dict[str, SourceSpec]:
+    """Validation sets by name (data.validation, finetune.validation); one set without a name is `validation`."""
+    if value is None:
+        return {}
+    return dict(value) if isinstance(value, dict) else {"validation": value}
+
+
+def plain_sets(value: SourceSpec | dict[str, SourceSpec] | None) -> Any:
+    """The recipe form of one set or named sets (a set that is only a path stays a string)."""
+    if isinstance(value, SourceSpec):
+        return value.to_plain()
+    if isinstance(value, dict):
+        return {n: spec.to_plain() for n, spec in value.items()}
+    return value
+
+
 @dataclass
 class FinetuneConfig:
     data: str | None = setting(None, affects=FT, path="file")  # a data file in any supported format ...
     weights: str | None = setting(None, affects=FT, path="file")  # ... or a weights.json: mix data.sources
-    validation: str | None = setting(None, affects=NONE, path="file")  # periodic held-out loss
+    # periodic held-out loss: one set (a path or a mapping) or named sets {NAME: ...}, as data.validation (no weight)
+    validation: SourceSpec | dict[str, SourceSpec] | None = setting(None, affects=NONE, path="file")
     epochs: float = setting(1.0, affects=FT, check=above(0))
     lr: float = setting(2e-5, affects=FT, check=RATE)
     batch_size: int = setting(32, affects=FT, check=at_least(1))  # examples per optimizer step, all processes together
@@ -255,6 +272,15 @@ class FinetuneConfig:
     gradient_checkpointing: bool = setting(False, affects=NONE)
     lisa: LisaConfig = section(_finetune_lisa, stage="finetune")
     lora: LoraConfig = section(LoraConfig, stage="finetune")
+
+    def validation_sets(self) -> dict[str, SourceSpec]:
+        """The validation sets by name; one set written without a name is called `validation`."""
+        return named_sets(self.validation)
+
+    @property
+    def named_validation(self) -> bool:
+        """Whether finetune.validation names its sets (each set's loss is logged under its name)."""
+        return isinstance(self.validation, dict)
 
 
 def _attention_projections() -> list[str]:
@@ -341,18 +367,13 @@ class Recipe:
         tree = dataclasses.asdict(self)
         data = self.data
         tree["data"]["sources"] = {n: spec.to_plain() for n, spec in data.sources.items()}
-        if isinstance(data.validation, SourceSpec):
-            tree["data"]["validation"] = data.validation.to_plain()
-        elif isinstance(data.validation, dict):
-            tree["data"]["validation"] = {n: spec.to_plain() for n, spec in data.validation.items()}
+        tree["data"]["validation"] = plain_sets(data.validation)
+        tree["finetune"]["validation"] = plain_sets(self.finetune.validation)
         return tree
 
     def validation_sets(self) -> dict[str, SourceSpec]:
         """The validation sets by name; one set written without a name is called `validation`."""
-        val = self.data.validation
-        if val is None:
-            return {}
-        return dict(val) if isinstance(val, dict) else {"validation": val}
+        return named_sets(self.data.validation)
 
     @property
     def named_validation(self) -> bool:

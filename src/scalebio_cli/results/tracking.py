@@ -3,8 +3,9 @@
 metrics.jsonl stays the record of a run; trackers are views of it, fed by MetricsLog (results/metrics.py) on the
 main process only. A metrics line holds numbers and per-source mappings (`weights`, `loss_u`, `loss_w`,
 `lambda_grad`); each number becomes one scalar, each mapping one scalar per source under `KEY/SOURCE`, and
-TensorBoard gets a layout that draws each mapping as one multi-line chart. The client libraries are imported only
-when a tracker is asked for (pip install 'scalebio-cli[tracking]').
+TensorBoard gets a layout that draws each mapping as one multi-line chart. The losses per training source and per
+validation set take the names trainers' dashboards use (TAGS): `train/loss/SOURCE`, `val/loss/NAME`. The client
+libraries are imported only when a tracker is asked for (pip install 'scalebio-cli[tracking]').
 """
 
 from __future__ import annotations
@@ -18,6 +19,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from scalebio_cli.recipe.schema import TRACKERS
+
+# metrics.jsonl key -> tracker name of its per-source / per-set values (finetune's `train_loss_by_source` and
+# `val_loss` mappings, reweight's `val_loss/NAME` numbers)
+TAGS = {"train_loss_by_source": "train/loss", "val_loss": "val/loss"}
+
+
+def tag(key: str) -> str:
+    """The tracker name of a flattened metrics key: `val_loss/gsm` -> `val/loss/gsm`; other keys unchanged."""
+    head, sep, tail = key.partition("/")
+    return f"{TAGS[head]}/{tail}" if sep and head in TAGS else key
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
@@ -116,10 +127,10 @@ class Trackers:
     def log(self, record: dict[str, Any]) -> None:
         if not self.trackers:
             return
-        values = scalars(record)
-        groups: dict[str, list[str]] = {}
+        values = {tag(key): value for key, value in scalars(record).items()}
+        groups: dict[str, list[str]] = {}  # one chart per mapping: `train/loss` holds `train/loss/SOURCE`
         for key in values:
-            head, sep, tail = key.partition("/")
+            head, sep, tail = key.rpartition("/")
             if sep:
                 groups.setdefault(head, []).append(tail)
         for tracker in self.trackers:

@@ -1,5 +1,6 @@
-"""`scalebio eval`: response-token loss and perplexity per data file; exact-match accuracy from greedy generation;
-lm-evaluation-harness tasks.
+"""`scalebio eval`: response-token loss and perplexity per data file (and per source, when the records carry the
+`source` field that `sample` and `select` write); exact-match accuracy from greedy generation; lm-evaluation-harness
+tasks.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from scalebio_cli.data.out.answers import extract_answer, math_verify_equal
 from scalebio_cli.data.read.sources import from_path, iter_examples
 from scalebio_cli.errors import InputError
 from scalebio_cli.train import distributed
-from scalebio_cli.train.losses import dataset_loss
+from scalebio_cli.train.losses import dataset_totals
 
 # End-of-turn markers of common chat templates: generation stops at any of them, not only at EOS.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
@@ -80,6 +81,28 @@ def perplexity(loss: float) -> float | None:
         return None
 
 
+def loss_entry(model: nn.Module, data: Any, source: Any, batch_size: int, pad_id: int,
+               dist: distributed.DistInfo) -> dict[str, Any]:
+    """Loss, perplexity, examples and tokens of one data file; with `by_source` (same keys per source) when its
+    records carry a `source` field. One pass over the data either way."""
+    from scalebio_cli.data.read.source_labels import from_field
+
+    labels, _ = from_field(source, data.record_index)
+    names = labels.names if labels is not None else []
+    of_example = labels.per_file[0] if labels is not None else None
+    totals = dataset_totals(model, data, batch_size, pad_id, dist, of_example, len(names))
+    loss = totals[0] / totals[1] if totals[1] else float("nan")
+    entry: dict[str, Any] = {"loss": loss, "perplexity": perplexity(loss), "num_examples": len(data),
+                             "num_tokens": int(totals[1])}
+    if labels is not None and of_example is not None:
+        sums, tokens = totals[2: 2 + len(names)], totals[2 + len(names):]
+        examples = [int((of_example == k).sum()) for k in range(len(names))]
+        entry["by_source"] = {n: {"loss": s / t, "perplexity": perplexity(s / t), "num_examples": e,
+                                  "num_tokens": int(t)}
+                              for n, s, t, e in zip(names, sums, tokens, examples) if t > 0}
+    return entry
+
+
 # -- the command -----------------------------------------------------------------------------------------------
 
 
@@ -112,12 +135,11 @@ def run(model_dir: str, data: dict[str, str], *, output: Path | None, batch_size
     model = load_model(model_dir, resolve_dtype(precision, dist.device), dist.device, trust_remote_code)
     results: dict[str, Any] = {}
     for name, path in data.items():
-        loss, tokens = dataset_loss(model, tokenized[name], batch_size, tokenizer.pad_token_id, dist)
-        if not math.isfinite(loss):  # finite inputs, so the weights are not: a damaged (or diverged) model
-            raise InputError(f"--model {model_dir}: its loss on --data {name} is {loss} (non-finite): the model's "
-                             "weights hold NaN or inf values; no results written")
-        entry: dict[str, Any] = {"loss": loss, "perplexity": perplexity(loss),
-                                 "num_examples": len(tokenized[name]), "num_tokens": tokens}
+        entry = loss_entry(model, tokenized[name], from_path(f"--data {name}", path), batch_size,
+                           tokenizer.pad_token_id, dist)
+        if not math.isfinite(entry["loss"]):  # finite inputs, so the weights are not: a damaged (or diverged) model
+            raise InputError(f"--model {model_dir}: its loss on --data {name} is {entry['loss']} (non-finite): the "
+                             "model's weights hold NaN or inf values; no results written")
         if generate:
             entry.update(exact_match(model, tokenizer, renderer, Path(path), batch_size, max_new_tokens, dist.device,
                                      show_progress=dist.is_main))
@@ -172,8 +194,11 @@ def format_table(doc: dict[str, Any]) -> Any:
         table.add_column(column, justify="left" if column == "data" else "right")
     for name, r in doc["results"].items():
         acc, verified = r.get("accuracy"), r.get("accuracy_math_verify")
-        table.add_row(name, f"{r['loss']:.4f}", f"{r['perplexity']:.2f}" if r["perplexity"] else "-",
+        table.add_row(escape(name), f"{r['loss']:.4f}", f"{r['perplexity']:.2f}" if r["perplexity"] else "-",
                       f"{r['num_examples']:,}",
                       "-" if acc is None else f"{acc:.3f} ({r['num_checked']})",
                       "-" if verified is None else f"{verified:.3f}")
+        for source, s in (r.get("by_source") or {}).items():  # loss only: accuracy is not split by source
+            table.add_row(f"[dim]{escape(name)} / {escape(source)}[/]", f"{s['loss']:.4f}",
+                          f"{s['perplexity']:.2f}" if s["perplexity"] else "-", f"{s['num_examples']:,}", "", "")
     return table

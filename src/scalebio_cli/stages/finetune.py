@@ -1,7 +1,8 @@
 """`scalebio finetune`: supervised fine-tuning on one data file, or on data.sources mixed by a weights file.
 
 Full-parameter or LISA (`finetune.lisa.layers`), AdamW with warmup + cosine, exact gradient accumulation (the loss
-is the token mean over the whole global batch, whatever the micro-batching), periodic validation loss, and a final
+is the token mean over the whole global batch, whatever the micro-batching), periodic validation loss on one set or
+named sets, the training loss per source (the mixed sources, or the `source` field of the records), and a final
 Hugging Face model folder in output_dir that AutoModelForCausalLM and `scalebio eval` load.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,9 @@ from rich.markup import escape
 
 from scalebio_cli.console import console, format_weights, step_progress
 from scalebio_cli.data.batching import CursorSampler, micro_batches, num_micro_batches, response_token_count
+from scalebio_cli.data.read import source_labels
 from scalebio_cli.data.read import sources as data_sources
+from scalebio_cli.data.read.source_labels import SourceLabels
 from scalebio_cli.data.read.sources import DataSource
 from scalebio_cli.data.tokens.render import Renderer
 from scalebio_cli.data.tokens.tokenized import TokenizedData
@@ -32,7 +35,7 @@ from scalebio_cli.train.engine import TrainEngine
 from scalebio_cli.train.factory import Copy, make_engines
 from scalebio_cli.train.losses import dataset_loss
 from scalebio_cli.train.modeling import load_model, load_tokenizer, resolve_dtype, save_hf_folder
-from scalebio_cli.train.sft import sft_step
+from scalebio_cli.train.sft import LabelLosses, sft_step
 from scalebio_cli.train.stopping import FiniteGuard
 from scalebio_cli.train.zero import load_deepspeed_config, zero3_loading
 
@@ -83,6 +86,38 @@ def training_files(recipe: Recipe) -> tuple[dict[str, DataSource], list[float]]:
     return {n: sources[n] for n in weights}, [weights[n] for n in weights]
 
 
+def validation_sources(recipe: Recipe) -> dict[str, DataSource]:
+    """finetune.validation's sets by name, read as data.validation's are (`validation` for one unnamed set)."""
+    ft = recipe.finetune
+    return {n: DataSource(f"finetune.validation.{n}" if ft.named_validation else "finetune.validation", spec, n,
+                          None, recipe.seed)
+            for n, spec in ft.validation_sets().items()}
+
+
+def training_labels(recipe: Recipe, files: dict[str, DataSource], data: list[TokenizedData],
+                    dist: distributed.DistInfo) -> SourceLabels | None:
+    """What the training loss is reported per: the sources a weights file mixes, else the `source` field of
+    finetune.data's records (as `sample` and `select` write it); None when neither is there."""
+    if recipe.finetune.weights:
+        return source_labels.by_file(list(files), [len(d) for d in data])
+    (source,) = files.values()
+    labels, note = source_labels.from_field(source, data[0].record_index)
+    if note and dist.is_main:
+        console.print(f"[dim]data[/] {escape(note)}")
+    return labels
+
+
+def val_summary(losses: dict[str, float], named: bool, limit: int = 3) -> str:
+    """The progress line's validation part: `val 1.2345`, or `val gsm 1.234 · alpaca 2.345 (+2)` for named sets."""
+    if not losses:
+        return ""
+    if not named:
+        return f"val {next(iter(losses.values())):.4f}"
+    shown = " · ".join(f"{name} {loss:.3f}" for name, loss in list(losses.items())[:limit])
+    more = f" (+{len(losses) - limit})" if len(losses) > limit else ""
+    return f"val {shown}{more}"
+
+
 @dataclass
 class FineTuning:
     """Everything a finetune run holds: set up once, advanced by `train`."""
@@ -93,14 +128,15 @@ class FineTuning:
     files: dict[str, DataSource]
     mix: list[float]
     stream: TrainStream
-    val: TokenizedData | None
+    vals: dict[str, TokenizedData]
+    labels: SourceLabels | None
     model: torch.nn.Module
     tokenizer: Any
     engine: TrainEngine
     steps: int
     control: loop.StepControl
     start: int = 0
-    val_loss: float | None = None
+    val_loss: dict[str, float] = field(default_factory=dict)
 
 
 def run(recipe: Recipe, resume: str | None = None, force: bool = False) -> Path:
@@ -124,11 +160,12 @@ def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, f
     tokenizer = load_tokenizer(recipe.tokenizer_path, recipe.trust_remote_code,
                                recipe.data.chat_template)
     renderer = Renderer(tokenizer, recipe.data.max_length)
-    named: list[tuple[str, DataSource | str]] = [(s.key, s) for s in files.values()]
-    if cfg.validation:
-        named.append(("finetune.validation", data_sources.from_path("finetune.validation", cfg.validation)))
+    val_sources = validation_sources(recipe)
+    named: list[tuple[str, DataSource | str]] = [(s.key, s) for s in [*files.values(), *val_sources.values()]]
     data = loop.load_data_files(named, renderer, recipe, dist)
     loaded = dict(zip(files, data))
+    vals = dict(zip(val_sources, data[len(files):]))
+    labels = training_labels(recipe, files, data[: len(files)], dist)
     fingerprints = {n: loaded[n].sha256 for n in files}
     loop.check_resume(start_from, "finetune", recipe, fingerprints, force, dist)
     stream = TrainStream([loaded[n] for n in files], mix, recipe.seed)
@@ -155,9 +192,11 @@ def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, f
                   else f", mixed by {escape(str(cfg.weights))}: {format_weights(dict(zip(files, mix)))}")
         console.print(f"[dim]finetune[/] {escape(recipe.model)}: {steps} steps of {cfg.batch_size} examples "
                       f"({cfg.epochs:g} epochs of {stream.size:,}), {mode}{mixing}")
+        if labels is not None:
+            console.print(f"[dim]finetune[/] training loss per source every {cfg.log_every} steps: "
+                          f"{escape(', '.join(labels.names))}")
     control = loop.StepControl("finetune", recipe, out, steps, dist, fingerprints, FiniteGuard(["loss"], dist.device))
-    val = data[-1] if cfg.validation else None
-    return FineTuning(recipe, dist, out, files, mix, stream, val, model, tokenizer, engine, steps, control)
+    return FineTuning(recipe, dist, out, files, mix, stream, vals, labels, model, tokenizer, engine, steps, control)
 
 
 def restore(ft: FineTuning, start_from: Path) -> None:
@@ -180,13 +219,36 @@ def checkpoint_writer(ft: FineTuning) -> Callable[[Path], None]:
 
 
 def validate(ft: FineTuning, step: int, metrics: MetricsLog | None) -> None:
-    """The held-out loss (finetune.validation), every eval_every steps."""
-    if ft.val is None:
+    """The held-out loss of each finetune.validation set, every eval_every steps: `val_loss` is a number for one
+    unnamed set, a mapping of set name to loss for named sets."""
+    if not ft.vals:
         return
-    ft.val_loss, _ = dataset_loss(ft.model, ft.val, ft.recipe.finetune.micro_batch_size, ft.tokenizer.pad_token_id,
-                                  ft.dist)
+    ft.val_loss = {name: dataset_loss(ft.model, data, ft.recipe.finetune.micro_batch_size,
+                                      ft.tokenizer.pad_token_id, ft.dist)[0]
+                   for name, data in ft.vals.items()}
     if metrics is not None:
-        metrics.write({"step": step, "val_loss": ft.val_loss})
+        named = ft.recipe.finetune.named_validation
+        metrics.write({"step": step, "val_loss": ft.val_loss if named else next(iter(ft.val_loss.values()))})
+
+
+def step_labels(ft: FineTuning, items: list[tuple[int, int]]) -> LabelLosses | None:
+    """Each example's source in the global batch (on the device), for the per-source loss of a log step."""
+    if ft.labels is None:
+        return None
+    return LabelLosses(torch.tensor(ft.labels.of(items), dtype=torch.long, device=ft.dist.device),
+                       len(ft.labels.names))
+
+
+def log_step(ft: FineTuning, done: int, loss: float, by_source: LabelLosses | None, grad_norm: torch.Tensor | None,
+             throughput: loop.Throughput) -> tuple[dict[str, Any], str]:
+    """A log step's metrics line and the progress text (loss, validation sets)."""
+    record: dict[str, Any] = {"step": done, "loss": loss, "lr": ft.engine.lr,
+                              "grad_norm": None if grad_norm is None else float(grad_norm),
+                              "tokens_per_s": throughput.rate(), "sec_per_step": throughput.sec_per_step()}
+    if by_source is not None and ft.labels is not None:
+        record["train_loss_by_source"] = by_source.means(ft.labels.names)
+    val = val_summary(ft.val_loss, ft.recipe.finetune.named_validation)
+    return record, f"loss {loss:.4f}" + (f" · {val}" if val else "")
 
 
 def train(ft: FineTuning) -> None:
@@ -197,20 +259,25 @@ def train(ft: FineTuning) -> None:
         validate(ft, 0, metrics)
     throughput = loop.Throughput(ft.start, ft.steps, "train tok/s")  # non-padding training tokens
     progress = step_progress("finetune", dist.is_main)
-    task = progress.add_task("finetune", total=ft.steps, completed=ft.start, info="")
+    # pace: the bar's ETA from the estimate the log lines use
+    task = progress.add_task("finetune", total=ft.steps, completed=ft.start, info="", pace=throughput.sec_per_step)
     with progress, control.signals.installed():
         for step in range(ft.start, ft.steps):
             ft.engine.begin_step(step)
-            items = ft.stream.take(step, cfg.batch_size)
-            micro = micro_batches(items[dist.rank:: dist.world_size], ft.stream.data, cfg.micro_batch_size,
-                                  ft.tokenizer.pad_token_id, pin=dist.device.type == "cuda")
-            response_tokens = response_token_count(items, ft.stream.data)
-            loss_sum, stop_votes, grad_norm = sft_step(ft.engine, [mb.to(dist.device) for mb in micro],
-                                                       response_tokens, dist, stop_requested=control.stop_requested)
-            throughput.add(sum(mb.num_tokens for mb in micro) * dist.world_size)
-            control.guard.observe(step + 1, (loss_sum / response_tokens).view(1))
-
             done = step + 1
+            logged = done % cfg.log_every == 0 or done == ft.steps
+            items = ft.stream.take(step, cfg.batch_size)
+            # positions: each example's place in the global batch, where its source label is found
+            micro = micro_batches(items[dist.rank:: dist.world_size], ft.stream.data, cfg.micro_batch_size,
+                                  ft.tokenizer.pad_token_id, pin=dist.device.type == "cuda",
+                                  positions=list(range(dist.rank, len(items), dist.world_size)))
+            response_tokens = response_token_count(items, ft.stream.data)
+            by_source = step_labels(ft, items) if logged else None
+            loss_sum, stop_votes, grad_norm = sft_step(ft.engine, [mb.to(dist.device) for mb in micro],
+                                                       response_tokens, dist, stop_requested=control.stop_requested,
+                                                       by_label=by_source)
+            throughput.add(sum(mb.num_tokens for mb in micro) * dist.world_size)
+            control.guard.observe(done, (loss_sum / response_tokens).view(1))
             throughput.step(done)
             if throughput.early(done, cfg.log_every):  # what the run costs, long before its first log line
                 control.guard.check()  # synchronises with the device
@@ -219,17 +286,14 @@ def train(ft: FineTuning) -> None:
                 progress.update(task, info=throughput.short())
             if done % cfg.eval_every == 0 or done == ft.steps:
                 validate(ft, done, metrics)
-            if done % cfg.log_every == 0 or done == ft.steps:
+            if logged:
                 control.guard.check()
-                record = {"step": done, "loss": float(loss_sum) / response_tokens, "lr": ft.engine.lr,
-                          "grad_norm": None if grad_norm is None else float(grad_norm),
-                          "tokens_per_s": throughput.rate(), "sec_per_step": throughput.sec_per_step()}
+                record, info = log_step(ft, done, float(loss_sum) / response_tokens, by_source, grad_norm, throughput)
                 if metrics is not None:
                     metrics.write(record)
-                info = f"loss {record['loss']:.4f}" + ("" if ft.val_loss is None else f" · val {ft.val_loss:.4f}")
-                progress.update(task, info=f"{throughput.short()} · {info}")
+                progress.update(task, info=f"{throughput.short()} · {escape(info)}")
                 if dist.is_main:
-                    progress.console.print(f"step {done:>5}/{ft.steps}  {info}  lr {ft.engine.lr:.2e}  "
+                    progress.console.print(f"step {done:>5}/{ft.steps}  {escape(info)}  lr {ft.engine.lr:.2e}  "
                                            f"{record['tokens_per_s']:,.0f} {throughput.unit}  {throughput.pace()}")
             progress.advance(task)
             control.after_step(done, stop_votes, checkpoint_writer(ft))
@@ -245,7 +309,9 @@ def finish(ft: FineTuning) -> Path:
         save_merged(ft.engine, ft.tokenizer, ft.out, weights)  # weights: None, or gathered from ZeRO-3's shards
     elif ft.dist.is_main:
         save_hf_folder(ft.model, ft.tokenizer, ft.out, weights)
-        validation = "" if ft.val_loss is None else f" (validation loss {ft.val_loss:.4f})"
+        validation = "" if not ft.val_loss else " (validation loss " + ", ".join(
+            f"{name} {loss:.4f}" if ft.recipe.finetune.named_validation else f"{loss:.4f}"
+            for name, loss in ft.val_loss.items()) + ")"
         console.print(f"[bold green]saved[/] {escape(str(ft.out))}{validation}")
     distributed.barrier(ft.dist)
     return ft.out

@@ -1,4 +1,5 @@
-"""`scalebio report`: one self-contained HTML page of a reweight run (no network: charts are inlined PNGs).
+"""`scalebio report`: one self-contained HTML page of a reweight run (no network: charts are inlined PNGs); a
+finetune run's page is results/finetune_report.py's, a compare folder's results/compare_report.py's.
 
 Reads what the run left behind: metrics.jsonl (weights, L1 and the per-source losses of u and w, lambda gradients,
 learning rates over the steps), weights.json (final and averaged weights, source sizes and truncation, the
@@ -371,6 +372,11 @@ def run(run_dir: Path, output: Path | None = None, evals: dict[str, str] | None 
         from scalebio_cli.results import compare_report
 
         return compare_report.render(run_dir, output)
+    from scalebio_cli.results import finetune_report
+
+    if finetune_report.is_finetune_run(run_dir):  # loss per source and per validation set (finetune_report.py)
+        results = read_evals(evals or {})
+        return finetune_report.render(run_dir, output, eval_table(results) if results else "")
     doc, metrics, recipe = read_run(run_dir)
     results = read_evals(evals or {})
     output = output or run_dir / "report.html"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -93,19 +94,34 @@ def response_losses(module: nn.Module, batch: MicroBatch) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def dataset_loss(model: nn.Module, data: TokenizedData, micro_batch_size: int, pad_id: int,
-                 dist: distributed.DistInfo) -> tuple[float, int]:
-    """Mean cross-entropy over every response token of `data` (all processes together), and the token count."""
+def dataset_totals(model: nn.Module, data: TokenizedData, micro_batch_size: int, pad_id: int,
+                   dist: distributed.DistInfo, labels: np.ndarray | None = None, count: int = 0) -> list[float]:
+    """Response-token loss sum and token count over every example of `data` (all processes together, one
+    all-reduce), then with `labels` (each example's label in 0 .. count - 1) the sum and the count of each label:
+    `[sum, tokens, sum_0 .. sum_{count-1}, tokens_0 .. tokens_{count-1}]`."""
     was_training = model.training
     model.eval()
     items = [(0, i) for i in range(len(data))][dist.rank:: dist.world_size]
-    totals = torch.zeros(2, dtype=torch.float64, device=dist.device)
+    width = count if labels is not None else 0
+    totals = torch.zeros(2 + 2 * width, dtype=torch.float64, device=dist.device)
+    on_device = None if labels is None else torch.as_tensor(labels, dtype=torch.long, device=dist.device)
     loss = ResponseLoss(model)
-    for mb in micro_batches(items, [data], micro_batch_size, pad_id):
+    # positions: each row's example index, so that a row finds its label
+    for mb in micro_batches(items, [data], micro_batch_size, pad_id, positions=[i for _, i in items]):
         mb = mb.to(dist.device)
         sums, counts = response_losses(loss, mb)
-        totals += torch.stack([sums.sum().double(), counts.sum().double()])
+        totals[:2] += torch.stack([sums.sum().double(), counts.sum().double()])
+        if on_device is not None:
+            rows = on_device[mb.position]
+            totals[2: 2 + width].index_add_(0, rows, sums.double())
+            totals[2 + width:].index_add_(0, rows, counts.double())
     distributed.all_reduce_sum(totals, dist)
     model.train(was_training)
-    tokens = int(totals[1].item())
-    return (totals[0].item() / tokens if tokens else float("nan")), tokens
+    return totals.tolist()
+
+
+def dataset_loss(model: nn.Module, data: TokenizedData, micro_batch_size: int, pad_id: int,
+                 dist: distributed.DistInfo) -> tuple[float, int]:
+    """Mean cross-entropy over every response token of `data` (all processes together), and the token count."""
+    total, tokens, *_ = dataset_totals(model, data, micro_batch_size, pad_id, dist)
+    return (total / tokens if tokens else float("nan")), int(tokens)
