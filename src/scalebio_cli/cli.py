@@ -305,8 +305,9 @@ def finetune(config: ConfigOption, overrides: OverridesArg = None, resume: Resum
     """Fine-tune `model` on finetune.data (or data.sources mixed by finetune.weights); writes a Hugging Face model
     folder to OUTPUT_DIR.
 
-    Full-parameter, or LISA with finetune.lisa.layers > 0. Also writes metrics.jsonl (loss, lr, tokens/s, and the
-    validation loss when finetune.validation is set). Prints OUTPUT_DIR on stdout.
+    Full-parameter, or LISA with finetune.lisa.layers > 0. Also writes metrics.jsonl (loss, lr, tokens/s, the loss
+    per source when records carry `source`, and the loss of each finetune.validation set). Refuses an OUTPUT_DIR
+    holding another stage's run, even with --force. Prints OUTPUT_DIR on stdout.
     """
 
     def body() -> Any:
