@@ -429,6 +429,47 @@ def select_records(
     _print_result(guarded(body))
 
 
+@app.command(name="group")
+def group_records(
+    config: ConfigOption,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output .jsonl, or .parquet: every record of "
+                                         "data.sources plus \"group\": \"SOURCE/gNN\" (a .manifest.json with "
+                                         "the groups, their sizes and example records is written beside it).",
+                                         show_default=False)],
+    overrides: OverridesArg = None,
+    k: Annotated[str | None, typer.Option("--k", help="Number of clusters, or auto (the best silhouette score "
+                                          "over group.k_sweep). Default: the recipe's group.k (auto).",
+                                          show_default=False)] = None,
+    record_format: Annotated[str, typer.Option("--format", help="original: each record unchanged plus \"group\"; "
+                                               "messages: every record normalised to {\"messages\": [...]} (one "
+                                               "schema, for sources read through a column map).")] = "original",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file (and its manifest).")
+                     ] = False,
+) -> None:
+    """Split data.sources into groups reweight can weigh: cluster every record by the model's view of it (its
+    mean-pooled hidden states and its response loss) and write it with "group": "SOURCE/gNN".
+
+    Then `data.sources.NAME: {path: OUT, split_by: group}` makes every group a source for reweight, sample, export,
+    compare and report. Settings under the recipe key `group`; features are cached and resumed. Prints the output
+    path on stdout.
+    """
+
+    def body() -> Path:
+        from scalebio_cli.recipe import load_recipe
+        from scalebio_cli.stages import group as stage
+
+        recipe = load_recipe(config, overrides)
+        out = output.resolve()
+        stage.check(recipe, config, k, out, record_format, force)
+        from scalebio_cli.results import run_folder
+
+        with run_folder.claim_output_file(out):
+            stage.run(recipe, k, out, record_format)
+        return output
+
+    _print_result(guarded(body))
+
+
 def _seed_list(given: list[str], extra: list[str]) -> list[int]:
     """`--seeds 0 1 2` (the values after the first land among the positional arguments), `--seeds 0,1,2`, or
     `--seeds 0 --seeds 1`."""

@@ -329,6 +329,41 @@ class SelectConfig:
     less: LessConfig = section(LessConfig)
 
 
+GROUP_SMALL = ("merge", "refuse")
+
+
+def _k_sweep() -> list[int]:
+    return [2, 3, 4, 5, 6, 8, 10, 12, 16]
+
+
+@dataclass
+class GroupConfig:
+    """`scalebio group`: groups within sources (ALGORITHM.md, "Groups within a source"). Features from `model` (or
+    group.model): each record's last hidden states mean-pooled over its response (and its prompt), and its response
+    loss (appended so that corrupted answers separate); k-means over them (scikit-learn)."""
+
+    # auto (the silhouette score over k_sweep, on a sample) or a number of clusters
+    k: str = setting("auto", affects=NONE)
+    k_sweep: list[int] = setting(affects=NONE, factory=_k_sweep)  # the k tried by k=auto
+    silhouette_sample: int = setting(2000, affects=NONE, check=at_least(10))  # records the silhouette is scored on
+    # the response loss's weight in the distance, per nat (1: records 1 nat apart in loss are as far apart as two a
+    # standard deviation apart in every dimension of the response's hidden states)
+    loss_weight: float = setting(1.0, affects=NONE, check=at_least(0))
+    # the prompt's pooled hidden states next to the response's (0: left out; the response carries topic and
+    # quality, while prompt templates can outweigh a corrupted answer: docs/results.md, "Groups within sources")
+    prompt_weight: float = setting(0.0, affects=NONE, check=at_least(0))
+    # hidden dimensions kept by PCA before clustering (0: all); fewer dimensions, less noise, faster k-means
+    pca_dims: int = setting(32, affects=NONE, check=at_least(0, " (0 = no PCA)"))
+    # a group (source x cluster) with fewer records is merged into the cluster with the nearest centroid in its
+    # source (or refused: group.small); null: reweight.batch_size
+    min_size: int | None = setting(None, affects=NONE, check=at_least(1, null=True))
+    small: str = setting("merge", affects=NONE, check=one_of(*GROUP_SMALL))
+    # features from this model instead of `model` (a folder AutoModelForCausalLM loads, e.g. a larger one)
+    model: str | None = setting(None, affects=NONE, path="model")
+    micro_batch_size: int = setting(8, affects=NONE, check=at_least(1))  # records per feature forward pass
+    examples: int = setting(3, affects=NONE, check=at_least(0))  # example records per group in the manifest
+
+
 @dataclass
 class CheckpointConfig:
     # steps between checkpoints (reweight and finetune); 0 = only on signals
@@ -356,6 +391,7 @@ class Recipe:
     finetune: FinetuneConfig = section(FinetuneConfig, stage="finetune")
     checkpoint: CheckpointConfig = section(CheckpointConfig)
     select: SelectConfig = section(SelectConfig)
+    group: GroupConfig = section(GroupConfig)
 
     @property
     def tokenizer_path(self) -> str:
