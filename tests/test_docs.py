@@ -181,3 +181,11 @@ def test_make_test_time_names_the_machine() -> None:
     assert "`make test` takes several times longer" in README
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"# \d+m\d\ds on a \d+-core .*\n(?:#.*\n)*test: install", makefile)
+
+
+def test_recipes_doc_says_what_a_checkpoint_costs_on_disk() -> None:
+    """A 135M model's reweight checkpoints took 1.7 GB each unannounced (issue #43): the doc says what one holds
+    and that the log gives each one's size (tests/test_first_hour.py checks the log line)."""
+    doc = (ROOT / "docs" / "recipes.md").read_text()
+    row = next(line for line in doc.splitlines() if line.startswith("| `checkpoint.every`"))
+    assert re.search(r"SmolLM2-135M .* [\d.]+ GB a checkpoint", row) and "the log gives each checkpoint's size" in row

@@ -55,6 +55,12 @@ def test_the_log_says_what_a_run_costs_from_step_3(short_run) -> None:
     assert "train tok/s (u+w)" in step5 and " s/step · ETA " in step5
     lines = [json.loads(line) for line in (recipe.parent / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["sec_per_step"] > 0 and r["tokens_per_s"] > 0 for r in lines)
+    # the checkpoint of step 4 says its size, and what checkpoint.keep of them take
+    saved = re.search(r"checkpoint step 4: \S+step-000004 \(([\d.]+) ([KMG]B); checkpoint.keep=2: up to [\d.]+ [KMG]B",
+                      stderr)
+    assert saved, stderr
+    size = sum(f.stat().st_size for f in (recipe.parent / "run" / "checkpoints" / "step-000004").rglob("*"))
+    assert float(saved[1]) * {"KB": 1e3, "MB": 1e6, "GB": 1e9}[saved[2]] == pytest.approx(size, rel=0.06)
 
 
 # -- honest resume -----------------------------------------------------------------------------------------------
@@ -112,6 +118,9 @@ def test_sigint_checkpoints_and_exits_130(demo: Path, tmp_path: Path) -> None:
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "stopped by SIGINT after step" in stderr and "--resume auto" in stderr and "Traceback" not in stderr
+    # said at once, before the step in progress ends (then the checkpoint, then the exit)
+    heard = stderr.index("SIGINT received: stopping after this step")
+    assert heard < stderr.index("stopped by SIGINT after step") and "Ctrl-C again stops at once" in stderr
     assert stdout == "" and not (out / "weights.json").exists() and not (out / "finished.json").exists()
     assert max(int(p.name.split("-")[1]) for p in (out / "checkpoints").iterdir()) > 5  # saved on the signal
 
@@ -208,3 +217,64 @@ def test_a_run_folder_given_as_weights_names_its_weights_json(tmp_path: Path) ->
     result = invoke("sample", "--weights", run, *args)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{run}: a run folder, not a weights file: did you mean {run / 'weights.json'}?" in result.stderr
+
+
+# -- long work speaks (issue #43) ---------------------------------------------------------------------------------
+
+
+def test_the_bar_and_the_log_give_one_eta(monkeypatch) -> None:
+    """The progress bar's time left comes from the estimate the log lines print (Throughput), not rich's own."""
+    from scalebio_cli import console as con
+    from scalebio_cli.train import loop
+
+    clock = iter([100.0, 103.0])  # then 106 for ever
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock, 106.0))
+    pace = loop.Throughput(start=0, total=100)
+    progress = con.step_progress("reweight", enabled=False)
+    task_id = progress.add_task("reweight", total=100, info="", pace=pace.sec_per_step)
+    for done in (1, 2, 3):
+        pace.step(done)
+        progress.advance(task_id)
+    task = progress.tasks[0]
+    column = next(c for c in progress.columns if isinstance(c, con.EtaColumn))
+    assert column.render(task).plain == "2m26s" == con.format_duration(pace.eta())
+    assert pace.pace().endswith("ETA 2m26s")
+    progress.update(task_id, pace=None)  # a bar without a pace: rich's estimate, in the same format
+    assert re.fullmatch(r"-|\d+s|\d+m\d\ds|\d+h\d\dm", column.render(progress.tasks[0]).plain)
+
+
+def test_a_signal_is_acknowledged_at_once(capsys) -> None:
+    import os
+
+    from scalebio_cli.train.stopping import StopSignals
+
+    signals = StopSignals()
+    with signals.installed():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs at the next bytecode; the loop would still be inside its step
+        assert signals.received == "SIGTERM"
+        assert "SIGTERM received: stopping after this step (a checkpoint is written first" in capsys.readouterr().err
+
+
+def test_a_heartbeat_when_output_is_not_a_terminal(monkeypatch, capsys) -> None:
+    """select, compare and group (and every loop with a progress bar) say where they are every ~30 s when their
+    output goes to a file, where no bar is drawn; and nothing while the log speaks by itself."""
+    from scalebio_cli import console as con
+
+    monkeypatch.setattr(con, "HEARTBEAT_SECONDS", 0.05)
+    assert not con.console.is_terminal  # captured: what a log file or CI gets
+    with con.step_progress("score") as progress:
+        task = progress.add_task("score", total=1000, info="pool 2 of 5")
+        for _ in range(5):  # rich's own estimate (no `pace` here) needs a few updates
+            progress.advance(task, 50)
+            time.sleep(0.08)
+    err = capsys.readouterr().err
+    assert re.search(r"score 250/1,000 · \d+s elapsed · ETA \d+s · pool 2 of 5", err), err
+    with con.heartbeat("LESS: projecting gradients"):
+        time.sleep(0.4)
+    assert "LESS: projecting gradients: still working (0s)" in capsys.readouterr().err
+    with con.heartbeat("quiet"):
+        for _ in range(8):
+            con.console.print("the log speaks")
+            time.sleep(0.02)
+    assert "still working" not in capsys.readouterr().err

@@ -219,8 +219,8 @@ def train(rw: Reweighting) -> None:
     metrics = MetricsLog(rw.out / "metrics.jsonl", rw.start, rw.recipe) if dist.is_main else None
     throughput = loop.Throughput(rw.start, cfg.steps, "train tok/s (u+w)")  # non-padding tokens through u and w
     progress = step_progress("reweight", dist.is_main)
-    task = progress.add_task("reweight", total=cfg.steps, completed=rw.start,
-                             info=format_weights(rw.trajectory[-1]["weights"], 14))
+    task = progress.add_task("reweight", total=cfg.steps, completed=rw.start,  # pace: the bar's ETA is the log's
+                             info=format_weights(rw.trajectory[-1]["weights"], 14), pace=throughput.sec_per_step)
     with progress, control.signals.installed(), Prefetcher(rw.plan.next, range(rw.start, cfg.steps)) as prefetched:
         for step in range(rw.start, cfg.steps):
             rw.u.begin_step(step)

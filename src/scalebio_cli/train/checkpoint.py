@@ -67,8 +67,34 @@ def save(output_dir: str | Path, step: int, meta: dict[str, Any], keep: int, dis
         os.replace(tmp, final)
         for old in complete_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+        announce(final, step, keep)
     barrier(dist)
     return final
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def format_bytes(n: float) -> str:
+    """`512 KB`, `1.7 GB` (powers of 1000, as disk sizes are quoted)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" or n >= 100 else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def announce(folder: Path, step: int, keep: int) -> None:
+    """The log's line for a checkpoint: where, and what it costs on disk (a 135M model's reweight checkpoint is
+    ~1.7 GB: u and w with their optimizer states), `keep` of them together."""
+    from rich.markup import escape
+
+    from scalebio_cli.console import console
+
+    size = folder_bytes(folder)
+    console.print(f"[dim]checkpoint[/] step {step}: {escape(str(folder))} ({format_bytes(size)}; "
+                  f"checkpoint.keep={keep}: up to {format_bytes(size * keep)} on disk)")
 
 
 def load(path: Path, name: str, rank: int | None = None) -> Any:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from rich.markup import escape
 
-from scalebio_cli.console import console, step_progress
+from scalebio_cli.console import console, format_duration, step_progress
 from scalebio_cli.data.read.sources import DataSource
 from scalebio_cli.data.tokens.render import Renderer
 from scalebio_cli.data.tokens.tokenized import load_all
@@ -116,16 +116,6 @@ class StepControl:
             raise TrainingStopped(f"stopped by {self.signals.received or 'a signal on another process'} after step "
                                   f"{done} of {self.total}; checkpoint saved to {path}; continue with --resume auto",
                                   signal=self.signals.received)
-
-
-def format_duration(seconds: float) -> str:
-    """`45s`, `12m05s`, `3h07m`: an ETA as a person reads it."""
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 class Throughput:

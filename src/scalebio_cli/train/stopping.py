@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +25,10 @@ class StopSignals:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received == "SIGINT" and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        first = self.received is None
         self.received = signal.Signals(signum).name
+        if first:
+            announce(self.received)
 
     @contextmanager
     def installed(self) -> Iterator[StopSignals]:
@@ -42,6 +46,18 @@ class StopSignals:
             outer = getattr(previous[signal.SIGTERM], "__self__", None)
             if self.received and isinstance(outer, StopSignals) and outer.received is None:
                 outer.received = self.received
+
+
+def announce(name: str) -> None:
+    """Said at once (a step can take a minute): the signal was heard, and what happens next. From the first process
+    only (under torchrun every process gets the signal)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    from scalebio_cli.console import console
+
+    again = "; Ctrl-C again stops at once, without a checkpoint" if name == "SIGINT" else ""
+    console.print(f"[bold yellow]{name} received:[/] stopping after this step (a checkpoint is written first, then "
+                  f"the run exits; continue it with --resume auto){again}")
 
 
 class FiniteGuard:
