@@ -10,7 +10,7 @@ from scalebio_cli.data.tokens.tokenized import TokenizedData
 from scalebio_cli.tiny import build_model
 from scalebio_cli.train.losses import example_losses
 from scalebio_cli.train.optim import AdamW, warmup_cosine
-from scalebio_cli.train.source_weights import SourceWeights, lambda_gradient
+from scalebio_cli.train.source_weights import SourceWeights, lambda_gradient, paired_difference
 
 ALL = torch.ones(3, dtype=torch.bool)  # every source present in the step's batch
 
@@ -103,7 +103,7 @@ def test_lambda_gradient_equals_autograd() -> None:
         alpha = 7.5
         s = torch.softmax(lam, 0)
         (alpha * (torch.dot(s, m_w) - torch.dot(s, m_u))).backward()
-        analytic = lambda_gradient(torch.softmax(lam.detach(), 0), m_w, m_u, alpha)
+        analytic = lambda_gradient(torch.softmax(lam.detach(), 0), paired_difference(m_w, m_u), alpha)
         torch.testing.assert_close(analytic, lam.grad, rtol=1e-12, atol=1e-12)
         jacobian = torch.diag(s.detach()) - torch.outer(s.detach(), s.detach())
         torch.testing.assert_close(analytic, alpha * jacobian.T @ (m_w - m_u), rtol=1e-12, atol=1e-12)
@@ -207,12 +207,12 @@ def test_hand_edited_mixture_weights_are_renormalised(tokenizer) -> None:
 def test_lambda_options_relative_signal_delay_and_sgd() -> None:
     s = torch.tensor([0.5, 0.3, 0.2])
     m_u, m_w = torch.tensor([2.0, 0.1, 1.0]), torch.tensor([1.8, 0.12, 1.1])
-    relative = lambda_gradient(s, m_w, m_u, alpha=1.0, signal="relative")
+    relative = lambda_gradient(s, paired_difference(m_w, m_u, "relative"), alpha=1.0)
     d = (m_w - m_u) / m_u
     assert torch.allclose(relative, s * (d - torch.dot(s, d)))
     # w is 20% worse than u on the tiny-loss source 1 and 10% worse on source 2: the relative signal takes most
     # weight from source 1, the raw difference (0.02 vs 0.1) from source 2
-    raw = lambda_gradient(s, m_w, m_u, alpha=1.0)
+    raw = lambda_gradient(s, paired_difference(m_w, m_u), alpha=1.0)
     assert int(relative.argmax()) == 1 and int(raw.argmax()) == 2
 
     delayed = SourceWeights(3, 0.1, 10, 0.5, torch.device("cpu"), delay=2)

@@ -14,12 +14,19 @@ FORMAT = "scalebio-weights/1"
 
 def build(*, weights: dict[str, float], weights_averaged: dict[str, float], sources: dict[str, dict[str, Any]],
           validation: dict[str, Any] | None, trajectory: list[dict[str, Any]], steps: int, seed: int, model: str,
-          config: dict[str, Any], evidence: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+          config: dict[str, Any], evidence: dict[str, dict[str, Any]] | None = None,
+          evidence_level: float | None = None, settled: dict[str, Any] | None = None,
+          placebo: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The document (CONTRACT v1-v4). `evidence` (v3) with `p` and `verdict` per source and `evidence_level` (v4);
+    `settled` (v4): whether the weights stopped moving; `placebo` (v4): the control source, apart from `weights`."""
     return {
         "format": FORMAT,
         "weights": weights,
         "weights_averaged": weights_averaged,
         **({"evidence": evidence} if evidence is not None else {}),
+        **({"evidence_level": evidence_level} if evidence_level is not None else {}),
+        **({"settled": settled} if settled is not None else {}),
+        **({"placebo": placebo} if placebo is not None else {}),
         "sources": sources,
         "validation": validation,
         "trajectory": trajectory,

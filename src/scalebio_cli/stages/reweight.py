@@ -29,11 +29,15 @@ from scalebio_cli.data.tokens.tokenized import TokenizedData
 from scalebio_cli.recipe import Recipe
 from scalebio_cli.results import weights_file
 from scalebio_cli.results.metrics import MetricsLog, plot_weights
-from scalebio_cli.train import checkpoint, distributed, loop
+from scalebio_cli.train import checkpoint, distributed, loop, verdict
 from scalebio_cli.train.bilevel import StepResult, bilevel_step
 from scalebio_cli.train.engine import TrainEngine
 from scalebio_cli.train.factory import Copy, make_engines
 from scalebio_cli.train.modeling import count_parameters, load_model, load_tokenizer, resolve_dtype
+from scalebio_cli.train.placebo import Placebo, renormalise
+from scalebio_cli.train.placebo import split as split_placebo
+from scalebio_cli.train.settled import advice as settle_advice
+from scalebio_cli.train.settled import settled as settled_state
 from scalebio_cli.train.source_weights import SourceWeights
 from scalebio_cli.train.stopping import FiniteGuard
 from scalebio_cli.train.zero import load_deepspeed_config, zero3_loading
@@ -92,6 +96,12 @@ class Reweighting:
     trajectory: list[dict[str, Any]] = field(default_factory=list)
     weights_sum: torch.Tensor | None = None  # sum of s over the second half (weights_averaged)
     checks: data_checks.DataChecks | None = None  # duplicates, overlap with validation (weights.json)
+    placebo: Placebo | None = None  # reweight.placebo: the control source, last in `names`
+
+    @property
+    def real_names(self) -> list[str]:
+        """The sources of the recipe (the placebo left out)."""
+        return self.names[:-1] if self.placebo is not None else self.names
 
     @property
     def avg_from(self) -> int:
@@ -130,6 +140,9 @@ def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, f
     data = load_data(recipe, Renderer(tokenizer, recipe.data.max_length), dist)
     checks = data_checks.for_reweight(recipe, data, dist.is_main, lambda: distributed.barrier(dist))
     names, sources = list(data.sources), [checks.without_dropped(n, d) for n, d in zip(data.sources, data.source_data)]
+    control_source = None
+    if cfg.placebo:  # a random half of the largest source as a source of its own: the run's noise floor
+        names, sources, control_source = split_placebo(names, sources, recipe.seed)
     fingerprints = data_fingerprints(data)
     loop.check_resume(start_from, "reweight", recipe, fingerprints, force, dist)
     plan = BatchPlan(sources, data.val_data, data.val_weights, recipe, dist, tokenizer.pad_token_id)
@@ -138,7 +151,8 @@ def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, f
     u, w, num_params = model_copies(recipe, dist, dtype)
     lam = SourceWeights(len(names), cfg.lr_lambda, cfg.steps, cfg.warmup_ratio, dist.device,
                         optimizer=cfg.lambda_optimizer, signal=cfg.lambda_signal, delay=cfg.delay,
-                        schedule=cfg.lambda_schedule, every=cfg.lambda_every)
+                        schedule=cfg.lambda_schedule, every=cfg.lambda_every,
+                        lr_scale=lambda step: loop.tau_scale(cfg, step))
     out = loop.open_run_folder(recipe, dist)
     if dist.is_main:
         lisa = (f"LISA {cfg.lisa.layers} of {len(u.lisa.blocks)} blocks every {cfg.lisa.interval} steps"
@@ -155,7 +169,8 @@ def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, f
     control = loop.StepControl("reweight", recipe, out, cfg.steps, dist, fingerprints, guard)
     return Reweighting(recipe, dist, out, names, sources, data, plan, u, w, lam, control,
                        trajectory=[{"step": 0, "weights": lam.as_dict(names)}],
-                       weights_sum=torch.zeros(len(names), dtype=torch.float64, device=dist.device), checks=checks)
+                       weights_sum=torch.zeros(len(names), dtype=torch.float64, device=dist.device), checks=checks,
+                       placebo=control_source)
 
 
 def model_copies(recipe: Recipe, dist: distributed.DistInfo,
@@ -182,6 +197,8 @@ def model_copies(recipe: Recipe, dist: distributed.DistInfo,
                         gradient_checkpointing=cfg.gradient_checkpointing,
                         # both objectives carry alpha * L2, so the clipping threshold scales with alpha
                         max_grad_norm=None if cfg.max_grad_norm is None else cfg.max_grad_norm * cfg.alpha)
+    for engine in (u, w):  # the reference scales every rate by tau^-i in round i (lam's: SourceWeights.lr_scale)
+        loop.scale_schedule(engine, lambda step: loop.tau_scale(cfg, step))
     return u, w, num_params
 
 
@@ -225,6 +242,9 @@ def train(rw: Reweighting) -> None:
         for step in range(rw.start, cfg.steps):
             rw.u.begin_step(step)
             rw.w.begin_step(step)
+            if cfg.max_grad_norm is not None and cfg.tau != 1:  # both objectives carry the alpha in force
+                loop.set_clip(rw.u, cfg.max_grad_norm * alpha_at(cfg, step))
+                loop.set_clip(rw.w, cfg.max_grad_norm * alpha_at(cfg, step))
             batch = prefetched.get(step).to(dist.device)
             result = bilevel_step(rw.u, rw.w, rw.lam, batch, step, alpha_at(cfg, step), dist,
                                   stop_requested=control.stop_requested)
@@ -291,27 +311,76 @@ def metrics_record(rw: Reweighting, done: int, result: StepResult, batch: StepBa
 
 
 def finish(rw: Reweighting) -> Path:
-    """weights.json (final and averaged weights, provenance) and weights.png, from the main process."""
-    cfg, names = rw.recipe.reweight, rw.names
+    """weights.json (final and averaged weights, evidence, settled, provenance) and weights.png, from the main
+    process; the log's last lines say what the run is sure of and whether its weights settled."""
+    cfg, names, real = rw.recipe.reweight, rw.names, rw.real_names
     final = rw.lam.as_dict(names)
     averaged = dict(zip(names, (rw.weights_sum / (cfg.steps - rw.avg_from)).tolist()))
+    evidence = rw.lam.evidence(names, evidence_batch(rw), cfg.evidence_level)
+    history = [list(renormalise(dict(zip(names, row)), real).values()) for row in rw.lam.history]
+    trajectory = [{"step": p["step"], "weights": renormalise(p["weights"], real)} for p in rw.trajectory]
     path = rw.out / "weights.json"
     if rw.dist.is_main:
         doc = weights_file.build(
-            weights=final, weights_averaged=averaged,
+            weights=renormalise(final, real), weights_averaged=renormalise(averaged, real),
             sources={n: source_info(s, d) | (rw.checks.record(n) if rw.checks else {})
-                     for (n, s), d in zip(rw.data.sources.items(), rw.sources)},
-            validation=validation_info(rw), trajectory=rw.trajectory, steps=cfg.steps,
+                     for (n, s), d in zip(rw.data.sources.items(), rw.data.source_data)},
+            validation=validation_info(rw), trajectory=trajectory, steps=cfg.steps,
             seed=rw.recipe.seed, model=rw.recipe.model, config=rw.recipe.to_dict(),
-            evidence=rw.lam.evidence(names))
+            evidence={n: evidence[n] for n in real}, evidence_level=cfg.evidence_level,
+            settled=settled_state(history, real), placebo=placebo_record(rw, final, averaged, evidence))
         weights_file.write(path, doc)
         plot_weights(rw.trajectory, rw.out / "weights.png")
-        console.print(f"[bold green]weights[/] {format_weights(doc['weights'])}")
-        console.print(f"[dim]averaged over steps {rw.avg_from + 1}-{cfg.steps}:[/] "
-                      f"{format_weights(doc['weights_averaged'])}")
-        console.print(format_evidence(doc["evidence"]))
+        log_finish(rw, doc)
     distributed.barrier(rw.dist)
     return path
+
+
+def evidence_batch(rw: Reweighting) -> int:
+    """The shortest batch of lam steps the evidence's error may use: one LISA interval (the same blocks train
+    throughout it, so its steps are alike), in lam steps."""
+    cfg = rw.recipe.reweight
+    return -(-cfg.lisa.interval // cfg.lambda_every) if rw.u.lisa.enabled else 1
+
+
+def placebo_record(rw: Reweighting, final: dict[str, float], averaged: dict[str, float],
+                   evidence: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """weights.json `placebo`: the control source, its weight among all the run's sources, and its verdict."""
+    if rw.placebo is None:
+        return None
+    name = rw.placebo.name
+    return rw.placebo.record() | {"weight": final[name], "weight_averaged": averaged[name],
+                                  "evidence": evidence[name],
+                                  "trajectory": [{"step": p["step"], "weight": p["weights"][name]}
+                                                 for p in rw.trajectory]}
+
+
+def log_finish(rw: Reweighting, doc: dict[str, Any]) -> None:
+    """The log's last lines: weights, evidence with verdicts (and the placebo's), what a verdict would need, and
+    whether the weights settled with what to do if not."""
+    cfg = rw.recipe.reweight
+    console.print(f"[bold green]weights[/] {format_weights(doc['weights'])}")
+    console.print(f"[dim]averaged over steps {rw.avg_from + 1}-{cfg.steps}:[/] "
+                  f"{format_weights(doc['weights_averaged'])}")
+    control = doc.get("placebo")
+    console.print(format_evidence(doc["evidence"], doc["evidence_level"], len(doc["evidence"]) + bool(control)))
+    if control is not None:
+        e = control["evidence"]
+        p = f", p {e['p']:.2g}" if e.get("p") is not None else ""
+        console.print(f"[bold]placebo[/] {escape(control['name'])} (half of {escape(control['split_from'])}, the "
+                      f"same data): weight {control['weight']:.3f}, {e['verdict']}{p}  [dim]the run's noise floor: a "
+                      "real source called no more surely than this one is not shown to differ[/]")
+    everything = {**doc["evidence"], **({control["name"]: control["evidence"]} if control else {})}
+    need = verdict.steps_for_verdict(everything, doc["evidence_level"], cfg.lambda_every)
+    if need is not None:
+        unclear = ", ".join(escape(n) for n, e in everything.items() if e["verdict"] == "unclear")
+        batch = max(e["batch_steps"] for e in everything.values())
+        console.print(f"[yellow]unclear:[/] {unclear}; a verdict needs roughly {need + cfg.delay:,} steps (this "
+                      f"run: {cfg.steps:,}; at least {verdict.MIN_BATCHES} batches of {batch} lam steps, then "
+                      "enough of them for the effect)")
+    line = settle_advice(doc["settled"], cfg.lambda_schedule)
+    console.print(f"[yellow]{escape(line)}[/]" if line else "[dim]weights settled (no trend beyond noise over "
+                  "the last quarter of the lam steps)[/]")
 
 
 def source_info(source: DataSource, data: Tokens) -> dict[str, Any]:

@@ -189,3 +189,31 @@ class Throughput:
         """The early line: `first steps: 1.23 s/step · ETA 4m05s for 200 steps · 5,120 train tok/s (u+w)`."""
         return (f"first {self.done - self.start} steps: {self.pace()} for steps {self.start + 1}-{self.total} · "
                 f"{tokens_per_s:,.0f} {self.unit}")
+
+
+def tau_scale(cfg: Any, step: int) -> float:
+    """tau^-i in round i (i = step // tau_every): the reference divides every learning rate (u's, w's and lam's)
+    by tau each round as alpha grows by tau, so the steps of the penalised objective keep their size. 1 when
+    tau = 1 (every shipped script of the reference)."""
+    return float(cfg.tau) ** -(step // cfg.tau_every)
+
+
+def scale_schedule(engine: Any, scale: Callable[[int], float]) -> None:
+    """Multiply an engine's learning-rate schedule (train/optim.LrSchedule: a pure function of the step, so a
+    resumed run gets the same rates) by `scale(step)`."""
+    factor = engine.schedule.factor
+    engine.schedule.factor = lambda step: factor(step) * scale(step)
+
+
+def set_clip(engine: Any, threshold: float) -> None:
+    """Set the gradient-norm clipping threshold of a model copy for the coming step (reweight: max_grad_norm x the
+    alpha in force). Our AdamW engines hold it themselves, LoRA adapters under DeepSpeed in their shared pair; a
+    whole model under DeepSpeed in its ZeRO optimizer (`clip_grad`) and its config."""
+    if hasattr(engine, "max_grad_norm"):
+        engine.max_grad_norm = threshold
+    elif hasattr(getattr(engine, "adapters", None), "max_grad_norm"):
+        engine.adapters.max_grad_norm = threshold
+    elif hasattr(engine, "ds"):
+        if hasattr(engine.ds.optimizer, "clip_grad"):
+            engine.ds.optimizer.clip_grad = threshold
+        engine.ds._config.gradient_clipping = threshold

@@ -16,21 +16,25 @@ centring runs over the sources present, so absence neither pushes a source up no
 `relative` (d_k / m_k(u)) is kept as an option, but it is not a variance reduction: to first order it is the lam
 gradient of sum_k s_k log m_k while u and w optimise sum_k s_k m_k, so it moves the method's fixed point.
 
-Evidence (CONTRACT v3): per source, the series of a_k = -(d_k - s.d) over the lam steps in which it was present
-(positive: w gains more on it than on the mixture, the direction in which lam raises it), its mean, and the
-standard error of that mean (batch means, never below the plain standard error: consecutive steps are
-correlated, u and w drift together).
+Evidence (CONTRACT v3, v4): per source, the series of a_k = -(d_k - s.d) over the lam steps in which it was present
+(positive: w gains more on it than on the mixture, the direction in which lam raises it); train/verdict.py turns
+the series into a mean, a standard error that holds under autocorrelation, a Holm-adjusted p and a verdict.
+
+The optimizer: `adamw` is the reference's (its run scripts pass `name=adamw` and lam's optimizer is built before
+the weight decay 5e-4 of u and w is set, so lam gets torch's default decay 0.01, a slow pull towards uniform);
+`adam` is the same without decay; `sgd` plain gradient steps. Every lam step's rate is its schedule's times
+`lr_scale(step)` (tau's rounds scale every rate by tau^-i in the reference: train/loop.py's tau_scale).
 """
 
 from __future__ import annotations
 
-import math
-import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
+from scalebio_cli.train import verdict
 from scalebio_cli.train.optim import warmup_cosine
 
 
@@ -48,10 +52,11 @@ def paired_difference(m_w: torch.Tensor, m_u: torch.Tensor, signal: str = "diffe
     return torch.where(m_u > 0, d / m_u.clamp(min=1e-12), torch.zeros_like(d)) if signal == "relative" else d
 
 
-def lambda_gradient(s: torch.Tensor, m_w: torch.Tensor, m_u: torch.Tensor, alpha: float,
-                    signal: str = "difference", present: torch.Tensor | None = None) -> torch.Tensor:
-    """alpha * J^T d with J = diag(s) - s s^T, over the sources present (all when `present` is None)."""
-    d = paired_difference(m_w, m_u, signal)
+def lambda_gradient(s: torch.Tensor, d: torch.Tensor, alpha: float,
+                    present: torch.Tensor | None = None) -> torch.Tensor:
+    """alpha * J^T d with J = diag(s) - s s^T, over the sources present (all when `present` is None), for the
+    paired difference d (`paired_difference(m_w, m_u)`, or the mean of several steps' as `lambda_every` takes).
+    The one function the live lam step calls (SourceWeights._step) and the tests check against autograd."""
     if present is None:
         present = torch.ones_like(d, dtype=torch.bool)
     return alpha * s * centred_difference(s, d, present)
@@ -62,21 +67,24 @@ class SourceWeights:
     differences of the current window of `every` steps, and the evidence series."""
 
     def __init__(self, num_sources: int, lr: float, total_steps: int, warmup_ratio: float, device: torch.device,
-                 optimizer: str = "adam", signal: str = "difference", delay: int = 0, schedule: str = "cosine",
-                 every: int = 1):
+                 optimizer: str = "adamw", signal: str = "difference", delay: int = 0, schedule: str = "cosine",
+                 every: int = 1, lr_scale: Callable[[int], float] | None = None):
         self.lam = torch.zeros(num_sources, dtype=torch.float32, device=device, requires_grad=True)
         if optimizer == "sgd":
             self.optimizer: torch.optim.Optimizer = torch.optim.SGD([self.lam], lr=lr)
-        else:
+        elif optimizer == "adam":
             self.optimizer = torch.optim.Adam([self.lam], lr=lr, betas=(0.9, 0.999))
+        else:  # the reference: torch.optim.AdamW with its default weight decay
+            self.optimizer = torch.optim.AdamW([self.lam], lr=lr, betas=(0.9, 0.999), weight_decay=0.01)
         self.signal, self.delay, self.every = signal, delay, max(1, every)
         lam_steps = max(1, (total_steps - delay) // self.every)
-        factor = warmup_cosine(lam_steps, warmup_ratio, decay=schedule == "cosine")
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
-        self._lr = self.optimizer.param_groups[0]["lr"]
+        self.base_lr, self.lr_scale = lr, lr_scale or (lambda step: 1.0)
+        self.factor = warmup_cosine(lam_steps, warmup_ratio, decay=schedule == "cosine")
+        self._lr = lr * self.factor(0)
         zeros = torch.zeros(num_sources, dtype=torch.float64, device=device)
         self.window_d, self.window_n = zeros.clone(), zeros.clone()  # sums of d and counts of presence
         self.advantages: list[list[float | None]] = []  # per lam step, per source: a_k (None: absent)
+        self.history: list[list[float]] = []  # per lam step: the weights after it (train/settled.py reads them)
         self.last_grad = torch.zeros(num_sources, dtype=torch.float32, device=device)
 
     def probs(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -97,24 +105,24 @@ class SourceWeights:
         self.window_d += torch.where(present, d, torch.zeros_like(d))
         self.window_n += present.double()
         if (step - self.delay + 1) % self.every == 0:
-            self._step(alpha)
+            self._step(alpha, step)
         return self.last_grad
 
-    def _step(self, alpha: float) -> None:
+    def _step(self, alpha: float, step: int) -> None:
         present = self.window_n > 0
         d = (self.window_d / self.window_n.clamp(min=1)).float()
         s = self.probs()
-        centred = centred_difference(s, d, present)
-        grad = alpha * s * centred
-        self._lr = self.optimizer.param_groups[0]["lr"]
+        grad = lambda_gradient(s, d, alpha, present)
+        self._lr = self.base_lr * self.factor(len(self.advantages)) * self.lr_scale(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr
         self.lam.grad = grad
-        with warnings.catch_warnings():  # a scheduler built before the first optimizer step warns needlessly
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
-            self.optimizer.step()
-            self.scheduler.step()
+        self.optimizer.step()
         self.lam.grad = None
         self.last_grad = grad
+        centred = centred_difference(s, d, present)
         self.advantages.append([-float(a) if p else None for a, p in zip(centred.tolist(), present.tolist())])
+        self.history.append(self.probs(torch.float64).tolist())
         self.window_d.zero_()
         self.window_n.zero_()
 
@@ -123,47 +131,31 @@ class SourceWeights:
         """The learning rate of the latest lam step (the one its update used)."""
         return self._lr
 
-    def evidence(self, names: list[str]) -> dict[str, dict[str, Any]]:
-        """weights.json `evidence`: per source, mean advantage, its standard error, z and the lam steps behind it."""
-        out = {}
-        for k, name in enumerate(names):
-            series = np.asarray([row[k] for row in self.advantages if row[k] is not None], dtype=np.float64)
-            out[name] = summarize(series)
-        return out
+    def series(self) -> list[np.ndarray]:
+        """Per source, a_k over the lam steps in which it was present."""
+        return [np.asarray([row[k] for row in self.advantages if row[k] is not None], dtype=np.float64)
+                for k in range(self.lam.shape[0])]
+
+    def evidence(self, names: list[str], min_batch: int = 1,
+                 level: float = verdict.DEFAULT_LEVEL) -> dict[str, dict[str, Any]]:
+        """weights.json `evidence`: per source, mean advantage, its standard error, z, the lam steps behind it, p
+        (Holm-adjusted over `names`) and the verdict at `level` (train/verdict.py). `min_batch`: the shortest batch
+        of lam steps the error may use (the LISA interval in lam steps)."""
+        return dict(zip(names, verdict.evaluate(self.series(), min_batch, level)))
 
     def state_dict(self) -> dict:
         return {"lam": self.lam.detach().clone(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "window_d": self.window_d.clone(),
-                "window_n": self.window_n.clone(), "advantages": self.advantages, "last_grad": self.last_grad,
-                "lr": self._lr}
+                "window_d": self.window_d.clone(), "window_n": self.window_n.clone(), "advantages": self.advantages,
+                "history": self.history, "last_grad": self.last_grad, "lr": self._lr}
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
             self.lam.copy_(state["lam"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.window_d.copy_(state["window_d"])
         self.window_n.copy_(state["window_n"])
         self.advantages = [list(row) for row in state["advantages"]]
+        self.history = [list(row) for row in state.get("history", [])]
         self.last_grad = state["last_grad"].to(self.lam.device)
         self._lr = state["lr"]
 
-
-def summarize(series: np.ndarray) -> dict[str, Any]:
-    """Mean, standard error, z = mean / stderr, and n. The error is the larger of the plain standard error and the
-    batch-means one (the series cut into ~sqrt(n) consecutive batches, so that correlation within a batch does not
-    shrink it): with ~sqrt(n) batches the batch-means estimate is itself noisy and now and then far too small
-    (seen: 0.4x the plain error on a 60-step no-signal run, z -7.5 instead of -2.9), and consecutive steps are
-    never less correlated than independent draws. With fewer than 2 values there is no error (null)."""
-    n = len(series)
-    if n == 0:
-        return {"advantage": None, "stderr": None, "z": None, "steps": 0}
-    mean = float(series.mean())
-    if n < 2:
-        return {"advantage": mean, "stderr": None, "z": None, "steps": n}
-    stderr = float(series.std(ddof=1) / math.sqrt(n))
-    if n >= 4:
-        batches = np.array([b.mean() for b in np.array_split(series, int(math.sqrt(n)))])
-        stderr = max(stderr, float(batches.std(ddof=1) / math.sqrt(len(batches))))
-    z = mean / stderr if stderr > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
-    return {"advantage": mean, "stderr": stderr, "z": None if math.isinf(z) else z, "steps": n}

@@ -1,0 +1,120 @@
+"""The verdict per source is calibrated (train/verdict.py; ALGORITHM.md "How sure a run is"): simulated runs of
+the estimator alone, under no signal and under a shift.
+
+A simulated run: K sources, each an AR(1) series of n lam steps (rho: how strongly a step follows the last), tied
+as the real ones are (a_k = x_k - s.x, so sum_k s_k a_k = 0 for weights s). Under no signal the familywise rate
+of any verdict must stay at the level (5%) up to Monte Carlo error; `make test` checks a grid that spans the
+range quickly, the slow test the whole grid with more runs and prints the power on a shifted series.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from scalebio_cli.train import verdict
+
+LEVEL = 0.05
+
+
+def simulate(rho: float, n: int, k: int, runs: int, rng: np.random.Generator, shift: float = 0.0) -> np.ndarray:
+    """(runs, k, n) tied AR(1) series with unit innovations; `shift` added to source 0 before tying (in units of
+    its stationary standard deviation)."""
+    noise = rng.normal(size=(runs, k, n))
+    x = np.empty_like(noise)
+    sd = 1 / math.sqrt(1 - rho ** 2)
+    x[..., 0] = noise[..., 0] * sd
+    for t in range(1, n):
+        x[..., t] = rho * x[..., t - 1] + noise[..., t]
+    x[:, 0] += shift * sd
+    s = rng.dirichlet(np.full(k, 5.0), size=runs)
+    return x - np.einsum("rk,rkn->rn", s, x)[:, None, :]
+
+
+def familywise(rho: float, n: int, k: int, runs: int, seed: int, min_batch: int = 1) -> float:
+    p, _ = verdict.evaluate_many(simulate(rho, n, k, runs, np.random.default_rng(seed)), min_batch)
+    return float(np.mean((np.nan_to_num(p, nan=1.0) < LEVEL).any(axis=1)))
+
+
+def power(rho: float, n: int, k: int, runs: int, seed: int, shift: float) -> float:
+    """How often the shifted source 0 is called, in the right direction."""
+    p, means = verdict.evaluate_many(simulate(rho, n, k, runs, np.random.default_rng(seed), shift))
+    return float(np.mean((np.nan_to_num(p[:, 0], nan=1.0) < LEVEL) & (means[:, 0] > 0)))
+
+
+def allowed(runs: int) -> float:
+    """The level plus three Monte Carlo standard errors of a rate estimated from `runs` runs."""
+    return LEVEL + 3 * math.sqrt(LEVEL * (1 - LEVEL) / runs)
+
+
+@pytest.mark.parametrize("rho,n,k", [(0.0, 20, 3), (0.0, 300, 10), (0.5, 60, 2), (0.5, 300, 5), (0.8, 120, 3),
+                                     (0.9, 300, 10), (0.9, 1000, 4)])
+def test_no_signal_rarely_gets_a_verdict(rho: float, n: int, k: int) -> None:
+    runs = 600
+    assert familywise(rho, n, k, runs, seed=int(100 * rho) + n + k) <= allowed(runs)
+
+
+def test_the_lisa_floor_and_a_short_run_mean_unclear() -> None:
+    """Batches never shorter than `min_batch` (the LISA interval): 60 steps in batches of 20 are 3 batches, fewer
+    than MIN_BATCHES, so even a large shift gets no verdict, and the error is not reported."""
+    a = simulate(0.0, 60, 3, 1, np.random.default_rng(0), shift=3.0)[0]
+    evidence = verdict.evaluate(list(a), min_batch=20)
+    assert all(e["verdict"] == "unclear" and e["p"] is None and e["stderr"] is None for e in evidence)
+    assert evidence[0]["batch_steps"] == 20 and evidence[0]["batches"] == 3
+    called = verdict.evaluate(list(a), min_batch=1)
+    assert called[0]["verdict"] == "raised" and called[0]["p"] < LEVEL
+
+
+def test_a_shift_is_called_and_reported_with_its_batches() -> None:
+    a = simulate(0.5, 400, 3, 1, np.random.default_rng(1), shift=0.5)[0]
+    evidence = verdict.evaluate(list(a))
+    assert evidence[0]["verdict"] == "raised"
+    assert evidence[0]["z"] == pytest.approx(evidence[0]["advantage"] / evidence[0]["stderr"])
+    assert evidence[0]["batches"] >= verdict.MIN_BATCHES and evidence[0]["autocorrelation_time"] > 1.5
+    flipped = verdict.evaluate([-s for s in a])
+    assert flipped[0]["verdict"] == "lowered"
+
+
+def test_student_t_and_holm_are_exact() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    t = np.array([0.0, 0.3, 1.0, 2.2, 4.0, 9.0])
+    for dof in (1, 2, 3, 4, 7, 10, 51):
+        assert verdict.t_two_sided(t, dof) == pytest.approx(2 * stats.t.sf(t, dof), abs=1e-9)
+        assert verdict.t_quantile(0.01, dof) == pytest.approx(stats.t.ppf(0.995, dof), rel=1e-6)
+    p = np.array([0.01, 0.04, 0.03, np.nan])  # four tests, one of them untested (counted as p = 1)
+    assert verdict.holm(p)[:3] == pytest.approx([0.04, 0.09, 0.09]) and np.isnan(verdict.holm(p)[3])
+
+
+def test_the_autocorrelation_time_of_ar1() -> None:
+    """Geyer's initial sequence recovers tau = (1 + rho) / (1 - rho) on long series."""
+    for rho in (0.0, 0.5, 0.8):
+        a = simulate(rho, 4000, 2, 20, np.random.default_rng(2))[:, 0]  # (tied: a mix of two AR(1), still AR(1))
+        tau, _ = verdict.integrated_time(verdict.autocorrelation(a))
+        assert np.median(tau) == pytest.approx((1 + rho) / (1 - rho), rel=0.2)
+
+
+def test_a_short_run_says_how_many_steps_a_verdict_needs() -> None:
+    a = simulate(0.0, 30, 3, 1, np.random.default_rng(3))[0]
+    evidence = dict(zip("abc", verdict.evaluate(list(a), min_batch=20)))
+    assert verdict.steps_for_verdict(evidence, LEVEL, every=1) >= verdict.MIN_BATCHES * 20
+
+
+@pytest.mark.slow
+def test_calibration_over_the_whole_grid(capsys: pytest.CaptureFixture[str]) -> None:
+    """rho 0-0.9, n 20-1,000, K 2-10: the familywise rate under no signal; then the power against a shift of
+    half a standard deviation of the series. Prints both tables (docs/internals.md quotes them)."""
+    runs, worst, lines = 2000, 0.0, ["| rho | n | K=2 | K=3 | K=5 | K=10 |", "|---|---|---|---|---|---|"]
+    for rho in (0.0, 0.5, 0.8, 0.9):
+        for n in (20, 60, 300, 1000):
+            rates = [familywise(rho, n, k, runs, seed=int(1000 * rho) + n + k) for k in (2, 3, 5, 10)]
+            worst = max(worst, *rates)
+            lines.append(f"| {rho} | {n} | " + " | ".join(f"{r:.3f}" for r in rates) + " |")
+    lines += ["", "| rho | n=60 | n=300 | n=1000 |", "|---|---|---|---|"]
+    for rho in (0.0, 0.5, 0.9):
+        lines.append(f"| {rho} | " + " | ".join(f"{power(rho, n, 3, 500, 7, 0.5):.2f}" for n in (60, 300, 1000))
+                     + " |")
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
+    assert worst <= allowed(runs)
