@@ -165,15 +165,24 @@ class SpeakingProgress(Progress):
         super().stop()
 
 
-def format_evidence(evidence: dict[str, dict]) -> str:
-    """The log's evidence lines: per source its mean advantage, standard error and z, and what |z| < 2 means."""
-    lines = ["[bold]evidence[/] (advantage of w over u on a source, vs the mixture; z = advantage / stderr)"]
+def format_evidence(evidence: dict[str, dict], level: float | None = None, tested: int | None = None) -> str:
+    """The log's evidence lines: per source its mean advantage, standard error, z and, where the file has them
+    (CONTRACT v4), the Holm-adjusted p and the verdict at `level` (weights.json `evidence_level`); `tested`: the
+    number of sources the p values were adjusted for (a placebo adds one), default those shown."""
+    at = f"verdict at p < {level:g}; " if level is not None else ""
+    lines = ["[bold]evidence[/] (advantage of w over u on a source, vs the mixture; z = advantage / stderr; "
+             f"{at}p two-sided, adjusted for {tested or len(evidence)} sources)"]
     for name, e in evidence.items():
         if e["z"] is None or e["stderr"] is None or e["advantage"] is None:
-            verdict, numbers = "too few lam steps to tell", f"{e['steps']} lam steps"
+            numbers = f"{e['steps']} lam steps: too few to estimate the error"
         else:
+            numbers = f"{e['advantage']:+.2e} ± {e['stderr']:.1e}  z {e['z']:+6.2f}  ({e['steps']} lam steps)"
+        if "verdict" in e:
+            p = e.get("p")
+            verdict = f"{e['verdict']}" + (f" (p {p:.2g})" if isinstance(p, (int, float)) else "")
+        else:  # a file of an earlier version: z alone
             z = e["z"]
-            verdict = "cannot tell it from the mixture" if abs(z) < 2 else ("raised" if z > 0 else "lowered")
-            numbers = f"{e['advantage']:+.2e} ± {e['stderr']:.1e}  z {z:+6.2f}  ({e['steps']} lam steps)"
-        lines.append(f"  {escape(name)}: {numbers}  [dim]{verdict}[/]")
+            verdict = ("too few lam steps to tell" if z is None else "cannot tell it from the mixture" if abs(z) < 2
+                       else "raised" if z > 0 else "lowered")
+        lines.append(f"  {escape(name)}: {numbers}  [dim]{escape(verdict)}[/]")
     return "\n".join(lines)

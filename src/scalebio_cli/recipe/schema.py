@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 PRECISIONS = ("auto", "fp32", "bf16")
 BATCH_COMPOSITIONS = ("balanced", "pooled")
-LAMBDA_OPTIMIZERS = ("adam", "sgd")
+LAMBDA_OPTIMIZERS = ("adamw", "adam", "sgd")
 LAMBDA_SIGNALS = ("difference", "relative")
 LAMBDA_SCHEDULES = ("cosine", "constant")
 SEED_MAX = 2**32 - 1  # what numpy and torch seeding take
@@ -197,7 +197,9 @@ class ReweightConfig:
     lr_u: float = setting(1e-4, affects=RW, check=RATE)
     lr_w: float = setting(1e-4, affects=RW, check=RATE)
     lr_lambda: float = setting(5e-2, affects=RW, check=RATE)
-    lambda_optimizer: str = setting("adam", affects=RW, check=one_of(*LAMBDA_OPTIMIZERS))  # adam (the reference) | sgd
+    # adamw: the reference's (torch AdamW, its default weight decay 0.01 pulling lam towards uniform); adam: the
+    # same without decay; sgd
+    lambda_optimizer: str = setting("adamw", affects=RW, check=one_of(*LAMBDA_OPTIMIZERS))
     # what the lam gradient alpha * J^T d is made of: difference (d = m(w) - m(u), the method as written) or
     # relative (d / m(u): NOT the same objective: to first order the lam gradient of sum_k s_k log m_k, which moves
     # the fixed point against low-loss sources; kept for comparison)
@@ -227,6 +229,10 @@ class ReweightConfig:
     # clip u and w gradients at max_grad_norm * alpha; null = no clipping
     max_grad_norm: float | None = setting(1.0, affects=RW, check=above(0, null=True))
     log_every: int = setting(10, affects=NONE, check=at_least(1))  # steps between metrics lines and trajectory points
+    # a source is called raised or lowered when its p (two-sided, Holm-adjusted over the run's sources) is below this
+    evidence_level: float = setting(0.05, affects=NONE, check=within(0, 1, open_low=True, open_high=True))
+    # true: a random half of the largest source becomes a control source (identical data; weights.json `placebo`)
+    placebo: bool = setting(False, affects=RW)
     gradient_checkpointing: bool = setting(False, affects=NONE)
     lisa: LisaConfig = section(LisaConfig, stage="reweight")
     lora: LoraConfig = section(LoraConfig, stage="reweight")
