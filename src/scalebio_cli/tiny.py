@@ -57,8 +57,13 @@ def make_demo_data(out_dir: str | Path, per_source: int = 600, num_val: int = 20
         q, a = arithmetic_qa(rng)
         noisy.append({"instruction": q, "input": "", "output": "." if rng.random() < noise else a})
     offtopic = [dict(zip(("prompt", "completion"), reverse_qa(rng))) for _ in range(per_source)]
-    val = [messages(*arithmetic_qa(rng)) for _ in range(num_val)]
-    test = [messages(*arithmetic_qa(rng)) for _ in range(num_test)]
+    # Validation and test questions never appear in a source (in any phrasing): a leaked validation record would
+    # make the source holding it look good for the wrong reason (`data/checks.py` would flag it).
+    seen = {_question_key(r["messages"][1]["content"]) for r in clean}
+    seen |= {_question_key(r["output"]) for r in noisy if r["output"] != "."}
+    seen |= {_question_key(r["instruction"]) for r in noisy}
+    val = [messages(*q) for q in _unseen_arithmetic(rng, num_val, seen)]
+    test = [messages(*q) for q in _unseen_arithmetic(rng, num_test, seen)]
 
     paths = {name: out / f"{name}{ext}" for name, ext in
              [("clean", ".jsonl"), ("noisy", ".json"), ("offtopic", ".parquet"), ("val", ".jsonl"), ("test", ".jsonl")]}
@@ -68,6 +73,25 @@ def make_demo_data(out_dir: str | Path, per_source: int = 600, num_val: int = 20
     _write_jsonl(paths["val"], val)
     _write_jsonl(paths["test"], test)
     return paths
+
+
+def _question_key(text: str) -> str:
+    """The arithmetic a question or answer is about ("8 * 5"), whatever its phrasing."""
+    import re
+
+    match = re.search(r"(\d+) ([-+*]) (\d+)", text)
+    return match.group(0) if match else text
+
+
+def _unseen_arithmetic(rng: random.Random, n: int, seen: set[str]) -> list[tuple[str, str]]:
+    """`n` arithmetic records about sums not in `seen` (added to it, so later calls stay disjoint too)."""
+    out: list[tuple[str, str]] = []
+    while len(out) < n:
+        q, a = arithmetic_qa(rng)
+        if _question_key(q) not in seen:
+            seen.add(_question_key(q))
+            out.append((q, a))
+    return out
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
