@@ -284,29 +284,49 @@ def truncation_note(doc: dict[str, Any]) -> str:
 
 
 def evidence_table(doc: dict[str, Any]) -> str:
-    """weights.json `evidence` (how sure the run is of each source's direction): a table, when the run has it."""
+    """weights.json `evidence` (how sure the run is of each source's direction): a table, when the run has it,
+    with the placebo's row (`placebo`) and whether the weights settled (`settled`) where the file has them."""
     evidence = doc.get("evidence")
     if not isinstance(evidence, dict) or not evidence:
         return ""
-    rows = []
-    for name, e in evidence.items():
-        e = e if isinstance(e, dict) else {}
-        z = e.get("z")
-        known = isinstance(z, (int, float)) and not isinstance(z, bool)
-        if known and abs(z) >= 2:
-            reading = "w beats u more here than on the mixture" if z > 0 else "w beats u less here than on the mixture"
-        else:
-            reading = "cannot tell from the mixture" if known else "-"
-        cls = " class=weak" if known and abs(z) < 2 else ""
-        rows.append(f"<tr{cls}><td>{html.escape(str(name))}</td><td class=n>{_fmt(e.get('advantage'))}</td>"
-                    f"<td class=n>{_fmt(e.get('stderr'))}</td><td class=n>{_fmt(z, 2)}</td>"
-                    f"<td class=n>{_fmt(e.get('steps'))}</td><td>{reading}</td></tr>")
-    return ("<h2>Evidence</h2><table><tr><th>source</th><th>advantage</th><th>stderr</th><th>z</th><th>steps</th>"
-            "<th>reading</th></tr>" + "".join(rows) + "</table>"
+    control = doc.get("placebo") if isinstance(doc.get("placebo"), dict) else None
+    shown = dict(evidence)
+    if control is not None and isinstance(control.get("evidence"), dict):
+        shown[f"{control.get('name', 'placebo')} (placebo: half of {control.get('split_from', '?')})"] = \
+            control["evidence"]
+    rows = [_evidence_row(name, e if isinstance(e, dict) else {}) for name, e in shown.items()]
+    level = doc.get("evidence_level") if any(isinstance(e, dict) and "verdict" in e for e in shown.values()) else None
+    rule = (f"p: two-sided, Holm-adjusted over the run's sources; <b>a verdict (raised, lowered) at p &lt; "
+            f"{html.escape(str(level))}, else unclear</b> (also when the run had too few batches of steps to "
+            "estimate the error)" if level is not None else "<b>|z| &lt; 2: the run cannot tell this source from "
+            "the mixture.</b>")
+    settled = doc.get("settled")
+    still = ([n for n, ok in settled.get("by_source", {}).items() if not ok]
+             if isinstance(settled, dict) else [])
+    moving = (f"<p class=meta><b>Weights still moving:</b> {html.escape(', '.join(map(str, still)))} (more steps, "
+              "weights_averaged, or a decaying lam rate)</p>" if still else "")
+    return ("<h2>Evidence</h2><table><tr><th>source</th><th>advantage</th><th>stderr</th><th>z</th><th>p</th>"
+            "<th>steps</th><th>verdict</th></tr>" + "".join(rows) + "</table>"
             "<p class=meta>advantage: the mean of the source's centred paired difference over the steps in which "
-            "lambda moved (positive: the direction in which lambda raises the source); stderr accounts for "
-            "autocorrelation; z = advantage / stderr. <b>|z| &lt; 2: the run cannot tell this source from the "
-            "mixture.</b></p>")
+            "lambda moved (positive: the direction in which lambda raises the source); stderr from batches of "
+            f"steps longer than their correlation; z = advantage / stderr; {rule}.</p>" + moving)
+
+
+def _evidence_row(name: str, e: dict[str, Any]) -> str:
+    z = e.get("z")
+    known = isinstance(z, (int, float)) and not isinstance(z, bool)
+    if "verdict" in e:
+        reading = str(e["verdict"])
+        weak = reading == "unclear"
+    elif known and abs(z) >= 2:
+        reading, weak = ("raised" if z > 0 else "lowered"), False
+    else:
+        reading, weak = ("cannot tell from the mixture" if known else "-"), known
+    cls = " class=weak" if weak else ""
+    return (f"<tr{cls}><td>{html.escape(str(name))}</td><td class=n>{_fmt(e.get('advantage'))}</td>"
+            f"<td class=n>{_fmt(e.get('stderr'))}</td><td class=n>{_fmt(z, 2)}</td>"
+            f"<td class=n>{_fmt(e.get('p'))}</td><td class=n>{_fmt(e.get('steps'))}</td>"
+            f"<td>{html.escape(reading)}</td></tr>")
 
 
 def eval_table(evals: dict[str, dict[str, Any]]) -> str:
