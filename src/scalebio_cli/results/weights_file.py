@@ -140,8 +140,9 @@ def _recipe_problems(path: Path, doc: dict[str, Any]) -> list[str]:
 
 def _recipe_name(name: str, info: Any) -> str:
     source = info.get("source") if isinstance(info, dict) else None
-    if isinstance(source, dict) and source.get("value") is not None and "/" in name:
-        return name.rsplit("/", 1)[0] if name.endswith(f"/{source['value']}") else name
+    if isinstance(source, dict) and source.get("value") is not None:
+        suffix = f"/{source['value']}"  # the value may hold a slash itself (a `group` column: SOURCE/gNN)
+        return name[: -len(suffix)] if name.endswith(suffix) else name
     return name
 
 

@@ -358,6 +358,8 @@ pre{background:#f7f7f7;border:1px solid #e4e4e4;padding:10px;font-size:12px;over
 
 def page(doc: dict[str, Any], images: dict[str, str], recipe: str, evals: dict[str, dict[str, Any]],
          eval_png: str | None, run_dir: Path) -> str:
+    from scalebio_cli.grouping.report import groups_section  # groups of `scalebio group`: weights per group
+
     figures = "".join(f'<figure><img alt="{html.escape(t)}" src="data:image/png;base64,{b64}"></figure>'
                       for t, b64 in images.items())
     meta = (f"{html.escape(str(run_dir))} · model {html.escape(str(doc.get('model', '-')))} · "
@@ -377,6 +379,7 @@ def page(doc: dict[str, Any], images: dict[str, str], recipe: str, evals: dict[s
 ("-" where the weights file does not record it).</p>
 {truncation_note(doc)}
 {evidence_table(doc)}
+{groups_section(doc)}
 <h2>Training curves</h2><div class=grid>{figures}</div>
 <p class=meta>Curves: an exponential moving average (span: a tenth of the points); the raw points are the faint
 lines behind them.</p>
