@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install demo test study-lam test-slow lint pipeline bench bench-data bench-quality smollm2 clean \
-	bench-select compare-math instruct-math-data docs
+	bench-select compare-math compare-math-gpu instruct-math-data docs
 
 install: $(VENV)/.installed
 
@@ -63,22 +63,29 @@ QUALITY_ARGS ?= --seeds 0 1 2 --variants default full lora
 bench-quality: smollm2 instruct-math-data
 	$(BIN)/python scripts/bench_quality.py $(QUALITY_ARGS)
 
-# The paper's per-record baselines on a real model: SmolLM2 denoising (clean / "." / shuffled, 100 records each),
-# each method asked for a third of the pool must take >= 60% clean; replaces its section of docs/benchmarks.md
-# (~9 min on 2 idle cores).
+# The paper's per-record baselines on a real model: SmolLM2, the alpaca denoising case (clean / "." / shuffled
+# words, 200 records each, 3 seeds), each method asked for a third of the pool must take >= 60% clean in every seed;
+# replaces its section of docs/benchmarks.md (~30-45 min on 2 idle cores, an estimate; a quick look:
+# BENCH_SELECT_ARGS="--per-source 60 --num-val 60 --seeds 0").
 BENCH_SELECT_ARGS ?=
 bench-select: smollm2
 	$(BIN)/python scripts/bench_select.py $(BENCH_SELECT_ARGS)
 
-# The paper's comparison on SmolLM2 and the five instruct-math sources (scripts/compare_math.py): reweight, select
-# rho-loss and less, then `scalebio compare` of scalebio / uniform / proportional / rho-loss / less (N records each,
-# fine-tuned and evaluated on test.json over 3 seeds); docs/results.md. CPU: a seeded pool of 100 records a source,
-# ~1.5-2 h on 2 cores (106 min measured, beside another job).
-# A GPU at full size: make compare-math COMPARE_ARGS="--per-source 0 --num-val 0 -n 6000 precision=bf16"
-# Every stage resumes (reweight --resume auto, finished selections and compare cells are reused).
+# The head-to-head on SmolLM2 and the five instruct-math sources (scripts/compare_math.py): first the ceiling (each
+# source alone, paired, 3 seeds), then ScaleBiO (300 lam steps, 3 reweight seeds), uniform, RHO-loss, LESS and the
+# hybrid (sample --weights W --rank-by SCORES) at 25% and 50% of the pool, max_length 1024, paired against uniform
+# with 95% intervals and cost; docs/results.md. At the default size (400 records a source) this is far beyond 2 CPU
+# cores (an estimate: ~2 days); `make compare-math-gpu` runs it on one GPU (an estimate, not yet timed: ~2-3 h).
+# A smoke check of every stage at toy size (minutes; not a result, docs untouched): make compare-math
+# COMPARE_ARGS="--smoke --no-record". Every stage resumes or is reused by content.
 COMPARE_ARGS ?=
 compare-math: smollm2 instruct-math-data
 	$(BIN)/python scripts/compare_math.py $(COMPARE_ARGS)
+
+COMPARE_GPU_ARGS ?= --per-source 2000 --num-val 0 precision=bf16 finetune.batch_size=32 finetune.micro_batch_size=16 \
+	reweight.batch_size=40 reweight.val_batch_size=20 reweight.micro_batch_size=10 select.rho_loss.micro_batch_size=32
+compare-math-gpu: smollm2 instruct-math-data
+	$(BIN)/python scripts/compare_math.py $(COMPARE_GPU_ARGS) $(COMPARE_ARGS)
 
 # The lam step's variance reductions one change at a time on the demo, 3 seeds (docs/results.md, ~10 min on 2 cores)
 study-lam: install

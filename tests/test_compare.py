@@ -112,7 +112,7 @@ def test_compare_v2_terms_cost_and_paired_differences(run: Run, files: Path) -> 
 
 def test_a_larger_file_mix_is_subsampled_per_seed_and_a_source_mix_draws_one_source(run: Run, files: Path) -> None:
     cells = run.out / "cells"
-    big = {line for line in (files / "big.jsonl").read_text().splitlines()}
+    big = set((files / "big.jsonl").read_text().splitlines())
     draws = [(cells / f"big-seed{s}" / "sample.jsonl").read_text().splitlines() for s in (0, 1)]
     assert all(len(d) == 12 and set(d) <= big for d in draws) and set(draws[0]) != set(draws[1])
     solo = [json.loads(line) for line in (cells / "solo-seed0" / "sample.jsonl").read_text().splitlines()]
@@ -236,7 +236,7 @@ def test_an_interrupted_then_changed_cell_is_never_mislabelled(files: Path, tmp_
         assert recorded["finetune.lr"] == 0.001
     else:
         assert not (cell / "cell.json").exists() or "eval.json" not in os.listdir(cell)
-        with pytest.raises(InputError, match="finetune.lr"):
+        with pytest.raises(InputError, match=r"finetune\.lr"):
             compare.run(comparison("1e-3"), _fake_stages(calls))
         assert not (cell / "eval.json").exists()
         compare.run(comparison("1e-3", force=True), _fake_stages(calls))

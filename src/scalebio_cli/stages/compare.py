@@ -387,6 +387,9 @@ def draw_all(c: Comparison, stages: Stages, cells: list[Cell], count: TokenCount
         draw(c, stages, cell, sample)
         cell.tokens_per_record = count(sample)
         write_json(cell.folder / "draw.json", {"key": cell.draw_key, "tokens_per_record": cell.tokens_per_record})
+    problems += [f"--mix {x.mix.name}: no record of seed {x.seed}'s draw keeps a response token within "
+                 f"data.max_length={c.recipe.data.max_length} (raise data.max_length)"
+                 for x in cells if not sum(x.tokens_per_record)]
     if problems:
         raise InputError(problems)
 
