@@ -114,13 +114,13 @@ def _feature_settings(recipe: Recipe, pool: Any, dtype: Any) -> dict[str, Any]:
     """Everything the features depend on (the cache key)."""
     from scalebio_cli.data.read import sources as data_sources
     from scalebio_cli.data.tokens.tokenized import tokenizer_fingerprint
-    from scalebio_cli.grouping.features import model_fingerprint
+    from scalebio_cli.grouping import features
 
     sources = data_sources.recipe_sources(recipe)
     return {"data": {n: data_sources.content_key(sources[n], d.sha256) for n, d in pool.sources.items()},
-            "model": model_fingerprint(recipe.model), "tokenizer": tokenizer_fingerprint(pool.tokenizer),
+            "model": features.model_fingerprint(recipe.model), "tokenizer": tokenizer_fingerprint(pool.tokenizer),
             "max_length": recipe.data.max_length, "dtype": str(dtype),
-            "micro_batch_size": recipe.group.micro_batch_size}
+            "micro_batch_size": recipe.group.micro_batch_size, "chunk": features.CHUNK}
 
 
 def _features(recipe: Recipe, dist: Any) -> tuple[Any, Any, Path]:
@@ -283,7 +283,7 @@ def _log(manifest: dict[str, Any], output: Path) -> None:
         scores = ", ".join(f"k={k} {v:.3f}" for k, v in manifest["k_scores"].items())
         console.print(f"[dim]group[/] silhouette: {scores} -> k={manifest['k']}")
     for merge in manifest["merges"]:
-        console.print(f"[dim]group[/] {escape(merge['source'])}/{merge['from']}: {merge['records']:,} records, fewer "
+        console.print(f"[dim]group[/] {escape(merge['source'])}/{merge['from']}: {merge['records']:,} record(s), fewer "
                       f"than group.min_size={manifest['settings']['min_size']}: merged into {merge['into']}")
     for name, info in manifest["groups"].items():
         loss = "-" if info["mean_loss"] is None else f"{info['mean_loss']:.3f}"
