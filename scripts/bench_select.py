@@ -1,9 +1,12 @@
-"""`scalebio select` on a real model: SmolLM2-135M-Instruct on a denoising case built from instruct-math records
-(clean / "." answers / shuffled answers, 100 records each by default; validation: clean records of the same kind).
-Each method is asked for a third of the pool and must take >= 60% clean. Prints a table and replaces the section
-between `<!-- bench_select: begin -->` and `<!-- bench_select: end -->` in docs/benchmarks.md.
+"""`scalebio select` on a real model: SmolLM2-135M-Instruct on the paper's alpaca denoising case (clean / "." answers /
+answers with their words shuffled, GPT4-LLM-Cleaned records, 200 a source by default; validation: 100 clean records
+of the same kind), or `--case orca` (orca-math records, shuffled = another record's answer). Each method is asked
+for a third of the pool, per seed (the seed draws the records and seeds the method), and must take >= 60% clean in
+every seed. RHO-loss runs with its default settings. Prints a table and replaces the section between
+`<!-- bench_select: begin -->` and `<!-- bench_select: end -->` in docs/benchmarks.md.
 
-    python scripts/bench_select.py [--per-source 100] [--no-record] [KEY=VALUE ...]   (recipe overrides)
+    python scripts/bench_select.py [--case alpaca|orca] [--per-source 200] [--num-val 100] [--seeds 0 1 2]
+                                   [--methods rho-loss less] [--no-record] [KEY=VALUE ...]   (recipe overrides)
 """
 
 from __future__ import annotations
@@ -18,16 +21,18 @@ from pathlib import Path
 
 import yaml
 
-from scalebio_cli.selection.denoising import write_case
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cases.denoising import write_alpaca_case, write_case
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "instruct-math" / "train_orca-math-word-problems-200k.json"
+SHARED = ROOT.parent / "shared" / "data" / "instruct-math"
+ORCA = SHARED / "train_orca-math-word-problems-200k.json"
+ALPACA = SHARED / "train_GPT4-LLM-Cleaned.json"
 MODEL = Path.home() / ".cache" / "scalebio" / "models" / "SmolLM2-135M-Instruct"
 BEGIN, END = "<!-- bench_select: begin -->", "<!-- bench_select: end -->"
-# CPU-sized: max_length 128, 2 warm-up epochs / 2 holdout epochs (published: 4 and the finetune section's)
-RECIPE = {"data": {"max_length": 128}, "finetune": {"lr": 5e-5, "batch_size": 8, "micro_batch_size": 8},
-          "select": {"rho_loss": {"holdout_epochs": 2}, "less": {"epochs": 2, "lr": 1e-4, "batch_size": 8,
-                                                                  "projection_dim": 1024}}}
+# CPU-sized LESS (2 warm-up epochs at batch 8, projection 1,024; published: 4 epochs, 8,192); RHO-loss: defaults
+RECIPE = {"data": {"max_length": 128},
+          "select": {"less": {"epochs": 2, "lr": 1e-4, "batch_size": 8, "projection_dim": 1024}}}
 
 
 def pairs_from(path: Path, max_chars: int = 600):
@@ -48,43 +53,60 @@ def pairs_from(path: Path, max_chars: int = 600):
     return take
 
 
+def run_select(recipe: Path, method: str, n: int, out: Path, seed: int, overrides: list[str]) -> tuple[dict, float]:
+    start = time.perf_counter()
+    result = subprocess.run([str(Path(sys.executable).parent / "scalebio"), "select", "--config", str(recipe),
+                             "--method", method, "-n", str(n), "-o", str(out), "--seed", str(seed), *overrides],
+                            capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"select {method} failed:\n{result.stderr[-3000:]}")
+    return json.loads(out.with_name(out.stem + ".manifest.json").read_text()), time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--per-source", type=int, default=100)
-    parser.add_argument("--num-val", type=int, default=64)
-    parser.add_argument("--max-chars", type=int, default=600, help="records used: question + answer shorter than this")
+    parser.add_argument("--case", choices=("alpaca", "orca"), default="alpaca")
+    parser.add_argument("--per-source", type=int, default=200)
+    parser.add_argument("--num-val", type=int, default=100)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=["rho-loss", "less"], choices=("rho-loss", "less"))
+    parser.add_argument("--max-chars", type=int, default=600, help="orca: question + answer shorter than this")
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-select-"))
-    paths = write_case(work / "data", pairs_from(DATA, args.max_chars), args.per_source, args.num_val)
-    recipe = {"model": str(MODEL), "output_dir": str(work / "run"), **RECIPE}
-    recipe["data"] = {**RECIPE["data"], "sources": {n: str(paths[n]) for n in ("clean", "dot", "shuffled")},
-                      "validation": str(paths["val"])}
-    (work / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     n = args.per_source  # a third of the pool
-    rows, failed = [], []
-    for method in ("rho-loss", "less"):
-        out = work / f"{method}.jsonl"
-        start = time.perf_counter()
-        result = subprocess.run([str(Path(sys.executable).parent / "scalebio"), "select", "--config",
-                                 str(work / "recipe.yaml"), "--method", method, "-n", str(n), "-o", str(out),
-                                 *args.overrides], capture_output=True, text=True)
-        if result.returncode:
-            sys.exit(f"select {method} failed:\n{result.stderr[-3000:]}")
-        counts = json.loads(out.with_name(out.stem + ".manifest.json").read_text())["counts"]
-        share = counts["clean"] / n
-        rows.append(f"| {method} | {counts['clean']} | {counts['dot']} | {counts['shuffled']} | {share:.0%} | "
-                    f"{time.perf_counter() - start:.0f} s |")
-        if share < 0.6:
-            failed.append(method)
-    table = "\n".join([f"### select on SmolLM2-135M-Instruct: denoising, {3 * n} records, {n} asked for", "",
-                       "| method | clean | dot | shuffled | clean share | time |", "|---|---:|---:|---:|---:|---:|",
-                       *rows, "", f"`{' '.join(['python scripts/bench_select.py', *sys.argv[1:]])}`: orca-math "
-                       f"records (question + answer under {args.max_chars} characters), {args.num_val} clean "
-                       "validation records; settings: RECIPE in the script (CPU-sized: max_length 128, 2 holdout "
-                       "epochs, 2 LESS warm-up epochs at batch 8, projection 1,024). Each method must take >= 60% "
-                       "clean."])
+    rows, failed, shares = [], [], {m: [] for m in args.methods}
+    for seed in args.seeds:
+        folder = work / f"seed{seed}"
+        if args.case == "alpaca":
+            paths = write_alpaca_case(folder / "data", ALPACA, args.per_source, args.num_val, seed)
+        else:
+            paths = write_case(folder / "data", pairs_from(ORCA, args.max_chars), args.per_source, args.num_val, seed)
+        recipe = {"model": str(MODEL), "output_dir": str(folder / "run"), "seed": seed, **RECIPE}
+        recipe["data"] = {**RECIPE["data"], "sources": {k: str(paths[k]) for k in ("clean", "dot", "shuffled")},
+                          "validation": str(paths["val"])}
+        (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+        for method in args.methods:
+            manifest, seconds = run_select(folder / "recipe.yaml", method, n, folder / f"{method}.jsonl", seed,
+                                           args.overrides)
+            counts, share = manifest["counts"], manifest["counts"]["clean"] / n
+            shares[method].append(share)
+            fit = manifest["settings"].get("irreducible")
+            il = (f"{fit['heldout_loss_before']:.3f} -> {fit['heldout_loss_after']:.3f} ({fit['steps']} steps)"
+                  if fit else "")
+            rows.append(f"| {method} | {seed} | {counts['clean']} | {counts['dot']} | {counts['shuffled']} | "
+                        f"{share:.0%} | {il} | {seconds:.0f} s |")
+            if share < 0.6:
+                failed.append(f"{method} seed {seed}")
+    means = ", ".join(f"{m} {sum(v) / len(v):.0%}" for m, v in shares.items())
+    table = "\n".join([
+        f"### select on SmolLM2-135M-Instruct: {args.case} denoising, {3 * n} records, {n} asked for", "",
+        "| method | seed | clean | dot | shuffled | clean share | IL model held-out loss | time |",
+        "|---|---:|---:|---:|---:|---:|---|---:|", *rows, "", f"Mean clean share: {means}.", "",
+        f"`{' '.join(['python scripts/bench_select.py', *sys.argv[1:]])}`: {args.num_val} clean validation records; "
+        "RHO-loss with its default settings (select.rho_loss), LESS CPU-sized (RECIPE in the script: 2 warm-up "
+        "epochs at batch 8, projection 1,024), max_length 128. Each method must take >= 60% clean in every seed."])
     print(table)
     if not args.no_record:
         doc = ROOT / "docs" / "benchmarks.md"

@@ -156,3 +156,71 @@ def test_an_existing_output_is_replaced_only_with_force(tmp_path: Path, sources)
     forced = run_cli("sample", "--weights", str(w), "-n", "12", "-o", str(out), "--seed", "1", "--force")
     assert forced.returncode == 0, forced.stderr
     assert len(out.read_text().splitlines()) == 12
+
+
+def write_scores(path: Path, rows: list[tuple[str, int, float | None]]) -> Path:
+    path.write_text("".join(json.dumps({"source": s, "index": i, "score": v}) + "\n" for s, i, v in rows))
+    return path
+
+
+def test_rank_by_takes_each_sources_best_scored_records(tmp_path: Path, sources) -> None:
+    """Quota a: 6, b: 4; a's best are its records 49, 48, ... (score = index), b's are the even ones (score 1), then
+    the odd ones (0), lower index first among equals; an unscored record (b 0) ranks last."""
+    w = make_weights(tmp_path / "w.json", sources, {"a": 0.6, "b": 0.4})
+    scores = write_scores(tmp_path / "s.scores.jsonl", [("a", i, float(i)) for i in range(50)]
+                          + [("b", i, float(i % 2 == 0)) for i in range(1, 30)])
+    out = tmp_path / "r.jsonl"
+    result = run_cli("sample", "--weights", str(w), "-n", "10", "-o", str(out), "--rank-by", str(scores))
+    assert result.returncode == 0, result.stderr
+    records = read_jsonl(out)
+    assert sorted(r["text"] for r in records if r["source"] == "a") == sorted(f"a{i}" for i in range(44, 50))
+    assert sorted(r["prompt"] for r in records if r["source"] == "b") == sorted(["b2", "b4", "b6", "b8"])
+    manifest = json.loads((tmp_path / "r.manifest.json").read_text())
+    assert manifest["rank_by"] == str(scores) and manifest["counts"] == {"a": 6, "b": 4}
+    again = run_cli("sample", "--weights", str(w), "-n", "10", "-o", str(out), "--rank-by", str(scores), "--force",
+                    "--seed", "7")  # another seed shuffles the same records
+    assert again.returncode == 0 and sorted(map(json.dumps, read_jsonl(out))) == sorted(map(json.dumps, records))
+
+
+def test_rank_by_with_replacement_cycles_the_ranking(tmp_path: Path, sources) -> None:
+    w = make_weights(tmp_path / "w.json", sources, {"a": 0.0, "b": 1.0})
+    scores = write_scores(tmp_path / "s.jsonl", [("b", i, -float(i)) for i in range(30)])
+    out = tmp_path / "r.jsonl"
+    result = run_cli("sample", "--weights", str(w), "-n", "45", "-o", str(out), "--rank-by", str(scores),
+                     "--replacement")
+    assert result.returncode == 0, result.stderr
+    drawn = [r["prompt"] for r in read_jsonl(out)]
+    assert sorted(drawn) == sorted([f"b{i}" for i in range(30)] + [f"b{i}" for i in range(15)])
+    assert "draws repeat records" in result.stderr and "b: 45 draws of 30 distinct records (1.50" in result.stderr
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([("a", 0, 1.0)], "no scores for source(s) b"),
+    ([("a", 0, 1.0), ("b", 30, 1.0)], "source 'b' has 30 records, no record 30"),
+    ([("a", 0, 1.0), ("b", 1, 1.0), ("b", 1, 2.0)], "source 'b' record 1 is scored twice"),
+    ([("a", 0, "high"), ("b", 1, 1.0)], 'expected {"source": NAME, "index": RECORD, "score": NUMBER}'),
+])
+def test_rank_by_defects_exit_2_naming_the_file(tmp_path: Path, sources, rows, message) -> None:
+    w = make_weights(tmp_path / "w.json", sources, {"a": 0.5, "b": 0.5})
+    scores = write_scores(tmp_path / "s.jsonl", rows)
+    out = tmp_path / "r.jsonl"
+    result = run_cli("sample", "--weights", str(w), "-n", "10", "-o", str(out), "--rank-by", str(scores))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and f"--rank-by {scores}" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists() and not (tmp_path / "r.manifest.json").exists()
+
+
+def test_repeated_draws_are_noted_per_source(tmp_path: Path, sources) -> None:
+    """Issue 43: 583 draws from a 150-record source went by without a word. The note gives draws per distinct
+    record per source (stderr and the manifest); a draw without repeats says nothing."""
+    w = make_weights(tmp_path / "w.json", sources, {"a": 0.5, "b": 0.5})
+    out = tmp_path / "s.jsonl"
+    result = run_cli("sample", "--weights", str(w), "-n", "120", "-o", str(out), "--replacement")
+    assert result.returncode == 0, result.stderr
+    repeats = json.loads((tmp_path / "s.manifest.json").read_text())["repeats"]
+    drawn_b = {r["prompt"] for r in read_jsonl(out) if r["source"] == "b"}
+    assert repeats["b"] == {"draws": 60, "distinct": len(drawn_b), "draws_per_record": round(60 / len(drawn_b), 3)}
+    assert "draws repeat records (--replacement)" in result.stderr and "b: 60 draws of" in result.stderr
+    plain = run_cli("sample", "--weights", str(w), "-n", "20", "-o", str(tmp_path / "p.jsonl"))
+    assert "repeat" not in plain.stderr
+    assert json.loads((tmp_path / "p.manifest.json").read_text())["repeats"] == {}

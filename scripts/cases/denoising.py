@@ -2,7 +2,10 @@
 kind of records, `clean` (answered correctly), `dot` (every answer replaced by ".") and `shuffled` (each answer
 belongs to another record's question), and a validation set drawn like `clean`. A selection asked for a third of
 the pool should take mostly `clean`. `write_task_case`: a case told apart by the task instead, for a model that
-knows nothing yet."""
+knows nothing yet. `write_alpaca_case`: the paper's alpaca denoising case from real records (GPT4-LLM-Cleaned:
+Alpaca prompts, GPT-4 answers), the shuffled source with each answer's own words shuffled.
+
+Kept out of the package (scripts/cases/): tests add scripts/ to sys.path, scripts run from it."""
 
 from __future__ import annotations
 
@@ -64,3 +67,37 @@ def write_task_case(out: Path, per_source: int, num_val: int, seed: int = 0) -> 
                "dot": [message(arithmetic_qa(rng)[0], ".") for _ in range(per_source)],
                "val": [message(*arithmetic_qa(rng)) for _ in range(num_val)]}
     return _write(out, records)
+
+
+def alpaca_records(path: Path, max_prompt: int = 160, max_response: int = 180) -> list[QA]:
+    """(prompt, answer) pairs of a sharegpt-style JSON file's short two-turn records (answers 30+ characters)."""
+    records = json.loads(path.read_text(encoding="utf-8"))
+    return [(r["items"][0]["value"], r["items"][1]["value"]) for r in records
+            if len(r.get("items", [])) == 2 and len(r["items"][0]["value"]) <= max_prompt
+            and 30 <= len(r["items"][1]["value"]) <= max_response]
+
+
+def write_alpaca_case(out: Path, path: Path, per_source: int, num_val: int, seed: int = 0) -> dict[str, Path]:
+    """clean / dot / shuffled (words of each answer shuffled) / val from disjoint records of `path`, drawn with
+    `seed`. Writes .jsonl files; returns their paths."""
+    rng = random.Random(seed)
+    pairs = alpaca_records(path)
+    need = 3 * per_source + num_val
+    if len(pairs) < need:
+        raise SystemExit(f"{path}: {len(pairs):,} short records, {need:,} needed; lower per_source or num_val")
+    rng.shuffle(pairs)
+    it = iter(pairs)
+
+    def take(n: int) -> list[QA]:
+        return [next(it) for _ in range(n)]
+
+    val, clean, dot, noisy = take(num_val), take(per_source), take(per_source), take(per_source)
+
+    def shuffled(answer: str) -> str:
+        words = answer.split()
+        rng.shuffle(words)
+        return " ".join(words)
+
+    return _write(out, {"clean": [message(q, a) for q, a in clean], "dot": [message(q, ".") for q, _ in dot],
+                        "shuffled": [message(q, shuffled(a)) for q, a in noisy],
+                        "val": [message(q, a) for q, a in val]})

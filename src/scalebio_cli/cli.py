@@ -220,6 +220,9 @@ def sample(
     ] = "original",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file (and its manifest).")
                      ] = False,
+    rank_by: Annotated[Path | None, typer.Option("--rank-by", help="A `select --scores` file: each source's quota "
+                                                 "is its best-scored records instead of a random draw.",
+                                                 show_default=False)] = None,
 ) -> None:
     """Draw N records from the sources in proportion to their weights; writes OUT.jsonl and OUT.manifest.json.
 
@@ -256,7 +259,7 @@ def sample(
                 raise InputError(f"--output {output}: already exists; pass --force to replace it (and its "
                                  "manifest), or choose another file")
             stage.run(draw.probs, draw.sources, num_samples, output.resolve(), seed, replacement, draw.label,
-                      draw.sizes, record_format)
+                      draw.sizes, record_format, rank_by.resolve() if rank_by is not None else None)
         return output
 
     _print_result(guarded(body))
@@ -403,6 +406,9 @@ def select_records(
                              ] = "original",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file (and its manifest).")
                      ] = False,
+    scores: Annotated[Path | None, typer.Option("--scores", help="Also write every pool record's score to this "
+                                                "JSON-lines file (source, index, score), for `sample --rank-by`.",
+                                                show_default=False)] = None,
 ) -> None:
     """Choose N records of data.sources for data.validation with RHO-loss or LESS; writes OUT as `sample` does.
 
@@ -417,13 +423,13 @@ def select_records(
 
         recipe = load_recipe(config, overrides)
         out = output.resolve()
-        stage.check(recipe, config, method, num_samples, out, record_format, force)
+        scores_out = scores.resolve() if scores is not None else None
+        stage.check(recipe, config, method, num_samples, out, record_format, force, scores_out)
         from scalebio_cli.results import run_folder
-        from scalebio_cli.stages import finetune as finetune_stage
 
         with run_folder.claim_output_file(out):
             stage.run(recipe, method, num_samples, out, recipe.seed if seed is None else seed, record_format,
-                      finetune=finetune_stage.run)
+                      scores_out)
         return output
 
     _print_result(guarded(body))

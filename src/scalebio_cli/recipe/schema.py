@@ -295,13 +295,24 @@ def _attention_projections() -> list[str]:
 
 @dataclass
 class RhoLossConfig:
-    """RHO-loss (Mindermann et al. 2022): score = a record's mean response-token loss under `model` minus under an
-    irreducible-loss model (`model` fine-tuned on data.validation). null: the finetune section's value."""
+    """RHO-loss (Mindermann et al. 2022): score = a record's response loss under `model` minus under an
+    irreducible-loss model: `model` fitted to a fit part of data.validation until the loss on its held-out part stops
+    improving (selection/irreducible.py; docs/internals.md, "RHO-loss"). Its own defaults, not the finetune
+    section's: a fine-tune keeps a model's general ability over many steps; this model must learn a few hundred
+    records within tens of steps, and early stopping on held-out data guards against over-fitting."""
 
-    holdout_epochs: float | None = setting(None, affects=NONE)  # epochs of the irreducible model over validation
-    lr: float | None = setting(None, affects=NONE)  # its learning rate
-    batch_size: int | None = setting(None, affects=NONE)  # its examples per optimizer step
-    micro_batch_size: int = setting(8, affects=NONE)  # records per scoring forward pass
+    # share of the validation records held out (the fit part trains, the held-out part decides when to stop)
+    heldout_fraction: float = setting(0.2, affects=NONE, check=within(0, 1, open_low=True))
+    holdout_epochs: int = setting(30, affects=NONE, check=at_least(1))  # most epochs over the fit part
+    patience: int = setting(2, affects=NONE, check=at_least(1))  # epochs without a better held-out loss: stop
+    min_steps: int = setting(50, affects=NONE, check=at_least(0))  # optimizer steps at least, whatever it does
+    # AdamW, constant: high enough for a ~100M-1B model to fit a few hundred records in ~50-200 steps (2e-5 moves
+    # it little in that budget); lower it for larger models (the held-out loss in the log says whether it fitted)
+    lr: float = setting(1e-4, affects=NONE, check=RATE)
+    batch_size: int = setting(8, affects=NONE, check=at_least(1))  # records a step (small: steps on little data)
+    micro_batch_size: int = setting(8, affects=NONE, check=at_least(1))  # records per forward pass (training, scoring)
+    # how a record's token losses become its score: `sum` (of base minus irreducible token losses) or `mean`
+    score: str = setting("sum", affects=NONE, check=one_of("sum", "mean"))
 
 
 @dataclass

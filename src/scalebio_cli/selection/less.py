@@ -5,8 +5,10 @@
    (WORK/less-HASH/epoch-K.pt; reused on a rerun with the same data and settings).
 2. Per checkpoint: each pool record's gradient of its mean response-token loss w.r.t. the LoRA parameters,
    Adam-preconditioned with that checkpoint's moments (m' = b1 m + (1-b1) g, v' = b2 v + (1-b2) g^2, feature
-   m' / (sqrt(v') + eps)); each validation record's plain gradient. Both projected by one seeded Rademacher matrix
-   (projection.py) and L2-normalised.
+   m' / sqrt(v' + eps), eps = 1e-8 inside the root as LESS's `obtain_gradients_with_adam` has it: the
+   denominator never falls below ~1e-4, which damps coordinates whose gradients are tiny); each validation record's
+   plain gradient. Both projected by one seeded Rademacher projection made once per run (projection.py) and
+   L2-normalised.
 3. Score = sum over checkpoints of (the epoch's mean lr) x cosine(record, mean of a validation set's rows), the
    largest over the validation sets. Each checkpoint's cosines are kept (WORK/less-HASH/scores-epoch-K.pt), so an
    interrupted scoring resumes at the checkpoint it was on.
@@ -31,8 +33,9 @@ from scalebio_cli.data.batching import micro_batches, response_token_count
 from scalebio_cli.data.tokens.tokenized import TokenizedData
 from scalebio_cli.recipe import Recipe
 from scalebio_cli.recipe.schema import LoraConfig
-from scalebio_cli.selection.pool import Advance, Pool, batch_of, length_batches
-from scalebio_cli.selection.projection import RademacherProjection
+from scalebio_cli.selection.pool import Advance, Pool, batch_of, gather, length_batches, shard
+from scalebio_cli.selection.projection import Projector, make_projection
+from scalebio_cli.train import distributed
 from scalebio_cli.train.distributed import DistInfo
 from scalebio_cli.train.lora import FINETUNE_ADAPTER, AdapterEngine, Adapters
 from scalebio_cli.train.losses import ResponseLoss, response_losses
@@ -41,7 +44,7 @@ from scalebio_cli.train.optim import LrSchedule
 from scalebio_cli.train.sft import sft_step
 
 _WARMUP_STREAM = 0x1E55  # the warm-up subset and its epoch orders
-GROUP = 64  # records whose gradients are projected together (each projection chunk made once per group)
+GROUP = 64  # records whose gradients are projected together (the projection itself is made once per run)
 
 
 def linear_schedule(total_steps: int, warmup_ratio: float) -> Any:
@@ -71,9 +74,18 @@ def build_engine(recipe: Recipe, dist: DistInfo, total_steps: int, seed: int) ->
 
 
 
+def adam_feature(g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, b1: float = 0.9, b2: float = 0.999,
+                 eps: float = 1e-8) -> torch.Tensor:
+    """LESS's training feature: the Adam update direction one step on from the checkpoint's moments,
+    m' / sqrt(v' + eps) with m' = b1 m + (1-b1) g, v' = b2 v + (1-b2) g^2 (eps inside the root, as LESS has it)."""
+    return (b1 * m + (1 - b1) * g) / (b2 * v + (1 - b2) * g * g + eps).sqrt()
+
+
 def warmup_items(pool: Pool, fraction: float, seed: int) -> list[tuple[int, int]]:
-    """A seeded `fraction` of the pool's examples, as (source index, example) pairs."""
-    everything = [(k, i) for k, d in enumerate(pool.sources.values()) for i in range(len(d))]
+    """A seeded `fraction` of the pool's examples, as (source index, example) pairs. Drawn from the examples in
+    source-NAME order (as the work folder's key sorts them), so the order of data.sources changes nothing."""
+    position = {name: k for k, name in enumerate(pool.sources)}
+    everything = [(position[n], i) for n in sorted(pool.sources) for i in range(len(pool.sources[n]))]
     n = max(1, round(fraction * len(everything)))
     chosen = np.random.default_rng([seed, _WARMUP_STREAM]).choice(len(everything), n, replace=False)
     return [everything[j] for j in sorted(chosen.tolist())]
@@ -114,13 +126,17 @@ def warm_up(recipe: Recipe, pool: Pool, engine: AdapterEngine, dist: DistInfo, s
                 picked = [items[j] for j in batch.tolist()]
                 engine.begin_step(step)
                 lrs.append(engine.lr)
-                micro = [mb.to(dist.device) for mb in micro_batches(picked, data, cfg.micro_batch_size, pool.pad_id)]
+                # each process its share of the step's records; the loss is over the global batch's tokens
+                micro = [mb.to(dist.device) for mb in micro_batches(picked[dist.rank:: dist.world_size], data,
+                                                                    cfg.micro_batch_size, pool.pad_id)]
                 tokens = response_token_count(picked, data)
                 loss_sum, _, _ = sft_step(engine, micro, tokens, dist)
                 losses.append(float(loss_sum) / tokens)
                 step += 1
                 progress.update(task, advance=1, info=f"epoch {epoch + 1} loss {losses[-1]:.4f}")
-            torch.save(_checkpoint_state(engine, float(np.mean(lrs))), paths[epoch])
+            if dist.is_main:
+                torch.save(_checkpoint_state(engine, float(np.mean(lrs))), paths[epoch])
+    distributed.barrier(dist)  # every process reads the checkpoints next
     return paths
 
 
@@ -183,7 +199,7 @@ class Features:
     module: ResponseLoss
     params: list[torch.nn.Parameter]
     batched: BatchGradients
-    projection: RademacherProjection
+    projection: Projector
     pad_id: int
     device: torch.device
     moments: tuple[torch.Tensor, torch.Tensor] | None = None  # (exp_avg, exp_avg_sq) flattened; None: plain
@@ -200,18 +216,18 @@ class Features:
         g = self.gradients(data, indices)
         if self.moments is not None:
             m, v = self.moments
-            b1, b2, eps = 0.9, 0.999, 1e-8
-            g = (b1 * m + (1 - b1) * g) / ((b2 * v + (1 - b2) * g * g).sqrt() + eps)
+            g = adam_feature(g, m, v)
         y = self.projection(g)
         return y / y.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
-    def over(self, data: TokenizedData, group: int, advance: Advance) -> torch.Tensor:
-        """Unit rows of every example of `data` (example order)."""
-        out = torch.zeros(len(data), self.projection.dim)
-        for chunk in length_batches(data, group):
-            out[torch.from_numpy(chunk)] = self.rows(data, chunk).cpu()
-            advance(len(chunk))
-        return out
+    def over(self, data: TokenizedData, group: int, advance: Advance, dist: DistInfo) -> torch.Tensor:
+        """Unit rows of every example of `data` (example order): each process makes its shard's, all get all."""
+        mine = shard(len(data), dist)
+        out = torch.zeros(len(mine), self.projection.dim)
+        for positions in length_batches(data, group, mine):
+            out[torch.from_numpy(positions)] = self.rows(data, mine[positions]).cpu()
+            advance(len(positions))
+        return gather(out, dist)
 
 
 def _load_checkpoint(engine: AdapterEngine, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,8 +241,8 @@ def _load_checkpoint(engine: AdapterEngine, path: Path) -> tuple[torch.Tensor, t
     return flat  # type: ignore[return-value]
 
 
-def checkpoint_cosines(engine: AdapterEngine, pool: Pool, path: Path, projection: RademacherProjection,
-                       micro_batch_size: int, advance: Advance) -> dict[str, torch.Tensor]:
+def checkpoint_cosines(engine: AdapterEngine, pool: Pool, path: Path, projection: Projector,
+                       micro_batch_size: int, advance: Advance, dist: DistInfo) -> dict[str, torch.Tensor]:
     """Per source `[n, S]`: cosine of each record's preconditioned feature to each validation set's mean row."""
     moments = _load_checkpoint(engine, path)
     engine.adapters.use(engine.adapter, engine.lisa)  # this adapter in force, its parameters trainable
@@ -234,9 +250,9 @@ def checkpoint_cosines(engine: AdapterEngine, pool: Pool, path: Path, projection
     device = engine.params[0].device
     plain = Features(engine.module, engine.params, BatchGradients(engine.model, engine.names, engine.params),
                      projection, pool.pad_id, device, micro_batch_size=micro_batch_size)
-    targets = torch.stack([plain.over(d, GROUP, advance).mean(dim=0) for d in pool.validation.values()])
+    targets = torch.stack([plain.over(d, GROUP, advance, dist).mean(dim=0) for d in pool.validation.values()])
     adam = dataclasses.replace(plain, moments=moments)
-    return {n: adam.over(d, GROUP, advance) @ targets.T for n, d in pool.sources.items()}
+    return {n: adam.over(d, GROUP, advance, dist) @ targets.T for n, d in pool.sources.items()}
 
 
 def scores(recipe: Recipe, pool: Pool, dist: DistInfo, seed: int, work: Path
@@ -249,9 +265,10 @@ def scores(recipe: Recipe, pool: Pool, dist: DistInfo, seed: int, work: Path
     steps_per_epoch = max(1, math.ceil(n_warm / cfg.batch_size))
     torch.manual_seed(seed * 1_000_003 + _WARMUP_STREAM)  # LoRA init and dropout: not whatever ran before
     engine = build_engine(recipe, dist, cfg.epochs * steps_per_epoch, seed)
-    checkpoints = warm_up(recipe, pool, engine, dist, seed, folder, steps_per_epoch)
     num_params = sum(p.numel() for p in engine.params)
-    projection = RademacherProjection(num_params, cfg.projection_dim, seed, engine.params[0].device)
+    # made before the warm-up: a projection the device cannot hold is refused before hours of work
+    projection = make_projection(num_params, cfg.projection_dim, seed, engine.params[0].device)
+    checkpoints = warm_up(recipe, pool, engine, dist, seed, folder, steps_per_epoch)
     val_size = sum(len(d) for d in pool.validation.values())
     totals = {n: torch.zeros(len(d), len(pool.validation)) for n, d in pool.sources.items()}
     progress = step_progress("score", dist.is_main)
@@ -265,8 +282,9 @@ def scores(recipe: Recipe, pool: Pool, dist: DistInfo, seed: int, work: Path
                 progress.advance(task, pool.size + val_size)
             else:
                 cos = checkpoint_cosines(engine, pool, path, projection, cfg.micro_batch_size,
-                                         lambda m: progress.advance(task, m))
-                torch.save(cos, cached)
+                                         lambda m: progress.advance(task, m), dist)
+                if dist.is_main:
+                    torch.save(cos, cached)
             lr = float(torch.load(path, map_location="cpu", weights_only=True)["lr"])
             for n in totals:
                 totals[n] += lr * cos[n]

@@ -58,12 +58,31 @@ def load_pool(recipe: Recipe, dist: DistInfo) -> Pool:
                 tokenizer, tokenizer.pad_token_id)
 
 
-def length_batches(data: TokenizedData, micro_batch_size: int) -> list[np.ndarray]:
-    """Example indices in batches of similar lengths (little padding), every example once."""
-    if not len(data):
+def length_batches(data: TokenizedData, micro_batch_size: int, indices: np.ndarray | None = None
+                   ) -> list[np.ndarray]:
+    """Positions in `indices` (default: every example) in batches of similar lengths (little padding), each once."""
+    lengths = data.lengths if indices is None else data.lengths[indices]
+    if not len(lengths):
         return []
-    order = np.argsort(data.lengths, kind="stable")
+    order = np.argsort(lengths, kind="stable")
     return np.array_split(order, math.ceil(len(order) / micro_batch_size))
+
+
+def shard(n: int, dist: DistInfo) -> np.ndarray:
+    """This process's contiguous share of n examples (all of them in one process): rank r scores
+    [n r / world, n (r + 1) / world), so the shards laid end to end in rank order are the examples in order."""
+    return np.arange(n * dist.rank // dist.world_size, n * (dist.rank + 1) // dist.world_size)
+
+
+def gather(part: Any, dist: DistInfo) -> Any:
+    """Every process's `part` (numpy array or CPU tensor, first axis = its shard), concatenated in rank order."""
+    if not dist.distributed:
+        return part
+    import torch.distributed as tdist
+
+    parts: list[Any] = [None] * dist.world_size
+    tdist.all_gather_object(parts, part)
+    return torch.cat(parts) if isinstance(part, torch.Tensor) else np.concatenate(parts)
 
 
 def batch_of(data: TokenizedData, indices: np.ndarray, pad_id: int, device: torch.device) -> MicroBatch:
@@ -71,17 +90,19 @@ def batch_of(data: TokenizedData, indices: np.ndarray, pad_id: int, device: torc
 
 
 @torch.no_grad()
-def example_losses(model: nn.Module, data: TokenizedData, micro_batch_size: int, pad_id: int, device: torch.device,
-                   advance: Advance) -> np.ndarray:
-    """Each example's mean response-token cross-entropy (float64, example order), streamed in micro-batches
-    through ResponseLoss (the LM head runs on response positions only, a chunk at a time)."""
+def token_losses(model: nn.Module, data: TokenizedData, micro_batch_size: int, pad_id: int, device: torch.device,
+                 advance: Advance, dist: DistInfo) -> tuple[np.ndarray, np.ndarray]:
+    """Each example's response-token cross-entropy SUM and its response-token count (float64, example order),
+    streamed in micro-batches through ResponseLoss (the LM head runs on response positions only, a chunk at a
+    time); each process scores its shard, every process gets all."""
     was_training = model.training
     model.eval()
     loss = ResponseLoss(model)
-    out = np.zeros(len(data), dtype=np.float64)
-    for indices in length_batches(data, micro_batch_size):
-        sums, counts = response_losses(loss, batch_of(data, indices, pad_id, device))
-        out[indices] = (sums / counts).double().cpu().numpy()
-        advance(len(indices))
+    mine = shard(len(data), dist)
+    sums, counts = np.zeros(len(mine)), np.zeros(len(mine))
+    for positions in length_batches(data, micro_batch_size, mine):
+        s, c = response_losses(loss, batch_of(data, mine[positions], pad_id, device))
+        sums[positions], counts[positions] = s.double().cpu().numpy(), c.double().cpu().numpy()
+        advance(len(positions))
     model.train(was_training)
-    return out
+    return gather(sums, dist), gather(counts, dist)

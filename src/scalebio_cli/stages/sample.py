@@ -9,6 +9,7 @@ output ending in `.parquet` is written as JSON lines first and converted in batc
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,40 +27,121 @@ _STREAM = 0x5A3  # separates sample's random streams from reweight's under the s
 __all__ = ["FORMATS", "largest_remainder"]  # re-exported: the CLI and tests read them here
 
 
+def load_scores(path: Path, sizes: dict[str, int]) -> dict[str, np.ndarray]:
+    """A `select --scores` file as one array per source of `sizes`, indexed by record (NaN: not scored). Every
+    problem is an InputError naming the file and line."""
+    where = f"--rank-by {path}"
+    if not path.is_file():
+        raise InputError(f"{where}: no such file (write one with `scalebio select ... --scores FILE`)")
+    out = {n: np.full(size, np.nan) for n, size in sizes.items()}
+    seen: dict[str, set[int]] = {n: set() for n in sizes}
+    problems, other = [], set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"{where} line {number}: not JSON ({e.msg})")
+            continue
+        name, index, score = (row.get(k) for k in ("source", "index", "score")) if isinstance(row, dict) else (
+            None, None, None)
+        if not isinstance(name, str) or not isinstance(index, int) or isinstance(index, bool) or not (
+                score is None or (isinstance(score, (int, float)) and not isinstance(score, bool))):
+            problems.append(f'{where} line {number}: expected {{"source": NAME, "index": RECORD, "score": NUMBER}}')
+        elif name not in sizes:
+            other.add(name)
+        elif not 0 <= index < sizes[name]:
+            problems.append(f"{where} line {number}: source '{name}' has {sizes[name]:,} records, no record {index}")
+        elif index in seen[name]:
+            problems.append(f"{where} line {number}: source '{name}' record {index} is scored twice")
+        else:
+            seen[name].add(index)
+            out[name][index] = np.nan if score is None else float(score)
+        if len(problems) >= 10:
+            break
+    missing = [n for n in sizes if not seen[n]]
+    if missing and not problems:
+        problems.append(f"{where}: no scores for source(s) {', '.join(missing)}"
+                        + (f" (it scores {', '.join(sorted(other))})" if other else "")
+                        + "; score the same sources (select with the recipe whose sources you sample)")
+    if problems:
+        raise InputError(problems)
+    return out
+
+
+def ranked_picks(scores: np.ndarray, n: int) -> np.ndarray:
+    """The n best-scored records (highest first; ties and unscored records: lower index first, unscored last);
+    beyond the source's size (--replacement) the ranking starts over, so no record repeats before all have come."""
+    ranked = np.where(np.isfinite(scores), scores, -np.inf)
+    order = np.lexsort((np.arange(len(scores)), ~np.isfinite(scores), -ranked))
+    return np.resize(order, n) if n else np.zeros(0, dtype=np.int64)
+
+
+def repeats(picks: np.ndarray) -> dict[str, float] | None:
+    """How much a source's draws repeat records: None when they do not."""
+    distinct = len(np.unique(picks))
+    if distinct == len(picks):
+        return None
+    return {"draws": len(picks), "distinct": distinct, "draws_per_record": round(len(picks) / distinct, 3)}
+
+
+def _note_repeats(found: dict[str, dict[str, float]]) -> None:
+    from rich.markup import escape
+
+    from scalebio_cli.console import console
+
+    parts = [f"{n}: {r['draws']:,} draws of {r['distinct']:,} distinct records ({r['draws_per_record']:.2f} each on "
+             "average)" for n, r in found.items()]
+    console.print(f"[yellow]note:[/] draws repeat records (--replacement): {escape('; '.join(parts))}; a fine-tune "
+                  "on this sample sees those records several times an epoch")
+
+
 def run(weights: dict[str, float], sources: dict[str, DataSource], num_samples: int, output: Path, seed: int = 0,
         replacement: bool = False, weights_file: str = "", sizes: dict[str, int] | None = None,
-        fmt: str = "original") -> dict[str, Any]:
+        fmt: str = "original", rank_by: Path | None = None,
+        too_small_hint: str = "use --replacement, or ask for fewer samples") -> dict[str, Any]:
     """Write OUT.jsonl (or OUT.parquet) and OUT.manifest.json; returns the manifest. Raises InputError before
-    writing anything."""
+    writing anything. `rank_by`: a `select --scores` file; each source's quota is then its best-scored records.
+    `too_small_hint`: what the caller's user can do about a source smaller than its quota (their options)."""
     names = list(weights)
     sizes = sizes or {name: data_sources.count(sources[name]) for name in names}
     counts = dict(zip(names, largest_remainder(num_samples, [weights[n] for n in names])))
     if not replacement:
         short = [f"source '{n}' has {sizes[n]:,} records but {counts[n]:,} were asked for without replacement "
-                 f"(use --replacement, or ask for fewer samples)" for n in names if counts[n] > sizes[n]]
+                 f"({too_small_hint})" for n in names if counts[n] > sizes[n]]
         if short:
             raise InputError(short)
     empty = [f"source '{n}' has no records but {counts[n]:,} were asked for" for n in names
              if counts[n] and sizes[n] == 0]
     if empty:
         raise InputError(empty)
+    scores = load_scores(rank_by, {n: sizes[n] for n in names if counts[n]}) if rank_by is not None else None
 
     rng = np.random.default_rng([seed, _STREAM])
     positions = rng.permutation(num_samples)  # where each drawn record lands in the shuffled output
     manifest_path = output.with_name(output.stem + ".manifest.json")
-    chosen, start = [], 0
+    chosen, start, repeated = [], 0, {}
     for k, name in enumerate(names):
         n = counts[name]
         pick_rng = np.random.default_rng([seed, _STREAM, k])
-        picks = (pick_rng.integers(0, sizes[name], n) if replacement
-                 else pick_rng.choice(sizes[name], n, replace=False))
+        if scores is not None and n:
+            picks = ranked_picks(scores[name], n)
+        else:
+            picks = (pick_rng.integers(0, sizes[name], n) if replacement
+                     else pick_rng.choice(sizes[name], n, replace=False))
+        if (found := repeats(picks)) is not None:
+            repeated[name] = found
         chosen.append(Chosen(name, sources[name], picks, positions[start: start + n]))
         start += n
     write_records(chosen, num_samples, output, fmt)
     manifest = {"num_samples": num_samples, "counts": counts, "weights_file": weights_file, "seed": seed,
                 "replacement": replacement, "weights": weights, "sources": {n: sources[n].path for n in names},
-                "output": str(output), "format": fmt}
+                "output": str(output), "format": fmt, "rank_by": str(rank_by) if rank_by else None,
+                "repeats": repeated}
     write_json(manifest_path, manifest)
+    if repeated:
+        _note_repeats(repeated)
     return manifest
 
 

@@ -6,11 +6,13 @@ N best over all sources are written as `sample` writes its draw (data/out/record
 counts, seed, the method's settings, each selected record's score). The work that takes long (the irreducible-loss
 model, the warm-up checkpoints, per-checkpoint gradient scores) is kept under select.work_dir and reused.
 
-RHO-loss needs a fine-tuning run; the CLI hands the finetune stage in (stages never import each other).
+Under torchrun every process scores a shard of the pool (selection/pool.py `shard`), all gather every score, and
+the main process alone writes.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +26,8 @@ _STREAM = 0x5E1  # the output's shuffle
 
 
 def _range_problems(recipe: Recipe) -> list[str]:
-    rho, less = recipe.select.rho_loss, recipe.select.less
+    less = recipe.select.less
     checks = [
-        (rho.holdout_epochs is None or rho.holdout_epochs > 0, "select.rho_loss.holdout_epochs: must be > 0 or null"),
-        (rho.lr is None or 0 < rho.lr < 10, "select.rho_loss.lr: must be in (0, 10) or null"),
-        (rho.batch_size is None or rho.batch_size >= 1, "select.rho_loss.batch_size: must be >= 1 or null"),
-        (rho.micro_batch_size >= 1, "select.rho_loss.micro_batch_size: must be >= 1"),
         (0 < less.warmup_fraction <= 1, "select.less.warmup_fraction: must be in (0, 1]"),
         (less.lora_r >= 1, "select.less.lora_r: must be >= 1"),
         (less.lora_alpha > 0, "select.less.lora_alpha: must be > 0"),
@@ -46,7 +44,7 @@ def _range_problems(recipe: Recipe) -> list[str]:
 
 
 def check(recipe: Recipe, where: str | Path, method: str, num_samples: int, output: Path, fmt: str,
-          force: bool) -> None:
+          force: bool, scores: Path | None = None) -> None:
     """Every problem of the inputs at once (exit 2), before torch loads: the method, the recipe's select section,
     sources and validation sets (each record parsed), the model folder, and the output."""
     from scalebio_cli.data.out.record_writer import FORMATS
@@ -82,6 +80,14 @@ def check(recipe: Recipe, where: str | Path, method: str, num_samples: int, outp
     inputs |= {f"the validation set {n}": s.path for n, s in recipe.validation_sets().items()}
     usage += output_file_problems("--output", output, inputs)
     usage += output_file_problems("--output (its manifest)", manifest, inputs)
+    if scores is not None:
+        if not scores.name.endswith(".jsonl"):
+            usage.append(f"--scores {scores}: must end in .jsonl (one JSON line per pool record)")
+        elif scores.exists() and not scores.is_dir() and not force:
+            usage.append(f"--scores {scores}: already exists; pass --force to replace it")
+        if scores in (output, manifest):
+            usage.append(f"--scores {scores}: is the selection's own output; name another file")
+        usage += output_file_problems("--scores", scores, inputs)
     if usage or problems:
         raise InputError(usage + [f"{where}: {p}" for p in problems])
 
@@ -98,15 +104,21 @@ def top_n(scores: dict[str, np.ndarray], num_samples: int) -> list[tuple[str, in
     return [(names[which[j]], int(index[j]), float(value[j])) for j in order]
 
 
-def run(recipe: Recipe, method: str, num_samples: int, output: Path, seed: int, fmt: str,
-        finetune: Any) -> dict[str, Any]:
-    """Score, keep the top N, write OUT and OUT.manifest.json; returns the manifest."""
+def write_scores(path: Path, scores: dict[str, np.ndarray], record_index: dict[str, np.ndarray]) -> None:
+    """Every scored record's score, one JSON line each: `{"source": NAME, "index": RECORD, "score": S}` (RECORD: its
+    position in the source file, as `sample --rank-by` and the manifest count; S null where not finite)."""
+    from scalebio_cli.files import write_text
+
+    lines = [json.dumps({"source": n, "index": int(i), "score": float(v) if np.isfinite(v) else None}) + "\n"
+             for n, values in scores.items() for i, v in zip(record_index[n].tolist(), values.tolist())]
+    write_text(path, "".join(lines))
+
+
+def _score(recipe: Recipe, method: str, num_samples: int, seed: int) -> tuple[Any, dict[str, np.ndarray],
+                                                                                 dict[str, Any]]:
     from rich.markup import escape
 
     from scalebio_cli.console import console
-    from scalebio_cli.data.out.record_writer import Chosen, write_records
-    from scalebio_cli.data.read.sources import recipe_sources
-    from scalebio_cli.files import write_json
     from scalebio_cli.selection import less, rho_loss
     from scalebio_cli.selection.pool import load_pool
     from scalebio_cli.train import distributed
@@ -118,11 +130,34 @@ def run(recipe: Recipe, method: str, num_samples: int, output: Path, seed: int, 
                          f"records with a response token within data.max_length={recipe.data.max_length}")
     work = Path(recipe.select.work_dir or Path(recipe.output_dir) / "select")
     console.print(f"[dim]select[/] {method}: {num_samples:,} of {pool.size:,} records for "
-                  f"{', '.join(pool.validation)}; work folder {escape(str(work))}")
+                  f"{', '.join(pool.validation)}; work folder {escape(str(work))}"
+                  + (f"; {dist.world_size} processes score a shard each" if dist.distributed else ""))
     if method == "rho-loss":
-        scores, settings = rho_loss.scores(recipe, pool, dist, finetune, work)
+        scores, settings = rho_loss.scores(recipe, pool, dist, seed, work)
     else:
         scores, settings = less.scores(recipe, pool, dist, seed, work)
+    return pool, scores, settings
+
+
+def run(recipe: Recipe, method: str, num_samples: int, output: Path, seed: int, fmt: str,
+        scores_out: Path | None = None) -> dict[str, Any] | None:
+    """Score (each process a shard of the pool under torchrun), keep the top N, write OUT and OUT.manifest.json (and
+    `scores_out`) from the main process; returns the manifest there, None elsewhere."""
+    import time
+
+    from rich.markup import escape
+
+    from scalebio_cli.console import console
+    from scalebio_cli.data.out.record_writer import Chosen, write_records
+    from scalebio_cli.data.read.sources import recipe_sources
+    from scalebio_cli.files import write_json
+    from scalebio_cli.train import distributed, process
+
+    start = time.perf_counter()  # the manifest's `seconds`: what the selection cost (compare reports it)
+    pool, scores, settings = _score(recipe, method, num_samples, seed)
+    if not process.is_main():  # every process holds every score; one writes
+        distributed.teardown()
+        return None
     picked = top_n(scores, num_samples)
     positions = np.random.default_rng([seed, _STREAM]).permutation(num_samples)
     sources = recipe_sources(recipe)
@@ -132,6 +167,8 @@ def run(recipe: Recipe, method: str, num_samples: int, output: Path, seed: int, 
         records = np.array([int(data.record_index[i]) for _, i in mine], dtype=np.int64)
         chosen.append(Chosen(name, sources[name], records, positions[[j for j, _ in mine]].astype(np.int64)))
     write_records(chosen, num_samples, output, fmt)
+    if scores_out is not None:
+        write_scores(scores_out, scores, {n: d.record_index for n, d in pool.sources.items()})
     counts = {name: sum(1 for n, _, _ in picked if n == name) for name in pool.sources}
     selected = sorted(({"position": int(positions[j]), "source": n, "index": int(pool.sources[n].record_index[i]),
                         "score": s} for j, (n, i, s) in enumerate(picked)), key=lambda r: r["position"])
@@ -139,7 +176,8 @@ def run(recipe: Recipe, method: str, num_samples: int, output: Path, seed: int, 
                 "sources": {n: s.path for n, s in sources.items()}, "scored": {n: len(d) for n, d in
                                                                               pool.sources.items()},
                 "mean_score": {n: float(np.mean(v)) if len(v) else None for n, v in scores.items()},
-                "output": str(output), "format": fmt, "selected": selected}
+                "output": str(output), "format": fmt, "scores_file": str(scores_out) if scores_out else None,
+                "seconds": round(time.perf_counter() - start, 1), "selected": selected}
     write_json(output.with_name(output.stem + ".manifest.json"), manifest)
     console.print(f"[bold green]selected[/] {', '.join(f'{n} {c:,}' for n, c in counts.items())} -> "
                   f"{escape(str(output))}")

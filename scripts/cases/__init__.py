@@ -1,0 +1,1 @@
+"""Benchmark and test cases with a known right answer (data builders; not part of the package)."""
