@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install demo test study-lam test-slow lint pipeline bench bench-data bench-quality smollm2 clean \
-	bench-select compare-math compare-math-gpu instruct-math-data docs
+	bench-select bench-group compare-math compare-math-gpu instruct-math-data docs
 
 install: $(VENV)/.installed
 
@@ -70,6 +70,15 @@ bench-quality: smollm2 instruct-math-data
 BENCH_SELECT_ARGS ?=
 bench-select: smollm2
 	$(BIN)/python scripts/bench_select.py $(BENCH_SELECT_ARGS)
+
+# `scalebio group` on SmolLM2 (scripts/bench_group.py): (a) one messy file (half clean orca-math, "." answers,
+# shuffled words, off-topic), group + reweight + sample a third vs select rho-loss / less at the same size, fraction
+# clean; (b) instruct-math's five sources pooled: contingency table and adjusted Rand index. Replaces its section of
+# docs/results.md. One seed ~40-60 min on 2 idle cores (an estimate: features ~2 min, reweight 60 steps ~12 min,
+# RHO-loss and LESS ~10-20 min); three seeds: GROUP_ARGS="--seed 1", then "--seed 2".
+GROUP_ARGS ?=
+bench-group: smollm2 instruct-math-data
+	$(BIN)/python scripts/bench_group.py $(GROUP_ARGS)
 
 # The head-to-head on SmolLM2 and the five instruct-math sources (scripts/compare_math.py): first the ceiling (each
 # source alone, paired, 3 seeds), then ScaleBiO (300 lam steps, 3 reweight seeds), uniform, RHO-loss, LESS and the

@@ -234,6 +234,18 @@ def _cluster(recipe: Recipe, k: int | None, feats: Any, names: list[str]) -> tup
     return found, x, labels, named, min_size
 
 
+def _data_checks(recipe: Recipe, dist: Any) -> None:
+    """The data checks every stage runs first (data/checks.py): duplicates, records shared between sources, copies
+    of validation records, in the log. group writes every record whatever they find (reweight drops leaks later,
+    with data.decontaminate: true)."""
+    from scalebio_cli.data import checks
+    from scalebio_cli.data.read.sources import recipe_sources, validation_sources
+    from scalebio_cli.train import distributed
+
+    checks.before_training(recipe, recipe_sources(recipe), {s.key: s for s in validation_sources(recipe).values()},
+                           is_main=dist.is_main, barrier=lambda: distributed.barrier(dist))
+
+
 def run(recipe: Recipe, k_option: str | None, output: Path, fmt: str) -> dict[str, Any] | None:
     """Features, clusters, OUT and OUT.manifest.json; returns the manifest (None on processes other than the main
     one, which only compute their share of the features)."""
@@ -243,6 +255,7 @@ def run(recipe: Recipe, k_option: str | None, output: Path, fmt: str) -> dict[st
     from scalebio_cli.train import distributed
 
     dist = distributed.setup()
+    _data_checks(recipe, dist)
     pool, feats, folder = _features(feature_recipe(recipe), dist)
     if not dist.is_main:
         distributed.teardown()

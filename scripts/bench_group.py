@@ -1,0 +1,208 @@
+"""`scalebio group` measured on a real model (SmolLM2-135M-Instruct, `make smollm2`), two cases:
+
+(a) messy: ONE file, no labels: clean orca-math records (half the file), copies with the answer replaced by "." and
+    with the answer's words shuffled (fresh records each), and off-topic records (GPT4-LLM-Cleaned); validation: clean
+    orca-math records. group + reweight (split_by: group) + sample a third of the file -> the fraction clean, beside
+    `select --method rho-loss` and `less` asked for the same number of records.
+(b) sources: instruct-math's five sources pooled into one file: do the groups recover the sources? (a contingency
+    table and the adjusted Rand index; grouping only).
+
+Replaces the section between `<!-- bench_group: begin -->` and `<!-- bench_group: end -->` in docs/results.md.
+
+    python scripts/bench_group.py [--case messy sources] [--clean 60] [--per-source 60] [--seed 0]
+                                  [--group-only] [--no-select] [--no-record] [KEY=VALUE ...]   (recipe overrides)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "instruct-math"
+MODEL = Path.home() / ".cache" / "scalebio" / "models" / "SmolLM2-135M-Instruct"
+BEGIN, END = "<!-- bench_group: begin -->", "<!-- bench_group: end -->"
+SOURCES = ("GPT4-LLM-Cleaned", "GPTeacher-General-Instruct", "MathInstruct", "dart-math-uniform",
+           "orca-math-word-problems-200k")
+# CPU-sized: max_length 128, 60 reweight steps of batch 12 (the pretrained defaults otherwise); select as bench_select
+RECIPE = {"data": {"max_length": 128},
+          "reweight": {"steps": 60, "batch_size": 12, "val_batch_size": 8, "micro_batch_size": 12, "log_every": 10},
+          "finetune": {"lr": 5e-5, "batch_size": 8, "micro_batch_size": 8},
+          "select": {"rho_loss": {"holdout_epochs": 2}, "less": {"epochs": 2, "lr": 1e-4, "batch_size": 8}}}
+
+
+def message(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def pairs(name: str, max_chars: int = 600) -> list[tuple[str, str]]:
+    """(question, answer) of the source's short records (most fit max_length 128), in file order."""
+    records = json.loads((DATA / f"train_{name}.json").read_text())
+    return [(r["items"][0]["value"], r["items"][1]["value"]) for r in records if len(r.get("items", [])) >= 2
+            and len(r["items"][0]["value"]) + len(r["items"][1]["value"]) < max_chars]
+
+
+def shuffled_words(answer: str, rng: random.Random) -> str:
+    words = answer.split()
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def messy_case(work: Path, clean: int, num_val: int, seed: int) -> tuple[Path, Path, list[str]]:
+    """messy.jsonl (clean : dot : shuffled : off-topic = 3 : 1 : 1 : 1), val.jsonl; the labels in file order."""
+    rng = random.Random(seed)
+    math, other = pairs("orca-math-word-problems-200k"), pairs("GPT4-LLM-Cleaned")
+    third = clean // 3
+    need = clean + 2 * third + num_val
+    if len(math) < need or len(other) < third:
+        sys.exit(f"too few short records for --clean {clean}")
+    rng.shuffle(math)
+    rows = [(message(q, a), "clean") for q, a in math[:clean]]
+    rows += [(message(q, "."), "dot") for q, _ in math[clean: clean + third]]
+    rows += [(message(q, shuffled_words(a, rng)), "shuffled") for q, a in math[clean + third: clean + 2 * third]]
+    rows += [(message(q, a), "offtopic") for q, a in rng.sample(other, third)]
+    rng.shuffle(rows)
+    val = [message(q, a) for q, a in math[need - num_val: need]]
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "messy.jsonl").write_text("".join(json.dumps(r) + "\n" for r, _ in rows))
+    (work / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
+    return work / "messy.jsonl", work / "val.jsonl", [label for _, label in rows]
+
+
+def scalebio(*args: str) -> None:
+    start = time.perf_counter()
+    result = subprocess.run([str(Path(sys.executable).parent / "scalebio"), *args], capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"scalebio {' '.join(args[:1])} failed:\n{result.stderr[-3000:]}")
+    print(f"  scalebio {args[0]}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+
+
+def recipe(work: Path, sources: dict, val: Path | None, name: str) -> Path:
+    tree = {"model": str(MODEL), "output_dir": str(work / f"run-{name}"), **RECIPE,
+            "data": {**RECIPE["data"], "sources": sources}}
+    if val is not None:
+        tree["data"]["validation"] = str(val)
+    (work / f"{name}.yaml").write_text(yaml.safe_dump(tree))
+    return work / f"{name}.yaml"
+
+
+def clean_share(out: Path, label_of: dict[str, str]) -> tuple[float, Counter]:
+    """The fraction of `out`'s records that are clean (matched to the file's records by content)."""
+    picked = Counter()
+    for line in out.read_text().splitlines():
+        record = {k: v for k, v in json.loads(line).items() if k not in ("group", "source")}
+        picked[label_of[json.dumps(record, sort_keys=True)]] += 1
+    return picked["clean"] / sum(picked.values()), picked
+
+
+def group_counts(grouped: Path, labels: list[str]) -> dict[str, Counter]:
+    rows = [json.loads(line)["group"] for line in grouped.read_text().splitlines()]
+    table: dict[str, Counter] = {}
+    for group, label in zip(rows, labels):
+        table.setdefault(group, Counter())[label] += 1
+    return dict(sorted(table.items()))
+
+
+def contingency(table: dict[str, Counter], kinds: list[str]) -> list[str]:
+    lines = ["| group | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
+    lines += [f"| {g} | " + " | ".join(str(c[k]) for k in kinds) + " |" for g, c in table.items()]
+    return lines
+
+
+def run_messy(work: Path, args: argparse.Namespace) -> list[str]:
+    messy, val, labels = messy_case(work / "messy", args.clean, args.num_val, args.seed)
+    label_of = {json.dumps(json.loads(line), sort_keys=True): lab
+                for line, lab in zip(messy.read_text().splitlines(), labels)}
+    n = len(labels) // 3
+    config = recipe(work, {"messy": str(messy)}, val, "messy")
+    grouped = work / "messy-groups.jsonl"
+    scalebio("group", "--config", str(config), "-o", str(grouped), *args.overrides)
+    kinds = ["clean", "dot", "shuffled", "offtopic"]
+    table = group_counts(grouped, labels)
+    purity = sum(max(c.values()) for c in table.values()) / len(labels)
+    lines = [f"### (a) one messy file: {len(labels)} records ({args.clean} clean), a third ({n}) sampled", "",
+             f"Groups (k by silhouette; purity {purity:.0%}):", "", *contingency(table, kinds), ""]
+    if args.group_only:
+        return lines
+    grouped_recipe = recipe(work, {"messy": {"path": str(grouped), "split_by": "group"}}, val, "reweight")
+    scalebio("reweight", "--config", str(grouped_recipe), f"seed={args.seed}", *args.overrides)
+    out = work / "group-sample.jsonl"
+    weights = work / "run-reweight" / "weights.json"
+    scalebio("sample", "--weights", str(weights), "-n", str(n), "-o", str(out), "--seed", str(args.seed))
+    rows = [("group + reweight + sample", *clean_share(out, label_of))]
+    for method in ([] if args.no_select else ["rho-loss", "less"]):
+        out = work / f"{method}.jsonl"
+        scalebio("select", "--config", str(config), "--method", method, "-n", str(n), "-o", str(out),
+                 "--seed", str(args.seed), *args.overrides)
+        rows.append((f"select {method}", *clean_share(out, label_of)))
+    doc = json.loads(weights.read_text())
+    lines += ["Weights: " + ", ".join(f"{k.split('/', 1)[1]} {v:.2f}" for k, v in doc["weights"].items()), "",
+              "| method | clean | dot | shuffled | off-topic | clean share |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {m} | " + " | ".join(str(c[k]) for k in kinds) + f" | {share:.0%} |" for m, share, c in rows]
+    return lines
+
+
+def run_sources(work: Path, args: argparse.Namespace) -> list[str]:
+    rng = random.Random(args.seed)
+    rows = [(message(q, a), name) for name in SOURCES for q, a in rng.sample(pairs(name), args.per_source)]
+    rng.shuffle(rows)
+    pooled = work / "pooled.jsonl"
+    pooled.write_text("".join(json.dumps(r) + "\n" for r, _ in rows))
+    labels = [name for _, name in rows]
+    config = recipe(work, {"pooled": str(pooled)}, None, "pooled")
+    grouped = work / "pooled-groups.jsonl"
+    scalebio("group", "--config", str(config), "-o", str(grouped), *args.overrides)
+    from sklearn.metrics import adjusted_rand_score
+
+    groups = [json.loads(line)["group"] for line in grouped.read_text().splitlines()]
+    ari = adjusted_rand_score(labels, groups)
+    table = group_counts(grouped, labels)
+    return [f"### (b) instruct-math's five sources pooled: {len(rows)} records ({args.per_source} a source)", "",
+            f"{len(table)} groups; adjusted Rand index vs the sources: {ari:.2f}", "",
+            *contingency(table, list(SOURCES)), ""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", nargs="+", default=["messy", "sources"], choices=["messy", "sources"])
+    parser.add_argument("--clean", type=int, default=60, help="(a): clean records (half the file)")
+    parser.add_argument("--num-val", type=int, default=48)
+    parser.add_argument("--per-source", type=int, default=60, help="(b): records per instruct-math source")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--group-only", action="store_true", help="(a): stop after grouping (no reweight/select)")
+    parser.add_argument("--no-select", action="store_true", help="(a): skip the RHO-loss and LESS baselines")
+    parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-group-"))
+    start = time.perf_counter()
+    lines = []
+    if "messy" in args.case:
+        lines += run_messy(work, args)
+    if "sources" in args.case:
+        lines += run_sources(work, args)
+    lines += [f"`{' '.join(['python scripts/bench_group.py', *sys.argv[1:]])}` on SmolLM2-135M-Instruct, CPU-sized "
+              f"(RECIPE in the script: max_length 128, 60 reweight steps of batch 12); "
+              f"{(time.perf_counter() - start) / 60:.0f} min on 2 shared cores."]
+    table = "\n".join(lines)
+    print(table)
+    if not args.no_record:
+        doc = ROOT / "docs" / "results.md"
+        old = doc.read_text(encoding="utf-8")
+        section = f"{BEGIN}\n{table}\n{END}"
+        new = (old[: old.index(BEGIN)] + section + old[old.index(END) + len(END):] if BEGIN in old and END in old
+               else old.rstrip() + "\n\n## Groups within sources (`scalebio group`)\n\n" + section + "\n")
+        doc.write_text(new, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
