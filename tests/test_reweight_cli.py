@@ -30,9 +30,10 @@ def test_clean_source_wins_and_corrupted_source_loses(demo_run) -> None:
     assert min(w, key=w.get) == "noisy"
     avg = doc["weights_averaged"]
     assert max(avg, key=avg.get) == "clean" and min(avg, key=avg.get) == "noisy"
-    # the evidence says so too: clean far above the mixture, the corrupted copy far below
-    z = {name: e["z"] for name, e in doc["evidence"].items()}
-    assert z["clean"] > 3 and z["noisy"] < -3 and z["offtopic"] < 0, z
+    # the evidence says so too (calibrated verdicts, CONTRACT v4): clean raised, both corrupted sources lowered
+    verdicts = {name: e["verdict"] for name, e in doc["evidence"].items()}
+    assert verdicts == {"clean": "raised", "noisy": "lowered", "offtopic": "lowered"}, doc["evidence"]
+    assert all(e["p"] < doc["evidence_level"] == 0.05 for e in doc["evidence"].values())
 
 
 def test_weights_file_follows_the_contract(demo_run, demo: Path) -> None:

@@ -180,7 +180,7 @@ def evaluate(series: list[np.ndarray], min_batch: int = 1, level: float = DEFAUL
         e["p"] = None if math.isnan(p) else p
         e["verdict"] = verdict(e["advantage"], e["p"], level)
         e["batch_steps"] = b
-        e["autocorrelation_time"] = round(float(tau), 2)
+        e["autocorrelation_time"] = float(tau)
     return out
 
 
