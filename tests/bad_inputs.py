@@ -259,6 +259,18 @@ CASES = [
     Case("deepspeed-bad-stage", "recipe", "a DeepSpeed config with an impossible ZeRO stage",
          lambda t, d: reweight(t, d, deepspeed=str(text(t, "z.json", '{"zero_optimization": {"stage": 5}}'))),
          ["deepspeed: {tmp}/z.json: zero_optimization.stage must be 0, 1, 2 or 3, got 5"]),
+    Case("deepspeed-mistyped-value", "recipe", "a DeepSpeed setting of the wrong type (DeepSpeed's own validation)",
+         lambda t, d: reweight(t, d, deepspeed=str(text(t, "z.json", '{"zero_optimization": {"stage": 3, '
+                                                       '"stage3_max_live_parameters": "lots"}}'))),
+         ["deepspeed: {tmp}/z.json: zero_optimization.stage3_max_live_parameters: Input should be a valid integer"]),
+    Case("deepspeed-nvme-without-path", "recipe", "a DeepSpeed NVMe offload without nvme_path",
+         lambda t, d: reweight(t, d, deepspeed=str(text(t, "z.json", '{"zero_optimization": {"stage": 3, '
+                                                       '"offload_optimizer": {"device": "nvme"}}}'))),
+         ["deepspeed: {tmp}/z.json: zero_optimization.offload_optimizer.device is \"nvme\" but no nvme_path is set"]),
+    Case("deepspeed-clipping-not-the-recipes", "recipe",
+         "a DeepSpeed gradient_clipping other than the recipe's max_grad_norm (the recipe owns it)",
+         lambda t, d: reweight(t, d, deepspeed=str(text(t, "z.json", '{"gradient_clipping": 0.5}'))),
+         ["deepspeed: {tmp}/z.json: gradient_clipping is 0.5, but the recipe's reweight.max_grad_norm is 1.0"]),
     # -- other commands --------------------------------------------------------------------------------------
     Case("finetune-no-data", "recipe", "finetune with neither finetune.data nor finetune.weights",
          lambda t, d: (["finetune", "--config", str(recipe(t, d))], t / "run" / "config.json"),

@@ -24,6 +24,7 @@ from scalebio_cli.recipe import model_folder
 from scalebio_cli.recipe.load import looks_like_hub_id
 from scalebio_cli.recipe.schema import PRECISIONS, Recipe
 from scalebio_cli.train import process
+from scalebio_cli.train.deepspeed_config import deepspeed_problems
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -276,34 +277,12 @@ def output_dir_problems(path: str) -> list[str]:
 
 def deepspeed_stage(path: str) -> int | None:
     """The ZeRO stage a DeepSpeed config file sets (0 when it sets none), or None when the file cannot be read
-    (deepspeed_problems reports that)."""
+    (train/deepspeed_config.deepspeed_problems reports that)."""
     try:
         config = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     return config.get("zero_optimization", {}).get("stage", 0) if isinstance(config, dict) else None
-
-
-def deepspeed_problems(path: str | None) -> list[str]:
-    if not path:
-        return []
-    import importlib.util
-
-    problems = []
-    if importlib.util.find_spec("deepspeed") is None:
-        problems.append("deepspeed: this recipe trains with DeepSpeed, which is not installed "
-                        "(pip install 'scalebio-cli[deepspeed]')")
-    p = Path(path)
-    if not p.is_file():
-        return problems + [f"deepspeed: config file not found: {p}{did_you_mean(p)}"]
-    try:
-        config = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return problems + [f"deepspeed: {p} is not valid JSON ({exc})"]
-    stage = config.get("zero_optimization", {}).get("stage", 0) if isinstance(config, dict) else None
-    if stage not in (0, 1, 2, 3):
-        problems.append(f"deepspeed: {p}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-    return problems
 
 
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # report_to name -> the module it needs
@@ -376,7 +355,8 @@ def check_reweight(recipe: Recipe, where: str | Path = "recipe") -> None:
             problems.append(f"reweight.{key}: {getattr(rw, key)} does not divide over {process.world_size()} processes")
     problems += _models(recipe, "reweight") + output_dir_problems(recipe.output_dir)
     problems += _run_products_problems(recipe, "reweight")
-    problems += deepspeed_problems(recipe.deepspeed) + lora_problems(recipe, "reweight")
+    problems += deepspeed_problems(recipe.deepspeed, recipe, "reweight", process.world_size())
+    problems += lora_problems(recipe, "reweight")
     problems += tracking_problems(recipe.report_to) + chat_template_problems("data.chat_template", data.chat_template)
     _raise(problems + data_problems, where)
 
@@ -391,7 +371,8 @@ def check_finetune(recipe: Recipe, where: str | Path = "recipe") -> None:
         problems.append(f"finetune.batch_size: {ft.batch_size} does not divide over {process.world_size()} processes")
     problems += _models(recipe, "finetune") + output_dir_problems(recipe.output_dir)
     problems += _run_products_problems(recipe, "finetune") + other_stage_problems(recipe.output_dir, "finetune")
-    problems += deepspeed_problems(recipe.deepspeed) + lora_problems(recipe, "finetune")
+    problems += deepspeed_problems(recipe.deepspeed, recipe, "finetune", process.world_size())
+    problems += lora_problems(recipe, "finetune")
     problems += data_file_problems("finetune.data", ft.data)
     for name, spec in ft.validation_sets().items():  # each set read as data.validation's are
         key = f"finetune.validation.{name}" if ft.named_validation else "finetune.validation"

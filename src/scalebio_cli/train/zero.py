@@ -10,8 +10,6 @@ correction of a much later step.
 
 from __future__ import annotations
 
-import copy
-import json
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -22,6 +20,8 @@ from torch import nn
 
 from scalebio_cli.errors import InputError
 from scalebio_cli.recipe.schema import LisaConfig
+from scalebio_cli.train.deepspeed_config import finalize_deepspeed_config, offloads_optimizer
+from scalebio_cli.train.deepspeed_config import load_deepspeed_config as load_deepspeed_config  # the stages' import
 from scalebio_cli.train.distributed import DistInfo
 from scalebio_cli.train.engine import EngineCore
 from scalebio_cli.train.lisa import Lisa
@@ -43,7 +43,7 @@ class DeepSpeedEngine(EngineCore):
         blocks = Lisa(model, lisa.layers, lisa.interval, seed, lisa.train_embeddings)
         groups, self.never_trained = lisa_groups(model, blocks)
         self.weight_decay = weight_decay
-        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+        optimizer = make_optimizer(groups, lr, weight_decay, ds_config)
         config = finalize_deepspeed_config(ds_config, micro_batches, dist.world_size, max_grad_norm,
                                            bf16=next(model.parameters()).dtype == torch.bfloat16)
         skip_inference_comm_op()
@@ -113,6 +113,25 @@ def gathered_state_dict(ds: Any, dist: DistInfo) -> dict[str, torch.Tensor] | No
     engine wraps ResponseLoss(model): the wrapper's `model.` prefix is taken off the keys."""
     state = ds._zero3_consolidated_16bit_state_dict()
     return {k.removeprefix("model."): v for k, v in state.items()} if dist.is_main else None
+
+
+def make_optimizer(groups: list[dict[str, Any]], lr: float, weight_decay: float,
+                   ds_config: dict[str, Any]) -> torch.optim.Optimizer:
+    """The Adam the DeepSpeed engine steps: torch's AdamW, or under ZeRO-Offload (`offload_optimizer` to cpu or
+    nvme) DeepSpeed's CPU Adam, the vectorised host-side step DeepSpeed requires there (it refuses a torch
+    optimizer: `zero_force_ds_cpu_optimizer`). Both are decoupled-weight-decay Adam with the same defaults and keep
+    `step`/`exp_avg`/`exp_avg_sq` per tensor, so LISA's state reset (reset_group_state) treats them alike; CPU Adam
+    reads each group's rate and decay at every step, as ours does. It is a C++ op built on first use (~2 min, cached
+    in TORCH_EXTENSIONS_DIR) unless DeepSpeed was installed with DS_BUILD_CPU_ADAM=1."""
+    if not offloads_optimizer(ds_config):
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    try:
+        return DeepSpeedCPUAdam(groups, lr=lr, weight_decay=weight_decay, adamw_mode=True)
+    except Exception as exc:  # a failed C++ build surfaces as many exception types; say what it was for
+        raise RuntimeError(f"ZeRO-Offload (the DeepSpeed config's offload_optimizer) steps with DeepSpeed's CPU "
+                           f"Adam, which could not be built or loaded here: {exc}") from exc
 
 
 def lisa_groups(model: nn.Module, lisa: Lisa) -> tuple[list[dict[str, Any]], set[int]]:
@@ -203,27 +222,6 @@ def reset_group_state(zero_optimizer: Any, group: int, stage: int, stepped: bool
                 value.zero_()
             elif key == "step":
                 state[key] = 0
-
-
-def load_deepspeed_config(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
-
-
-def finalize_deepspeed_config(base: dict[str, Any], micro_batches: int, world_size: int,
-                              max_grad_norm: float | None, bf16: bool) -> dict[str, Any]:
-    """The user's DeepSpeed config with the values scalebio owns filled in.
-
-    Batch sizes are bookkeeping only (our micro-batches are counted, each with its own rows, and the engine is
-    told the accumulation boundary). Clipping and precision follow the recipe.
-    """
-    config = copy.deepcopy(base)
-    config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=micro_batches,
-                  train_batch_size=micro_batches * world_size, gradient_clipping=max_grad_norm or 0.0,
-                  zero_allow_untested_optimizer=True, wall_clock_breakdown=False)
-    config.setdefault("steps_per_print", 1 << 30)
-    config.pop("fp16", None)
-    config["bf16"] = {"enabled": bf16}
-    return config
 
 
 def skip_inference_comm_op() -> None:

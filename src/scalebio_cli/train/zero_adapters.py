@@ -35,6 +35,7 @@ from torch import nn
 from scalebio_cli.data.batching import MicroBatch
 from scalebio_cli.errors import InputError
 from scalebio_cli.recipe.schema import LisaConfig, LoraConfig
+from scalebio_cli.train.deepspeed_config import finalize_deepspeed_config
 from scalebio_cli.train.distributed import DistInfo
 from scalebio_cli.train.engine import EngineCore
 from scalebio_cli.train.lisa import Lisa
@@ -42,12 +43,7 @@ from scalebio_cli.train.lora import Adapters
 from scalebio_cli.train.losses import ResponseLoss
 from scalebio_cli.train.modeling import prepare_for_training
 from scalebio_cli.train.optim import LrSchedule
-from scalebio_cli.train.zero import (
-    finalize_deepspeed_config,
-    gathered_state_dict,
-    reset_group_state,
-    skip_inference_comm_op,
-)
+from scalebio_cli.train.zero import gathered_state_dict, make_optimizer, reset_group_state, skip_inference_comm_op
 
 STATE_NAME = "adapters"  # the checkpoint folder of the pair's one DeepSpeed engine
 
@@ -88,7 +84,7 @@ class ZeroAdapters(Adapters):
                     groups.append({"params": block_params, "lr": lr})
         for p in self.trainable():  # ZeRO hooks the gradients of parameters that require grad when it starts
             p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(groups, lr=copies[0][1], weight_decay=weight_decay)
+        optimizer = make_optimizer(groups, copies[0][1], weight_decay, ds_config)
         micro_batches = sum(n for _, _, n in copies)  # one accumulation window per step: every adapter's passes
         config = finalize_deepspeed_config(ds_config, micro_batches, dist.world_size, None,
                                            bf16=next(self.base.parameters()).dtype == torch.bfloat16)
