@@ -85,8 +85,9 @@ bench-group: smollm2 instruct-math-data
 # hybrid (sample --weights W --rank-by SCORES) at 25% and 50% of the pool, max_length 1024, paired against uniform
 # with 95% intervals and cost; docs/results.md. At the default size (400 records a source) this is far beyond 2 CPU
 # cores (an estimate: ~2 days); `make compare-math-gpu` runs it on one GPU (an estimate, not yet timed: ~2-3 h).
-# A smoke check of every stage at toy size (minutes; not a result, docs untouched): make compare-math
-# COMPARE_ARGS="--smoke --no-record". Every stage resumes or is reused by content.
+# A smoke check of every stage at toy size (not a result, docs untouched; 21 min measured with the demo model on 2
+# cores shared with other jobs): make compare-math COMPARE_ARGS="--smoke --no-record --model demo/model".
+# Every stage resumes or is reused by content.
 COMPARE_ARGS ?=
 compare-math: smollm2 instruct-math-data
 	$(BIN)/python scripts/compare_math.py $(COMPARE_ARGS)

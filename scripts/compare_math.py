@@ -3,7 +3,7 @@ user would run it (`scalebio` subprocesses; every stage resumes or reuses finish
 
     python scripts/compare_math.py                                   # the CPU size (many hours: see the Makefile)
     python scripts/compare_math.py --per-source 0 --num-val 0 precision=bf16 ...   # a GPU, whole files
-    python scripts/compare_math.py --smoke --model PATH --no-record   # a few minutes: every stage at toy size
+    python scripts/compare_math.py --smoke --model demo/model --no-record   # every stage at toy size (~20 min)
 
 1. The ceiling: `scalebio compare` of each source alone (`--mix NAME=source:NAME`, --ceiling-n records, paired
    seeds). If the single sources are inside each other's seed noise, no mixture can matter much and compare says so.
