@@ -3,7 +3,8 @@ for tiny local ones (same architecture family, built here) and the sizes cut to 
 writes its weights. Everything else is the recipe's own: precision, its DeepSpeed file (offload included), LoRA,
 LISA, gradient checkpointing, chat template, schedules. A recipe that cannot start fails here, not on a GPU node.
 
-One process (a one-rank group for DeepSpeed), CPU. DeepSpeed recipes run in a subprocess each (DeepSpeed keeps
+One process (a one-rank group for DeepSpeed), CPU; two of them slow-marked (SLOW_STARTS), but every recipe passes the
+checks that run before the model loads in `make test`. DeepSpeed recipes run in a subprocess each (DeepSpeed keeps
 process-wide state); the offload recipe steps with DeepSpeed's CPU Adam, compiled on a machine's first run
 (~2 min, then cached in .cache/torch_extensions) and loaded in seconds after that.
 """
@@ -66,6 +67,23 @@ def _deepspeed(recipe: Path) -> bool:
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_shipped_recipe_passes_preflight_on_a_tiny_model(recipe: Path, demo: Path, tiny_models,
+                                                               tmp_path: Path) -> None:
+    """Every check that runs before a model loads (its DeepSpeed file by DeepSpeed's own validation included)."""
+    from scalebio_cli.recipe.load import load_recipe
+    from scalebio_cli.recipe.preflight import check_reweight
+
+    check_reweight(load_recipe(recipe, start_overrides(recipe, demo, tiny_models, tmp_path / "run")), recipe)
+
+
+# The two DeepSpeed recipes without offload are slow-marked (~35 s of CPU each): the preflight test above covers
+# their files, tests/test_zero.py and tests/test_zero_lora.py their engines; the offload recipe, the one DeepSpeed
+# refused at its first step, runs in `make test`.
+SLOW_STARTS = {"llama3-8b-math", "llama3-70b-lora"}
+
+
+@pytest.mark.parametrize("recipe", [pytest.param(p, id=p.stem, marks=[pytest.mark.slow] if p.stem in SLOW_STARTS
+                                                 else []) for p in RECIPES])
 def test_every_shipped_recipe_starts_and_takes_its_first_step(recipe: Path, demo: Path, tiny_models,
                                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "run"
