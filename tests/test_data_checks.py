@@ -207,3 +207,43 @@ def test_reweight_names_leaks_and_tiny_sources_and_decontaminates(demo: Path, le
                                                   "near_overlap_validation": 9, "shared_with": {"good": 4},
                                                   "dropped": 9}
     assert doc["sources"]["tiny"]["checks"]["dropped"] == 0 and doc["config"]["data"]["decontaminate"] is True
+
+
+# -- in select and compare -----------------------------------------------------------------------------------------
+
+
+def _leaky_recipe(demo: Path, leaky: dict[str, Path], root: Path, **sections: object) -> Path:
+    data = {"sources": {n: str(leaky[n]) for n in ("good", "nearby", "tiny")}, "validation": str(leaky["val"]),
+            "max_length": 256, "decontaminate": True, "cache_dir": str(root / "cache")}
+    return write_recipe(root / "recipe.yaml", demo, data=data, **sections)
+
+
+def test_select_checks_its_sources_before_it_scores(demo: Path, leaky: dict[str, Path], tmp_path: Path) -> None:
+    """select logs the copies of validation records first, and says it keeps them (data.decontaminate is
+    reweight's). Asked for more records than the pool holds, it stops (exit 2) right after loading the pool: the
+    checks ran before any scoring."""
+    recipe = _leaky_recipe(demo, leaky, tmp_path)
+    result = invoke("select", "--config", recipe, "--method", "rho-loss", "-n", "100000", "-o", tmp_path / "s.jsonl")
+    log = " ".join(result.stderr.split())
+    assert result.returncode == 2 and "--num-samples: 100,000 asked for" in log, log
+    assert "source 'good' holds 20 records of data.validation verbatim" in log
+    assert "source 'nearby' holds 9 near copies of its records" in log
+    assert "select uses every record; remove them from the source" in log and "dropped (" not in log
+    assert log.index("source 'good' holds") < log.index("--num-samples")
+
+
+def test_compare_checks_mixes_against_validation_and_test_sets(demo: Path, leaky: dict[str, Path],
+                                                                tmp_path: Path) -> None:
+    """compare checks what its mixes draw from (data.sources, a record file) against the validation set and its
+    test files before the first cell, naming the source, the set and the count."""
+    recipe = _leaky_recipe(demo, leaky, tmp_path, finetune={"lr": 3e-3, "batch_size": 4, "epochs": 1,
+                                                            "micro_batch_size": 4})
+    result = invoke("compare", "--config", recipe, "--mix", "uniform", "--mix", f"copy={leaky['good']}",
+                    "--test", f"exam={leaky['test']}", "-n", "4", "--seeds", "0", "-o", tmp_path / "cmp")
+    log = " ".join(result.stderr.split())
+    assert result.returncode == 0, result.stderr
+    assert "source 'nearby' holds 15 near copies of its records" in log and "test set 'exam'" in log
+    assert "source 'nearby' holds 9 near copies of its records" in log
+    assert "source '--mix copy' holds 20 records of data.validation verbatim" in log
+    assert "compare uses every record" in log
+    assert log.index("holds 20 records") < log.index("cell 1 of")

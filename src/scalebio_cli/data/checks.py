@@ -400,6 +400,7 @@ class DataChecks:
     by_source: dict[str, SourceChecks]
     decontaminate: bool = False
     references: list[str] = field(default_factory=list)
+    keeps_all: str | None = None  # a stage that uses every record whatever the checks find (the log says so)
 
     def record(self, name: str) -> dict[str, Any]:
         """weights.json `sources.NAME` gains `checks` (an empty dict for a source that was not checked)."""
@@ -438,7 +439,8 @@ def _escape(text: str) -> str:
 
 def check_sources(sources: dict[str, DataSource], references: dict[str, DataSource], *,
                   decontaminate: bool = False, draws: Draws | None = None, cache_dir: str | Path | None = None,
-                  fingerprints: dict[str, str] | None = None, report: Report | None = print_report) -> DataChecks:
+                  fingerprints: dict[str, str] | None = None, report: Report | None = print_report,
+                  keeps_all: str | None = None) -> DataChecks:
     """Check every source (by name) against every reference set (validation and test sets, by the label the log
     gives them, e.g. `data.validation`): duplicates, records shared between sources, exact and near copies of
     reference records, and sources smaller than what the run draws (`draws`). Reports each finding through
@@ -448,7 +450,7 @@ def check_sources(sources: dict[str, DataSource], references: dict[str, DataSour
     refs = References(references)
     scans = {name: cached_scan(s, refs, Path(cache_dir) if cache_dir else None,
                                (fingerprints or {}).get(s.key)) for name, s in sources.items()}
-    result = DataChecks(summarise(scans, refs.names, decontaminate), decontaminate, refs.names)
+    result = DataChecks(summarise(scans, refs.names, decontaminate), decontaminate, refs.names, keeps_all)
     empty = [f"{sources[n].key}: every one of its {c.records:,} records copies a record of "
              f"{', '.join(c.overlap_by_set)}, so data.decontaminate: true leaves nothing of it; remove the source"
              for n, c in result.by_source.items() if c.records and c.dropped >= c.records]
@@ -466,6 +468,8 @@ def findings(checks: DataChecks, draws: Draws | None) -> list[tuple[str, str]]:
     for name, c in checks.by_source.items():
         for ref, (exact, near) in c.overlap_by_set.items():
             fix = ("dropped (data.decontaminate: true)" if checks.decontaminate
+                   else f"{checks.keeps_all} uses every record; remove them from the source (reweight drops them "
+                   "with data.decontaminate: true)" if checks.keeps_all
                    else "set data.decontaminate: true to drop them")
             held = " and ".join(([f"{exact:,} records of {ref} verbatim"] if exact else [])
                                 + ([f"{near:,} near copies of its records (word 3-gram Jaccard >= {NEAR_JACCARD})"]
@@ -493,17 +497,19 @@ def findings(checks: DataChecks, draws: Draws | None) -> list[tuple[str, str]]:
 
 def before_training(recipe: Any, sources: dict[str, DataSource], references: dict[str, DataSource], *,
                     draws: Draws | None = None, fingerprints: dict[str, str] | None = None, is_main: bool = True,
-                    barrier: Callable[[], None] = lambda: None) -> DataChecks:
+                    barrier: Callable[[], None] = lambda: None, keeps_all: str | None = None) -> DataChecks:
     """What a stage calls before it trains (reweight; select, compare, group alike): `check_sources` with the
     recipe's `data.decontaminate` and cache, the main process first (it logs and fills the cache), then the others,
     silently, from the cache. `references`: the validation sets and any test files, by the label the log gives
-    them (e.g. `data.validation`, `test set 'gsm8k'`)."""
+    them (e.g. `data.validation`, `test set 'gsm8k'`). `keeps_all`: the name of a stage that drops nothing
+    (select, compare, group): `data.decontaminate` is reweight's, so the log tells to remove the copies instead."""
     result: DataChecks | None = None
+    decontaminate = recipe.data.decontaminate and keeps_all is None
     for main_turn in (True, False):
         if main_turn == is_main:
-            result = check_sources(sources, references, decontaminate=recipe.data.decontaminate, draws=draws,
+            result = check_sources(sources, references, decontaminate=decontaminate, draws=draws,
                                    cache_dir=recipe.data.cache_dir, fingerprints=fingerprints,
-                                   report=print_report if is_main else None)
+                                   report=print_report if is_main else None, keeps_all=keeps_all)
         barrier()
     assert result is not None
     return result

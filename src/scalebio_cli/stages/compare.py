@@ -592,6 +592,25 @@ def aggregate(c: Comparison, docs: dict[str, list[dict[str, Any]]], cells: list[
             "ceiling": ceiling, "warnings": paired.untrained_warnings(mixes, base_results)}
 
 
+def data_checks(c: Comparison) -> None:
+    """The data checks every stage runs first (data/checks.py), before the first cell: what the mixes draw from (the
+    sources of data.sources and of weights files, record files) against the validation sets and the test files. A
+    mix that holds test records scores well on them for holding them, so the log names it and the count."""
+    from scalebio_cli.data import checks
+    from scalebio_cli.data.read import sources as data_sources
+
+    drawn: dict[str, Any] = {}
+    for mix in c.mixes.values():
+        for name, source in _draw_plan(c.recipe, mix)[2].items():
+            label = f"--mix {mix.name}" if mix.kind == "file" else name
+            if label in drawn and drawn[label].path != source.path:
+                label = f"{name} (mix '{mix.name}')"
+            drawn.setdefault(label, source)
+    references = {s.key: s for s in data_sources.validation_sources(c.recipe).values()}
+    references |= {f"test set '{n}'": data_sources.from_path(f"--test {n}", p) for n, p in c.tests.items()}
+    checks.before_training(c.recipe, drawn, references, keeps_all="compare")
+
+
 def run(c: Comparison, stages: Stages) -> Path:
     """Plan every cell, draw every cell's records, check finished cells against their keys, evaluate the base
     model, then fine-tune and evaluate cell by cell (reusing what matches); DIR/compare.json, compare.md,
@@ -600,6 +619,7 @@ def run(c: Comparison, stages: Stages) -> Path:
     from scalebio_cli.results import compare_report
     from scalebio_cli.train.stopping import StopSignals
 
+    data_checks(c)
     inputs = Inputs(c.recipe)
     cells = plan(c, inputs)
     draw_all(c, stages, cells, TokenCounter(c.recipe))

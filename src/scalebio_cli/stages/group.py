@@ -243,7 +243,7 @@ def _data_checks(recipe: Recipe, dist: Any) -> None:
     from scalebio_cli.train import distributed
 
     checks.before_training(recipe, recipe_sources(recipe), {s.key: s for s in validation_sources(recipe).values()},
-                           is_main=dist.is_main, barrier=lambda: distributed.barrier(dist))
+                           is_main=dist.is_main, barrier=lambda: distributed.barrier(dist), keeps_all="group")
 
 
 def run(recipe: Recipe, k_option: str | None, output: Path, fmt: str) -> dict[str, Any] | None:

@@ -114,6 +114,18 @@ def write_scores(path: Path, scores: dict[str, np.ndarray], record_index: dict[s
     write_text(path, "".join(lines))
 
 
+def _data_checks(recipe: Recipe, dist: Any) -> None:
+    """The data checks every stage runs first (data/checks.py), the main process logging: duplicates, records shared
+    between sources, copies of validation records. A source holding validation records scores high for holding
+    them (both methods score against data.validation), so the log names it; select scores every record."""
+    from scalebio_cli.data import checks
+    from scalebio_cli.data.read.sources import recipe_sources, validation_sources
+    from scalebio_cli.train import distributed
+
+    checks.before_training(recipe, recipe_sources(recipe), {s.key: s for s in validation_sources(recipe).values()},
+                           is_main=dist.is_main, barrier=lambda: distributed.barrier(dist), keeps_all="select")
+
+
 def _score(recipe: Recipe, method: str, num_samples: int, seed: int) -> tuple[Any, dict[str, np.ndarray],
                                                                                  dict[str, Any]]:
     from rich.markup import escape
@@ -124,6 +136,7 @@ def _score(recipe: Recipe, method: str, num_samples: int, seed: int) -> tuple[An
     from scalebio_cli.train import distributed
 
     dist = distributed.setup()
+    _data_checks(recipe, dist)
     pool = load_pool(recipe, dist)
     if num_samples > pool.size:
         raise InputError(f"--num-samples: {num_samples:,} asked for, but the sources keep only {pool.size:,} "
