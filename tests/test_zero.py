@@ -237,3 +237,78 @@ def test_offload_steps_with_deepspeeds_cpu_adam_and_resets_lisa_state(one_rank: 
                for s in adam_state(engine, block))
     train_step(engine, tokenizer, 2)
     assert all(int(s["step"]) == 1 for s in adam_state(engine, block))
+
+
+def test_the_private_deepspeed_internals_scalebio_reads_are_there(one_rank: DistInfo, tokenizer) -> None:
+    """train/zero.py reads three private DeepSpeed names (commented there with the version they were read from):
+    ZeRO-3's sub-group map and fp32 partitions (LISA's state reset) and the engine's 16-bit consolidation (the
+    gathered weights). A DeepSpeed that moves any of them fails here, on a real ZeRO-3 engine, by name."""
+    from scalebio_cli.tiny import build_model
+    from scalebio_cli.train.zero import _ZERO3_ATTRIBUTES, DeepSpeedEngine, gathered_state_dict
+
+    model = build_model(tokenizer, "llama", layers=2, hidden=32)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = DeepSpeedEngine(model, lr=1e-3, weight_decay=0.0, max_grad_norm=None, total_steps=1, warmup_ratio=0.0,
+                             lisa=LisaConfig(layers=0, interval=1), seed=0, dist=one_rank,
+                             ds_config={"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}},
+                             micro_batches=1)
+    for name in _ZERO3_ATTRIBUTES:
+        assert hasattr(engine.ds.optimizer, name), f"DeepSpeed's ZeRO-3 optimizer no longer has {name}"
+    groups = engine.ds.optimizer.sub_group_to_group_id
+    assert sorted(set(groups.values())) == list(range(len(engine.ds.optimizer.param_groups)))
+    assert len(engine.ds.optimizer.fp32_partitioned_groups_flat) == len(groups)
+    assert hasattr(engine.ds, "_zero3_consolidated_16bit_state_dict")
+    gathered = gathered_state_dict(engine.ds, one_rank)  # the partitioned weights, whole again, with their names
+    assert gathered is not None and set(expected) <= set(gathered)
+    assert all(torch.equal(gathered[k], expected[k]) for k in expected)
+
+
+def test_lora_under_zero3_clips_each_adapter_with_one_collective_per_step(one_rank: DistInfo, tokenizer,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """LoRA under ZeRO-3 (train/zero_adapters.py; tested here, in this module's process group): each adapter's
+    norm comes from the local gradient partitions and one all-reduce for all adapters (not a gather per tensor),
+    and each adapter ends clipped to max_grad_norm by its own norm."""
+    pytest.importorskip("peft")
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_grad
+
+    from scalebio_cli.recipe.schema import LisaConfig, LoraConfig
+    from scalebio_cli.tiny import build_model
+    from scalebio_cli.train.factory import Copy, make_engines
+    from test_zero import train_step
+
+    model = build_model(tokenizer, "llama", layers=2, hidden=32)
+    engines = make_engines(model, [Copy(1e-3, 1, "u"), Copy(1e-3, 1, "w")],
+                           lora=LoraConfig(r=4), lora_key="reweight.lora", lisa=LisaConfig(layers=0, interval=1),
+                           ds_config={"zero_optimization": {"stage": 3}}, dist=one_rank, weight_decay=0.0,
+                           max_grad_norm=1e-4, total_steps=2, warmup_ratio=0.0, seed=0)
+    pair = engines[0].adapters
+    calls: list[str] = []
+    for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast"):
+        original = getattr(dist, name)
+        monkeypatch.setattr(dist, name, lambda *a, _o=original, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
+    clip = pair._clip_zero3
+    seen: dict[str, float] = {}
+
+    def counted(params):
+        calls.clear()
+        for adapter, ps in params.items():  # the norms before clipping, from whole gradients (test only)
+            seen[adapter] = float(torch.stack([safe_get_full_grad(p).float().pow(2).sum() for p in ps]).sum().sqrt())
+        calls.clear()
+        clip(params)
+        seen["calls"] = list(calls)
+        for adapter, ps in params.items():
+            seen[f"{adapter} after"] = float(torch.stack([safe_get_full_grad(p).float().pow(2).sum()
+                                                          for p in ps]).sum().sqrt())
+
+    monkeypatch.setattr(pair, "_clip_zero3", counted)
+    for engine in engines:
+        engine.begin_step(0)
+    for step, engine in enumerate(engines):
+        pair.boundary(engine.adapter, True)
+        train_step(engine, tokenizer, step)
+    assert seen["calls"] == ["all_reduce"]
+    for adapter in ("u", "w"):
+        assert seen[adapter] > 1e-4  # clipping was needed
+        assert abs(seen[f"{adapter} after"] - 1e-4) < 1e-7, seen
+        assert abs(float(pair.norms[adapter]) - seen[adapter]) <= 1e-6 * seen[adapter]

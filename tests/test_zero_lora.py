@@ -116,7 +116,8 @@ def test_zero3_lora_resumes_bitwise_after_sigkill(demo: Path, tmp_path: Path, sh
 
 
 def test_finetune_lora_under_zero3_writes_the_one_process_merged_folder(demo: Path, tmp_path: Path, sharded) -> None:
-    ft = {"data": str(demo / "data" / "clean.jsonl"), "epochs": 0.2, "lr": 1e-2, "batch_size": 8,
+    # lr 1e-3: at 1e-2 Adam turns rounding differences (two processes sum in another order) into 1e-5..1e-4
+    ft = {"data": str(demo / "data" / "clean.jsonl"), "epochs": 0.2, "lr": 1e-3, "batch_size": 8,
           "micro_batch_size": 4, "lora": {"r": 8}, "lisa": {"layers": 0}}
     one = write_recipe(tmp_path / "one" / "recipe.yaml", demo, finetune=ft)
     assert invoke("finetune", "--config", str(one)).returncode == 0
@@ -134,4 +135,4 @@ def test_finetune_lora_under_zero3_writes_the_one_process_merged_folder(demo: Pa
     assert sorted(a) == sorted(b)
     base = load_file(demo / "model" / "model.safetensors")
     assert any(not torch.equal(a[k], base[k]) for k in base if k in a)  # the adapter was merged in
-    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-5
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-5  # measured 3e-7

@@ -111,6 +111,9 @@ def gathered_state_dict(ds: Any, dist: DistInfo) -> dict[str, torch.Tensor] | No
     """A ZeRO-3 engine's whole weights on the main process (None elsewhere), gathered from the shards one module at
     a time (collective: every process calls it), by the call transformers' Trainer makes to save under ZeRO-3. The
     engine wraps ResponseLoss(model): the wrapper's `model.` prefix is taken off the keys."""
+    # Private (DeepSpeed 0.19.8: DeepSpeedEngine._zero3_consolidated_16bit_state_dict); transformers' Trainer calls
+    # the same method. tests/test_zero.py::test_the_private_deepspeed_internals_scalebio_reads_are_there fails if
+    # it moves.
     state = ds._zero3_consolidated_16bit_state_dict()
     return {k.removeprefix("model."): v for k, v in state.items()} if dist.is_main else None
 
@@ -156,7 +159,10 @@ def lisa_groups(model: nn.Module, lisa: Lisa) -> tuple[list[dict[str, Any]], set
 # into sub-groups and fills the inner group only during its step, so only its private attributes say which tensors
 # belong to a group. Anything unexpected raises: a renamed attribute must not silently reset nothing (a block would
 # then resume the moments and step count of its frozen period). pyproject.toml pins deepspeed below 0.20;
-# tests/test_zero.py checks the reset on ZeRO-2 and ZeRO-3.
+# tests/test_zero.py checks the reset on ZeRO-2 and ZeRO-3 (and under offload, on DeepSpeed's CPU Adam).
+# Private, as of DeepSpeed 0.19.8: DeepSpeedZeroOptimizer_Stage3.sub_group_to_group_id (sub-group -> client group)
+# and .fp32_partitioned_groups_flat (the fp32 tensor each sub-group steps); tests/test_zero.py::
+# test_the_private_deepspeed_internals_scalebio_reads_are_there fails if either moves.
 
 _ZERO3_ATTRIBUTES = ("sub_group_to_group_id", "fp32_partitioned_groups_flat")
 _ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
@@ -231,6 +237,8 @@ def skip_inference_comm_op() -> None:
     changes nothing. The op table's own comment allows editing it."""
     import deepspeed.ops
 
+    # deepspeed.ops.__compatible_ops__ (DeepSpeed 0.19.8): module-level, documented as editable in its source;
+    # tests/test_distributed.py checks that a CPU run compiles no op.
     ops = getattr(deepspeed.ops, "__compatible_ops__", None)
     if isinstance(ops, dict) and "deepspeed_shm_comm" in ops:
         ops["deepspeed_shm_comm"] = False

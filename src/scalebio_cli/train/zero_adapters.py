@@ -12,9 +12,13 @@ A step of the pair is one DeepSpeed accumulation window: u's micro-batches, then
 both. That is the method's step, not an approximation: u's and w's updates do not depend on each other (separate
 adapters over a frozen base), and the lam step uses the losses of the passes. u's `step()` therefore only marks
 u done; w's `step()` clips each adapter by its OWN gradient norm (the method clips u and w separately; DeepSpeed's
-`gradient_clipping` would clip them by their joint norm, so it is off) through DeepSpeed's public
-`deepspeed.utils.safe_get_full_grad` / `safe_update_full_grad_vectorized`, then steps. u's norm tensor is filled
-in place at that moment, before the step's results are read.
+`gradient_clipping` would clip them by their joint norm, so it is off), then steps. u's norm tensor is filled in
+place at that moment, before the step's results are read. Under ZeRO-3 the clipping is one collective per step
+for all adapters: each process sums the squares of its own gradient partitions (DeepSpeed's public
+`safe_get_local_grad`), one all-reduce of those sums gives every adapter's norm, and each process scales its own
+partitions (`safe_set_local_grad`); at 70B that replaces thousands of per-tensor gathers. Under ZeRO-2 DeepSpeed
+has no public per-partition gradient API, so each tensor is gathered (`safe_get_full_grad`, one all-reduce each):
+ZeRO-2 holds the whole base on every GPU and suits smaller models, where that count is small.
 
 Every adapter parameter that LISA has drawn requires grad during the whole window, whichever adapter a pass uses:
 ZeRO replaces the gradients of parameters that do not require grad by zeros at the accumulation boundary, and a
@@ -118,11 +122,12 @@ class ZeroAdapters(Adapters):
         """ZeRO-3 overwrites a gradient buffer with the window's first micro-batch and adds every later one to it:
         it assumes every parameter gets a gradient from the first. A later adapter's first gradient of the window
         comes from a later micro-batch, so its buffers still hold the previous step's gradient: zero them first
-        (collective, through the public safe_ API)."""
-        from deepspeed.utils import safe_update_full_grad_vectorized
+        (each process its own partitions, no collective)."""
+        from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
 
-        params = [p for p in self.trainable() if id(p) in self._ids[name]]
-        safe_update_full_grad_vectorized(params, lambda grad, _p: torch.zeros_like(grad))
+        for p in self.trainable():
+            if id(p) in self._ids[name]:
+                safe_set_local_grad(p, torch.zeros_like(safe_get_local_grad(p)))
 
     def _restore_requires_grad(self) -> None:
         for name in self.names:
@@ -154,21 +159,40 @@ class ZeroAdapters(Adapters):
         """After the last adapter's pass: clip each adapter by its own norm, then one DeepSpeed step for all."""
         if name != self.names[-1]:
             return self.norms[name] if self.max_grad_norm is not None else None
-        from deepspeed.utils import safe_get_full_grad, safe_update_full_grad_vectorized
-
-        for adapter in self.names:
-            params = [p for p in self.trainable() if id(p) in self._ids[adapter]]
-            if self.max_grad_norm is None or not params:
-                continue
-            # every process gathers the same tensors in the same order (each call is collective)
-            squares = [safe_get_full_grad(p).float().pow(2).sum() for p in params]
-            norm = torch.stack(squares).sum().sqrt()
-            coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)  # torch's clip_grad_norm_ rule
-            safe_update_full_grad_vectorized(params, lambda grad, _p, coef=coef: grad * coef.to(grad.dtype))
-            self.norms[adapter].copy_(norm)
+        if self.max_grad_norm is not None:
+            params = {a: [p for p in self.trainable() if id(p) in self._ids[a]] for a in self.names}
+            (self._clip_zero3 if self.stage == 3 else self._clip_gathered)(params)
         self.ds.step()
         self.stepped = True
         return self.norms[name] if self.max_grad_norm is not None else None
+
+    def _clip_zero3(self, params: dict[str, list[nn.Parameter]]) -> None:
+        """Each adapter clipped by its own norm from the local gradient partitions: one all-reduce per step."""
+        from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+        local = {a: [safe_get_local_grad(p) for p in ps] for a, ps in params.items()}
+        squares = torch.stack([sum((g.float().pow(2).sum() for g in local[a]),
+                                   torch.zeros((), dtype=torch.float32, device=self.dist.device))
+                               for a in self.names]).to(self.dist.device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(squares)  # ZeRO-3 partitions over every process of the run
+        for adapter, norm in zip(self.names, squares.sqrt()):
+            coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)  # torch's clip_grad_norm_ rule
+            for p, grad in zip(params[adapter], local[adapter]):
+                safe_set_local_grad(p, grad * coef.to(grad.device, grad.dtype))
+            self.norms[adapter].copy_(norm)
+
+    def _clip_gathered(self, params: dict[str, list[nn.Parameter]]) -> None:
+        """ZeRO-2: the same rule on whole gradients, gathered per tensor (every process in the same order)."""
+        from deepspeed.utils import safe_get_full_grad, safe_update_full_grad_vectorized
+
+        for adapter in self.names:
+            if not params[adapter]:
+                continue
+            norm = torch.stack([safe_get_full_grad(p).float().pow(2).sum() for p in params[adapter]]).sum().sqrt()
+            coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            safe_update_full_grad_vectorized(params[adapter], lambda grad, _p, coef=coef: grad * coef.to(grad.dtype))
+            self.norms[adapter].copy_(norm)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
 
