@@ -63,6 +63,14 @@ QUALITY_ARGS ?= --seeds 0 1 2 --variants default full lora
 bench-quality: smollm2 instruct-math-data
 	$(BIN)/python scripts/bench_quality.py $(QUALITY_ARGS)
 
+# The first GPU run measures everything at once: reweight on a ~1.1B Llama built from a config, bf16, plain /
+# LoRA + ZeRO-3 / ZeRO-3 + optimizer offload, seconds per step, tokens/s and peak CUDA memory beside
+# scripts/estimate_memory.py; replaces its section of docs/benchmarks.md (one GPU, ~5-8 min, an estimate: not yet
+# run on a GPU). Reduced form on a CPU: python scripts/gpu_check.py --device cpu --tiny --out /tmp/b.md (~1 min).
+.PHONY: gpu-check
+gpu-check: install
+	$(BIN)/python scripts/gpu_check.py
+
 # The paper's per-record baselines on a real model: SmolLM2, the alpaca denoising case (clean / "." / shuffled
 # words, 200 records each, 3 seeds), each method asked for a third of the pool must take >= 60% clean in every seed;
 # replaces its section of docs/benchmarks.md (~30-45 min on 2 idle cores, an estimate; a quick look:
