@@ -482,20 +482,20 @@ HOSTILE = [
                   "test_hostile::test_named_files_on_the_command_line_are_folded_too"]),
     HostileClass("Records that cannot train",
                  "recipe/preflight.py data_file_problems (records.has_response), run for every command: "
-                 "check_sample, check_eval",
+                 "stages/sample.py check_sample, stages/evaluate_check.py check",
                  ["chats-without-assistant", "sample-uniform-unusable-source"],
                  ["test_hostile::test_a_few_chats_without_assistant_are_named_and_skipped",
                   "test_hostile::test_eval_of_chats_without_assistant_is_refused", "test_fuzz::test_fuzz_records"]),
     HostileClass("An output that is one of the inputs",
-                 "files.py same_file/clobbered_input; recipe/preflight.py output_file_problems, check_sample, "
-                 "check_eval, _run_products_problems",
+                 "files.py same_file/clobbered_input; recipe/preflight.py output_file_problems, "
+                 "stages/sample.py check_sample, stages/evaluate_check.py check, run_products_problems",
                  [],
                  ["test_hostile::test_sample_output_naming_a_source_is_refused",
                   "test_hostile::test_sample_output_naming_the_weights_or_validation_file_is_refused",
                   "test_hostile::test_eval_output_naming_a_data_or_model_file_is_refused",
                   "test_hostile::test_finetune_output_dir_that_is_the_base_model_is_refused"]),
     HostileClass("Empty or degenerate evaluation data",
-                 "recipe/preflight.py check_eval; stages/evaluate.py run (no response token, non-finite loss), "
+                 "stages/evaluate_check.py check; stages/evaluate.py run (no response token, non-finite loss), "
                  "perplexity",
                  ["eval-empty-data", "eval-no-response-tokens"],
                  ["test_hostile::test_perplexity_never_overflows_to_inf",

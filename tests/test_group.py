@@ -151,9 +151,10 @@ def test_every_input_form_reweight_reads(demo: Path, layouts: dict[str, Path], t
     assert counts == {"gsm": 20, "noisy": 20, "words": 20, "csv": 20, "mix/math": 10, "mix/words": 10}
     assert json.loads(out.with_name("g.manifest.json").read_text())["k_chosen_by"] == "given"
     from scalebio_cli.data.read import sources as S
+    from scalebio_cli.data.read.expand import expand
     from scalebio_cli.recipe.schema import SourceSpec
 
-    parts = S.expand("all", SourceSpec(str(out), split_by="group"), 0)
+    parts = expand("all", SourceSpec(str(out), split_by="group"), 0)
     assert sum(S.count(p) for p in parts) == 100 and all(p.name.startswith("all/") for p in parts)
 
 

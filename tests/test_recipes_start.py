@@ -71,7 +71,7 @@ def test_every_shipped_recipe_passes_preflight_on_a_tiny_model(recipe: Path, dem
                                                                tmp_path: Path) -> None:
     """Every check that runs before a model loads (its DeepSpeed file by DeepSpeed's own validation included)."""
     from scalebio_cli.recipe.load import load_recipe
-    from scalebio_cli.recipe.preflight import check_reweight
+    from scalebio_cli.stages.reweight_check import check as check_reweight
 
     check_reweight(load_recipe(recipe, start_overrides(recipe, demo, tiny_models, tmp_path / "run")), recipe)
 

@@ -12,13 +12,14 @@ import yaml
 
 from conftest import invoke, run_cli
 from scalebio_cli.data.read import sources as S
+from scalebio_cli.data.read.expand import expand
 from scalebio_cli.errors import InputError
 from scalebio_cli.recipe.load import load_recipe
 from scalebio_cli.recipe.schema import SourceSpec
 
 
 def test_every_layout_reads_into_examples(layouts: dict[str, Path]) -> None:
-    repo = S.expand("gsm", SourceSpec(str(layouts["gsm_repo"])), 0)[0]
+    repo = expand("gsm", SourceSpec(str(layouts["gsm_repo"])), 0)[0]
     assert S.count(repo) == 120 and not repo.is_plain  # two train shards; question/answer detected
     where, example = next(S.iter_examples(repo))
     assert where.endswith("(train) row 0") and example[0].role == "user" and example[1].role == "assistant"
@@ -35,13 +36,13 @@ def test_every_layout_reads_into_examples(layouts: dict[str, Path]) -> None:
 
 
 def test_split_by_and_max_samples_are_deterministic(layouts: dict[str, Path]) -> None:
-    parts = S.expand("mix", SourceSpec(str(layouts["mixed"]), split_by="category", max_samples=15), seed=3)
+    parts = expand("mix", SourceSpec(str(layouts["mixed"]), split_by="category", max_samples=15), seed=3)
     assert [p.name for p in parts] == ["mix/math", "mix/words"] and [S.count(p) for p in parts] == [15, 15]
-    again = S.expand("mix", SourceSpec(str(layouts["mixed"]), split_by="category", max_samples=15), seed=3)
+    again = expand("mix", SourceSpec(str(layouts["mixed"]), split_by="category", max_samples=15), seed=3)
     rows = [S.selected_rows(p).tolist() for p in parts]
     assert rows == [S.selected_rows(p).tolist() for p in again]
     assert all(r % 2 == 0 for r in rows[0]) and all(r % 2 == 1 for r in rows[1])  # math rows are the even ones
-    other = S.expand("mix", SourceSpec(str(layouts["mixed"]), split_by="category", max_samples=15), seed=4)
+    other = expand("mix", SourceSpec(str(layouts["mixed"]), split_by="category", max_samples=15), seed=4)
     assert S.selected_rows(other[0]).tolist() != rows[0]
     back = S.from_record("k", parts[1].path, S.to_record(parts[1]))
     assert back == S.DataSource("k", parts[1].spec, parts[1].name, parts[1].value, 3)

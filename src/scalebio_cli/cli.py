@@ -155,7 +155,7 @@ def reweight(config: ConfigOption, overrides: OverridesArg = None, resume: Resum
 
     def body() -> Any:
         from scalebio_cli.recipe import load_recipe
-        from scalebio_cli.recipe.preflight import check_reweight
+        from scalebio_cli.stages.reweight_check import check as check_reweight
 
         recipe = load_recipe(config, overrides)
         done = _already_complete(recipe, "reweight", resume)
@@ -238,7 +238,7 @@ def sample(
             raise InputError(f"--format: must be one of {', '.join(stage.FORMATS)}, got {record_format!r}")
         if weights in ("uniform", "proportional"):
             if config is not None:
-                from scalebio_cli.data.read.sources import recipe_sources
+                from scalebio_cli.data.read.expand import recipe_sources
                 from scalebio_cli.recipe import load_recipe
 
                 draw = stage.baseline_draw(weights, recipe_sources(load_recipe(config)), output,
@@ -315,7 +315,7 @@ def finetune(config: ConfigOption, overrides: OverridesArg = None, resume: Resum
 
     def body() -> Any:
         from scalebio_cli.recipe import load_recipe
-        from scalebio_cli.recipe.preflight import check_finetune
+        from scalebio_cli.stages.finetune_check import check as check_finetune
 
         recipe = load_recipe(config, overrides)
         done = _already_complete(recipe, "finetune", resume)
@@ -364,7 +364,7 @@ def evaluate(
     """
 
     def body() -> Any:
-        from scalebio_cli.recipe.preflight import check_eval
+        from scalebio_cli.stages.evaluate_check import check as check_eval
 
         named = _parse_named_files(data or [], "--data")
         template = str(chat_template.resolve()) if chat_template else None

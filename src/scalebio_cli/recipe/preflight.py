@@ -15,16 +15,17 @@ from pathlib import Path
 from rich.markup import escape
 
 from scalebio_cli.console import console
+from scalebio_cli.data.read import hub, tables
 from scalebio_cli.data.read import sources as data_sources
+from scalebio_cli.data.read.expand import recipe_sources, validation_sources
 from scalebio_cli.data.read.records import AUTO_COLUMNS, detect_format, has_response
 from scalebio_cli.data.read.sources import DataSource
 from scalebio_cli.errors import InputError
 from scalebio_cli.files import clobbered_input, did_you_mean
 from scalebio_cli.recipe import model_folder
 from scalebio_cli.recipe.load import looks_like_hub_id
-from scalebio_cli.recipe.schema import PRECISIONS, Recipe
+from scalebio_cli.recipe.schema import Recipe
 from scalebio_cli.train import process
-from scalebio_cli.train.deepspeed_config import deepspeed_problems
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -39,15 +40,15 @@ def data_file_problems(key: str, path: str | None) -> list[str]:
 def _where_problems(source: DataSource) -> list[str]:
     """Exists (or is a Hub id), readable, a supported type; columns and split present. [] when readable."""
     key, p = source.key, Path(source.path)
-    if data_sources.plain_file(source.spec) is None:
-        if p.is_file() and data_sources.suffix(str(p)) not in data_sources.SUPPORTED:
-            return [f"{key}: unsupported file type '{p.suffix}' ({p}); use {', '.join(data_sources.SUPPORTED)}, a "
+    if tables.plain_file(source.spec) is None:
+        if p.is_file() and tables.suffix(str(p)) not in tables.SUPPORTED:
+            return [f"{key}: unsupported file type '{p.suffix}' ({p}); use {', '.join(tables.SUPPORTED)}, a "
                     "folder of them, a save_to_disk folder or a Hub dataset id"]
         if p.exists() and not os.access(p, os.R_OK):
             return [f"{key}: not readable (permissions): {p}"]
-        if any(c in source.path for c in "*?[") and not data_sources._local_files(source.path):
+        if any(c in source.path for c in "*?[") and not hub.local_files(source.path):
             return [f"{key}: no file matches {source.path}"]
-        if not p.exists() and not data_sources.is_hub_id(source.path):
+        if not p.exists() and not hub.is_hub_id(source.path):
             return [f"{key}: file not found: {p}{did_you_mean(p)}"]
         try:
             data_sources.open_table(source)
@@ -128,12 +129,12 @@ def recipe_source_problems(recipe: Recipe, validation: bool) -> tuple[dict[str, 
     """data.sources (split_by expanded) and, with `validation`, the validation sets: every one checked."""
     problems: list[str] = []
     try:
-        expanded = data_sources.recipe_sources(recipe)
+        expanded = recipe_sources(recipe)
     except InputError as exc:
         expanded, problems = {}, exc.problems
     for source in expanded.values():
         problems += source_problems(source)
-    for source in (data_sources.validation_sources(recipe).values() if validation else []):
+    for source in (validation_sources(recipe).values() if validation else []):
         problems += source_problems(source)
     return expanded, problems
 
@@ -322,85 +323,22 @@ def chat_template_problems(key: str, path: str | None) -> list[str]:
     return []
 
 
-def _models(recipe: Recipe, stage: str) -> list[str]:
+def model_problems(recipe: Recipe, stage: str) -> list[str]:
+    """The model and tokenizer folders, and whether the model fits the recipe (lisa.layers, data.max_length)."""
     problems = model_folder_problems("model", recipe.model, need_weights=True, need_tokenizer=not recipe.tokenizer)
     if recipe.tokenizer:
         problems += model_folder_problems("tokenizer", recipe.tokenizer, need_weights=False)
     return problems + model_fit_problems(recipe, stage)
 
 
-def _raise(problems: list[str], where: str | Path) -> None:
+def raise_problems(problems: list[str], where: str | Path) -> None:
+    """Every problem at once, each named with the recipe file (exit 2)."""
     if problems:
         raise InputError([f"{where}: {p}" for p in problems])
 
 
-def check_reweight(recipe: Recipe, where: str | Path = "recipe") -> None:
-    data, rw = recipe.data, recipe.reweight
-    expanded, data_problems = recipe_source_problems(recipe, validation=True)
-    problems = []
-    num_sources = len(expanded) if expanded or not data.sources else len(data.sources)
-    if num_sources < 2:
-        problems.append(f"data.sources: reweight needs at least 2 sources, got {num_sources}")
-    if not data.validation:
-        problems.append("data.validation: reweight needs a validation file (what the model should become good at)")
-    if rw.batch_composition == "balanced" and rw.batch_size < num_sources:
-        problems.append(f"reweight.batch_size: {rw.batch_size} is less than the {num_sources} sources; "
-                        "every source must appear in every batch")
-    num_val = len(recipe.validation_sets())
-    if rw.val_batch_size < num_val:
-        problems.append(f"reweight.val_batch_size: {rw.val_batch_size} is less than the {num_val} validation sets; "
-                        "every set must appear in every step")
-    for key in ("batch_size", "val_batch_size"):
-        if getattr(rw, key) % process.world_size():
-            problems.append(f"reweight.{key}: {getattr(rw, key)} does not divide over {process.world_size()} processes")
-    problems += _models(recipe, "reweight") + output_dir_problems(recipe.output_dir)
-    problems += _run_products_problems(recipe, "reweight")
-    problems += deepspeed_problems(recipe.deepspeed, recipe, "reweight", process.world_size())
-    problems += lora_problems(recipe, "reweight")
-    problems += tracking_problems(recipe.report_to) + chat_template_problems("data.chat_template", data.chat_template)
-    _raise(problems + data_problems, where)
-
-
-def check_finetune(recipe: Recipe, where: str | Path = "recipe") -> None:
-    ft = recipe.finetune
-    problems = []
-    if bool(ft.data) == bool(ft.weights):
-        problems.append("finetune: set exactly one of finetune.data (a data file) and finetune.weights (a "
-                        "weights.json to mix data.sources by)")
-    if ft.batch_size % process.world_size():
-        problems.append(f"finetune.batch_size: {ft.batch_size} does not divide over {process.world_size()} processes")
-    problems += _models(recipe, "finetune") + output_dir_problems(recipe.output_dir)
-    problems += _run_products_problems(recipe, "finetune") + other_stage_problems(recipe.output_dir, "finetune")
-    problems += deepspeed_problems(recipe.deepspeed, recipe, "finetune", process.world_size())
-    problems += lora_problems(recipe, "finetune")
-    problems += data_file_problems("finetune.data", ft.data)
-    for name, spec in ft.validation_sets().items():  # each set read as data.validation's are
-        key = f"finetune.validation.{name}" if ft.named_validation else "finetune.validation"
-        problems += source_problems(DataSource(key, spec, name, None, recipe.seed))
-    problems += tracking_problems(recipe.report_to)
-    problems += chat_template_problems("data.chat_template", recipe.data.chat_template)
-    if ft.weights:
-        from scalebio_cli.results import weights_file
-
-        try:
-            weights, doc = weights_file.load(ft.weights)
-        except InputError as exc:
-            problems += [f"finetune.weights: {p}" for p in exc.problems]
-        else:
-            sources, found = (recipe_source_problems(recipe, validation=False) if recipe.data.sources
-                              else (data_sources.doc_sources(doc, list(weights)), []))
-            problems += found
-            if set(sources) != set(weights) and not found:
-                problems.append(f"finetune.weights: its sources ({', '.join(weights)}) are not data.sources "
-                                f"({', '.join(sources)})")
-            if not recipe.data.sources:
-                for source in sources.values():
-                    problems += source_problems(source)
-    _raise(problems, where)
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Outputs that would replace an input, and the commands without a recipe (sample, eval).
+# Outputs that would replace an input.
 
 
 def output_file_problems(option: str, output: Path, inputs: dict[str, str]) -> list[str]:
@@ -422,7 +360,7 @@ def model_files(path: str | None) -> dict[str, str]:
     return {f"{f.name} of the model {folder}": str(f) for f in sorted(folder.iterdir()) if f.is_file()}
 
 
-def _run_products_problems(recipe: Recipe, stage: str) -> list[str]:
+def run_products_problems(recipe: Recipe, stage: str) -> list[str]:
     """Files the run writes into output_dir must not be its inputs; finetune must not write over its base model."""
     out = Path(recipe.output_dir)
     problems = []
@@ -469,39 +407,3 @@ def other_stage_problems(output_dir: str, stage: str) -> list[str]:
     return [f"output_dir {folder}: holds a {other} run ({', '.join(held)}); a {stage} run there would mix its "
             "metrics.jsonl, recipe.yaml and finished.json with that run's (--force clears only checkpoints, never "
             f"another stage's results): choose another output_dir, e.g. output_dir={folder}-{stage}"]
-
-
-def check_eval(model: Path, named: dict[str, str], output: Path | None, *, precision: str = "auto",
-               chat_template: str | None = None, lm_eval: bool = False) -> None:
-    """eval's inputs: something to measure, a loadable-looking model folder (or .gguf file), usable data files, a
-    known precision, a valid chat template, and an output that is none of the inputs. All problems at once."""
-    problems = [] if named or lm_eval else ["eval: give at least one --data NAME=FILE (or --lm-eval TASKS)"]
-    if precision not in PRECISIONS:
-        problems.append(f"--precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    problems += chat_template_problems("--chat-template", chat_template)
-    if model.suffix != ".gguf" and not (model / "config.json").is_file():
-        problems.append(f"--model {model}: not a model folder (no config.json)")
-    else:
-        problems += model_folder_problems("--model", str(model))  # a .gguf file: checked as one
-    for name, path in named.items():
-        problems += data_file_problems(f"--data {name}", path)
-    if output is not None:
-        inputs = {f"--data {n}": p for n, p in named.items()} | model_files(str(model))
-        problems += output_file_problems("--output", output, inputs)
-    if problems:
-        raise InputError(problems)
-
-
-def check_sample(output: Path, sources: list[DataSource], inputs: dict[str, str], parse_records: bool) -> None:
-    """sample's sources (each labelled by its key, `--sources NAME` or `data.sources.NAME`; every record parsed
-    when no weights file vouches for them) and its two outputs, which must be none of the sources nor `inputs`."""
-    problems = []
-    if parse_records:
-        for source in sources:
-            problems += source_problems(source)
-    inputs = {s.key: s.path for s in sources} | inputs
-    manifest = output.with_name(output.stem + ".manifest.json")
-    problems += output_file_problems("--output", output, inputs)
-    problems += output_file_problems("--output (its manifest)", manifest, inputs)
-    if problems:
-        raise InputError(problems)

@@ -321,18 +321,21 @@ class LessConfig:
     preconditioned with each epoch checkpoint's moments), a seeded Rademacher projection, cosine to the validation
     sets' mean gradients. Published values except where marked CPU-sized (set the published ones on a GPU)."""
 
-    warmup_fraction: float = setting(0.05, affects=NONE)  # share of the pool the warm-up trains on (published 5%)
-    lora_r: int = setting(8, affects=NONE)  # CPU-sized: published 128 (the projection's cost grows with it)
-    lora_alpha: float = setting(32.0, affects=NONE)  # CPU-sized with r: published 512 (alpha / r = 4 kept)
-    lora_dropout: float = setting(0.1, affects=NONE)  # published
+    # share of the pool the warm-up trains on (published 5%)
+    warmup_fraction: float = setting(0.05, affects=NONE, check=within(0, 1, open_low=True, open_high=False))
+    # CPU-sized: published 128 (the projection's cost grows with it)
+    lora_r: int = setting(8, affects=NONE, check=at_least(1))
+    # CPU-sized with r: published 512 (alpha / r = 4 kept)
+    lora_alpha: float = setting(32.0, affects=NONE, check=above(0))
+    lora_dropout: float = setting(0.1, affects=NONE, check=within(0, 1))  # published
     target_modules: list[str] = setting(affects=NONE, factory=_attention_projections)  # published: q/k/v/o
-    epochs: int = setting(4, affects=NONE)  # warm-up epochs = checkpoints scored (published 4)
-    lr: float = setting(2e-5, affects=NONE)  # peak, linear decay after warmup (published)
-    warmup_ratio: float = setting(0.03, affects=NONE)  # published
-    batch_size: int = setting(32, affects=NONE)  # warm-up examples per optimizer step (published 32)
+    epochs: int = setting(4, affects=NONE, check=at_least(1))  # warm-up epochs = checkpoints scored (published 4)
+    lr: float = setting(2e-5, affects=NONE, check=RATE)  # peak, linear decay after warmup (published)
+    warmup_ratio: float = setting(0.03, affects=NONE, check=within(0, 1))  # published
+    batch_size: int = setting(32, affects=NONE, check=at_least(1))  # warm-up examples per optimizer step (published 32)
     # CPU-sized: published 8,192 (4,096 common); each record's projection costs LoRA parameters x dims
-    projection_dim: int = setting(1024, affects=NONE)
-    micro_batch_size: int = setting(8, affects=NONE)  # records per gradient batch
+    projection_dim: int = setting(1024, affects=NONE, check=at_least(1))
+    micro_batch_size: int = setting(8, affects=NONE, check=at_least(1))  # records per gradient batch
 
 
 @dataclass

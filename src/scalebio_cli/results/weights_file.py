@@ -147,7 +147,7 @@ def _recipe_name(name: str, info: Any) -> str:
 
 
 def _as_path(value: Any) -> str:
-    from scalebio_cli.data.read.sources import is_hub_id
+    from scalebio_cli.data.read.hub import is_hub_id
 
     text = str(value)
     return text if is_hub_id(text) else str(Path(text).resolve())
@@ -232,3 +232,11 @@ def load(path: str | Path, allow_changed_sources: bool = False,
     if problems:
         raise InputError(problems)
     return {name: float(v) for name, v in weights.items()}, doc
+
+
+def doc_sources(doc: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The sources a weights.json records (data/read/sources.DataSource), read back as the reweight run read them."""
+    from scalebio_cli.data.read.sources import from_record
+
+    return {n: from_record(f"source '{n}'", doc["sources"][n]["path"], doc["sources"][n].get("source"))
+            for n in names}

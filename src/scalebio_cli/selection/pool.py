@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from scalebio_cli.data.batching import MicroBatch, collate
-from scalebio_cli.data.read import sources as data_sources
+from scalebio_cli.data.read.expand import recipe_sources, validation_sources
 from scalebio_cli.data.tokens.render import Renderer
 from scalebio_cli.data.tokens.tokenized import TokenizedData
 from scalebio_cli.recipe import Recipe
@@ -50,8 +50,8 @@ class Pool:
 def load_pool(recipe: Recipe, dist: DistInfo) -> Pool:
     tokenizer = load_tokenizer(recipe.tokenizer_path, recipe.trust_remote_code, recipe.data.chat_template)
     renderer = Renderer(tokenizer, recipe.data.max_length)
-    sources = data_sources.recipe_sources(recipe)
-    validation = data_sources.validation_sources(recipe)
+    sources = recipe_sources(recipe)
+    validation = validation_sources(recipe)
     named = [(s.key, s) for s in sources.values()] + [(v.key, v) for v in validation.values()]
     loaded = loop.load_data_files(named, renderer, recipe, dist)  # type: ignore[arg-type]
     return Pool(dict(zip(sources, loaded[: len(sources)])), dict(zip(validation, loaded[len(sources):])),

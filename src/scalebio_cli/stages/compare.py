@@ -151,6 +151,7 @@ def _draw_plan(recipe: Recipe, mix: Mix) -> tuple[dict[str, float], dict[str, in
     """What a mix draws from: its probabilities, the sizes of its sources, and the sources by name (for a file mix,
     the file alone)."""
     from scalebio_cli.data.read import sources as data_sources
+    from scalebio_cli.data.read.expand import recipe_sources
     from scalebio_cli.data.read.records import count_records
     from scalebio_cli.results import weights_file
 
@@ -158,9 +159,9 @@ def _draw_plan(recipe: Recipe, mix: Mix) -> tuple[dict[str, float], dict[str, in
         return {"file": 1.0}, {"file": count_records(mix.spec)}, {"file": data_sources.from_path("file", mix.spec)}
     if mix.kind == "weights":
         probs, doc = weights_file.load(mix.spec)
-        return probs, {n: int(doc["sources"][n]["num_examples"]) for n in probs}, data_sources.doc_sources(
+        return probs, {n: int(doc["sources"][n]["num_examples"]) for n in probs}, weights_file.doc_sources(
             doc, list(probs))
-    named = data_sources.recipe_sources(recipe)
+    named = recipe_sources(recipe)
     if mix.kind == "source":
         if mix.spec not in named:
             raise InputError(f"--mix {mix.name}=source:{mix.spec}: not a source of data.sources "
@@ -598,6 +599,7 @@ def data_checks(c: Comparison) -> None:
     mix that holds test records scores well on them for holding them, so the log names it and the count."""
     from scalebio_cli.data import checks
     from scalebio_cli.data.read import sources as data_sources
+    from scalebio_cli.data.read.expand import validation_sources
 
     drawn: dict[str, Any] = {}
     for mix in c.mixes.values():
@@ -606,7 +608,7 @@ def data_checks(c: Comparison) -> None:
             if label in drawn and drawn[label].path != source.path:
                 label = f"{name} (mix '{mix.name}')"
             drawn.setdefault(label, source)
-    references = {s.key: s for s in data_sources.validation_sources(c.recipe).values()}
+    references = {s.key: s for s in validation_sources(c.recipe).values()}
     references |= {f"test set '{n}'": data_sources.from_path(f"--test {n}", p) for n, p in c.tests.items()}
     checks.before_training(c.recipe, drawn, references, keeps_all="compare")
 

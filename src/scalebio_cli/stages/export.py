@@ -34,7 +34,7 @@ from scalebio_cli.console import console, format_evidence, format_weights
 from scalebio_cli.data.out.mixture import keep_fractions, largest_remainder, no_repeat_counts
 from scalebio_cli.data.out.normalize import iter_conversations
 from scalebio_cli.data.read.records import Turn
-from scalebio_cli.data.read.sources import DataSource, doc_sources, iter_examples
+from scalebio_cli.data.read.sources import DataSource, iter_examples
 from scalebio_cli.errors import InputError
 from scalebio_cli.files import atomic_path, write_json, write_text
 from scalebio_cli.results import weights_file
@@ -87,7 +87,7 @@ def load_mixture(path: Path, averaged: bool = False, allow_changed_sources: bool
     weights, doc = weights_file.load(path, allow_changed_sources, averaged)
     names = list(weights)
     total = sum(weights.values())  # within 1e-6 of 1 (checked); consumers such as numpy want it exact
-    return Mixture(path.resolve(), names, list(doc_sources(doc, names).values()),
+    return Mixture(path.resolve(), names, list(weights_file.doc_sources(doc, names).values()),
                    [weights[n] / total for n in names], averaged, doc)
 
 

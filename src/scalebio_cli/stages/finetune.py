@@ -22,6 +22,7 @@ from scalebio_cli.console import console, format_weights, step_progress
 from scalebio_cli.data.batching import CursorSampler, micro_batches, num_micro_batches, response_token_count
 from scalebio_cli.data.read import source_labels
 from scalebio_cli.data.read import sources as data_sources
+from scalebio_cli.data.read.expand import recipe_sources
 from scalebio_cli.data.read.source_labels import SourceLabels
 from scalebio_cli.data.read.sources import DataSource
 from scalebio_cli.data.tokens.render import Renderer
@@ -78,8 +79,8 @@ def training_files(recipe: Recipe) -> tuple[dict[str, DataSource], list[float]]:
     if ft.data:
         return {"data": data_sources.from_path("finetune.data", ft.data)}, [1.0]
     weights, doc = weights_file.load(ft.weights)  # type: ignore[arg-type]  (check_finetune ensured one is set)
-    sources = (data_sources.recipe_sources(recipe) if recipe.data.sources
-               else data_sources.doc_sources(doc, list(weights)))
+    sources = (recipe_sources(recipe) if recipe.data.sources
+               else weights_file.doc_sources(doc, list(weights)))
     if set(sources) != set(weights):
         raise InputError(f"{ft.weights}: its sources ({', '.join(weights)}) are not data.sources "
                          f"({', '.join(sources)})")

@@ -113,10 +113,11 @@ def feature_recipe(recipe: Recipe) -> Recipe:
 def _feature_settings(recipe: Recipe, pool: Any, dtype: Any) -> dict[str, Any]:
     """Everything the features depend on (the cache key)."""
     from scalebio_cli.data.read import sources as data_sources
+    from scalebio_cli.data.read.expand import recipe_sources
     from scalebio_cli.data.tokens.tokenized import tokenizer_fingerprint
     from scalebio_cli.grouping import features
 
-    sources = data_sources.recipe_sources(recipe)
+    sources = recipe_sources(recipe)
     return {"data": {n: data_sources.content_key(sources[n], d.sha256) for n, d in pool.sources.items()},
             "model": features.model_fingerprint(recipe.model), "tokenizer": tokenizer_fingerprint(pool.tokenizer),
             "max_length": recipe.data.max_length, "dtype": str(dtype),
@@ -181,7 +182,7 @@ def _examples(x: np.ndarray, labels: np.ndarray, centroid: np.ndarray, rows: np.
 def _groups(recipe: Recipe, pool: Any, feats: Any, x: np.ndarray, labels: np.ndarray, centroids: np.ndarray,
             record_labels: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
     """The manifest's `groups`: per SOURCE/gNN its size, share of its source, mean response loss, examples."""
-    from scalebio_cli.data.read.sources import recipe_sources
+    from scalebio_cli.data.read.expand import recipe_sources
     from scalebio_cli.grouping.output import example_records, group_name
 
     sources = recipe_sources(recipe)
@@ -239,7 +240,7 @@ def _data_checks(recipe: Recipe, dist: Any) -> None:
     of validation records, in the log. group writes every record whatever they find (reweight drops leaks later,
     with data.decontaminate: true)."""
     from scalebio_cli.data import checks
-    from scalebio_cli.data.read.sources import recipe_sources, validation_sources
+    from scalebio_cli.data.read.expand import recipe_sources, validation_sources
     from scalebio_cli.train import distributed
 
     checks.before_training(recipe, recipe_sources(recipe), {s.key: s for s in validation_sources(recipe).values()},
@@ -249,7 +250,7 @@ def _data_checks(recipe: Recipe, dist: Any) -> None:
 def run(recipe: Recipe, k_option: str | None, output: Path, fmt: str) -> dict[str, Any] | None:
     """Features, clusters, OUT and OUT.manifest.json; returns the manifest (None on processes other than the main
     one, which only compute their share of the features)."""
-    from scalebio_cli.data.read.sources import recipe_sources
+    from scalebio_cli.data.read.expand import recipe_sources
     from scalebio_cli.files import write_json
     from scalebio_cli.grouping.output import record_labels, write_grouped
     from scalebio_cli.train import distributed

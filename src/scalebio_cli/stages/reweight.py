@@ -20,7 +20,9 @@ from scalebio_cli.console import console, format_evidence, format_weights, step_
 from scalebio_cli.data import checks as data_checks
 from scalebio_cli.data.batch_plan import BatchPlan, StepBatches
 from scalebio_cli.data.batching import Prefetcher, num_micro_batches
+from scalebio_cli.data.read import hub
 from scalebio_cli.data.read import sources as data_sources
+from scalebio_cli.data.read.expand import recipe_sources, validation_sources
 from scalebio_cli.data.read.record_reader import LAZY_MIN_RECORDS
 from scalebio_cli.data.read.sources import DataSource
 from scalebio_cli.data.tokens.lazy_tokens import LazyTokens
@@ -71,7 +73,7 @@ def validation_weights(recipe: Recipe) -> list[float]:
 
 def load_data(recipe: Recipe, renderer: Renderer, dist: distributed.DistInfo) -> RunData:
     """Every source and validation set, tokenized (or from the cache)."""
-    sources, vals = data_sources.recipe_sources(recipe), data_sources.validation_sources(recipe)
+    sources, vals = recipe_sources(recipe), validation_sources(recipe)
     files = [(s.key, s) for s in [*sources.values(), *vals.values()]]
     tokenized = loop.load_data_files(files, renderer, recipe, dist, lazy_min_records=LAZY_MIN_RECORDS)
     return RunData(sources, vals, tokenized, validation_weights(recipe))
@@ -387,7 +389,7 @@ def source_info(source: DataSource, data: Tokens) -> dict[str, Any]:
     """weights.json `sources.NAME`: where it is, how many records were used, and how to read it again. For a lazy
     source the trainable and truncated counts are over the records tokenized (`num_tokenized`: its seeded sample
     and every record drawn)."""
-    path = source.path if data_sources.is_hub_id(source.path) else str(Path(source.path).resolve())
+    path = source.path if hub.is_hub_id(source.path) else str(Path(source.path).resolve())
     info: dict[str, Any] = {"path": path, "num_examples": data.num_records, "num_trainable": data.num_kept,
                             "num_truncated": data.num_truncated, "sha256": data.sha256}
     if data.lazy:

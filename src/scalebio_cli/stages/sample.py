@@ -169,8 +169,6 @@ class Draw:
 def baseline_draw(kind: str, named: dict[str, DataSource], output: Path, inputs: dict[str, str] | None = None) -> Draw:
     """`--weights uniform|proportional` over `named` (each labelled in messages by its key: `--sources NAME` or
     `data.sources.NAME`); every record of every source is checked first, since no reweight run vouches for them."""
-    from scalebio_cli.recipe.preflight import check_sample
-
     if not named:
         raise InputError(f"--weights {kind}: name the sources with --sources NAME=FILE ... or --config")
     check_sample(output, list(named.values()), inputs or {}, parse_records=True)
@@ -180,11 +178,11 @@ def baseline_draw(kind: str, named: dict[str, DataSource], output: Path, inputs:
 
 def weights_file_draw(path: str, output: Path, allow_changed_sources: bool, averaged: bool) -> Draw:
     """The weights (final or averaged) of a weights.json, validated, with the sources and sizes it records."""
-    from scalebio_cli.recipe.preflight import check_sample, model_files
+    from scalebio_cli.recipe.preflight import model_files
     from scalebio_cli.results import weights_file
 
     probs, doc = weights_file.load(path, allow_changed_sources, averaged)
-    named = data_sources.doc_sources(doc, list(probs))
+    named = weights_file.doc_sources(doc, list(probs))
     validation = doc.get("validation") if isinstance(doc.get("validation"), dict) else {}
     sets = {"": validation} if "path" in validation else validation  # one set, or named sets
     inputs = {"the weights file": path}
@@ -196,3 +194,20 @@ def weights_file_draw(path: str, output: Path, allow_changed_sources: bool, aver
     recorded = {n: doc["sources"][n].get("num_examples") for n in probs}
     sizes = recorded if not allow_changed_sources and all(isinstance(v, int) for v in recorded.values()) else None
     return Draw(probs, named, str(Path(path).resolve()), sizes)  # sizes: weights_file.load checked them
+
+
+def check_sample(output: Path, sources: list[DataSource], inputs: dict[str, str], parse_records: bool) -> None:
+    """sample's sources (each labelled by its key, `--sources NAME` or `data.sources.NAME`; every record parsed
+    when no weights file vouches for them) and its two outputs, which must be none of the sources nor `inputs`."""
+    from scalebio_cli.recipe import preflight
+
+    problems = []
+    if parse_records:
+        for source in sources:
+            problems += preflight.source_problems(source)
+    inputs = {s.key: s.path for s in sources} | inputs
+    manifest = output.with_name(output.stem + ".manifest.json")
+    problems += preflight.output_file_problems("--output", output, inputs)
+    problems += preflight.output_file_problems("--output (its manifest)", manifest, inputs)
+    if problems:
+        raise InputError(problems)

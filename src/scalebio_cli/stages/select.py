@@ -25,24 +25,6 @@ METHODS = ("rho-loss", "less")
 _STREAM = 0x5E1  # the output's shuffle
 
 
-def _range_problems(recipe: Recipe) -> list[str]:
-    less = recipe.select.less
-    checks = [
-        (0 < less.warmup_fraction <= 1, "select.less.warmup_fraction: must be in (0, 1]"),
-        (less.lora_r >= 1, "select.less.lora_r: must be >= 1"),
-        (less.lora_alpha > 0, "select.less.lora_alpha: must be > 0"),
-        (0 <= less.lora_dropout < 1, "select.less.lora_dropout: must be in [0, 1)"),
-        (bool(less.target_modules), "select.less.target_modules: needs module names (e.g. [q_proj, v_proj])"),
-        (less.epochs >= 1, "select.less.epochs: must be >= 1"),
-        (0 < less.lr < 10, "select.less.lr: must be in (0, 10)"),
-        (0 <= less.warmup_ratio < 1, "select.less.warmup_ratio: must be in [0, 1)"),
-        (less.batch_size >= 1, "select.less.batch_size: must be >= 1"),
-        (less.projection_dim >= 1, "select.less.projection_dim: must be >= 1"),
-        (less.micro_batch_size >= 1, "select.less.micro_batch_size: must be >= 1"),
-    ]
-    return [message for ok, message in checks if not ok]
-
-
 def check(recipe: Recipe, where: str | Path, method: str, num_samples: int, output: Path, fmt: str,
           force: bool, scores: Path | None = None) -> None:
     """Every problem of the inputs at once (exit 2), before torch loads: the method, the recipe's select section,
@@ -67,7 +49,9 @@ def check(recipe: Recipe, where: str | Path, method: str, num_samples: int, outp
     manifest = output.with_name(output.stem + ".manifest.json")
     if output.exists() and not output.is_dir() and not force:
         usage.append(f"--output {output}: already exists; pass --force to replace it (and its manifest)")
-    problems = _range_problems(recipe)
+    # the ranges of select.less and select.rho_loss are declared in recipe/schema.py (refused as the recipe loads)
+    problems = ([] if recipe.select.less.target_modules else
+                ["select.less.target_modules: needs module names (e.g. [q_proj, v_proj])"])
     if not recipe.data.sources:
         problems.append("data.sources: select needs the sources to choose records from")
     if not recipe.data.validation:
@@ -119,7 +103,7 @@ def _data_checks(recipe: Recipe, dist: Any) -> None:
     between sources, copies of validation records. A source holding validation records scores high for holding
     them (both methods score against data.validation), so the log names it; select scores every record."""
     from scalebio_cli.data import checks
-    from scalebio_cli.data.read.sources import recipe_sources, validation_sources
+    from scalebio_cli.data.read.expand import recipe_sources, validation_sources
     from scalebio_cli.train import distributed
 
     checks.before_training(recipe, recipe_sources(recipe), {s.key: s for s in validation_sources(recipe).values()},
@@ -162,7 +146,7 @@ def run(recipe: Recipe, method: str, num_samples: int, output: Path, seed: int, 
 
     from scalebio_cli.console import console
     from scalebio_cli.data.out.record_writer import Chosen, write_records
-    from scalebio_cli.data.read.sources import recipe_sources
+    from scalebio_cli.data.read.expand import recipe_sources
     from scalebio_cli.files import write_json
     from scalebio_cli.train import distributed, process
 

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from scalebio_cli.data.read import sources as data_sources
-from scalebio_cli.data.read.sources import DataSource, HFTable
+from scalebio_cli.data.read.sources import DataSource
+from scalebio_cli.data.read.tables import HFTable, plain_file
 from scalebio_cli.errors import InputError, json_error
 from scalebio_cli.files import atomic_path
 
@@ -121,14 +122,14 @@ class RecordReader:
 
 def is_indexed(source: DataSource) -> bool:
     """Whether records are found by position without reading the whole source (see the module docstring)."""
-    plain = data_sources.plain_file(source.spec)
+    plain = plain_file(source.spec)
     return (plain.suffix == ".jsonl") if plain is not None else True
 
 
 def large_source(source: DataSource, records: int, bytes_per_record: int = 100) -> bool:
     """Whether a source may hold `records` records or more, found without parsing it: a plain file by its size
     (at `bytes_per_record`; callers that need the exact count read it next), anything else by its row count."""
-    plain = data_sources.plain_file(source.spec)
+    plain = plain_file(source.spec)
     if plain is not None:
         return plain.stat().st_size >= records * bytes_per_record
     return data_sources.count(source) >= records

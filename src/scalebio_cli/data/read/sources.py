@@ -1,20 +1,18 @@
 """Sources where users keep them: a recipe's source spec (recipe/schema.SourceSpec) as records.
 
-Plain local `.json`/`.jsonl`/`.parquet` files keep records.py's fast streaming readers and their line-numbered
-messages (`file.jsonl:17`). Everything else (a folder laid out like a Hub dataset repository, a configuration of
-one, a glob, a `save_to_disk` folder, `.csv`, `.arrow`, gzip/zstd JSON lines, a Hub id) goes through `datasets`,
-imported only then. On top of either: the column map (`columns`), one value of a `split_by` column, and a seeded
-choice of at most `max_samples` records. A source's records are then the chosen rows, in file order.
+A source's rows come from a table (data/read/tables.py: a plain local file, or a split loaded by data/read/hub.py
+through `datasets`). On top of either: the column map (`columns`), one value of a `split_by` column
+(data/read/expand.py makes one source per value), and a seeded choice of at most `max_samples` records. A source's
+records are then the chosen rows, in file order.
 
 A `DataSource` is recorded in weights.json (`to_record`) so that `sample` and `finetune` read it back the same way
-(`from_record`); its `fingerprint` hashes the underlying files, as the sha256 of a plain file always did.
+(`from_record`; results/weights_file.py `doc_sources`); its `fingerprint` hashes the underlying files, as the sha256
+of a plain file always did.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import glob
 import hashlib
 import json
 import os
@@ -25,16 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from scalebio_cli.data.read import records
+from scalebio_cli.data.read import hub, records
 from scalebio_cli.data.read.records import Example, Turn
+from scalebio_cli.data.read.tables import HFTable, PlainTable, plain_file
 from scalebio_cli.errors import InputError
-from scalebio_cli.files import did_you_mean, file_sha256
 from scalebio_cli.recipe.schema import SourceSpec
 
-COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz")
-BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
-SUPPORTED = (".json", ".jsonl", ".parquet", ".csv", ".arrow", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
-_GLOB = "*?["
 _CHOICE_STREAM = 0x3A5  # max_samples's seeded choice
 
 
@@ -66,181 +60,6 @@ def from_path(key: str, path: str | os.PathLike[str]) -> DataSource:
     return DataSource(key, SourceSpec(str(path)))
 
 
-def suffix(path: str) -> str:
-    """`.jsonl`, or `.jsonl.gz` for a compressed file."""
-    p = Path(path)
-    if p.suffix in COMPRESSIONS:
-        return Path(p.stem).suffix + p.suffix
-    return p.suffix
-
-
-def plain_file(spec: SourceSpec) -> Path | None:
-    """The file, when records.py reads it directly: a local .json/.jsonl/.parquet, no configuration, split train."""
-    p = Path(spec.path)
-    if p.suffix in records.EXTENSIONS and spec.name is None and spec.split in (None, "train") and p.is_file():
-        return p
-    return None
-
-
-def is_hub_id(path: str) -> bool:
-    from scalebio_cli.recipe.load import looks_like_dataset_id
-
-    return looks_like_dataset_id(path) and not Path(path).exists()
-
-
-def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tables: the rows under a source, before split_by and max_samples.
-
-
-class PlainTable:
-    """A local .json/.jsonl/.parquet file, streamed by records.py."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __len__(self) -> int:
-        return records.count_records(self.path)
-
-    def rows(self) -> Iterator[tuple[str, Any]]:
-        return records.iter_records(self.path)
-
-    def column_names(self) -> list[str]:
-        if self.path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return list(pq.ParquetFile(self.path).schema_arrow.names)
-        first = next(iter(self.rows()), (None, None))[1]
-        return sorted(first) if isinstance(first, dict) else []
-
-    def column(self, name: str) -> list[Any]:
-        return [r.get(name) if isinstance(r, dict) else None for _, r in self.rows()]
-
-    def fingerprint(self) -> str:
-        return file_sha256(self.path)
-
-
-class HFTable:
-    """One split of a `datasets.Dataset` (loaded once per process: see `_load`)."""
-
-    def __init__(self, label: str, dataset: Any, files: tuple[str, ...]):
-        self.label, self.dataset, self.files = label, dataset, files
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def rows(self, indices: list[int] | None = None) -> Iterator[tuple[str, Any]]:
-        ds = self.dataset if indices is None else self.dataset.select(indices)
-        for i, row in enumerate(ds):
-            yield f"{self.label} row {i if indices is None else indices[i]}", row
-
-    def column_names(self) -> list[str]:
-        return list(self.dataset.column_names)
-
-    def column(self, name: str) -> list[Any]:
-        return list(self.dataset[name])
-
-    def fingerprint(self) -> str:
-        """The underlying files (name and content); datasets' own fingerprint for a dataset with no local files."""
-        digest = hashlib.sha256()
-        for f in self.files:
-            digest.update(f"{Path(f).name}\0{file_sha256(f)}\0".encode())
-        if not self.files:
-            digest.update(str(self.dataset._fingerprint).encode())
-        return digest.hexdigest()
-
-
-def _local_files(path: str) -> tuple[str, ...]:
-    """The files a local path stands for: the file, a glob's matches, or every file below a folder (hidden
-    folders, e.g. a `.cache`, left out)."""
-    if any(c in path for c in _GLOB):
-        return tuple(sorted(f for f in glob.glob(path, recursive=True) if Path(f).is_file()))
-    p = Path(path)
-    if p.is_file():
-        return (str(p),)
-    if p.is_dir():
-        return tuple(sorted(str(f) for f in p.rglob("*") if f.is_file()
-                            and not any(part.startswith(".") for part in f.relative_to(p).parts)))
-    return ()
-
-
-def _builder(files: tuple[str, ...], where: str) -> str:
-    """The datasets builder for files of one type (compressed JSON lines read as JSON)."""
-    def base(f: str) -> str:
-        p = Path(f)
-        return Path(p.stem).suffix if p.suffix in COMPRESSIONS else p.suffix
-
-    kinds = {BUILDERS.get(base(f)) for f in files}
-    if len(kinds) != 1 or None in kinds:
-        raise InputError(f"{where}: cannot tell how to read {', '.join(files[:3])}: use files of one type "
-                         f"({', '.join(SUPPORTED)})")
-    return kinds.pop()
-
-
-def _datasets() -> Any:
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.utils.logging.set_verbosity_error()
-    return datasets
-
-
-def _load_dict(spec: SourceSpec, key: str) -> tuple[Any, tuple[str, ...]]:
-    """The dataset (a DatasetDict, or a Dataset for a `save_to_disk` folder of one) and its local files."""
-    datasets = _datasets()
-    path = spec.path
-    files = _local_files(path)
-    p = Path(path)
-    try:
-        if p.is_dir() and ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file()):
-            return datasets.load_from_disk(path), files
-        if p.is_dir():
-            return datasets.load_dataset(path, name=spec.name), files
-        if files:  # a file or a glob
-            return datasets.load_dataset(_builder(files, key), data_files=list(files), name=spec.name), files
-        if not is_hub_id(path):
-            raise InputError(f"{key}: file not found: {path}{did_you_mean(path)}")
-        return datasets.load_dataset(path, name=spec.name), ()
-    except InputError:
-        raise
-    except ConnectionError as exc:
-        why = ("the Hub cannot be reached offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set) and it is not in "
-               "the datasets cache" if _offline() else f"the Hub cannot be reached ({exc})")
-        raise InputError(f"{key}: '{path}' is not a local path, so it names a Hub dataset, but {why}; use a local "
-                         "copy (a folder, a file or a save_to_disk folder) or unset HF_HUB_OFFLINE") from None
-    except FileNotFoundError as exc:
-        raise InputError(f"{key}: {path}: {exc}") from None
-    except Exception as exc:  # datasets raises many types (ValueError for a missing configuration, ...)
-        raise InputError(f"{key}: cannot read {path} with datasets: {type(exc).__name__}: {exc}") from None
-
-
-@functools.lru_cache(maxsize=32)
-def _load(path: str, name: str | None, split: str | None, key: str) -> HFTable:
-    """One split of a dataset, loaded once per process (preflight, tokenization and sample all read it)."""
-    spec = SourceSpec(path, name, split)
-    loaded, files = _load_dict(spec, key)
-    split = spec.split or "train"
-    if hasattr(loaded, "keys"):  # a DatasetDict
-        splits = list(loaded.keys())
-        if split not in splits and spec.split is None and len(splits) == 1:
-            split = splits[0]  # one split under another name (e.g. a folder of test-*.parquet only)
-        if split not in splits:
-            raise InputError(f"{key}: split '{split}' not found in {spec.path}; its splits: {', '.join(splits)} "
-                             "(set `split:`)")
-        dataset = loaded[split]
-    else:
-        if spec.split not in (None, "train"):
-            raise InputError(f"{key}: split '{spec.split}' not found in {spec.path}: a save_to_disk folder of one "
-                             "dataset has no splits (leave `split:` out)")
-        dataset = loaded
-    label = spec.path + (f" [{spec.name}]" if spec.name else "") + f" ({split})"
-    return HFTable(label, dataset, files)
-
-
 def open_table(source: DataSource) -> PlainTable | HFTable:
     plain = plain_file(source.spec)
     if plain is not None:
@@ -249,7 +68,7 @@ def open_table(source: DataSource) -> PlainTable | HFTable:
     if p.suffix in records.EXTENSIONS and p.is_file() and source.spec.split not in (None, "train"):
         raise InputError(f"{source.key}: split '{source.spec.split}' not found in {p}; a single file has one split: "
                          "train")
-    return _load(source.spec.path, source.spec.name, source.spec.split, source.key)
+    return hub.load_split(source.spec.path, source.spec.name, source.spec.split, source.key)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -419,55 +238,6 @@ def content_key(source: DataSource, data_sha256: str) -> str:
     return hashlib.sha256(f"{data_sha256}|{how}".encode()).hexdigest()
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# split_by, up-front checks, and what weights.json records.
-
-
-def expand(name: str, spec: SourceSpec, seed: int, key: str | None = None) -> list[DataSource]:
-    """One source, or one per distinct value of `split_by` (named NAME/VALUE, sorted)."""
-    key = key or f"data.sources.{name}"
-    if spec.split_by is None:
-        return [DataSource(key, spec, name, None, seed)]
-    table = open_table(DataSource(key, spec, name))
-    present = table.column_names()
-    if spec.split_by not in present:
-        raise InputError(f"{key}.split_by: column '{spec.split_by}' is not in {spec.path}; its columns: "
-                         f"{', '.join(present)}")
-    values = sorted({value_name(v) for v in table.column(spec.split_by)})
-    if len(values) < 2:
-        raise InputError(f"{key}.split_by: column '{spec.split_by}' of {spec.path} has only "
-                         f"{'the value ' + repr(values[0]) if values else 'no values'}; split_by needs at least two "
-                         "(or drop split_by to use the source whole)")
-    return [DataSource(f"data.sources.{name}/{v}", spec, f"{name}/{v}", v, seed) for v in values]
-
-
-def expand_all(specs: dict[str, SourceSpec], seed: int) -> dict[str, DataSource]:
-    """Every source of a recipe by name, split_by expanded; all problems at once."""
-    out: dict[str, DataSource] = {}
-    problems: list[str] = []
-    for name, spec in specs.items():
-        try:
-            for source in expand(name, spec, seed):
-                out[source.name] = source
-        except InputError as exc:
-            problems += exc.problems
-    if problems:
-        raise InputError(problems)
-    return out
-
-
-def recipe_sources(recipe: Any) -> dict[str, DataSource]:
-    """A recipe's sources by name (split_by expanded)."""
-    return expand_all(recipe.data.sources, recipe.seed)
-
-
-def validation_sources(recipe: Any) -> dict[str, DataSource]:
-    """A recipe's validation sets by name (`validation` for one set written without a name)."""
-    named = recipe.named_validation
-    return {n: DataSource(f"data.validation.{n}" if named else "data.validation", spec, n, None, recipe.seed)
-            for n, spec in recipe.validation_sets().items()}
-
-
 def column_problems(source: DataSource) -> list[str]:
     """Mapped columns that the data does not have (named with the source, the column and the columns present)."""
     columns = source.spec.columns
@@ -496,9 +266,3 @@ def from_record(key: str, path: str, info: Any) -> DataSource:
     value = info.get("value")
     return DataSource(key, spec, str(info.get("name") or ""), None if value is None else str(value),
                       int(info.get("seed") or 0))
-
-
-def doc_sources(doc: dict[str, Any], names: list[str]) -> dict[str, DataSource]:
-    """The sources a weights.json records, read back as the reweight run read them."""
-    return {n: from_record(f"source '{n}'", doc["sources"][n]["path"], doc["sources"][n].get("source"))
-            for n in names}

@@ -24,6 +24,7 @@ import numpy as np
 from scalebio_cli.data.read import sources as data_sources
 from scalebio_cli.data.read.record_reader import large_source, may_read_lazily
 from scalebio_cli.data.read.sources import DataSource
+from scalebio_cli.data.read.tables import plain_file
 from scalebio_cli.data.tokens import token_cache
 from scalebio_cli.data.tokens.encode_chunks import CHUNK, PARALLEL_MIN_RECORDS, default_workers, encode_all
 from scalebio_cli.data.tokens.lazy_tokens import LazyTokens
@@ -187,7 +188,7 @@ def load_tokenized(source: DataSource | str | Path, renderer: Renderer, cache_di
 def _cheap_count(source: DataSource) -> int | None:
     """The records of a source where counting them costs little next to tokenizing them (not a .json array,
     which would be parsed twice), for a progress bar's total."""
-    plain = data_sources.plain_file(source.spec)
+    plain = plain_file(source.spec)
     return None if plain is not None and plain.suffix == ".json" else data_sources.count(source)
 
 
