@@ -6,12 +6,13 @@ every seed. RHO-loss runs with its default settings. Prints a table and replaces
 `<!-- bench_select: begin -->` and `<!-- bench_select: end -->` in docs/benchmarks.md.
 
     python scripts/bench_select.py [--case alpaca|orca] [--per-source 200] [--num-val 100] [--seeds 0 1 2]
-                                   [--methods rho-loss less] [--no-record] [KEY=VALUE ...]   (recipe overrides)
+                                   [--methods rho-loss less] [--work DIR] [--no-record] [KEY=VALUE ...]  (overrides)
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -63,6 +64,17 @@ def run_select(recipe: Path, method: str, n: int, out: Path, seed: int, override
     return json.loads(out.with_name(out.stem + ".manifest.json").read_text()), time.perf_counter() - start
 
 
+def reused(out: Path, key: dict) -> tuple[dict, float] | None:
+    """A finished selection in --work made from the same data, size, seed and settings (its key file says so), with
+    the seconds it took then; None otherwise."""
+    key_file, manifest = out.with_name(out.stem + ".key.json"), out.with_name(out.stem + ".manifest.json")
+    if not (key_file.is_file() and manifest.is_file() and out.is_file()):
+        return None
+    recorded = json.loads(key_file.read_text())
+    seconds = recorded.pop("seconds")
+    return (json.loads(manifest.read_text()), seconds) if recorded == json.loads(json.dumps(key)) else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=("alpaca", "orca"), default="alpaca")
@@ -72,9 +84,11 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["rho-loss", "less"], choices=("rho-loss", "less"))
     parser.add_argument("--max-chars", type=int, default=600, help="orca: question + answer shorter than this")
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--work", type=Path, help="keep the runs here and reuse a finished selection whose data, "
+                        "size, seed and settings match (default: a new temporary folder)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-select-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-select-"))
     n = args.per_source  # a third of the pool
     rows, failed, shares = [], [], {m: [] for m in args.methods}
     for seed in args.seeds:
@@ -88,8 +102,12 @@ def main() -> None:
                           "validation": str(paths["val"])}
         (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
         for method in args.methods:
-            manifest, seconds = run_select(folder / "recipe.yaml", method, n, folder / f"{method}.jsonl", seed,
-                                           args.overrides)
+            out = folder / f"{method}.jsonl"
+            key = {"data": {k: hashlib.sha256(Path(v).read_bytes()).hexdigest() for k, v in paths.items()},
+                   "method": method, "n": n, "seed": seed, "overrides": args.overrides, "recipe": RECIPE}
+            manifest, seconds = reused(out, key) or run_select(folder / "recipe.yaml", method, n, out, seed,
+                                                               args.overrides)
+            out.with_name(out.stem + ".key.json").write_text(json.dumps({**key, "seconds": seconds}))
             counts, share = manifest["counts"], manifest["counts"]["clean"] / n
             shares[method].append(share)
             fit = manifest["settings"].get("irreducible")
