@@ -216,14 +216,16 @@ def _fake_stages(calls: list[str], fail: str | None = None) -> SimpleNamespace:
 def test_an_interrupted_then_changed_cell_is_never_mislabelled(files: Path, tmp_path: Path, where: str) -> None:
     """Interrupted during its fine-tuning, the cell reruns under new settings from scratch (never resumed); during
     its evaluation (fine-tuning finished), a rerun under new settings is refused: the model is the old settings'."""
+    from scalebio_cli.comparing.cells import Comparison
+    from scalebio_cli.comparing.mixes import Mix
     from scalebio_cli.errors import InputError
     from scalebio_cli.recipe import load_recipe
     from scalebio_cli.stages import compare
 
-    def comparison(lr: str, force: bool = False) -> compare.Comparison:
+    def comparison(lr: str, force: bool = False) -> Comparison:
         recipe = load_recipe(files / "recipe.yaml", [f"finetune.lr={lr}"])
-        return compare.Comparison(recipe, {"uniform": compare.Mix("uniform", "uniform", "uniform")},
-                                  {"test": str(files / "test.jsonl")}, 8, [0], tmp_path / "out", force=force)
+        return Comparison(recipe, {"uniform": Mix("uniform", "uniform", "uniform")},
+                          {"test": str(files / "test.jsonl")}, 8, [0], tmp_path / "out", force=force)
 
     calls: list[str] = []
     with pytest.raises(KeyboardInterrupt):
@@ -244,13 +246,15 @@ def test_an_interrupted_then_changed_cell_is_never_mislabelled(files: Path, tmp_
 
 
 def test_match_tokens_gives_every_mix_the_same_tokens(files: Path, tmp_path: Path) -> None:
+    from scalebio_cli.comparing.cells import Comparison
+    from scalebio_cli.comparing.mixes import parse_mixes
     from scalebio_cli.recipe import load_recipe
     from scalebio_cli.stages import compare
 
     recipe = load_recipe(files / "recipe.yaml", [])
-    mixes = compare.parse_mixes(["uniform", "solo=source:offtopic"])
-    c = compare.Comparison(recipe, mixes, {"test": str(files / "test.jsonl")}, 12, [0, 1], tmp_path / "out",
-                           match="tokens")
+    mixes = parse_mixes(["uniform", "solo=source:offtopic"])
+    c = Comparison(recipe, mixes, {"test": str(files / "test.jsonl")}, 12, [0, 1], tmp_path / "out",
+                   match="tokens")
     doc = json.loads(compare.run(c, _fake_stages([])).read_text())
     cells = tmp_path / "out" / "cells"
     for seed in (0, 1):
@@ -314,6 +318,8 @@ def test_a_signal_during_a_cells_last_step_stops_before_the_next_cell(files: Pat
     out); the finished cell is kept for the rerun."""
     import signal
 
+    from scalebio_cli.comparing.cells import Comparison
+    from scalebio_cli.comparing.mixes import Mix
     from scalebio_cli.errors import TrainingStopped
     from scalebio_cli.recipe import load_recipe
     from scalebio_cli.stages import compare
@@ -332,8 +338,8 @@ def test_a_signal_during_a_cells_last_step_stops_before_the_next_cell(files: Pat
 
     stages.finetune = SimpleNamespace(run=finetune)
     recipe = load_recipe(files / "recipe.yaml", [])
-    mix = compare.Mix("file", str(files / "big.jsonl"), "file")
-    c = compare.Comparison(recipe, {"file": mix}, {"test": str(files / "test.jsonl")}, 8, [0, 1], tmp_path / "out")
+    mix = Mix("file", str(files / "big.jsonl"), "file")
+    c = Comparison(recipe, {"file": mix}, {"test": str(files / "test.jsonl")}, 8, [0, 1], tmp_path / "out")
     with pytest.raises(TrainingStopped, match="after 1 of 2 cells") as stopped:
         compare.run(c, stages)
     assert stopped.value.signal == "SIGTERM" and len(calls) == 1

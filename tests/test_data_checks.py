@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import invoke, write_recipe
-from scalebio_cli.data import checks
+from scalebio_cli.data import checks, near_copies
+from scalebio_cli.data.checks_report import reweight_draws
 from scalebio_cli.data.read.sources import from_path
 
 WORDS = [f"w{i}" for i in range(400)] + ["apples", "trains", "sum", "total", "how", "many", "ratio", "left"]
@@ -80,7 +81,7 @@ def test_word_3grams_are_those_of_a_plain_reading() -> None:
     texts = ["", "one", "a b", "what is 3+4=7 ?", "héllo wörld 你好 , x_y", "one two three four one two three"]
     texts += [" ".join(rng.choice(["a", "b", "c", "d", "1", "+", "=", "é"]) for _ in range(rng.randint(1, 30)))
               for _ in range(200)]
-    sets = checks._split(*checks.chunk_shingles(texts), len(texts))
+    sets = near_copies.split_sets(*near_copies.chunk_shingles(texts), len(texts))
 
     def grams(text: str) -> set:
         w = word.findall(text)
@@ -91,7 +92,7 @@ def test_word_3grams_are_those_of_a_plain_reading() -> None:
     for i in range(0, len(texts) - 1, 7):
         union = plain[i] | plain[i + 1]
         expected = len(plain[i] & plain[i + 1]) / len(union) if union else 1.0
-        assert checks.jaccard(sets[i], sets[i + 1]) == pytest.approx(expected)
+        assert near_copies.jaccard(sets[i], sets[i + 1]) == pytest.approx(expected)
 
 
 def test_texts_compare_by_turns_without_case_or_spacing() -> None:
@@ -99,8 +100,8 @@ def test_texts_compare_by_turns_without_case_or_spacing() -> None:
 
     a = [Turn("user", "What  is 2+2?"), Turn("assistant", "4\n")]
     b = [Turn("user", "what is\t2+2?"), Turn("assistant", " 4")]
-    assert checks.record_text(a) == checks.record_text(b) == "user: what is 2+2? assistant: 4"
-    assert checks.record_text(a) != checks.record_text([Turn("assistant", "What is 2+2?"), Turn("user", "4")])
+    assert near_copies.record_text(a) == near_copies.record_text(b) == "user: what is 2+2? assistant: 4"
+    assert near_copies.record_text(a) != near_copies.record_text([Turn("assistant", "What is 2+2?"), Turn("user", "4")])
 
 
 # -- the checks, as any stage calls them --------------------------------------------------------------------------
@@ -171,8 +172,8 @@ def test_decontamination_that_leaves_a_source_empty_is_refused(leaky: dict[str, 
 
 
 def test_draws_split_by_composition() -> None:
-    balanced = checks.reweight_draws(100, 24, "balanced", {"a": 10, "b": 30})
-    pooled = checks.reweight_draws(100, 24, "pooled", {"a": 10, "b": 30})
+    balanced = reweight_draws(100, 24, "balanced", {"a": 10, "b": 30})
+    pooled = reweight_draws(100, 24, "pooled", {"a": 10, "b": 30})
     assert balanced.per_step == {"a": 12, "b": 12} and pooled.per_step == {"a": 6, "b": 18}
 
 

@@ -524,13 +524,15 @@ def compare(
     """
 
     def body() -> Path:
+        from scalebio_cli.comparing.cells import Comparison
+        from scalebio_cli.comparing.mixes import parse_mixes
         from scalebio_cli.recipe import load_recipe
         from scalebio_cli.stages import compare as stage
 
         extra = [o for o in overrides or [] if o.lstrip("-").isdigit()]
         recipe = load_recipe(config, [o for o in overrides or [] if o not in extra])
         seed_list = _seed_list(seeds or [], extra) if seeds or extra else [0, 1, 2]
-        mixes = stage.parse_mixes(mix)
+        mixes = parse_mixes(mix)
         tests = _parse_named_files(test, "--test")
         out = output.resolve()
         stage.check(recipe, config, mixes, tests, num_samples, seed_list, out, baseline, match)
@@ -540,8 +542,8 @@ def compare(
         from scalebio_cli.stages import sample as sample_stage
 
         out.mkdir(parents=True, exist_ok=True)
-        comparison = stage.Comparison(recipe, mixes, tests, num_samples, seed_list, out, generate, max_new_tokens,
-                                      force, baseline, match)
+        comparison = Comparison(recipe, mixes, tests, num_samples, seed_list, out, generate, max_new_tokens,
+                                force, baseline, match)
         with run_folder.locked(out / run_folder.LOCK_NAME, "scalebio compare"):
             return stage.run(comparison, stage.Stages(sample_stage, finetune_stage, eval_stage))
 

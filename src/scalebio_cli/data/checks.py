@@ -15,221 +15,27 @@ A record's text is its turns, `role: content`, lower-cased with runs of whitespa
 is trained and scored on, whatever the file format. Exact matches compare 64-bit hashes of it; a source costs
 8 bytes a record, so pools of millions of records fit, read as a stream.
 
-Near duplicates: MinHash LSH from `datasketch` over the set of word 3-grams (words and punctuation marks), then the
-exact Jaccard similarity of each candidate pair, kept at >= NEAR_JACCARD. Why MinHash rather than the n-gram overlap
-of decontamination tools (a shared 13-gram flags a record): short records (a math question is 30-60 words) share
-13-grams only when copied almost whole, while boilerplate shared by every record of a template shares them
-everywhere; a similarity of the whole record says "nearly the same record", which is what a leak is. A record can
-be that similar to a reference record only if at least NEAR_JACCARD of its 3-grams occur in some reference record,
-so that cheap test (hashes against one sorted array) picks the few records worth a MinHash.
+Text, hashes and near copies: data/near_copies.py; the log's lines: data/checks_report.py; what a stage
+calls (before_training, for_reweight): data/stage_checks.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from scalebio_cli.data.checks_report import Draws, Report, findings, print_report
+from scalebio_cli.data.near_copies import NEAR_JACCARD, References, distinct, exact_hash, text_chunks
 from scalebio_cli.data.read import sources as data_sources
-from scalebio_cli.data.read.records import Example
 from scalebio_cli.data.read.sources import DataSource
 from scalebio_cli.errors import InputError
 
-NEAR_JACCARD = 0.7  # word 3-gram Jaccard similarity from which a record counts as a near copy
-SHINGLE = 3  # words per shingle
-NUM_PERM = 128  # MinHash permutations
-# LSH finds candidates from a lower similarity on (then checked exactly): at NEAR_JACCARD its recall is ~99%
-LSH_THRESHOLD = 0.5
-CHUNK = 2048  # records hashed at a time
 CHECKS_VERSION = "1"  # bump when what a scan computes changes (cache entries of another version are not read)
-_MASK32 = np.uint64(0xFFFFFFFF)
-
-Log = Callable[[str], None]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Text and hashes.
-
-
-def record_text(example: Example) -> str:
-    """The text a record is compared by: its turns as `role: content`, lower-cased, whitespace runs as one space."""
-    text = example if isinstance(example, str) else "\n".join(f"{t.role}: {t.content}" for t in example)
-    return " ".join(text.lower().split())
-
-
-def exact_hash(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
-
-
-_P = 0x100000001B3  # FNV-64 prime (odd, so invertible modulo 2**64)
-_P_INV = pow(_P, -1, 2**64)
-_WORD_BYTES = np.zeros(256, dtype=bool)
-for _c in b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_":
-    _WORD_BYTES[_c] = True
-_WORD_BYTES[0x80:] = True  # bytes of non-ASCII characters: letters of other scripts (\w), taken whole
-_SPACE_BYTES = np.zeros(256, dtype=bool)
-_SPACE_BYTES[list(b" \t\n\r\x0b\x0c")] = True
-
-
-def _powers(base: int, n: int) -> np.ndarray:
-    """base**0 .. base**(n-1) modulo 2**64 (numpy's uint64 products wrap)."""
-    out = np.full(n, base, dtype=np.uint64)
-    out[0] = 1
-    return np.cumprod(out, dtype=np.uint64)
-
-
-def _mix(h: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: every input bit moves about half the output bits."""
-    h = h ^ (h >> np.uint64(30))
-    h = h * np.uint64(0xBF58476D1CE4E5B9)
-    h = h ^ (h >> np.uint64(27))
-    h = h * np.uint64(0x94D049BB133111EB)
-    return h ^ (h >> np.uint64(31))
-
-
-def chunk_shingles(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct word 3-gram hashes of each text, as `(record, shingle)` pairs sorted by record then hash.
-
-    Words are runs of letters, digits and `_` (any non-ASCII character counts as a letter), and every other
-    non-space character is a word of its own (`3+4=7` is five words). Computed over the whole chunk at once with
-    numpy (a word's hash from prefix sums of a polynomial hash of the bytes), so a million records take about a
-    minute; deterministic, so every process of a run flags the same records. A text of fewer than three words is
-    one shingle of them all."""
-    if not texts:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
-    data = np.frombuffer("\n".join(texts).encode(), dtype=np.uint8)
-    starts_of = np.cumsum([0] + [len(t.encode()) + 1 for t in texts])[:-1]  # byte offset of each text
-    word, space = _WORD_BYTES[data], _SPACE_BYTES[data]
-    punct = ~word & ~space
-    prev_word = np.concatenate([[False], word[:-1]])
-    next_word = np.concatenate([word[1:], [False]])
-    starts = np.flatnonzero((word & ~prev_word) | punct)
-    ends = np.flatnonzero((word & ~next_word) | punct) + 1
-    if not len(starts):
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
-    # hash of bytes [s, e) = (prefix[e] - prefix[s]) * P^-s, with prefix[i] = sum_{k<i} (byte_k + 1) * P^k
-    zero = np.zeros(SHINGLE, dtype=np.uint64)  # (a plain 0 would turn uint64 arrays into float64 when joined)
-    prefix = np.concatenate([zero[:1], np.cumsum((data.astype(np.uint64) + np.uint64(1)) * _powers(_P, len(data)),
-                                                 dtype=np.uint64)])
-    words = (prefix[ends] - prefix[starts]) * _powers(_P_INV, len(data) + 1)[starts]
-    record = np.searchsorted(starts_of, starts, side="right") - 1
-    same1 = np.concatenate([record[1:] == record[:-1], [False]])
-    same2 = np.concatenate([record[2:] == record[:-2], [False, False]])
-    w1 = np.where(same1, np.concatenate([words[1:], zero[:1]]), zero[0])
-    w2 = np.where(same2, np.concatenate([words[2:], zero[:2]]), zero[0])
-    first = np.concatenate([[True], record[1:] != record[:-1]])
-    short = np.bincount(record, minlength=len(texts))[record] < SHINGLE
-    keep = same2 | (short & first)
-    shingle = _mix(_mix(_mix(words) + w1) + w2)[keep] & _MASK32
-    pairs = distinct((record[keep].astype(np.uint64) << np.uint64(32)) | shingle)
-    return (pairs >> np.uint64(32)).astype(np.int64), pairs & _MASK32
-
-
-def distinct(values: np.ndarray) -> np.ndarray:
-    """Sorted distinct values (by sorting: numpy 2's hash-based np.unique is several times slower on hashes)."""
-    values = np.sort(values)
-    return values[np.concatenate([[True], values[1:] != values[:-1]])] if len(values) else values
-
-
-def _split(record: np.ndarray, shingles: np.ndarray, count: int) -> list[np.ndarray]:
-    """Each record's shingle set, from chunk_shingles's pairs."""
-    bounds = np.searchsorted(record, np.arange(count + 1))
-    return [shingles[bounds[i]:bounds[i + 1]] for i in range(count)]
-
-
-def _identity(value: int) -> int:
-    return value
-
-
-def _minhashes(shingle_sets: Iterable[np.ndarray]) -> Iterator[Any]:
-    from datasketch import MinHash
-
-    return MinHash.generator((s.tolist() for s in shingle_sets), num_perm=NUM_PERM, seed=1, hashfunc=_identity)
-
-
-def jaccard(a: np.ndarray, b: np.ndarray) -> float:
-    """Of two sorted sets of distinct hashes."""
-    if not len(a) and not len(b):
-        return 1.0
-    both = len(np.intersect1d(a, b, assume_unique=True))
-    return both / (len(a) + len(b) - both)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The reference sets (validation, test): small, held whole.
-
-
-class References:
-    """Every record of the validation (and test) sets: exact hashes, 3-gram sets, and an LSH index of them."""
-
-    def __init__(self, refs: dict[str, DataSource]):
-        self.names = list(refs)
-        exact: dict[int, int] = {}  # hash -> the first set holding it
-        self.shingle_sets: list[np.ndarray] = []
-        self.set_of: list[int] = []  # reference record -> its set
-        for j, source in enumerate(refs.values()):
-            for texts in _chunks(source):
-                for text in texts:
-                    exact.setdefault(exact_hash(text), j)
-                self.shingle_sets += _split(*chunk_shingles(texts), len(texts))
-                self.set_of += [j] * len(texts)
-        self.exact = np.fromiter(sorted(exact), dtype=np.uint64, count=len(exact))
-        self.exact_set = np.asarray([exact[int(h)] for h in self.exact], dtype=np.int64)
-        self.union = (distinct(np.concatenate(self.shingle_sets)) if self.shingle_sets
-                      else np.zeros(0, dtype=np.uint64))
-
-    @functools.cached_property
-    def lsh(self) -> Any:
-        """The LSH index of the reference records (built on first use: a source whose scan is cached needs none, nor
-        datasketch's ~3 s import)."""
-        from datasketch import MinHashLSH
-
-        lsh = MinHashLSH(threshold=LSH_THRESHOLD, num_perm=NUM_PERM, weights=(0.3, 0.7))
-        for i, m in enumerate(_minhashes(self.shingle_sets)):
-            lsh.insert(i, m, check_duplication=False)
-        return lsh
-
-    def exact_match(self, hashes: np.ndarray) -> np.ndarray:
-        """For each hash, the reference set holding that text, or -1."""
-        if not len(self.exact):
-            return np.full(len(hashes), -1, dtype=np.int64)
-        at = np.minimum(np.searchsorted(self.exact, hashes), len(self.exact) - 1)
-        return np.where(self.exact[at] == hashes, self.exact_set[at], -1)
-
-    def near_matches(self, texts: list[str], eligible: np.ndarray) -> list[tuple[int, int]]:
-        """`(i, reference set)` for each eligible text that nearly copies a reference record: Jaccard of 3-gram sets
-        >= NEAR_JACCARD with the most similar LSH candidate. Only texts with that share of their 3-grams among the
-        references' get a MinHash (Jaccard(A, B) >= t needs |A & B| >= t |A|)."""
-        if not len(self.union):
-            return []
-        record, shingles = chunk_shingles(texts)
-        at = np.minimum(np.searchsorted(self.union, shingles), len(self.union) - 1)
-        inside = np.bincount(record, weights=self.union[at] == shingles, minlength=len(texts))
-        total = np.bincount(record, minlength=len(texts))
-        share = np.divide(inside, total, out=np.zeros(len(texts)), where=total > 0)
-        candidates = np.flatnonzero(eligible & (share >= NEAR_JACCARD)).tolist()
-        if not candidates:
-            return []
-        sets = _split(record, shingles, len(texts))
-        out = []
-        for i, minhash in zip(candidates, _minhashes(sets[i] for i in candidates)):
-            best, best_set = NEAR_JACCARD, -1
-            for r in self.lsh.query(minhash):
-                similarity = jaccard(sets[i], self.shingle_sets[r])
-                if similarity >= best:
-                    best, best_set = similarity, self.set_of[r]
-            if best_set >= 0:
-                out.append((i, best_set))
-        return out
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(self.exact.tobytes() + self.union.tobytes()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,24 +56,13 @@ class Scan:
     ARRAYS = ("hashes", "exact_pos", "exact_set", "near_pos", "near_set")
 
 
-def _chunks(source: DataSource) -> Iterator[list[str]]:
-    texts: list[str] = []
-    for _, example in data_sources.iter_examples(source):
-        texts.append(record_text(example))
-        if len(texts) >= CHUNK:
-            yield texts
-            texts = []
-    if texts:
-        yield texts
-
-
 def scan(source: DataSource, refs: References) -> Scan:
     """Stream over the source's records: hashes, exact copies of reference records, then near copies among the
     records whose 3-grams lie mostly (>= NEAR_JACCARD) in the references' (the only ones that can be near)."""
     hashes: list[np.ndarray] = []
     exact_pos, exact_set, near_pos, near_set = [], [], [], []
     start = 0
-    for texts in _chunks(source):
+    for texts in text_chunks(source):
         h = np.fromiter((exact_hash(t) for t in texts), dtype=np.uint64, count=len(texts))
         hashes.append(h)
         found = refs.exact_match(h)
@@ -360,39 +155,6 @@ def summarise(scans: dict[str, Scan], ref_names: list[str], decontaminate: bool)
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# What a stage calls.
-
-
-@dataclass(frozen=True)
-class Draws:
-    """What a run draws from each source: `per_step[NAME]` records a step (on average) over `steps` steps."""
-
-    stage: str
-    steps: int
-    per_step: dict[str, float]
-
-
-def reweight_draws(steps: int, batch_size: int, composition: str, sizes: dict[str, int]) -> Draws:
-    """reweight's draws: batch_size a step, split evenly over the sources (`balanced`) or by their sizes
-    (`pooled`)."""
-    total = sum(sizes.values()) or 1
-    share = {n: (1 / len(sizes) if composition == "balanced" else size / total) for n, size in sizes.items()}
-    return Draws("reweight", steps, {n: batch_size * s for n, s in share.items()})
-
-
-Report = Callable[[str, str], None]  # (level: info | warning | leak, markup-safe text)
-
-
-def print_report(level: str, text: str) -> None:
-    """The log's lines: overlap with a validation or test set in red (it decides what the weights measure)."""
-    from scalebio_cli.console import console
-
-    style = {"info": "[dim]checks[/]", "warning": "[bold yellow]warning:[/]",
-             "leak": "[bold red]warning: validation data in a source:[/]"}[level]
-    console.print(f"{style} {text}")
-
-
 @dataclass
 class DataChecks:
     """The checks of a run's sources: per source (weights.json) and the records `data.decontaminate` leaves out."""
@@ -431,12 +193,6 @@ class WithoutRecords:
         return getattr(self._data, name)
 
 
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
-
-
 def check_sources(sources: dict[str, DataSource], references: dict[str, DataSource], *,
                   decontaminate: bool = False, draws: Draws | None = None, cache_dir: str | Path | None = None,
                   fingerprints: dict[str, str] | None = None, report: Report | None = print_report,
@@ -460,68 +216,3 @@ def check_sources(sources: dict[str, DataSource], references: dict[str, DataSour
         for level, line in findings(result, draws):
             report(level, line)
     return result
-
-
-def findings(checks: DataChecks, draws: Draws | None) -> list[tuple[str, str]]:
-    """The log's lines about the checks, `(level, markup-safe text)`: leaks first."""
-    leaks, warnings, infos = [], [], []
-    for name, c in checks.by_source.items():
-        for ref, (exact, near) in c.overlap_by_set.items():
-            fix = ("dropped (data.decontaminate: true)" if checks.decontaminate
-                   else f"{checks.keeps_all} uses every record; remove them from the source (reweight drops them "
-                   "with data.decontaminate: true)" if checks.keeps_all
-                   else "set data.decontaminate: true to drop them")
-            held = " and ".join(([f"{exact:,} records of {ref} verbatim"] if exact else [])
-                                + ([f"{near:,} near copies of its records (word 3-gram Jaccard >= {NEAR_JACCARD})"]
-                                   if near else []))
-            leaks.append(f"source '{name}' holds {held}: a method that lowers the loss on {ref} favours '{name}' "
-                         f"for holding them, not for its quality; {fix}")
-        usable = c.records - c.dropped
-        drawn = draws.per_step.get(name, 0.0) * draws.steps if draws is not None else 0.0
-        if draws is not None and usable < drawn:
-            warnings.append(f"source '{name}' has {usable:,} records, fewer than the ~{drawn:,.0f} {draws.stage} "
-                            f"draws from it ({draws.steps:,} steps x {draws.per_step[name]:.3g} a step): each record "
-                            f"is seen ~{drawn / max(usable, 1):.1f} times, so its loss tells how well it is "
-                            "memorised more than what it teaches; add records or merge it with a like source")
-        parts = ([f"{c.duplicates:,} of {c.records:,} records repeat another of the source"] if c.duplicates else [])
-        parts += [f"{n:,} records also in '{other}'" for other, n in c.shared_with.items()]
-        if parts:
-            infos.append(f"{name}: {'; '.join(parts)}")
-    if not leaks and not infos:
-        refs = ", ".join(checks.references) or "no validation set"
-        infos.append(f"no duplicates, no record shared between sources, none of {refs} in a source")
-    return [("leak", _escape(t)) for t in leaks] + [("warning", _escape(t)) for t in warnings] + \
-        [("info", _escape(t)) for t in infos]
-
-
-
-def before_training(recipe: Any, sources: dict[str, DataSource], references: dict[str, DataSource], *,
-                    draws: Draws | None = None, fingerprints: dict[str, str] | None = None, is_main: bool = True,
-                    barrier: Callable[[], None] = lambda: None, keeps_all: str | None = None) -> DataChecks:
-    """What a stage calls before it trains (reweight; select, compare, group alike): `check_sources` with the
-    recipe's `data.decontaminate` and cache, the main process first (it logs and fills the cache), then the others,
-    silently, from the cache. `references`: the validation sets and any test files, by the label the log gives
-    them (e.g. `data.validation`, `test set 'gsm8k'`). `keeps_all`: the name of a stage that drops nothing
-    (select, compare, group): `data.decontaminate` is reweight's, so the log tells to remove the copies instead."""
-    result: DataChecks | None = None
-    decontaminate = recipe.data.decontaminate and keeps_all is None
-    for main_turn in (True, False):
-        if main_turn == is_main:
-            result = check_sources(sources, references, decontaminate=decontaminate, draws=draws,
-                                   cache_dir=recipe.data.cache_dir, fingerprints=fingerprints,
-                                   report=print_report if is_main else None, keeps_all=keeps_all)
-        barrier()
-    assert result is not None
-    return result
-
-
-def for_reweight(recipe: Any, data: Any, is_main: bool = True,
-                 barrier: Callable[[], None] = lambda: None) -> DataChecks:
-    """reweight's checks (`data`: stages/reweight.RunData): its sources against its validation sets, with the
-    draws of its steps and batches."""
-    cfg = recipe.reweight
-    draws = reweight_draws(cfg.steps, cfg.batch_size, cfg.batch_composition,
-                           {n: d.num_records for n, d in zip(data.sources, data.source_data)})
-    fingerprints = {s.key: d.sha256 for s, d in zip(data.sources.values(), data.source_data)}
-    return before_training(recipe, data.sources, {s.key: s for s in data.vals.values()}, draws=draws,
-                           fingerprints=fingerprints, is_main=is_main, barrier=barrier)

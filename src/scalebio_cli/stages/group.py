@@ -239,12 +239,13 @@ def _data_checks(recipe: Recipe, dist: Any) -> None:
     """The data checks every stage runs first (data/checks.py): duplicates, records shared between sources, copies
     of validation records, in the log. group writes every record whatever they find (reweight drops leaks later,
     with data.decontaminate: true)."""
-    from scalebio_cli.data import checks
+    from scalebio_cli.data import stage_checks
     from scalebio_cli.data.read.expand import recipe_sources, validation_sources
     from scalebio_cli.train import distributed
 
-    checks.before_training(recipe, recipe_sources(recipe), {s.key: s for s in validation_sources(recipe).values()},
-                           is_main=dist.is_main, barrier=lambda: distributed.barrier(dist), keeps_all="group")
+    references = {s.key: s for s in validation_sources(recipe).values()}
+    stage_checks.before_training(recipe, recipe_sources(recipe), references,
+                                 is_main=dist.is_main, barrier=lambda: distributed.barrier(dist), keeps_all="group")
 
 
 def run(recipe: Recipe, k_option: str | None, output: Path, fmt: str) -> dict[str, Any] | None:

@@ -17,9 +17,10 @@ import torch
 from rich.markup import escape
 
 from scalebio_cli.console import console, format_evidence, format_weights, step_progress
-from scalebio_cli.data import checks as data_checks
+from scalebio_cli.data import stage_checks
 from scalebio_cli.data.batch_plan import BatchPlan, StepBatches
 from scalebio_cli.data.batching import Prefetcher, num_micro_batches
+from scalebio_cli.data.checks import DataChecks
 from scalebio_cli.data.read import hub
 from scalebio_cli.data.read import sources as data_sources
 from scalebio_cli.data.read.expand import recipe_sources, validation_sources
@@ -97,7 +98,7 @@ class Reweighting:
     start: int = 0
     trajectory: list[dict[str, Any]] = field(default_factory=list)
     weights_sum: torch.Tensor | None = None  # sum of s over the second half (weights_averaged)
-    checks: data_checks.DataChecks | None = None  # duplicates, overlap with validation (weights.json)
+    checks: DataChecks | None = None  # duplicates, overlap with validation (weights.json)
     placebo: Placebo | None = None  # reweight.placebo: the control source, last in `names`
 
     @property
@@ -140,7 +141,7 @@ def setup(recipe: Recipe, dist: distributed.DistInfo, start_from: Path | None, f
     tokenizer = load_tokenizer(recipe.tokenizer_path, recipe.trust_remote_code,
                                recipe.data.chat_template)
     data = load_data(recipe, Renderer(tokenizer, recipe.data.max_length), dist)
-    checks = data_checks.for_reweight(recipe, data, dist.is_main, lambda: distributed.barrier(dist))
+    checks = stage_checks.for_reweight(recipe, data, dist.is_main, lambda: distributed.barrier(dist))
     names, sources = list(data.sources), [checks.without_dropped(n, d) for n, d in zip(data.sources, data.source_data)]
     control_source = None
     if cfg.placebo:  # a random half of the largest source as a source of its own: the run's noise floor

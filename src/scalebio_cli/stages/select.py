@@ -102,12 +102,13 @@ def _data_checks(recipe: Recipe, dist: Any) -> None:
     """The data checks every stage runs first (data/checks.py), the main process logging: duplicates, records shared
     between sources, copies of validation records. A source holding validation records scores high for holding
     them (both methods score against data.validation), so the log names it; select scores every record."""
-    from scalebio_cli.data import checks
+    from scalebio_cli.data import stage_checks
     from scalebio_cli.data.read.expand import recipe_sources, validation_sources
     from scalebio_cli.train import distributed
 
-    checks.before_training(recipe, recipe_sources(recipe), {s.key: s for s in validation_sources(recipe).values()},
-                           is_main=dist.is_main, barrier=lambda: distributed.barrier(dist), keeps_all="select")
+    references = {s.key: s for s in validation_sources(recipe).values()}
+    stage_checks.before_training(recipe, recipe_sources(recipe), references,
+                                 is_main=dist.is_main, barrier=lambda: distributed.barrier(dist), keeps_all="select")
 
 
 def _score(recipe: Recipe, method: str, num_samples: int, seed: int) -> tuple[Any, dict[str, np.ndarray],

@@ -1,0 +1,1 @@
+"""Mixtures compared as a paired experiment (`scalebio compare`): mixes, cells and their keys, cost, the summary."""
