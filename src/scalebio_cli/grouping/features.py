@@ -13,8 +13,6 @@ whichever process takes it, so 1 and N processes give the same features. The mai
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,24 +45,12 @@ class Features:
     example: np.ndarray  # [n] int64: example index within its source
 
 
-def model_fingerprint(path: str) -> str:
-    """The model's files as they are (config contents; every other file's name, size and modification time): a
-    changed or replaced checkpoint is a new model, without hashing gigabytes."""
-    p = Path(path)
-    digest = hashlib.sha256(str(p.resolve() if p.exists() else path).encode())
-    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
-    for f in files:
-        stat = f.stat()
-        digest.update(f.read_bytes() if f.name == "config.json" else f"{f.name}|{stat.st_size}|{stat.st_mtime_ns}"
-                      .encode())
-    return digest.hexdigest()
+def cache_folder(key: dict[str, Any], cache_dir: str | None) -> Path:
+    """CACHE/group-features/DIGEST: the digest of the features' key (results/reuse.py: the sources and the model by
+    content, and the settings)."""
+    from scalebio_cli.results import reuse
 
-
-def cache_folder(settings: dict[str, Any], cache_dir: str | None) -> Path:
-    """CACHE/group-features/KEY: KEY hashes everything the features depend on (`settings`)."""
-    key = hashlib.sha256(json.dumps({**settings, "version": FEATURE_VERSION}, sort_keys=True,
-                                    default=str).encode()).hexdigest()[:24]
-    return Path(cache_dir or default_cache_dir()) / "group-features" / key
+    return Path(cache_dir or default_cache_dir()) / "group-features" / reuse.digest(key, 24)
 
 
 def items_of(datas: list[TokenizedData]) -> list[Item]:

@@ -3,6 +3,9 @@ the model's and tokenizer's files) and its resolved settings. Finished work is r
 recorded equals the key of what it would read now, so a file rewritten at the same path is never taken for the
 old one (paths and modification times say nothing about contents).
 
+Every reuse keys this way: compare's cells, select's work folders (selection/rho_loss.py, selection/less.py) and
+group's feature cache (stages/group.py) name their folders by `digest` of such a key.
+
 `finetuned` is the one "fine-tune this record file into this folder, reuse if done" helper: `compare` uses it for
 every cell, and anything else that trains a model on a file it wrote (RHO-loss's irreducible-loss model) can.
 The finetune stage is handed in (stages never import each other).
@@ -53,6 +56,14 @@ def make_key(inputs: Mapping[str, str], settings: Mapping[str, Any]) -> dict[str
     """A key: {"inputs": {label: sha256}, "settings": {...}} (settings JSON-normalised, so a recorded key read
     back compares equal)."""
     return json.loads(json.dumps({"inputs": dict(inputs), "settings": dict(settings)}, sort_keys=True, default=str))
+
+
+def digest(key: Mapping[str, Any], length: int = 12) -> str:
+    """A short name for a key (a cache or work folder's): the start of the sha256 of its JSON."""
+    import hashlib
+
+    text = json.dumps(make_key(key["inputs"], key["settings"]), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

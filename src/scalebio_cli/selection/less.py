@@ -33,6 +33,7 @@ from scalebio_cli.data.batching import micro_batches, response_token_count
 from scalebio_cli.data.tokens.tokenized import TokenizedData
 from scalebio_cli.recipe import Recipe
 from scalebio_cli.recipe.schema import LoraConfig
+from scalebio_cli.results import reuse
 from scalebio_cli.selection.pool import Advance, Pool, batch_of, gather, length_batches, shard
 from scalebio_cli.selection.projection import Projector, make_projection
 from scalebio_cli.train import distributed
@@ -259,7 +260,11 @@ def scores(recipe: Recipe, pool: Pool, dist: DistInfo, seed: int, work: Path
            ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     cfg = recipe.select.less
     settings = dataclasses.asdict(cfg)
-    folder = work / f"less-{pool.fingerprint(settings, recipe.model, recipe.data.max_length, seed, recipe.precision)}"
+    model = {f"the {k}": v for k, v in reuse.model_identity(recipe.model, recipe.tokenizer).items()}
+    key = reuse.make_key(pool.inputs() | model, {"less": settings, "template": recipe.data.chat_template,
+                                                 "max_length": recipe.data.max_length, "seed": seed,
+                                                 "precision": recipe.precision})
+    folder = work / f"less-{reuse.digest(key)}"
     folder.mkdir(parents=True, exist_ok=True)
     n_warm = len(warmup_items(pool, cfg.warmup_fraction, seed))
     steps_per_epoch = max(1, math.ceil(n_warm / cfg.batch_size))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,12 +37,11 @@ class Pool:
     def size(self) -> int:
         return sum(len(d) for d in self.sources.values())
 
-    def fingerprint(self, *parts: Any) -> str:
-        """A short hash of the data (sources and validation sets, as tokenized) and `parts` (settings)."""
-        data = {"sources": {n: d.sha256 for n, d in self.sources.items()},
-                "validation": {n: d.sha256 for n, d in self.validation.items()}}
-        text = json.dumps([data, *parts], sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+    def inputs(self, sources: bool = True) -> dict[str, str]:
+        """The content of what the pool read, for a results/reuse.py key: each validation set's sha256 and (with
+        `sources`) each source's."""
+        out = {f"validation {n}": d.sha256 for n, d in self.validation.items()}
+        return out | ({f"source {n}": d.sha256 for n, d in self.sources.items()} if sources else {})
 
 
 def load_pool(recipe: Recipe, dist: DistInfo) -> Pool:

@@ -14,7 +14,6 @@ reuses it (an interrupted training starts again).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from rich.markup import escape
 from scalebio_cli.console import console, step_progress
 from scalebio_cli.files import write_json
 from scalebio_cli.recipe import Recipe
+from scalebio_cli.results import reuse
 from scalebio_cli.selection import irreducible
 from scalebio_cli.selection.pool import Pool, token_losses
 from scalebio_cli.train import distributed
@@ -36,12 +36,12 @@ _TRAINING = ("heldout_fraction", "holdout_epochs", "patience", "min_steps", "lr"
 
 
 def _fingerprint(recipe: Recipe, pool: Pool, seed: int) -> str:
+    """The IL model's key (results/reuse.py): the validation sets and the model by content, and the settings."""
     cfg = dataclasses.asdict(recipe.select.rho_loss)
-    key = {"model": recipe.model, "tokenizer": recipe.tokenizer_path, "template": recipe.data.chat_template,
-           "max_length": recipe.data.max_length, "seed": seed, "precision": recipe.precision,
-           "validation": {n: d.sha256 for n, d in pool.validation.items()},
-           "training": {k: cfg[k] for k in _TRAINING}}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    model = {f"the {k}": v for k, v in reuse.model_identity(recipe.model, recipe.tokenizer).items()}
+    settings = {"template": recipe.data.chat_template, "max_length": recipe.data.max_length, "seed": seed,
+                "precision": recipe.precision, "training": {k: cfg[k] for k in _TRAINING}}
+    return reuse.digest(reuse.make_key(pool.inputs(sources=False) | model, settings))
 
 
 def irreducible_model(recipe: Recipe, pool: Pool, dist: DistInfo, seed: int, work: Path

@@ -110,18 +110,22 @@ def feature_recipe(recipe: Recipe) -> Recipe:
     return dataclasses.replace(recipe, data=data)
 
 
-def _feature_settings(recipe: Recipe, pool: Any, dtype: Any) -> dict[str, Any]:
-    """Everything the features depend on (the cache key)."""
+def _feature_key(recipe: Recipe, pool: Any, dtype: Any) -> dict[str, Any]:
+    """Everything the features depend on (the cache key, results/reuse.py): the sources and the model by content,
+    and the settings."""
     from scalebio_cli.data.read import sources as data_sources
     from scalebio_cli.data.read.expand import recipe_sources
     from scalebio_cli.data.tokens.tokenized import tokenizer_fingerprint
     from scalebio_cli.grouping import features
+    from scalebio_cli.results import reuse
 
     sources = recipe_sources(recipe)
-    return {"data": {n: data_sources.content_key(sources[n], d.sha256) for n, d in pool.sources.items()},
-            "model": features.model_fingerprint(recipe.model), "tokenizer": tokenizer_fingerprint(pool.tokenizer),
-            "max_length": recipe.data.max_length, "dtype": str(dtype),
-            "micro_batch_size": recipe.group.micro_batch_size, "chunk": features.CHUNK}
+    inputs = {f"source {n}": data_sources.content_key(sources[n], d.sha256) for n, d in pool.sources.items()}
+    inputs |= {f"the {k}": v for k, v in reuse.model_identity(recipe.model, recipe.tokenizer).items()}
+    return reuse.make_key(inputs, {"tokenizer": tokenizer_fingerprint(pool.tokenizer),
+                                   "max_length": recipe.data.max_length, "dtype": str(dtype),
+                                   "micro_batch_size": recipe.group.micro_batch_size, "chunk": features.CHUNK,
+                                   "version": features.FEATURE_VERSION})
 
 
 def _features(recipe: Recipe, dist: Any) -> tuple[Any, Any, Path]:
@@ -137,7 +141,7 @@ def _features(recipe: Recipe, dist: Any) -> tuple[Any, Any, Path]:
     pool = load_pool(recipe, dist)
     datas = list(pool.sources.values())
     dtype = resolve_dtype(recipe.precision, dist.device)
-    folder = features.cache_folder(_feature_settings(recipe, pool, dtype), recipe.data.cache_dir)
+    folder = features.cache_folder(_feature_key(recipe, pool, dtype), recipe.data.cache_dir)
     if dist.is_main:
         console.print(f"[dim]group[/] features of {pool.size:,} records from {escape(recipe.model)} (mean-pooled "
                       f"last hidden states + response loss); cache {escape(str(folder))}")
