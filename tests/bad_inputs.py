@@ -459,7 +459,8 @@ class HostileClass:
 HOSTILE = [
     HostileClass("Damaged model folders and tokenizers",
                  "recipe/model_folder.py (safetensors_problem, weights_problems, tokenizer_problems), "
-                 "recipe/preflight.py model_folder_problems; train/modeling.py load_model/load_tokenizer wrap errors",
+                 "recipe/model_checks.py model_folder_problems; train/modeling.py load_model/load_tokenizer wrap "
+                 "errors",
                  ["model-weights-cut-short", "model-config-not-object", "model-tokenizer-not-tokenizer",
                   "eval-model-cut-short"],
                  ["test_hostile::test_damaged_shards_and_pickles_are_named",
@@ -467,7 +468,7 @@ HOSTILE = [
                   "test_fuzz::test_fuzz_model_folders"]),
     HostileClass("Numbers that pass a naive range check",
                  "recipe/load.py _coerce (finite floats, int64), _check_ranges (seed <= 2**32-1); "
-                 "recipe/preflight.py model_fit_problems (lisa.layers, data.max_length vs config.json)",
+                 "recipe/model_checks.py model_fit_problems (lisa.layers, data.max_length vs config.json)",
                  ["recipe-nan", "override-inf", "override-overflow", "recipe-seed-too-large", "recipe-int-overflow",
                   "lisa-more-layers-than-model", "max-length-beyond-model"],
                  ["test_hostile::test_non_finite_floats_are_refused_in_any_spelling",

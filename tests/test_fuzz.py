@@ -396,7 +396,7 @@ def test_fuzz_checkpoint_files() -> None:
 def test_fuzz_model_folders(small: dict[str, Path]) -> None:
     import torch
 
-    from scalebio_cli.recipe.preflight import model_folder_problems
+    from scalebio_cli.recipe.model_checks import model_folder_problems
     from scalebio_cli.train.modeling import load_model, load_tokenizer
 
     files = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]

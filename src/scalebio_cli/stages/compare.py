@@ -50,7 +50,8 @@ class Stages:
 def check(recipe: Recipe, where: str | Path, mixes: dict[str, Mix], tests: dict[str, str], num_samples: int,
           seeds: list[int], output: Path, baseline: str | None = None, match: str = "records") -> None:
     """Every problem at once, before any cell runs: usage, inputs, and whether every cell can draw its N records."""
-    from scalebio_cli.recipe.preflight import data_file_problems, model_folder_problems, recipe_source_problems
+    from scalebio_cli.recipe.model_checks import model_folder_problems
+    from scalebio_cli.recipe.preflight import data_file_problems, recipe_source_problems
     from scalebio_cli.results import weights_file
 
     problems = [] if tests else ["--test: give at least one test file (NAME=FILE)"]

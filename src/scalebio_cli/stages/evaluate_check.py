@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from scalebio_cli.errors import InputError
-from scalebio_cli.recipe import preflight
+from scalebio_cli.recipe import model_checks, preflight
 from scalebio_cli.recipe.schema import PRECISIONS
 
 
@@ -22,7 +22,7 @@ def check(model: Path, named: dict[str, str], output: Path | None, *, precision:
     if model.suffix != ".gguf" and not (model / "config.json").is_file():
         problems.append(f"--model {model}: not a model folder (no config.json)")
     else:
-        problems += preflight.model_folder_problems("--model", str(model))  # a .gguf file: checked as one
+        problems += model_checks.model_folder_problems("--model", str(model))  # a .gguf file: checked as one
     for name, path in named.items():
         problems += preflight.data_file_problems(f"--data {name}", path)
     if output is not None:

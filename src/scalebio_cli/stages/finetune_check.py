@@ -9,7 +9,7 @@ from pathlib import Path
 
 from scalebio_cli.data.read.sources import DataSource
 from scalebio_cli.errors import InputError
-from scalebio_cli.recipe import preflight
+from scalebio_cli.recipe import model_checks, preflight
 from scalebio_cli.recipe.schema import Recipe
 from scalebio_cli.train import process
 from scalebio_cli.train.deepspeed_config import deepspeed_problems
@@ -23,11 +23,11 @@ def check(recipe: Recipe, where: str | Path = "recipe") -> None:
                         "weights.json to mix data.sources by)")
     if ft.batch_size % process.world_size():
         problems.append(f"finetune.batch_size: {ft.batch_size} does not divide over {process.world_size()} processes")
-    problems += preflight.model_problems(recipe, "finetune") + preflight.output_dir_problems(recipe.output_dir)
+    problems += model_checks.model_problems(recipe, "finetune") + preflight.output_dir_problems(recipe.output_dir)
     problems += preflight.run_products_problems(recipe, "finetune")
     problems += preflight.other_stage_problems(recipe.output_dir, "finetune")
     problems += deepspeed_problems(recipe.deepspeed, recipe, "finetune", process.world_size())
-    problems += preflight.lora_problems(recipe, "finetune")
+    problems += model_checks.lora_problems(recipe, "finetune")
     problems += preflight.data_file_problems("finetune.data", ft.data)
     for name, spec in ft.validation_sets().items():  # each set read as data.validation's are
         key = f"finetune.validation.{name}" if ft.named_validation else "finetune.validation"

@@ -63,12 +63,8 @@ def check(recipe: Recipe, where: str | Path, k: str | None, output: Path, fmt: s
     """Every problem of the inputs at once (exit 2), before torch loads: --k and the recipe's group section, the
     sources (each record parsed), the model folder, and the output."""
     from scalebio_cli.data.out.record_writer import FORMATS
-    from scalebio_cli.recipe.preflight import (
-        model_files,
-        model_folder_problems,
-        output_file_problems,
-        recipe_source_problems,
-    )
+    from scalebio_cli.recipe.model_checks import model_folder_problems
+    from scalebio_cli.recipe.preflight import model_files, output_file_problems, recipe_source_problems
 
     usage = []
     if k is not None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scalebio_cli.recipe import preflight
+from scalebio_cli.recipe import model_checks, preflight
 from scalebio_cli.recipe.schema import Recipe
 from scalebio_cli.train import process
 from scalebio_cli.train.deepspeed_config import deepspeed_problems
@@ -32,10 +32,10 @@ def check(recipe: Recipe, where: str | Path = "recipe") -> None:
     for key in ("batch_size", "val_batch_size"):
         if getattr(rw, key) % process.world_size():
             problems.append(f"reweight.{key}: {getattr(rw, key)} does not divide over {process.world_size()} processes")
-    problems += preflight.model_problems(recipe, "reweight") + preflight.output_dir_problems(recipe.output_dir)
+    problems += model_checks.model_problems(recipe, "reweight") + preflight.output_dir_problems(recipe.output_dir)
     problems += preflight.run_products_problems(recipe, "reweight")
     problems += deepspeed_problems(recipe.deepspeed, recipe, "reweight", process.world_size())
-    problems += preflight.lora_problems(recipe, "reweight")
+    problems += model_checks.lora_problems(recipe, "reweight")
     problems += preflight.tracking_problems(recipe.report_to)
     problems += preflight.chat_template_problems("data.chat_template", data.chat_template)
     preflight.raise_problems(problems + data_problems, where)

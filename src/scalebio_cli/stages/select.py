@@ -30,12 +30,8 @@ def check(recipe: Recipe, where: str | Path, method: str, num_samples: int, outp
     """Every problem of the inputs at once (exit 2), before torch loads: the method, the recipe's select section,
     sources and validation sets (each record parsed), the model folder, and the output."""
     from scalebio_cli.data.out.record_writer import FORMATS
-    from scalebio_cli.recipe.preflight import (
-        model_files,
-        model_folder_problems,
-        output_file_problems,
-        recipe_source_problems,
-    )
+    from scalebio_cli.recipe.model_checks import model_folder_problems
+    from scalebio_cli.recipe.preflight import model_files, output_file_problems, recipe_source_problems
 
     usage = []
     if method not in METHODS:
