@@ -329,3 +329,25 @@ def test_existing_output_needs_force(case: Path, tmp_path: Path) -> None:
     result = invoke("select", "--config", case / "recipe.yaml", "--method", "rho-loss", "-n", "3", "-o", out)
     assert result.returncode == 2 and "already exists; pass --force" in result.stderr
     assert out.read_text() == "keep\n" and not (tmp_path / "o.manifest.json").exists()
+
+
+def test_work_folders_are_keyed_by_content(case: Path, tmp_path: Path) -> None:
+    """select's work folder follows results/reuse.py's rule: a model copied elsewhere keeps its key (the same
+    contents), one rewritten in place gets a new one (the path alone says nothing), as do other validation data."""
+    import shutil
+    from types import SimpleNamespace
+
+    from scalebio_cli.recipe import load_recipe
+    from scalebio_cli.selection.rho_loss import _fingerprint
+
+    def key(model: Path, validation: str = "v1") -> str:
+        recipe = load_recipe(case / "recipe.yaml", [f"model={model}"])
+        pool = SimpleNamespace(inputs=lambda sources=True: {"validation val": validation})
+        return _fingerprint(recipe, pool, 0)  # type: ignore[arg-type]
+
+    copy = tmp_path / "copy"
+    shutil.copytree(case / "model", copy)
+    assert key(copy) == key(case / "model") and key(copy) != key(copy, "v2")
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "rope_theta": 1234.0}))
+    assert key(copy) != key(case / "model")
