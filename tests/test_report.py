@@ -57,7 +57,7 @@ def test_report_renders_in_a_headless_browser(reweighted: Path, tmp_path: Path) 
 
 
 def test_smoothing_follows_the_trend_and_skips_gaps() -> None:
-    from scalebio_cli.stages.report import smooth
+    from scalebio_cli.results.reweight_report import smooth
 
     noisy = [1.0 + (0.5 if i % 2 else -0.5) for i in range(40)]
     smoothed = smooth(noisy)
