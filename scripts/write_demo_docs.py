@@ -189,6 +189,11 @@ def _minutes(cost: dict) -> str:
             f"{cost['load']:.1f}; {cost['cpu_min']:.1f} CPU-minutes)")
 
 
+def _num(value: float | None, spec: str) -> str:
+    """A number as the JSON shows it (null where the run had too few batches for an error estimate)."""
+    return "null" if value is None else format(value, spec)
+
+
 def render(name: str, rec: dict) -> str:
     """The body of block `name`, from the record."""
     demo, pipe, quick = rec["demo"], rec.get("pipeline", {}), rec.get("quickstart", {})
@@ -201,8 +206,9 @@ def render(name: str, rec: dict) -> str:
         uniform = {n: 1 / len(names) for n in names}
         return ("```json\n{\n  \"format\": \"scalebio-weights/1\",\n"
                 f'  "weights": {r3(demo["weights"])},\n  "weights_averaged": {r3(demo["weights_averaged"])},\n'
-                f'  "evidence": {{"{names[0]}": {{"advantage": {ev["advantage"]:.3f}, "stderr": {ev["stderr"]:.3f}, '
-                f'"z": {ev["z"]:.2f}, "steps": {ev["steps"]}}}, "...": "..."}},\n'
+                f'  "evidence": {{"{names[0]}": {{"advantage": {ev["advantage"]:.3f}, '
+                f'"stderr": {_num(ev["stderr"], ".3f")}, "z": {_num(ev["z"], ".2f")}, "steps": {ev["steps"]},\n'
+                f'              "p": {_num(ev["p"], ".2g")}, "verdict": "{ev["verdict"]}"}}, "...": "..."}},\n'
                 f'  "sources": {{"{names[0]}": {{"path": "/abs/demo/data/...", "num_examples": 600, '
                 '"sha256": "..."}, "...": "..."},\n'
                 f'  "trajectory": [{{"step": 0, "weights": {r3(uniform)}}}, "..."],\n'
@@ -211,16 +217,17 @@ def render(name: str, rec: dict) -> str:
     if name == "demo-cost":
         return f"`make demo`'s reweight took {_minutes(demo['cost'])} when these figures were recorded.\n"
     if name == "quickstart-cost":
-        got = ", ".join(f"{n} {quick['weights'][n]:.3f} (z {quick['evidence'][n]['z']:+.1f})" for n in names)
+        got = ", ".join(f"{n} {quick['weights'][n]:.3f} ({quick['evidence'][n]['verdict']})" for n in names)
         return (f"On the demo this gives {got}. Measured on the demo model (0.3M parameters): the reweight took "
                 f"{_minutes(quick['reweight'])}; all five commands {quick['commands']['wall_min']:.1f} min. A "
                 "135M model such as SmolLM2 is ~500x larger: its CPU times are in docs/results.md.\n")
     if name == "weights":
-        lines = ["| source | weight | averaged (2nd half) | evidence z | lam steps |", "|---|---:|---:|---:|---:|"]
+        lines = ["| source | weight | averaged (2nd half) | evidence z | p (Holm) | verdict | lam steps |",
+                 "|---|---:|---:|---:|---:|---|---:|"]
         for n in sorted(names, key=lambda n: -demo["weights"][n]):
             ev = demo["evidence"][n]
             lines.append(f"| {n} | {demo['weights'][n]:.3f} | {demo['weights_averaged'][n]:.3f} | "
-                         f"{ev['z']:+.2f} | {ev['steps']} |")
+                         f"{_num(ev['z'], '+.2f')} | {_num(ev['p'], '.2g')} | {ev['verdict']} | {ev['steps']} |")
         return "\n".join(lines) + "\n"
     if name == "pipeline":
         lines = ["| sampling | test loss | perplexity | counts |", "|---|---:|---:|---|"]

@@ -30,10 +30,15 @@ def test_clean_source_wins_and_corrupted_source_loses(demo_run) -> None:
     assert min(w, key=w.get) == "noisy"
     avg = doc["weights_averaged"]
     assert max(avg, key=avg.get) == "clean" and min(avg, key=avg.get) == "noisy"
-    # the evidence says so too (calibrated verdicts, CONTRACT v4): clean raised, both corrupted sources lowered
+    # the evidence never points the wrong way (CONTRACT v4). It does not call the demo's 200 steps either: the
+    # advantages shrink as the weights move (clean's quarter means fall from ~0.17 to ~0.02), that trend reads as a
+    # long autocorrelation time (~20 lam steps), and 200 steps make fewer than 4 batches of 4 x tau: "unclear"
+    # (docs/results.md, "The verdicts on real runs"), with the steps a verdict needs in the log.
     verdicts = {name: e["verdict"] for name, e in doc["evidence"].items()}
-    assert verdicts == {"clean": "raised", "noisy": "lowered", "offtopic": "lowered"}, doc["evidence"]
-    assert all(e["p"] < doc["evidence_level"] == 0.05 for e in doc["evidence"].values())
+    assert verdicts["clean"] in ("raised", "unclear") and {verdicts["noisy"], verdicts["offtopic"]} <= {
+        "lowered", "unclear"}, doc["evidence"]
+    assert doc["evidence_level"] == 0.05
+    assert all((e["p"] is None) == (e["verdict"] == "unclear" and e["batches"] < 4) for e in doc["evidence"].values())
 
 
 def test_weights_file_follows_the_contract(demo_run, demo: Path) -> None:
