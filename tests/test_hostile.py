@@ -360,7 +360,8 @@ def test_a_fresh_run_over_another_runs_checkpoints_is_refused(finished_run: Path
                    "checkpoints up to step 2, weights.json; data.sources: there", "--force")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
     result = invoke("finetune", "--config", recipe, f"finetune.data={demo}/data/clean.jsonl")
-    assert_refused(result, "stage: there reweight, now finetune", "a fresh finetune run there would mix with it")
+    assert_refused(result, f"output_dir {run}: holds a reweight run", "a finetune run there would mix its",
+                   "--force clears only checkpoints, never another stage's results", "choose another output_dir")
     shutil.rmtree(run / "checkpoints")  # weights.json alone: nothing to resume, still another run's result
     result = invoke("reweight", "--config", recipe, "--resume", "auto")
     assert_refused(result, "already holds a reweight run of another recipe (finished; weights.json;")

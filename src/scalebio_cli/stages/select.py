@@ -108,7 +108,7 @@ def _data_checks(recipe: Recipe, dist: Any) -> None:
 
 
 def _score(recipe: Recipe, method: str, num_samples: int, seed: int) -> tuple[Any, dict[str, np.ndarray],
-                                                                                 dict[str, Any]]:
+                                                                                 dict[str, Any], Any]:
     from rich.markup import escape
 
     from scalebio_cli.console import console
@@ -130,7 +130,7 @@ def _score(recipe: Recipe, method: str, num_samples: int, seed: int) -> tuple[An
         scores, settings = rho_loss.scores(recipe, pool, dist, seed, work)
     else:
         scores, settings = less.scores(recipe, pool, dist, seed, work)
-    return pool, scores, settings
+    return pool, scores, settings, dist
 
 
 def run(recipe: Recipe, method: str, num_samples: int, output: Path, seed: int, fmt: str,
@@ -139,19 +139,33 @@ def run(recipe: Recipe, method: str, num_samples: int, output: Path, seed: int, 
     `scores_out`) from the main process; returns the manifest there, None elsewhere."""
     import time
 
+    from scalebio_cli.train import distributed, process
+
+    start = time.perf_counter()  # the manifest's `seconds`: what the selection cost (compare reports it)
+    pool, scores, settings, dist = _score(recipe, method, num_samples, seed)
+    try:
+        if not process.is_main():  # every process holds every score; one writes
+            return None
+        return _write(recipe, method, num_samples, output, seed, fmt, scores_out, pool, scores, settings, start)
+    finally:
+        # every process leaves together: one that tore gloo down while the writer still ran aborted at exit
+        # ("terminate called without an active exception", seen once in CI)
+        distributed.barrier(dist)
+        distributed.teardown()
+
+
+def _write(recipe: Recipe, method: str, num_samples: int, output: Path, seed: int, fmt: str,
+           scores_out: Path | None, pool: Any, scores: dict[str, np.ndarray], settings: dict[str, Any],
+           start: float) -> dict[str, Any]:
+    import time
+
     from rich.markup import escape
 
     from scalebio_cli.console import console
     from scalebio_cli.data.out.record_writer import Chosen, write_records
     from scalebio_cli.data.read.expand import recipe_sources
     from scalebio_cli.files import write_json
-    from scalebio_cli.train import distributed, process
 
-    start = time.perf_counter()  # the manifest's `seconds`: what the selection cost (compare reports it)
-    pool, scores, settings = _score(recipe, method, num_samples, seed)
-    if not process.is_main():  # every process holds every score; one writes
-        distributed.teardown()
-        return None
     picked = top_n(scores, num_samples)
     positions = np.random.default_rng([seed, _STREAM]).permutation(num_samples)
     sources = recipe_sources(recipe)
@@ -175,5 +189,4 @@ def run(recipe: Recipe, method: str, num_samples: int, output: Path, seed: int, 
     write_json(output.with_name(output.stem + ".manifest.json"), manifest)
     console.print(f"[bold green]selected[/] {', '.join(f'{n} {c:,}' for n, c in counts.items())} -> "
                   f"{escape(str(output))}")
-    distributed.teardown()
     return manifest
