@@ -20,6 +20,9 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["SCALEBIO_CACHE"] = tempfile.mkdtemp(prefix="scalebio-test-cache-")
 
 ROOT = Path(__file__).resolve().parent.parent
+# DeepSpeed's CPU Adam is compiled on a machine's first use (~1 min): one folder for every test, in-process or not,
+# so the suite compiles it once
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 # Where tests find the real model's folder (scripts/get_smollm2.py) and the real data; tests that need them skip
 # when they are absent.
 SMOLLM2 = Path.home() / ".cache" / "scalebio" / "models" / "SmolLM2-135M-Instruct"
@@ -101,6 +104,19 @@ def reweighted(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = invoke("reweight", "--config", str(recipe), "reweight.steps=20", "reweight.log_every=5")
     assert result.returncode == 0, result.stderr
     return Path(result.stdout.strip()).parent
+
+
+def write_demo_weights(path: Path, demo: Path, weights: dict[str, float]) -> Path:
+    """A weights file over demo sources (`clean`, `noisy`, ...) with these weights, as `reweight` would write it."""
+    from scalebio_cli.files import file_sha256
+    from scalebio_cli.results import weights_file
+
+    files = {"clean": "clean.jsonl", "noisy": "noisy.json", "offtopic": "offtopic.parquet"}
+    sources = {n: {"path": str(demo / "data" / files[n]), "num_examples": 600,
+                   "sha256": file_sha256(demo / "data" / files[n])} for n in weights}
+    weights_file.write(path, weights_file.build(weights=weights, weights_averaged=weights, sources=sources,
+                                                validation=None, trajectory=[], steps=1, seed=0, model="m", config={}))
+    return path
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, invoke, run_cli, write_recipe
+from conftest import ROOT, invoke, run_cli, write_demo_weights, write_recipe
 from scalebio_cli.data.out.answers import extract_answer, math_verify_equal
 from scalebio_cli.train.lisa import draw_blocks
 
@@ -69,15 +69,8 @@ def test_lisa_finetune_leaves_frozen_blocks_untouched(demo: Path, tmp_path: Path
 
 
 def test_finetune_mixes_sources_by_a_weights_file(demo: Path, tmp_path: Path) -> None:
-    from scalebio_cli.files import file_sha256
-    from scalebio_cli.results import weights_file
-
     names = {"clean": demo / "data" / "clean.jsonl", "noisy": demo / "data" / "noisy.json"}
-    w = tmp_path / "weights.json"
-    weights_file.write(w, weights_file.build(
-        weights={"clean": 0.9, "noisy": 0.1}, weights_averaged={"clean": 0.9, "noisy": 0.1},
-        sources={n: {"path": str(p), "num_examples": 600, "sha256": file_sha256(p)} for n, p in names.items()},
-        validation=None, trajectory=[], steps=1, seed=0, model="m", config={}))
+    w = write_demo_weights(tmp_path / "weights.json", demo, {"clean": 0.9, "noisy": 0.1})
     recipe = write_recipe(tmp_path / "recipe.yaml", demo, finetune={**FT, "weights": str(w)},
                           data={"sources": {n: str(p) for n, p in names.items()}, "max_length": 64})
     result = invoke("finetune", "--config", str(recipe), "finetune.epochs=0.05")

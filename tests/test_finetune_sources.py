@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import invoke, run_cli, write_recipe
+from conftest import invoke, run_cli, write_demo_weights, write_recipe
 
 FT = {"epochs": 1, "lr": 3e-3, "batch_size": 16, "micro_batch_size": 4, "log_every": 2, "eval_every": 3}
 SOURCES = ("clean", "noisy", "offtopic")
@@ -152,15 +152,8 @@ def test_eval_reports_loss_per_source(by_source, sampled: Path, demo: Path, tmp_
 
 
 def test_finetune_with_a_weights_file_reports_the_mixed_sources(demo: Path, tmp_path: Path) -> None:
-    from scalebio_cli.files import file_sha256
-    from scalebio_cli.results import weights_file
-
     names = {"clean": demo / "data" / "clean.jsonl", "noisy": demo / "data" / "noisy.json"}
-    w = tmp_path / "weights.json"
-    weights_file.write(w, weights_file.build(
-        weights={"clean": 0.5, "noisy": 0.5}, weights_averaged={"clean": 0.5, "noisy": 0.5},
-        sources={n: {"path": str(p), "num_examples": 600, "sha256": file_sha256(p)} for n, p in names.items()},
-        validation=None, trajectory=[], steps=1, seed=0, model="m", config={}))
+    w = write_demo_weights(tmp_path / "weights.json", demo, {"clean": 0.5, "noisy": 0.5})
     recipe = write_recipe(tmp_path / "recipe.yaml", demo, finetune={**FT, "weights": str(w),
                                                                      "validation": str(demo / "data" / "val.jsonl")},
                           data={"sources": {n: str(p) for n, p in names.items()}, "max_length": 64})

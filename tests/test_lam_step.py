@@ -214,6 +214,8 @@ def test_weights_json_carries_evidence(demo: Path, tmp_path: Path) -> None:
         assert e["steps"] == 12 and e["stderr"] is None and e["p"] is None and e["verdict"] == "unclear"
         assert e["batch_steps"] == 20 and e["batches"] == 0
     assert "verdict at p < 0.01" in result.stderr and "a verdict needs roughly 80 steps" in result.stderr
+    # 12 lam steps cannot show that a weight levelled off (the demo's 200 can: test_reweight_cli)
+    assert doc["settled"]["all"] is False and not any(doc["settled"]["by_source"].values())
 
 
 def test_a_cursor_saved_under_another_sampling_rule_is_refused(tokenizer) -> None:

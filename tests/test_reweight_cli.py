@@ -38,6 +38,8 @@ def test_clean_source_wins_and_corrupted_source_loses(demo_run) -> None:
     assert verdicts["clean"] in ("raised", "unclear") and {verdicts["noisy"], verdicts["offtopic"]} <= {
         "lowered", "unclear"}, doc["evidence"]
     assert doc["evidence_level"] == 0.05
+    # the demo's decaying lam rate lets every weight level off in 200 steps (a 12-step run has not: test_lam_step)
+    assert doc["settled"]["all"] is True and doc["settled"]["lam_steps"] == 200
     assert all((e["p"] is None) == (e["verdict"] == "unclear" and e["batches"] < 4) for e in doc["evidence"].values())
 
 

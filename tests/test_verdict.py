@@ -95,6 +95,26 @@ def test_the_autocorrelation_time_of_ar1() -> None:
         assert np.median(tau) == pytest.approx((1 + rho) / (1 - rho), rel=0.2)
 
 
+def test_a_drifting_mean_is_not_read_as_correlation() -> None:
+    """The demo's advantages drift (a clean source's shrinks as its weight nears 1): about their least-squares line
+    the series are nearly independent, so the batches stay short enough for a verdict; the drift itself widens the
+    batch means' spread, so a trend that crosses zero (mean zero: no signal) is not called more often than the level."""
+    rng = np.random.default_rng(4)
+    runs, n, k = 1000, 200, 3
+    a = simulate(0.3, n, k, runs, rng)
+    t = (np.arange(n) - (n - 1) / 2) / n
+    drifting = a + rng.normal(size=(runs, k, 1)) * 2.0 * t  # slopes of +-2 sd over the run, mean zero
+    s = rng.dirichlet(np.full(k, 5.0), size=runs)
+    drifting = drifting - np.einsum("rk,rkn->rn", s, drifting)[:, None, :]
+    p, _ = verdict.evaluate_many(drifting)
+    assert float(np.mean((np.nan_to_num(p, nan=1.0) < LEVEL).any(axis=1))) <= allowed(runs)
+    trend = np.linspace(1.5, 0.0, n)[None, :] * np.array([[1.0], [-1.0], [0.0]])  # raised, lowered, neither
+    decaying = list(simulate(0.3, n, k, 1, np.random.default_rng(5))[0] + trend)
+    evidence = verdict.evaluate(decaying)
+    assert evidence[0]["autocorrelation_time"] < 3 and evidence[0]["batches"] >= 10
+    assert [e["verdict"] for e in evidence[:2]] == ["raised", "lowered"]
+
+
 def test_a_short_run_says_how_many_steps_a_verdict_needs() -> None:
     a = simulate(0.0, 30, 3, 1, np.random.default_rng(3))[0]
     evidence = dict(zip("abc", verdict.evaluate(list(a), min_batch=20)))

@@ -62,7 +62,7 @@ def _group_column_problems(sources: dict[str, Any]) -> list[str]:
 def check(recipe: Recipe, where: str | Path, k: str | None, output: Path, fmt: str, force: bool) -> None:
     """Every problem of the inputs at once (exit 2), before torch loads: --k and the recipe's group section, the
     sources (each record parsed), the model folder, and the output."""
-    from scalebio_cli.data.out.record_writer import FORMATS
+    from scalebio_cli.data.out.record_writer import output_problems
     from scalebio_cli.recipe.model_checks import model_folder_problems
     from scalebio_cli.recipe.preflight import model_files, output_file_problems, recipe_source_problems
 
@@ -72,13 +72,8 @@ def check(recipe: Recipe, where: str | Path, k: str | None, output: Path, fmt: s
             parse_k(k, "--k")
         except InputError as exc:
             usage += exc.problems
-    if fmt not in FORMATS:
-        usage.append(f"--format: must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if output.suffix not in (".jsonl", ".parquet"):
-        usage.append(f"--output {output}: must end in .jsonl or .parquet (the output type follows the extension)")
+    usage += output_problems(output, fmt, force)
     manifest = output.with_name(output.stem + ".manifest.json")
-    if output.exists() and not output.is_dir() and not force:
-        usage.append(f"--output {output}: already exists; pass --force to replace it (and its manifest)")
     problems = _settings_problems(recipe)
     if not recipe.data.sources:
         problems.append("data.sources: group needs the sources whose records it groups")

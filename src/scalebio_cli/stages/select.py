@@ -29,22 +29,17 @@ def check(recipe: Recipe, where: str | Path, method: str, num_samples: int, outp
           force: bool, scores: Path | None = None) -> None:
     """Every problem of the inputs at once (exit 2), before torch loads: the method, the recipe's select section,
     sources and validation sets (each record parsed), the model folder, and the output."""
-    from scalebio_cli.data.out.record_writer import FORMATS
+    from scalebio_cli.data.out.record_writer import output_problems
     from scalebio_cli.recipe.model_checks import model_folder_problems
     from scalebio_cli.recipe.preflight import model_files, output_file_problems, recipe_source_problems
 
     usage = []
     if method not in METHODS:
         usage.append(f"--method: must be one of {', '.join(METHODS)}, got {method!r}")
-    if fmt not in FORMATS:
-        usage.append(f"--format: must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if num_samples < 1:
         usage.append(f"--num-samples: must be >= 1, got {num_samples}")
-    if output.suffix not in (".jsonl", ".parquet"):
-        usage.append(f"--output {output}: must end in .jsonl or .parquet (the output type follows the extension)")
+    usage += output_problems(output, fmt, force)
     manifest = output.with_name(output.stem + ".manifest.json")
-    if output.exists() and not output.is_dir() and not force:
-        usage.append(f"--output {output}: already exists; pass --force to replace it (and its manifest)")
     # the ranges of select.less and select.rho_loss are declared in recipe/schema.py (refused as the recipe loads)
     problems = ([] if recipe.select.less.target_modules else
                 ["select.less.target_modules: needs module names (e.g. [q_proj, v_proj])"])

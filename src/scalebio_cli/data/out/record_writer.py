@@ -30,6 +30,19 @@ from scalebio_cli.files import atomic_path
 FORMATS = ("original", "messages")
 
 
+def output_problems(output: Path, fmt: str, force: bool) -> list[str]:
+    """The usage problems of a records output (`--output`, `--format`, `--force`) that `select` and `group` share:
+    a known format, a .jsonl or .parquet name, and no existing file unless --force."""
+    problems = []
+    if fmt not in FORMATS:
+        problems.append(f"--format: must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if output.suffix not in (".jsonl", ".parquet"):
+        problems.append(f"--output {output}: must end in .jsonl or .parquet (the output type follows the extension)")
+    if output.exists() and not output.is_dir() and not force:
+        problems.append(f"--output {output}: already exists; pass --force to replace it (and its manifest)")
+    return problems
+
+
 def output_record(record: Any, name: str, fmt: str, where: str, columns: dict[str, str] | None = None) -> dict[str,
                                                                                                             Any]:
     """What one drawn record becomes in the output: unchanged plus `source`, or normalised to messages (through
