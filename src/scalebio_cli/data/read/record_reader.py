@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,8 @@ def _scan_jsonl(path: Path) -> np.ndarray:
 @functools.lru_cache(maxsize=16)
 def _scan_jsonl_once(path_str: str, size: int, mtime_ns: int) -> np.ndarray:
     path = Path(path_str)
-    starts: list[int] = []
-    linenos: list[int] = []
+    # typed arrays, 8 bytes a value: lists of Python ints peaked at ~110 bytes a record (~110 MB for a million)
+    starts, linenos = array("q"), array("q")
     pos = 0
     with path.open("rb") as f:
         for lineno, line in enumerate(f, start=1):
@@ -47,8 +48,9 @@ def _scan_jsonl_once(path_str: str, size: int, mtime_ns: int) -> np.ndarray:
                 starts.append(pos)
                 linenos.append(lineno)
             pos += len(line)
-    return np.stack([np.asarray(starts, dtype=np.int64), np.asarray(linenos, dtype=np.int64)], axis=1) \
-        if starts else np.zeros((0, 2), dtype=np.int64)
+    if not starts:
+        return np.zeros((0, 2), dtype=np.int64)
+    return np.stack([np.frombuffer(starts, dtype=np.int64), np.frombuffer(linenos, dtype=np.int64)], axis=1)
 
 
 def jsonl_index(path: Path, sha256: str, cache_dir: Path | None) -> np.ndarray:
