@@ -4,6 +4,7 @@ LISA on and off, five seeds: how many runs call a source, against what the level
     python scripts/study_lam.py                          # the whole study (~40 runs; see docs/results.md)
     python scripts/study_lam.py --seeds 0 1 --steps 60   # a part of it
     python scripts/study_lam.py --jobs 4                 # runs in parallel (one process each)
+    python scripts/study_lam.py --finished-only          # tabulate what --work holds, naming what is missing
 
 Finished runs are kept in --work (runs/study-lam) and reused by a rerun with more seeds or settings; a change of
 code does not invalidate them: delete --work after one.
@@ -131,6 +132,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each its own process)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "study-lam")
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="tabulate the finished runs of the grid (in --work), run nothing, name the missing ones")
     args = parser.parse_args()
     subprocess.run([sys.executable, str(ROOT / "scripts" / "build_demo.py")], check=True, capture_output=True)
     null = no_signal_data(ROOT / "demo", args.work / "no-signal")
@@ -140,6 +143,8 @@ def main() -> None:
     grid = [(case, variant, steps, seed) for case in args.cases for variant in args.variants
             for steps in args.steps for seed in args.seeds]
     todo = [g for g in grid if "/".join(map(str, g)) not in done]
+    missing = ["/".join(map(str, g)) for g in todo] if args.finished_only else []
+    todo = [] if args.finished_only else todo
 
     def one(g: tuple) -> tuple[str, dict]:
         case, variant, steps, seed = g
@@ -154,13 +159,17 @@ def main() -> None:
             done_file.write_text(json.dumps(done))
             print(f"{key}: " + " ".join(f"{n} {e['verdict']} (p {e['p']})" for n, e in r["evidence"].items()),
                   flush=True)
-    results = [done["/".join(map(str, g))] for g in grid]
+    results = [done["/".join(map(str, g))] for g in grid if "/".join(map(str, g)) in done]
     minutes = sum(r["seconds"] for r in results) / 60  # the runs' own time, reused ones included
-    command = (f"python scripts/study_lam.py --seeds {' '.join(map(str, args.seeds))} --steps "
+    flag = "--finished-only " if args.finished_only else ""
+    command = (f"python scripts/study_lam.py {flag}--seeds {' '.join(map(str, args.seeds))} --steps "
                f"{' '.join(map(str, args.steps))} --variants {' '.join(args.variants)} --cases {' '.join(args.cases)}")
     text = (f"`{command}` ({len(results)} runs of the demo recipe, {minutes:.0f} min of run time on this machine). "
             "Verdicts at p < 0.05, Holm-adjusted over the three sources; a run too short for "
             f"{4} batches of at least one LISA interval says unclear.\n")
+    if missing:
+        text += (f"\nNot run ({len(missing)} of the grid's {len(grid)}; the same command without --finished-only runs "
+                 f"them): {', '.join(missing)}.\n")
     for case in args.cases:
         text += ("\nNo signal (one distribution split three ways; every verdict is a false alarm; at the level at "
                  "most 1 run in 20 may call a source):\n\n" if case == "no-signal" else
