@@ -219,12 +219,13 @@ def peak_rss(entry: Path, processes: int, mode: str) -> list[tuple[int, int, int
     return out  # type: ignore[return-value]
 
 
-def write_section(text: str) -> None:
+def write_section(text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the section between `begin` and `end` in docs/benchmarks.md (append it when absent)."""
     doc = ROOT / "docs" / "benchmarks.md"
     old = doc.read_text(encoding="utf-8") if doc.is_file() else "# Benchmarks\n"
-    section = f"{BEGIN}\n{text.rstrip()}\n{END}"
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + section + old[old.index(END) + len(END):]
+    section = f"{begin}\n{text.rstrip()}\n{end}"
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + section + old[old.index(end) + len(end):]
     else:
         new = old.rstrip() + "\n\n" + section + "\n"
     doc.write_text(new, encoding="utf-8")

@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_data import ENV, INSTRUCT_MATH, ROOT, base_records, write_jsonl
+from bench_data import ENV, INSTRUCT_MATH, base_records, write_jsonl, write_section
 
 from scalebio_cli.data.read.record_reader import LAZY_MIN_RECORDS
 
@@ -275,17 +275,6 @@ def per_record_text(grew: float) -> str:
     return f"{grew:,.0f} byte{'' if round(grew) == 1 else 's'} per record"
 
 
-def write_section(text: str) -> None:
-    doc = ROOT / "docs" / "benchmarks.md"
-    old = doc.read_text(encoding="utf-8") if doc.is_file() else "# Benchmarks\n"
-    section = f"{BEGIN}\n{text.rstrip()}\n{END}"
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + section + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip() + "\n\n" + section + "\n"
-    doc.write_text(new, encoding="utf-8")
-
-
 def phases(log: str) -> str:
     """Where reweight's time to the first step went, from its stamped log (empty when a line is missing)."""
     stamps = [(float(t), rest) for t, rest in re.findall(r"^\s*([0-9.]+)s (.*)$", log, flags=re.M)]
@@ -356,7 +345,7 @@ def main() -> None:
                   os.getloadavg()[0])
     print(text)
     if not args.no_record:
-        write_section(text)
+        write_section(text, BEGIN, END)
 
 
 if __name__ == "__main__":
