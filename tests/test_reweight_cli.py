@@ -30,12 +30,12 @@ def test_clean_source_wins_and_corrupted_source_loses(demo_run) -> None:
     assert min(w, key=w.get) == "noisy"
     avg = doc["weights_averaged"]
     assert max(avg, key=avg.get) == "clean" and min(avg, key=avg.get) == "noisy"
-    # the evidence never points the wrong way (CONTRACT v4). It does not call every source in 200 demo steps: clean's
-    # centred advantage shrinks as its weight nears 1 (quarter means ~0.15 -> ~0.03), so its mean is diluted and
-    # the drift widens its error (docs/results.md, "The verdicts on real runs"); the log says the steps a verdict needs.
+    # both corrupted sources lowered (CPU runs are bitwise: an estimator change that loses them fails here); clean
+    # not yet called in 200 demo steps: its centred advantage shrinks as its weight nears 1 (quarter means ~0.15 ->
+    # ~0.03), diluting its mean and widening its error (docs/results.md, "The verdicts on real runs")
     verdicts = {name: e["verdict"] for name, e in doc["evidence"].items()}
-    assert verdicts["clean"] in ("raised", "unclear") and {verdicts["noisy"], verdicts["offtopic"]} <= {
-        "lowered", "unclear"}, doc["evidence"]
+    assert verdicts["clean"] in ("raised", "unclear") and verdicts["noisy"] == verdicts["offtopic"] == "lowered", \
+        doc["evidence"]
     assert doc["evidence_level"] == 0.05
     # the demo's decaying lam rate lets every weight level off in 200 steps (a 12-step run has not: test_lam_step)
     assert doc["settled"]["all"] is True and doc["settled"]["lam_steps"] == 200
