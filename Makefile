@@ -111,11 +111,13 @@ COMPARE_GPU_ARGS ?= --per-source 2000 --num-val 0 precision=bf16 finetune.batch_
 compare-math-gpu: smollm2 instruct-math-data
 	$(BIN)/python scripts/compare_math.py $(COMPARE_GPU_ARGS) $(COMPARE_ARGS)
 
-# The lam step's variance reductions one change at a time on the demo, 3 seeds (docs/results.md, ~10 min on 2 cores)
+# Are the verdicts right on real runs? The demo with and without signal, 60 and 200 steps, LISA on and off, 5 seeds
+# (docs/results.md, 'The verdicts on real runs'; 40 runs, ~15-20 min on 2 idle cores by estimate from single runs)
 study-lam: install
 	$(BIN)/python scripts/study_lam.py
 
-# 8m10s on a 2-core CPU-only machine with nothing else running (README); several times that on busy cores
+# 8m05s on a 2-core CPU-only machine with nothing else running (README; 10m05s with the install); several times that on busy
+# cores
 test: install
 	$(BIN)/python -m pytest -q
 
