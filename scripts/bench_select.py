@@ -118,6 +118,13 @@ def main() -> None:
             if share < 0.6:
                 failed.append(f"{method} seed {seed}")
     means = ", ".join(f"{m} {sum(v) / len(v):.0%}" for m, v in shares.items())
+    if len(shares) == 2 and all(len(v) > 1 for v in shares.values()):  # same pool and seed: a paired difference
+        from scalebio_cli.results.paired import versus
+
+        (a, va), (b, vb) = shares.items()
+        d = versus(vb, va)
+        means += (f"; {b} minus {a}, seed by seed: {d['diff_mean']:+.0%} (95% t-interval {d['ci95'][0]:+.0%} to "
+                  f"{d['ci95'][1]:+.0%}, {len(va)} seeds)")
     table = "\n".join([
         f"### select on SmolLM2-135M-Instruct: {args.case} denoising, {3 * n} records, {n} asked for", "",
         "| method | seed | clean | dot | shuffled | clean share | IL model held-out loss | time |",

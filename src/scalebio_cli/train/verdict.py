@@ -51,10 +51,11 @@ def autocorrelation(x: np.ndarray) -> np.ndarray:
 
 def detrend(x: np.ndarray) -> np.ndarray:
     """Residuals of each series (last axis) from its least-squares line. The correlation time is estimated from
-    these: a series whose mean drifts (the advantage of a clean source shrinks as w and u part ways) keeps a
-    positive sample autocorrelation at every lag, which Geyer's sequence reads as a correlation time of a fifth
-    of the run, leaving no batches for an error. The drift itself stays in the batch means, whose spread it widens:
-    the error is then conservative, never too small."""
+    these: a series whose mean drifts (the advantage of a clean source shrinks as its weight nears 1) keeps a
+    positive sample autocorrelation at every lag, which Geyer's sequence read as tau = 21 lam steps on the 200-step
+    demo (2 batches: no error at all). A trend itself stays in the batch means and widens their spread
+    (tests/test_verdict.py: a zero-mean trend is not called more often than the level); a mean that wanders like a
+    random walk fools any single-run error, this one included (docs/internals.md): the placebo is the check."""
     n = x.shape[-1]
     if n < 3:
         return x - x.mean(axis=-1, keepdims=True)
