@@ -305,4 +305,4 @@ def test_no_signal_calls_no_source(demo: Path, tmp_path: Path, composition: str)
     for e in evidence.values():  # without LISA the batches follow the series' own correlation time
         assert e["batch_steps"] == max(1, math.ceil(4 * e["autocorrelation_time"] - 1e-9))
         assert e["batches"] == 48 // e["batch_steps"]
-        assert e["z"] == pytest.approx(e["advantage"] / e["stderr"])
+        assert e["z"] == pytest.approx(e["advantage"] / e["stderr"]) and e["p"] >= 0.05  # unclear: p at the level
