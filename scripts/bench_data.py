@@ -299,7 +299,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of the two rows compared (fastest counts)")
     parser.add_argument("--no-record", action="store_true", help="do not write docs/benchmarks.md")
     args = parser.parse_args()
-    from scalebio_cli.data.tokens.encode_chunks import default_workers
+    from scalebio_cli.data.fork_map import default_workers
 
     load_start = os.getloadavg()
     workers = default_workers()

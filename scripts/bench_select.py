@@ -2,8 +2,8 @@
 answers with their words shuffled, GPT4-LLM-Cleaned records, 200 a source by default; validation: 100 clean records
 of the same kind), or `--case orca` (orca-math records, shuffled = another record's answer). Each method is asked
 for a third of the pool, per seed (the seed draws the records and seeds the method), and must take >= 60% clean in
-every seed. RHO-loss runs with its default settings. Prints a table and replaces the section between
-`<!-- bench_select: begin -->` and `<!-- bench_select: end -->` in docs/benchmarks.md.
+every seed. RHO-loss runs with its default settings. Prints a table and replaces the case's section between
+`<!-- bench_select[ CASE]: begin -->` and `<!-- bench_select[ CASE]: end -->` in docs/benchmarks.md (alpaca: no CASE).
 
     python scripts/bench_select.py [--case alpaca|orca] [--per-source 200] [--num-val 100] [--seeds 0 1 2]
                                    [--methods rho-loss less] [--work DIR] [--no-record] [KEY=VALUE ...]  (overrides)
@@ -30,7 +30,6 @@ SHARED = ROOT.parent / "shared" / "data" / "instruct-math"
 ORCA = SHARED / "train_orca-math-word-problems-200k.json"
 ALPACA = SHARED / "train_GPT4-LLM-Cleaned.json"
 MODEL = Path.home() / ".cache" / "scalebio" / "models" / "SmolLM2-135M-Instruct"
-BEGIN, END = "<!-- bench_select: begin -->", "<!-- bench_select: end -->"
 # CPU-sized LESS (2 warm-up epochs at batch 8, projection 1,024; published: 4 epochs, 8,192); RHO-loss: defaults
 RECIPE = {"data": {"max_length": 128},
           "select": {"less": {"epochs": 2, "lr": 1e-4, "batch_size": 8, "projection_dim": 1024}}}
@@ -57,11 +56,20 @@ def pairs_from(path: Path, max_chars: int = 600):
 def run_select(recipe: Path, method: str, n: int, out: Path, seed: int, overrides: list[str]) -> tuple[dict, float]:
     start = time.perf_counter()
     result = subprocess.run([str(Path(sys.executable).parent / "scalebio"), "select", "--config", str(recipe),
-                             "--method", method, "-n", str(n), "-o", str(out), "--seed", str(seed), *overrides],
+                             "--method", method, "-n", str(n), "-o", str(out), "--seed", str(seed), "--force", *overrides],
                             capture_output=True, text=True)
     if result.returncode:
         sys.exit(f"select {method} failed:\n{result.stderr[-3000:]}")
     return json.loads(out.with_name(out.stem + ".manifest.json").read_text()), time.perf_counter() - start
+
+
+def method_defaults(method: str) -> dict:
+    """The method's select section defaults as this checkout has them: a changed default recomputes its selection."""
+    from dataclasses import asdict
+
+    from scalebio_cli.recipe.schema import LessConfig, RhoLossConfig
+
+    return asdict(RhoLossConfig() if method == "rho-loss" else LessConfig())
 
 
 def reused(out: Path, key: dict) -> tuple[dict, float] | None:
@@ -104,7 +112,8 @@ def main() -> None:
         for method in args.methods:
             out = folder / f"{method}.jsonl"
             key = {"data": {k: hashlib.sha256(Path(v).read_bytes()).hexdigest() for k, v in paths.items()},
-                   "method": method, "n": n, "seed": seed, "overrides": args.overrides, "recipe": RECIPE}
+                   "method": method, "n": n, "seed": seed, "overrides": args.overrides, "recipe": RECIPE,
+                   "defaults": method_defaults(method)}
             manifest, seconds = reused(out, key) or run_select(folder / "recipe.yaml", method, n, out, seed,
                                                                args.overrides)
             out.with_name(out.stem + ".key.json").write_text(json.dumps({**key, "seconds": seconds}))
@@ -136,8 +145,10 @@ def main() -> None:
     if not args.no_record:
         doc = ROOT / "docs" / "benchmarks.md"
         old = doc.read_text(encoding="utf-8") if doc.is_file() else "# Benchmarks\n"
-        section = f"{BEGIN}\n{table}\n{END}"
-        new = (old[: old.index(BEGIN)] + section + old[old.index(END) + len(END):] if BEGIN in old and END in old
+        tag = "" if args.case == "alpaca" else f" {args.case}"  # a section per case
+        begin, end = f"<!-- bench_select{tag}: begin -->", f"<!-- bench_select{tag}: end -->"
+        section = f"{begin}\n{table}\n{end}"
+        new = (old[: old.index(begin)] + section + old[old.index(end) + len(end):] if begin in old and end in old
                else old.rstrip() + "\n\n" + section + "\n")
         doc.write_text(new, encoding="utf-8")
     if failed:

@@ -143,6 +143,24 @@ def test_a_second_check_reads_the_cache_and_agrees(leaky: dict[str, Path], tmp_p
     assert np.array_equal(again.by_source["good"].flagged, first.by_source["good"].flagged)
 
 
+def test_a_scan_on_two_workers_is_the_scan_on_one(leaky: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    """A large source is scanned on every core (data/fork_map.py): chunk by chunk, in order, so the positions of the
+    copies and every hash are the same as one process finds, across chunk boundaries."""
+    monkeypatch.setattr(near_copies, "CHUNK", 40)
+    monkeypatch.setattr(checks, "CHUNK", 40)  # 18 chunks of the 709-record source below
+    rng = random.Random(1)
+    val = [json.loads(line) for line in leaky["val"].read_text().splitlines()]
+    records = [_record(_text(rng), _text(rng, 6)) for _ in range(650)]
+    records += [_shout(r) for r in val[:30]] + [_near(r, rng) for r in val[10:39]]
+    rng.shuffle(records)
+    source = from_path("data.sources.big", _write(tmp_path / "big.jsonl", records))
+    refs = near_copies.References({"data.validation": from_path("data.validation", leaky["val"])})
+    one, two = checks.scan(source, refs, workers=1), checks.scan(source, refs, workers=2)
+    assert (len(one.exact_pos), len(one.near_pos)) == (30, 29)
+    for name in checks.Scan.ARRAYS:
+        assert np.array_equal(getattr(one, name), getattr(two, name)), name
+
+
 def test_decontaminated_records_are_never_drawn(leaky: dict[str, Path], tokenizer, tmp_path: Path) -> None:
     from scalebio_cli.data.batching import RecordSampler
     from scalebio_cli.data.tokens.render import Renderer

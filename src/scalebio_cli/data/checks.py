@@ -22,6 +22,7 @@ calls (before_training, for_reweight): data/stage_checks.py.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +31,11 @@ from typing import Any
 import numpy as np
 
 from scalebio_cli.data.checks_report import Draws, Report, findings, print_report
-from scalebio_cli.data.near_copies import NEAR_JACCARD, References, distinct, exact_hash, text_chunks
+from scalebio_cli.data.fork_map import PARALLEL_MIN_RECORDS, default_workers, ordered_map
+from scalebio_cli.data.near_copies import CHUNK, NEAR_JACCARD, References, chunk_texts, distinct, exact_hash
 from scalebio_cli.data.read import sources as data_sources
-from scalebio_cli.data.read.sources import DataSource
+from scalebio_cli.data.read.record_reader import large_source
+from scalebio_cli.data.read.sources import DataSource, RecordChunk
 from scalebio_cli.errors import InputError
 
 CHECKS_VERSION = "1"  # bump when what a scan computes changes (cache entries of another version are not read)
@@ -56,22 +59,37 @@ class Scan:
     ARRAYS = ("hashes", "exact_pos", "exact_set", "near_pos", "near_set")
 
 
-def scan(source: DataSource, refs: References) -> Scan:
+ChunkScan = tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]  # hashes, exact match per record, near copies
+
+
+def _scan_chunk(refs: References, chunk: RecordChunk) -> ChunkScan:
+    """One chunk's hashes, the reference set each record copies (-1: none) and its near copies `(i, set)`."""
+    texts = chunk_texts(chunk)
+    h = np.fromiter((exact_hash(t) for t in texts), dtype=np.uint64, count=len(texts))
+    found = refs.exact_match(h)
+    return h, found, refs.near_matches(texts, found < 0)
+
+
+def scan(source: DataSource, refs: References, workers: int | None = None) -> Scan:
     """Stream over the source's records: hashes, exact copies of reference records, then near copies among the
-    records whose 3-grams lie mostly (>= NEAR_JACCARD) in the references' (the only ones that can be near)."""
+    records whose 3-grams lie mostly (>= NEAR_JACCARD) in the references' (the only ones that can be near).
+    `workers`: processes (data/fork_map.py; default: one per core for a source of PARALLEL_MIN_RECORDS records or
+    more); chunks are independent, so any number gives the same scan."""
+    if workers is None:
+        large = large_source(source, PARALLEL_MIN_RECORDS, bytes_per_record=800)
+        workers = default_workers() if large else 1
     hashes: list[np.ndarray] = []
     exact_pos, exact_set, near_pos, near_set = [], [], [], []
     start = 0
-    for texts in text_chunks(source):
-        h = np.fromiter((exact_hash(t) for t in texts), dtype=np.uint64, count=len(texts))
+    chunks = data_sources.iter_record_chunks(source, CHUNK)
+    for h, found, near in ordered_map(functools.partial(_scan_chunk, refs), chunks, workers):
         hashes.append(h)
-        found = refs.exact_match(h)
         exact_pos += (np.flatnonzero(found >= 0) + start).tolist()
         exact_set += found[found >= 0].tolist()
-        for i, j in refs.near_matches(texts, found < 0):
+        for i, j in near:
             near_pos.append(start + i)
             near_set.append(j)
-        start += len(texts)
+        start += len(h)
     as_int = [np.asarray(x, dtype=np.int64) for x in (exact_pos, exact_set, near_pos, near_set)]
     return Scan(np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64), *as_int)
 

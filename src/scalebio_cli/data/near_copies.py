@@ -24,7 +24,7 @@ import numpy as np
 
 from scalebio_cli.data.read import sources as data_sources
 from scalebio_cli.data.read.records import Example
-from scalebio_cli.data.read.sources import DataSource
+from scalebio_cli.data.read.sources import DataSource, RecordChunk
 
 NEAR_JACCARD = 0.7  # word 3-gram Jaccard similarity from which a record counts as a near copy
 SHINGLE = 3  # words per shingle
@@ -55,11 +55,17 @@ _SPACE_BYTES = np.zeros(256, dtype=bool)
 _SPACE_BYTES[list(b" \t\n\r\x0b\x0c")] = True
 
 
+_POWERS: dict[int, np.ndarray] = {}  # base -> its powers so far: every chunk needs them, computed once
+
+
 def _powers(base: int, n: int) -> np.ndarray:
     """base**0 .. base**(n-1) modulo 2**64 (numpy's uint64 products wrap)."""
-    out = np.full(n, base, dtype=np.uint64)
-    out[0] = 1
-    return np.cumprod(out, dtype=np.uint64)
+    if len(_POWERS.get(base, ())) < n:
+        size = max(n, 2 * len(_POWERS.get(base, ())))
+        out = np.full(size, base, dtype=np.uint64)
+        out[0] = 1
+        _POWERS[base] = np.cumprod(out, dtype=np.uint64)
+    return _POWERS[base][:n]
 
 
 def _mix(h: np.ndarray) -> np.ndarray:
@@ -139,15 +145,13 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return both / (len(a) + len(b) - both)
 
 
+def chunk_texts(chunk: RecordChunk) -> list[str]:
+    return [record_text(example) for _, example in chunk.examples()]
+
+
 def text_chunks(source: DataSource) -> Iterator[list[str]]:
-    texts: list[str] = []
-    for _, example in data_sources.iter_examples(source):
-        texts.append(record_text(example))
-        if len(texts) >= CHUNK:
-            yield texts
-            texts = []
-    if texts:
-        yield texts
+    for chunk in data_sources.iter_record_chunks(source, CHUNK):
+        yield chunk_texts(chunk)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,12 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from scalebio_cli.data.fork_map import PARALLEL_MIN_RECORDS, default_workers
 from scalebio_cli.data.read import sources as data_sources
 from scalebio_cli.data.read.record_reader import large_source, may_read_lazily
 from scalebio_cli.data.read.sources import DataSource
 from scalebio_cli.data.read.tables import plain_file
 from scalebio_cli.data.tokens import token_cache
-from scalebio_cli.data.tokens.encode_chunks import CHUNK, PARALLEL_MIN_RECORDS, default_workers, encode_all
+from scalebio_cli.data.tokens.encode_chunks import CHUNK, encode_all
 from scalebio_cli.data.tokens.lazy_tokens import LazyTokens
 from scalebio_cli.data.tokens.render import Renderer
 from scalebio_cli.errors import InputError
@@ -159,7 +160,7 @@ def load_tokenized(source: DataSource | str | Path, renderer: Renderer, cache_di
                    progress: Progress | None = None) -> TokenizedData:
     """Tokenize a source (a data file, or any DataSource), or map it from the cache. Raises InputError for
     unreadable or malformed data. `workers`: processes for a cold pass (default: one per core for a source of
-    encode_chunks.PARALLEL_MIN_RECORDS records or more). `progress`: shown for a cold pass over such a source."""
+    fork_map.PARALLEL_MIN_RECORDS records or more). `progress`: shown for a cold pass over such a source."""
     if not isinstance(source, DataSource):
         source = data_sources.from_path(str(source), source)
     path = Path(source.path)
