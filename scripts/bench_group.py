@@ -129,8 +129,13 @@ def run_messy(work: Path, args: argparse.Namespace) -> list[str]:
     kinds = ["clean", "dot", "shuffled", "offtopic"]
     table = group_counts(grouped, labels)
     purity = sum(max(c.values()) for c in table.values()) / len(labels)
-    lines = [f"### (a) one messy file: {len(labels)} records ({args.clean} clean), a third ({n}) sampled", "",
-             f"Groups (k by silhouette; purity {purity:.0%}):", "", *contingency(table, kinds), ""]
+    manifest = json.loads(grouped.with_name(grouped.stem + ".manifest.json").read_text())
+    tried = manifest.get("k_scores") or {}
+    how = (f"k = {manifest['k']} by silhouette ({', '.join(f'k={k} {v:.3f}' for k, v in tried.items())})" if tried
+           else f"k = {manifest['k']}, given")
+    what = "grouping only" if args.group_only else f"a third ({n}) sampled"
+    lines = [f"### (a) one messy file: {len(labels)} records ({args.clean} clean), {what}", "",
+             f"Groups ({how}; purity {purity:.0%}):", "", *contingency(table, kinds), ""]
     if args.group_only:
         return lines
     grouped_recipe = recipe(work, {"messy": {"path": str(grouped), "split_by": "group"}}, val, "reweight")

@@ -81,12 +81,14 @@ def top_n(scores: dict[str, np.ndarray], num_samples: int) -> list[tuple[str, in
 
 def write_scores(path: Path, scores: dict[str, np.ndarray], record_index: dict[str, np.ndarray]) -> None:
     """Every scored record's score, one JSON line each: `{"source": NAME, "index": RECORD, "score": S}` (RECORD: its
-    position in the source file, as `sample --rank-by` and the manifest count; S null where not finite)."""
-    from scalebio_cli.files import write_text
+    position in the source file, as `sample --rank-by` and the manifest count; S null where not finite). Written
+    a line at a time (a pool of millions would otherwise hold every line at once), atomically."""
+    from scalebio_cli.files import atomic_path
 
-    lines = [json.dumps({"source": n, "index": int(i), "score": float(v) if np.isfinite(v) else None}) + "\n"
-             for n, values in scores.items() for i, v in zip(record_index[n].tolist(), values.tolist())]
-    write_text(path, "".join(lines))
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        for n, values in scores.items():
+            for i, v in zip(record_index[n].tolist(), values.tolist()):
+                f.write(json.dumps({"source": n, "index": int(i), "score": v if np.isfinite(v) else None}) + "\n")
 
 
 def _data_checks(recipe: Recipe, dist: Any) -> None:
