@@ -116,7 +116,7 @@ compare-math-gpu: smollm2 instruct-math-data
 study-lam: install
 	$(BIN)/python scripts/study_lam.py
 
-# 8m05s on a 2-core CPU-only machine with nothing else running (README; 10m05s with the install); several times that on busy
+# 7m21s on a 2-core CPU-only machine with nothing else running (README; 9m21s with the install); several times that on busy
 # cores
 test: install
 	$(BIN)/python -m pytest -q
