@@ -56,7 +56,8 @@ def pairs_from(path: Path, max_chars: int = 600):
 def run_select(recipe: Path, method: str, n: int, out: Path, seed: int, overrides: list[str]) -> tuple[dict, float]:
     start = time.perf_counter()
     result = subprocess.run([str(Path(sys.executable).parent / "scalebio"), "select", "--config", str(recipe),
-                             "--method", method, "-n", str(n), "-o", str(out), "--seed", str(seed), "--force", *overrides],
+                             "--method", method, "-n", str(n), "-o", str(out), "--seed", str(seed), "--force",
+                             *overrides],
                             capture_output=True, text=True)
     if result.returncode:
         sys.exit(f"select {method} failed:\n{result.stderr[-3000:]}")

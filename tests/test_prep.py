@@ -139,7 +139,7 @@ def test_a_cold_pass_over_a_large_source_reports_progress(data_file: Path, tmp_p
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A long cold pass shows a progress bar (the records to come, then each chunk's records); a pass from the
     cache, or over a small source, shows none."""
-    from scalebio_cli.data.tokens import tokenized
+    from scalebio_cli.data import fork_map
 
     shown: list[tuple[str, object]] = []
 
@@ -150,7 +150,7 @@ def test_a_cold_pass_over_a_large_source_reports_progress(data_file: Path, tmp_p
     renderer = Renderer(tokenizer, 32)
     small = load_all([("small", str(data_file))], renderer, tmp_path / "cache-small", progress=progress)
     assert not shown and small[0].num_records == 300
-    monkeypatch.setattr(tokenized, "PARALLEL_MIN_RECORDS", 5)  # the file counts as large: bytes >= 5 x 800
+    monkeypatch.setattr(fork_map, "PARALLEL_MIN_RECORDS", 5)  # the file counts as large: bytes >= 5 x 800
     (data,) = load_all([("big", str(data_file))], renderer, tmp_path / "cache", progress=progress)
     assert shown[0] == ("big", 300) and sum(n for _, n in shown[1:]) == 300 == data.num_records
     shown.clear()

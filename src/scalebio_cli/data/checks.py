@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 
 from scalebio_cli.data.checks_report import Draws, Report, findings, print_report
-from scalebio_cli.data.fork_map import PARALLEL_MIN_RECORDS, default_workers, ordered_map
+from scalebio_cli.data.fork_map import ordered_map
 from scalebio_cli.data.near_copies import CHUNK, NEAR_JACCARD, References, chunk_texts, distinct, exact_hash
 from scalebio_cli.data.read import sources as data_sources
-from scalebio_cli.data.read.record_reader import large_source
+from scalebio_cli.data.read.record_reader import full_pass_workers
 from scalebio_cli.data.read.sources import DataSource, RecordChunk
 from scalebio_cli.errors import InputError
 
@@ -73,11 +73,10 @@ def _scan_chunk(refs: References, chunk: RecordChunk) -> ChunkScan:
 def scan(source: DataSource, refs: References, workers: int | None = None) -> Scan:
     """Stream over the source's records: hashes, exact copies of reference records, then near copies among the
     records whose 3-grams lie mostly (>= NEAR_JACCARD) in the references' (the only ones that can be near).
-    `workers`: processes (data/fork_map.py; default: one per core for a source of PARALLEL_MIN_RECORDS records or
-    more); chunks are independent, so any number gives the same scan."""
+    `workers`: processes (data/fork_map.py; default: record_reader.full_pass_workers); chunks are independent, so
+    any number gives the same scan."""
     if workers is None:
-        large = large_source(source, PARALLEL_MIN_RECORDS, bytes_per_record=800)
-        workers = default_workers() if large else 1
+        workers = full_pass_workers(source)
     hashes: list[np.ndarray] = []
     exact_pos, exact_set, near_pos, near_set = [], [], [], []
     start = 0

@@ -20,6 +20,7 @@ R = TypeVar("R")
 
 MAX_WORKERS = 8
 PARALLEL_MIN_RECORDS = 20_000  # below this a pool's start-up (~0.1 s per forked worker) is not worth it
+_END = object()  # the end of the items (an item may be None)
 _task: Callable[[Any], Any] | None = None  # set in the parent just before forking; each worker inherits it
 
 
@@ -54,12 +55,12 @@ def ordered_map(task: Callable[[T], R], items: Iterable[T], workers: int = 1) ->
             reading = iter(items)
             while True:
                 try:
-                    item = next(reading, None)
+                    item = next(reading, _END)
                 except Exception:
                     while pending:
                         yield pending.popleft().get()
                     raise
-                if item is None:
+                if item is _END:
                     break
                 pending.append(pool.apply_async(_call, (item,)))
                 if len(pending) >= 3 * workers:

@@ -307,7 +307,7 @@ class RhoLossConfig:
     patience: int = setting(2, affects=NONE, check=at_least(1))  # epochs without a better held-out loss: stop
     min_steps: int = setting(50, affects=NONE, check=at_least(0))  # optimizer steps at least, whatever it does
     # AdamW, constant. Measured on SmolLM2-135M (docs/internals.md, "RHO-loss"): at 1e-4 the model over-fits 80
-    # records within 10 steps and RHO-loss kept 52-55% clean; at 3e-5 it improves for two epochs and kept 67-82%.
+    # records within 10 steps and RHO-loss kept 52-55% clean; at 3e-5 it improves for two epochs and kept 66-82%.
     # Lower it for larger models (the held-out loss in the log says whether it fitted)
     lr: float = setting(3e-5, affects=NONE, check=RATE)
     batch_size: int = setting(8, affects=NONE, check=at_least(1))  # records a step (small: steps on little data)

@@ -13,6 +13,7 @@ the main process alone writes.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,7 @@ def write_scores(path: Path, scores: dict[str, np.ndarray], record_index: dict[s
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for n, values in scores.items():
             for i, v in zip(record_index[n].tolist(), values.tolist()):
-                f.write(json.dumps({"source": n, "index": int(i), "score": v if np.isfinite(v) else None}) + "\n")
+                f.write(json.dumps({"source": n, "index": int(i), "score": v if math.isfinite(v) else None}) + "\n")
 
 
 def _data_checks(recipe: Recipe, dist: Any) -> None:

@@ -137,6 +137,22 @@ def large_source(source: DataSource, records: int, bytes_per_record: int = 100) 
     return data_sources.count(source) >= records
 
 
+def long_pass(source: DataSource) -> bool:
+    """Whether a full pass over the source (tokenizing it whole, the data checks) is worth a pool of workers and a
+    progress bar: it may hold fork_map.PARALLEL_MIN_RECORDS records (~850 bytes a record of instruct-math: sized
+    at 800)."""
+    from scalebio_cli.data.fork_map import PARALLEL_MIN_RECORDS
+
+    return large_source(source, PARALLEL_MIN_RECORDS, bytes_per_record=800)
+
+
+def full_pass_workers(source: DataSource) -> int:
+    """Processes for a full pass over the source: one per core for a long pass, else 1."""
+    from scalebio_cli.data.fork_map import default_workers
+
+    return default_workers() if long_pass(source) else 1
+
+
 def may_read_lazily(source: DataSource, records: int = LAZY_MIN_RECORDS) -> bool:
     """Whether a source is read by position and may hold `records` records or more (the exact count is the
     caller's next read)."""

@@ -21,9 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from scalebio_cli.data.fork_map import PARALLEL_MIN_RECORDS, default_workers
 from scalebio_cli.data.read import sources as data_sources
-from scalebio_cli.data.read.record_reader import large_source, may_read_lazily
+from scalebio_cli.data.read.record_reader import full_pass_workers, long_pass, may_read_lazily
 from scalebio_cli.data.read.sources import DataSource
 from scalebio_cli.data.read.tables import plain_file
 from scalebio_cli.data.tokens import token_cache
@@ -159,8 +158,8 @@ def load_tokenized(source: DataSource | str | Path, renderer: Renderer, cache_di
                    sha256: str | None = None, workers: int | None = None,
                    progress: Progress | None = None) -> TokenizedData:
     """Tokenize a source (a data file, or any DataSource), or map it from the cache. Raises InputError for
-    unreadable or malformed data. `workers`: processes for a cold pass (default: one per core for a source of
-    fork_map.PARALLEL_MIN_RECORDS records or more). `progress`: shown for a cold pass over such a source."""
+    unreadable or malformed data. `workers`: processes for a cold pass (default: record_reader.full_pass_workers).
+    `progress`: shown for a cold pass over a large source (record_reader.long_pass)."""
     if not isinstance(source, DataSource):
         source = data_sources.from_path(str(source), source)
     path = Path(source.path)
@@ -174,12 +173,11 @@ def load_tokenized(source: DataSource | str | Path, renderer: Renderer, cache_di
                                  max_length=renderer.max_length, from_cache=True)
         # else: a damaged entry, rebuilt below
 
-    # ~850 bytes per record of instruct-math: a file this large is worth a pool of workers, and a progress bar
-    large = large_source(source, PARALLEL_MIN_RECORDS, bytes_per_record=800)
+    long = long_pass(source)
     if workers is None:
-        workers = default_workers() if large else 1
+        workers = full_pass_workers(source)
     arrays = _tokenize(source, renderer, workers,
-                       progress(_cheap_count(source)) if progress is not None and large else _unshown)
+                       progress(_cheap_count(source)) if progress is not None and long else _unshown)
     num_records = len(arrays["full_lengths"])
     with contextlib.suppress(OSError):  # an unwritable cache only costs time
         token_cache.write(folder, arrays, {"num_records": num_records, "source": str(path)})
