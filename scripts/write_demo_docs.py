@@ -208,7 +208,8 @@ def render(name: str, rec: dict) -> str:
                 f'  "weights": {r3(demo["weights"])},\n  "weights_averaged": {r3(demo["weights_averaged"])},\n'
                 f'  "evidence": {{"{names[0]}": {{"advantage": {ev["advantage"]:.3f}, '
                 f'"stderr": {_num(ev["stderr"], ".3f")}, "z": {_num(ev["z"], ".2f")}, "steps": {ev["steps"]},\n'
-                f'              "p": {_num(ev["p"], ".2g")}, "verdict": "{ev["verdict"]}"}}, "...": "..."}},\n'
+                f'              "contrast": {_num(ev.get("contrast"), ".3f")}, "t": {_num(ev.get("t"), ".2f")}, '
+                f'"p": {_num(ev["p"], ".2g")}, "verdict": "{ev["verdict"]}"}}, "...": "..."}},\n'
                 f'  "sources": {{"{names[0]}": {{"path": "/abs/demo/data/...", "num_examples": 600, '
                 '"sha256": "..."}, "...": "..."},\n'
                 f'  "trajectory": [{{"step": 0, "weights": {r3(uniform)}}}, "..."],\n'
@@ -222,12 +223,13 @@ def render(name: str, rec: dict) -> str:
                 f"{_minutes(quick['reweight'])}; all five commands {quick['commands']['wall_min']:.1f} min. A "
                 "135M model such as SmolLM2 is ~500x larger: its CPU times are in docs/results.md.\n")
     if name == "weights":
-        lines = ["| source | weight | averaged (2nd half) | evidence z | p (Holm) | verdict | lam steps |",
-                 "|---|---:|---:|---:|---:|---|---:|"]
+        lines = ["| source | weight | averaged (2nd half) | z (vs the mixture) | t (vs the rest) | p (Holm, of t) "
+                 "| verdict | lam steps |", "|---|---:|---:|---:|---:|---:|---|---:|"]
         for n in sorted(names, key=lambda n: -demo["weights"][n]):
             ev = demo["evidence"][n]
             lines.append(f"| {n} | {demo['weights'][n]:.3f} | {demo['weights_averaged'][n]:.3f} | "
-                         f"{_num(ev['z'], '+.2f')} | {_num(ev['p'], '.2g')} | {ev['verdict']} | {ev['steps']} |")
+                         f"{_num(ev['z'], '+.2f')} | {_num(ev.get('t'), '+.2f')} | {_num(ev['p'], '.2g')} | "
+                         f"{ev['verdict']} | {ev['steps']} |")
         return "\n".join(lines) + "\n"
     if name == "pipeline":
         lines = ["| sampling | test loss | perplexity | counts |", "|---|---:|---:|---|"]

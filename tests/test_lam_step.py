@@ -213,7 +213,7 @@ def test_weights_json_carries_evidence(demo: Path, tmp_path: Path) -> None:
     for e in evidence.values():
         assert e["steps"] == 12 and e["stderr"] is None and e["p"] is None and e["verdict"] == "unclear"
         assert e["batch_steps"] == 20 and e["batches"] == 0
-    assert "verdict at p < 0.01" in result.stderr and "a verdict needs roughly 80 steps" in result.stderr
+    assert "verdict from t at p < 0.01" in result.stderr and "a verdict needs roughly 80 steps" in result.stderr
     # 12 lam steps cannot show that a weight levelled off (the demo's 200 can: test_reweight_cli)
     assert doc["settled"]["all"] is False and not any(doc["settled"]["by_source"].values())
 
@@ -306,3 +306,4 @@ def test_no_signal_calls_no_source(demo: Path, tmp_path: Path, composition: str)
         assert e["batch_steps"] == max(1, math.ceil(4 * e["autocorrelation_time"] - 1e-9))
         assert e["batches"] == 48 // e["batch_steps"]
         assert e["z"] == pytest.approx(e["advantage"] / e["stderr"]) and e["p"] >= 0.05  # unclear: p at the level
+        assert e["t"] == pytest.approx(e["contrast"] / e["contrast_stderr"])

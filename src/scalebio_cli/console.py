@@ -167,16 +167,21 @@ class SpeakingProgress(Progress):
 
 def format_evidence(evidence: dict[str, dict], level: float | None = None, tested: int | None = None) -> str:
     """The log's evidence lines: per source its mean advantage, standard error, z and, where the file has them
-    (CONTRACT v4), the Holm-adjusted p and the verdict at `level` (weights.json `evidence_level`); `tested`: the
-    number of sources the p values were adjusted for (a placebo adds one), default those shown."""
-    at = f"verdict at p < {level:g}; " if level is not None else ""
-    lines = ["[bold]evidence[/] (advantage of w over u on a source, vs the mixture; z = advantage / stderr; "
-             f"{at}p two-sided, adjusted for {tested or len(evidence)} sources)"]
+    (CONTRACT v4), the contrast with the rest of the mixture, its t, the Holm-adjusted p and the verdict at `level`
+    (weights.json `evidence_level`); `tested`: the number of sources the p values were adjusted for (a placebo
+    adds one), default those shown."""
+    at = f"verdict from t at p < {level:g}, " if level is not None else ""
+    lines = ["[bold]evidence[/] (advantage of w over u on a source, vs the whole mixture: z = advantage / stderr; "
+             f"vs the rest: the same against the other sources; {at}p two-sided, adjusted for "
+             f"{tested or len(evidence)} sources)"]
     for name, e in evidence.items():
         if e["z"] is None or e["stderr"] is None or e["advantage"] is None:
             numbers = f"{e['steps']} lam steps: too few to estimate the error"
         else:
-            numbers = f"{e['advantage']:+.2e} ± {e['stderr']:.1e}  z {e['z']:+6.2f}  ({e['steps']} lam steps)"
+            numbers = f"{e['advantage']:+.2e} ± {e['stderr']:.1e}  z {e['z']:+6.2f}"
+            if isinstance(e.get("t"), (int, float)) and isinstance(e.get("contrast"), (int, float)):
+                numbers += f"  vs the rest {e['contrast']:+.2e}  t {e['t']:+6.2f}"
+            numbers += f"  ({e['steps']} lam steps)"
         if "verdict" in e:
             p = e.get("p")
             verdict = f"{e['verdict']}" + (f" (p {p:.2g})" if isinstance(p, (int, float)) else "")

@@ -248,11 +248,13 @@ def evidence_table(doc: dict[str, Any]) -> str:
              if isinstance(settled, dict) else [])
     moving = (f"<p class=meta><b>Weights still moving:</b> {html.escape(', '.join(map(str, still)))} (more steps, "
               "weights_averaged, or a decaying lam rate)</p>" if still else "")
-    return ("<h2>Evidence</h2><table><tr><th>source</th><th>advantage</th><th>stderr</th><th>z</th><th>p</th>"
-            "<th>steps</th><th>verdict</th></tr>" + "".join(rows) + "</table>"
-            "<p class=meta>advantage: the mean of the source's centred paired difference over the steps in which "
-            "lambda moved (positive: the direction in which lambda raises the source); stderr from batches of "
-            f"steps longer than their correlation; z = advantage / stderr; {rule}.</p>" + moving)
+    return ("<h2>Evidence</h2><table><tr><th>source</th><th>advantage</th><th>stderr</th><th>z</th>"
+            "<th>vs the rest</th><th>t</th><th>p</th><th>steps</th><th>verdict</th></tr>" + "".join(rows) +
+            "</table><p class=meta>advantage: the mean of the source's centred paired difference over the steps in "
+            "which lambda moved (positive: the direction in which lambda raises the source); stderr from batches "
+            "of steps longer than their correlation; z = advantage / stderr. vs the rest: the same against the "
+            "other sources (a placebo: against the source it was split from), which keeps its size as a source's "
+            f"weight nears 1; t = it / its stderr, and p tests it; {rule}.</p>" + moving)
 
 
 def _evidence_row(name: str, e: dict[str, Any]) -> str:
@@ -268,6 +270,7 @@ def _evidence_row(name: str, e: dict[str, Any]) -> str:
     cls = " class=weak" if weak else ""
     return (f"<tr{cls}><td>{html.escape(str(name))}</td><td class=n>{_fmt(e.get('advantage'))}</td>"
             f"<td class=n>{_fmt(e.get('stderr'))}</td><td class=n>{_fmt(z, 2)}</td>"
+            f"<td class=n>{_fmt(e.get('contrast'))}</td><td class=n>{_fmt(e.get('t'), 2)}</td>"
             f"<td class=n>{_fmt(e.get('p'))}</td><td class=n>{_fmt(e.get('steps'))}</td>"
             f"<td>{html.escape(reading)}</td></tr>")
 

@@ -319,7 +319,8 @@ def finish(rw: Reweighting) -> Path:
     cfg, names, real = rw.recipe.reweight, rw.names, rw.real_names
     final = rw.lam.as_dict(names)
     averaged = dict(zip(names, (rw.weights_sum / (cfg.steps - rw.avg_from)).tolist()))
-    evidence = rw.lam.evidence(names, evidence_batch(rw), cfg.evidence_level)
+    twins = {rw.placebo.name: rw.placebo.split_from} if rw.placebo else None  # the placebo: against its twin
+    evidence = rw.lam.evidence(names, evidence_batch(rw), cfg.evidence_level, twins)
     history = [list(renormalise(dict(zip(names, row)), real).values()) for row in rw.lam.history]
     trajectory = [{"step": p["step"], "weights": renormalise(p["weights"], real)} for p in rw.trajectory]
     path = rw.out / "weights.json"
@@ -371,13 +372,13 @@ def log_finish(rw: Reweighting, doc: dict[str, Any]) -> None:
         e = control["evidence"]
         p = f", p {e['p']:.2g}" if e.get("p") is not None else ""
         console.print(f"[bold]placebo[/] {escape(control['name'])} (half of {escape(control['split_from'])}, the "
-                      f"same data): weight {control['weight']:.3f}, {e['verdict']}{p}  [dim]the run's noise floor: a "
-                      "real source called no more surely than this one is not shown to differ[/]")
-    everything = {**doc["evidence"], **({control["name"]: control["evidence"]} if control else {})}
-    need = verdict.steps_for_verdict(everything, doc["evidence_level"], cfg.lambda_every)
-    if need is not None:
-        unclear = ", ".join(escape(n) for n, e in everything.items() if e["verdict"] == "unclear")
-        batch = max(e["batch_steps"] for e in everything.values())
+                      f"same data): weight {control['weight']:.3f}, against {escape(control['split_from'])}: "
+                      f"{e['verdict']}{p}  [dim]the run's noise floor: its verdict is a false alarm whenever it "
+                      "is not unclear[/]")
+    need = verdict.steps_for_verdict(doc["evidence"], doc["evidence_level"], cfg.lambda_every)
+    if need is not None:  # the placebo is left out: unclear is what it should say
+        unclear = ", ".join(escape(n) for n, e in doc["evidence"].items() if e["verdict"] == "unclear")
+        batch = max(e["batch_steps"] for e in doc["evidence"].values())
         console.print(f"[yellow]unclear:[/] {unclear}; a verdict needs roughly {need + cfg.delay:,} steps (this "
                       f"run: {cfg.steps:,}; at least {verdict.MIN_BATCHES} batches of {batch} lam steps, then "
                       "enough of them for the effect)")

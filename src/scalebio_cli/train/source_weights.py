@@ -17,8 +17,10 @@ centring runs over the sources present, so absence neither pushes a source up no
 gradient of sum_k s_k log m_k while u and w optimise sum_k s_k m_k, so it moves the method's fixed point.
 
 Evidence (CONTRACT v3, v4): per source, the series of a_k = -(d_k - s.d) over the lam steps in which it was present
-(positive: w gains more on it than on the mixture, the direction in which lam raises it); train/verdict.py turns
-the series into a mean, a standard error that holds under autocorrelation, a Holm-adjusted p and a verdict.
+(positive: w gains more on it than on the mixture, the direction in which lam raises it), and of its contrast with
+the rest of the mixture (`contrasts`: a_k minus the other present sources' advantages weighted by s, which equals
+a_k / (1 - s_k) and does not vanish as s_k nears 1); train/verdict.py turns them into means, standard errors that
+hold under autocorrelation, a Holm-adjusted p and a verdict.
 
 The optimizer: `adamw` is the reference's (its run scripts pass `name=adamw` and lam's optimizer is built before
 the weight decay 5e-4 of u and w is set, so lam gets torch's default decay 0.01, a slow pull towards uniform);
@@ -131,17 +133,30 @@ class SourceWeights:
         """The learning rate of the latest lam step (the one its update used)."""
         return self._lr
 
-    def series(self) -> list[np.ndarray]:
-        """Per source, a_k over the lam steps in which it was present."""
-        return [np.asarray([row[k] for row in self.advantages if row[k] is not None], dtype=np.float64)
-                for k in range(self.lam.shape[0])]
+    def series(self, twins: dict[int, int] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per source, over the lam steps in which it was present: a_k, and the contrast its verdict tests (against
+        the rest of the mixture; for a source in `twins`, a placebo, against the source it was split from)."""
+        k = self.lam.shape[0]
+        a = np.asarray([[np.nan if v is None else v for v in row] for row in self.advantages],
+                       dtype=np.float64).reshape(-1, k)
+        if len(self.history) == len(self.advantages):  # the weights each lam step used: those before it
+            s = np.vstack([np.full((1, k), 1.0 / k), np.asarray(self.history, dtype=np.float64).reshape(-1, k)[:-1]])
+        else:  # a checkpoint of a version that kept no history: the rest unweighted
+            s = np.full(a.shape, 1.0 / k)
+        c = verdict.contrasts(a, s)
+        for placebo, twin in (twins or {}).items():
+            c[:, placebo] = a[:, placebo] - a[:, twin]
+        return [a[~np.isnan(a[:, j]), j] for j in range(k)], [c[~np.isnan(c[:, j]), j] for j in range(k)]
 
-    def evidence(self, names: list[str], min_batch: int = 1,
-                 level: float = verdict.DEFAULT_LEVEL) -> dict[str, dict[str, Any]]:
-        """weights.json `evidence`: per source, mean advantage, its standard error, z, the lam steps behind it, p
-        (Holm-adjusted over `names`) and the verdict at `level` (train/verdict.py). `min_batch`: the shortest batch
-        of lam steps the error may use (the LISA interval in lam steps)."""
-        return dict(zip(names, verdict.evaluate(self.series(), min_batch, level)))
+    def evidence(self, names: list[str], min_batch: int = 1, level: float = verdict.DEFAULT_LEVEL,
+                 twins: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+        """weights.json `evidence`: per source, mean advantage, its standard error, z, the lam steps behind it, the
+        contrast with the rest and its t, p (Holm-adjusted over `names`) and the verdict at `level`
+        (train/verdict.py). `min_batch`: the shortest batch of lam steps the error may use (the LISA interval in
+        lam steps). `twins`: a placebo's name -> the source it was split from (its contrast is against that)."""
+        index = {n: i for i, n in enumerate(names)}
+        a, c = self.series({index[p]: index[t] for p, t in (twins or {}).items()})
+        return dict(zip(names, verdict.evaluate(a, c, min_batch, level)))
 
     def state_dict(self) -> dict:
         return {"lam": self.lam.detach().clone(), "optimizer": self.optimizer.state_dict(),

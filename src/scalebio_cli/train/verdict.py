@@ -1,11 +1,19 @@
 """How sure a run is of each source (CONTRACT v4 "A verdict per source"; ALGORITHM.md "How sure a run is").
 
-Per source, the series a_k of its centred paired difference over the lam steps; the question is whether its mean
-is away from zero. The series is autocorrelated (u and w carry Adam momentum, LISA trains the same blocks for
-`interval` steps, lam drifts), so:
+Per source, two series over the lam steps (train/source_weights.py builds both):
+- the advantage a_k = -(d_k - s.d): the source against the whole mixture, itself included (CONTRACT v3's
+  `advantage`, `stderr`, `z`). It shrinks with (1 - s_k): a source whose weight nears 1 IS the mixture, so its
+  advantage vanishes however clearly the run prefers it (the demo's clean source: z 2.0 at weight 0.89);
+- the contrast c_k = a_k / (1 - s_k): the source against the rest of the mixture (the other sources, weighted as
+  lam weighs them). It has the sign of lam's gradient at every step, and the same zero mean under no signal, but
+  keeps its size as the weights settle. The verdict tests it (`contrast`, `contrast_stderr`, `t`, `p`); a
+  placebo's contrast is against the source it was split from (zero mean by construction).
+
+For each, whether its mean is away from zero. The series are autocorrelated (u and w carry Adam momentum, LISA
+trains the same blocks for `interval` steps, lam drifts), so:
 
 1. the integrated autocorrelation time tau = 1 + 2 sum_t rho_t is estimated by Geyer's (1992) initial positive
-   (and monotone) sequence from the autocorrelation of the run's series about their least-squares lines (a
+   (and monotone) sequence from the autocorrelation of the run's contrast series about their least-squares lines (a
    drifting mean is not correlation; see `detrend`), averaged over its sources (they share the mechanism; the
    average is far less noisy than one source's);
 2. batches are BATCH_FACTOR x tau lam steps long, and never shorter than `min_batch` (the LISA interval in lam
@@ -13,14 +21,14 @@ is away from zero. The series is autocorrelated (u and w carry Adam momentum, LI
 3. batch means of that length are still slightly correlated, which biases their variance low (to first order
    by tau / (2 x batch length)); the variance is divided by that bias, estimated from the same autocorrelations,
    and never taken below the plain (independent-steps) variance;
-4. z = mean / stderr is referred to Student t with (batches - 1) degrees of freedom (two-sided p);
+4. t = mean / stderr is referred to Student t with (batches - 1) degrees of freedom (two-sided p);
 5. the K p values of a run are tested together: Holm's step-down adjustment keeps the familywise rate of any
    verdict under no signal at the level, whatever the dependence between the K statistics (they are tied:
    sum_k s_k a_k = 0).
 
 tests/test_verdict.py simulates this very code under no signal (AR(1) series, rho up to 0.9, 20 to 1,000 steps,
-2 to 10 tied sources) and under a shift. Everything is numpy over leading axes, so a simulation runs thousands of
-runs at once and a real run is the case of one.
+2 to 10 tied sources, weights fixed or settling on one source) and under a shift. Everything is numpy over leading
+axes, so a simulation runs thousands of runs at once and a real run is the case of one.
 """
 
 from __future__ import annotations
@@ -33,6 +41,23 @@ import numpy as np
 BATCH_FACTOR = 4  # batch length >= BATCH_FACTOR x tau: batch means nearly uncorrelated (their bias ~ 1/(2 x 4))
 MIN_BATCHES = 4  # fewer batches: no verdict (3 degrees of freedom is the least a t reference is worth)
 DEFAULT_LEVEL = 0.05
+
+
+def contrasts(a: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Each source's advantage minus the rest of the mixture's: c_k = a_k - sum_{j != k} s_j a_j / sum_{j != k} s_j
+    over the sources present. a: (..., steps, K) advantages, NaN where absent; s: the weights each lam step used,
+    broadcast to a. Since sum_j s_j a_j = 0 over the present sources, c_k = a_k / (1 - s_k) (s renormalised over
+    them): the sign of lam's gradient, without the factor that makes a settled source's advantage vanish. Computed
+    from the others' advantages rather than by that division, which would blow up a float32 advantage's rounding
+    as s_k nears 1. NaN where the source is absent or alone."""
+    present = ~np.isnan(a)
+    s = np.broadcast_to(s, a.shape)
+    weighted = np.where(present, s * np.nan_to_num(a), 0.0)
+    mass = np.where(present, s, 0.0)
+    rest_mass = mass.sum(axis=-1, keepdims=True) - mass
+    rest = weighted.sum(axis=-1, keepdims=True) - weighted
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(present & (rest_mass > 0), a - rest / rest_mass, np.nan)
 
 
 def autocorrelation(x: np.ndarray) -> np.ndarray:
@@ -173,36 +198,50 @@ def run_time(series: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return rho, tau, lags
 
 
-def evaluate(series: list[np.ndarray], min_batch: int = 1, level: float = DEFAULT_LEVEL) -> list[dict[str, Any]]:
-    """Per source of one run: advantage, stderr, z, steps, p (Holm-adjusted over the run's sources), verdict, and
-    the batches behind them (`batches`, `batch_steps`, `autocorrelation_time`, all in lam steps)."""
-    rho, tau, lags = run_time(series)
+def evaluate(advantages: list[np.ndarray], contrasts: list[np.ndarray], min_batch: int = 1,
+             level: float = DEFAULT_LEVEL) -> list[dict[str, Any]]:
+    """Per source of one run: its advantage (mean, stderr, z: CONTRACT v3), its contrast (mean, stderr, t) and
+    from the contrast p (Holm-adjusted over the run's sources) and the verdict; the steps and the batches behind
+    them (`batches`, `batch_steps`, `autocorrelation_time`, in lam steps; one batch length for both series)."""
+    rho, tau, lags = run_time(contrasts)
     b = int(batch_length(tau, min_batch))
     out, raw = [], []
-    for s in series:
-        s = np.asarray(s, dtype=np.float64)
-        if len(s) < 2:
-            out.append({"advantage": float(s.mean()) if len(s) else None, "stderr": None, "z": None,
-                        "steps": len(s), "batches": 0})
-            raw.append(np.nan)
-            continue
-        r = batch_t(s, b, rho, lags, tau)
-        z, enough = float(r["z"]), r["batches"] >= MIN_BATCHES  # too few batches: no error worth reporting
-        out.append({"advantage": float(r["mean"]), "stderr": float(r["stderr"]) if enough else None,
-                    "z": z if enough and math.isfinite(z) else None, "steps": len(s), "batches": int(r["batches"])})
-        raw.append(float(r["p"]))
+    for a, c in zip(advantages, contrasts):
+        a, c = np.asarray(a, dtype=np.float64), np.asarray(c, dtype=np.float64)
+        e: dict[str, Any] = {"steps": len(a)}
+        e |= _tested(a, b, rho, lags, tau, ("advantage", "stderr", "z"))
+        e |= _tested(c, b, rho, lags, tau, ("contrast", "contrast_stderr", "t"))
+        e["batches"] = e.pop("_batches")
+        raw.append(e.pop("_p"))
+        out.append(e)
     adjusted = holm(np.asarray(raw, dtype=np.float64))
     for e, p in zip(out, adjusted.tolist()):
         e["p"] = None if math.isnan(p) else p
-        e["verdict"] = verdict(e["advantage"], e["p"], level)
+        e["verdict"] = verdict(e["contrast"], e["p"], level)
         e["batch_steps"] = b
         e["autocorrelation_time"] = float(tau)
     return out
 
 
+def _tested(x: np.ndarray, b: int, rho: np.ndarray, lags: np.ndarray, tau: np.ndarray,
+            keys: tuple[str, str, str]) -> dict[str, Any]:
+    """{mean, stderr, mean / stderr} of one series under `keys`, plus its unadjusted p and batch count (`_p`,
+    `_batches`); stderr and the ratio are None with fewer than MIN_BATCHES batches (no error worth reporting)."""
+    mean_key, err_key, ratio_key = keys
+    if len(x) < 2:
+        return {mean_key: float(x.mean()) if len(x) else None, err_key: None, ratio_key: None,
+                "_p": np.nan, "_batches": 0}
+    r = batch_t(x, b, rho, lags, tau)
+    ratio, enough = float(r["z"]), r["batches"] >= MIN_BATCHES
+    return {mean_key: float(r["mean"]), err_key: float(r["stderr"]) if enough else None,
+            ratio_key: ratio if enough and math.isfinite(ratio) else None, "_p": float(r["p"]),
+            "_batches": int(r["batches"])}
+
+
 def evaluate_many(a: np.ndarray, min_batch: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """`evaluate` for R runs at once, each of K equally long series: a is (R, K, n). Returns the Holm-adjusted p
-    (R, K; NaN where a run is too short) and the means (R, K). What tests/test_verdict.py simulates."""
+    """`evaluate`'s test for R runs at once, each of K equally long series (the contrasts): a is (R, K, n).
+    Returns the Holm-adjusted p (R, K; NaN where a run is too short) and the means (R, K). What
+    tests/test_verdict.py simulates."""
     rho = autocorrelation(detrend(a)).mean(axis=1)
     tau, lags = integrated_time(rho)
     b = batch_length(tau, min_batch)
@@ -214,23 +253,23 @@ def evaluate_many(a: np.ndarray, min_batch: int = 1) -> tuple[np.ndarray, np.nda
     return holm(p), a.mean(axis=-1)
 
 
-def verdict(advantage: float | None, p: float | None, level: float) -> str:
-    if p is None or advantage is None or p >= level or advantage == 0:
+def verdict(contrast: float | None, p: float | None, level: float) -> str:
+    if p is None or contrast is None or p >= level or contrast == 0:
         return "unclear"
-    return "raised" if advantage > 0 else "lowered"
+    return "raised" if contrast > 0 else "lowered"
 
 
 def steps_for_verdict(evidence: dict[str, dict[str, Any]], level: float, every: int = 1) -> int | None:
     """Roughly how many more lam steps x `every` (training steps) would turn the unclear sources of a run into
     verdicts: MIN_BATCHES batches when the run had fewer; else the steps at which the largest observed |z| would
-    reach the adjusted critical t (z grows as sqrt(steps)). None when no source could (a zero advantage)."""
+    reach the adjusted critical t (t grows as sqrt(steps)). None when no source could (a zero contrast)."""
     unclear = [e for e in evidence.values() if e.get("verdict") == "unclear" and e.get("steps")]
     if not unclear:
         return None
     batch = max(int(e.get("batch_steps") or 1) for e in unclear)
     need = MIN_BATCHES * batch
     steps = max(int(e["steps"]) for e in unclear)
-    zs = [abs(e["z"]) for e in unclear if e.get("z")]
+    zs = [abs(e["t"]) for e in unclear if e.get("t")]
     if steps >= need and zs:
         critical = t_quantile(level / len(evidence), max(MIN_BATCHES, steps // batch) - 1)
         need = math.ceil(steps * (critical / max(zs)) ** 2)
