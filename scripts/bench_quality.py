@@ -75,6 +75,8 @@ VARIANTS: dict[str, list[str]] = {
     "tau-2": ["reweight.tau=2", "reweight.tau_every=20"],
     "relative": ["reweight.lambda_signal=relative"],  # changes the fixed point (not a variance reduction)
     "sgd-lambda": ["reweight.lambda_optimizer=sgd", "reweight.lr_lambda=50"],
+    # the defaults with a control source (half of the largest source, the same data): its verdict must be unclear
+    "placebo": ["reweight.placebo=true"],
 }
 
 
@@ -219,7 +221,8 @@ def run_variant(name: str, seed: int, args: argparse.Namespace, paths: dict[str,
         sys.exit(f"{name} seed {seed} failed:\n{result.stderr[-3000:]}")
     doc = json.loads((out / "weights.json").read_text())
     row = {"variant": name, "seed": seed, "weights": doc["weights"], "trajectory": doc["trajectory"],
-           "evidence": doc.get("evidence", {}), "seconds": time.perf_counter() - start, "overrides": VARIANTS[name]}
+           "evidence": doc.get("evidence", {}), "placebo": doc.get("placebo"),
+           "seconds": time.perf_counter() - start, "overrides": VARIANTS[name]}
     done.write_text(json.dumps({"key": key, "result": row}))
     return row
 
@@ -255,25 +258,49 @@ def plot(results: list[dict], path: Path, sources: tuple[str, ...]) -> None:
     plt.close(fig)
 
 
+def called_right(evidence: dict[str, dict], sources: tuple[str, ...]) -> bool:
+    """clean raised and every corrupted copy lowered (today's verdicts)."""
+    return all(evidence.get(n, {}).get("verdict") == ("raised" if n == "clean" else "lowered") for n in sources)
+
+
+def verdicts(r: dict, sources: tuple[str, ...]) -> str:
+    """Each source's verdict with its t (against the rest of the mixture), and the placebo's (against its twin);
+    a run recorded before verdicts tested the contrast shows its former z instead."""
+    evidence = [r["evidence"].get(n, {}) for n in sources]
+    if not all("t" in e for e in evidence):
+        return "former z " + " / ".join("-" if e.get("z") is None else f"{e['z']:+.1f}" for e in evidence)
+    shown = " / ".join(f"{e['verdict']} ({'-' if e['t'] is None else format(e['t'], '+.1f')})" for e in evidence)
+    control = r.get("placebo")
+    if control:
+        e = control["evidence"]
+        shown += f"; placebo {e['verdict']} ({'-' if e.get('t') is None else format(e['t'], '+.1f')})"
+    return shown
+
+
 def report(results: list[dict], args: argparse.Namespace, command: str) -> str:
     lines = [f"Model `{Path(args.model_label).name}`, preset `{args.preset}` ({json.dumps(PRESETS[args.preset])}), "
              f"base `{args.base}` ({json.dumps(base_settings(args.base))}), {args.device}. Passes: clean largest "
-             f"and every corrupted source below uniform ({1 / len(args.sources):.3f}).", "", f"`{command}`", "",
-             "| variant | seed | " + " | ".join(args.sources) + " | evidence z, same order | passes | minutes |",
-             "|---|---:|" + "---:|" * len(args.sources) + "---|---|---:|"]
+             f"and every corrupted source below uniform ({1 / len(args.sources):.3f}). Called right: clean raised, "
+             "every corrupted copy lowered (verdicts at p < 0.05, Holm; t against the rest of the mixture).", "",
+             f"`{command}`", "",
+             "| variant | seed | " + " | ".join(args.sources) + " | verdict (t), same order | passes | called right "
+             "| minutes |", "|---|---:|" + "---:|" * len(args.sources) + "---|---|---|---:|"]
     for r in results:
-        w, z = r["weights"], [r["evidence"].get(n, {}).get("z") for n in args.sources]
+        w, evidence = r["weights"], r["evidence"]
+        right = ("yes" if called_right(evidence, args.sources) else "no") if all(
+            "t" in evidence.get(n, {}) for n in args.sources) else "-"
         lines.append(f"| {r['variant']} | {r['seed']} | " + " | ".join(f"{w[n]:.3f}" for n in args.sources)
-                     + " | " + " / ".join("-" if v is None else f"{v:+.1f}" for v in z)
-                     + f" | {'yes' if passes(w) else 'no'} | {r['seconds'] / 60:.1f} |")
+                     + f" | {verdicts(r, args.sources)} | {'yes' if passes(w) else 'no'} | {right} | "
+                     f"{r['seconds'] / 60:.1f} |")
     return "\n".join(lines)
 
 
-def write_results(text: str, plot_name: str, case: str) -> None:
+def write_results(text: str, plot_name: str, case: str, section: str | None = None) -> None:
     """Put the table between the markers of the section "Real-model quality" in docs/results.md (the section's
-    hand-written study around it stays); a results.md without the section gets it appended."""
+    hand-written study around it stays); a results.md without the section gets it appended. `section`: a block
+    of its own (`bench_quality:SECTION`), for a study beside the case's main table."""
     doc = ROOT / "docs" / "results.md"
-    tag = "bench_quality" + ("" if case == "mixed" else f":{case}")
+    tag = "bench_quality" + (f":{section}" if section else "" if case == "mixed" else f":{case}")
     begin, end = f"<!-- {tag}: begin -->", f"<!-- {tag}: end -->"
     block = f"{begin}\n{text}\n\n![weights over steps]({plot_name})\n{end}"
     existing = doc.read_text() if doc.exists() else "# Results\n"
@@ -299,6 +326,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["default"], help=f"any of {', '.join(VARIANTS)}, or all")
     parser.add_argument("--work", type=Path, help="default: runs/quality (alpaca: runs/quality-alpaca)")
     parser.add_argument("--no-record", action="store_true", help="do not append to docs/results.md")
+    parser.add_argument("--section", help="write a block of its own in docs/results.md, <!-- "
+                        "bench_quality:SECTION: begin/end --> (default: the case's main table)")
     parser.add_argument("--finished-only", action="store_true",
                         help="report the runs that have finished (an interrupted invocation's), run nothing")
     parser.add_argument("overrides", nargs="*", help="extra KEY=VALUE recipe overrides for every run")
@@ -337,11 +366,11 @@ def main() -> None:
     print(text)
     if not results:
         sys.exit("no finished run to report")
-    plot_name = f"quality{suffix}-{args.preset}.png"
+    plot_name = f"quality{suffix}-{args.section or args.preset}.png"
     plot(results, (args.work if args.no_record else ROOT / "docs") / plot_name, args.sources)
     (args.work / "results.json").write_text(json.dumps(results, indent=1))
     if not args.no_record:
-        write_results(text, plot_name, args.case)
+        write_results(text, plot_name, args.case, args.section)
 
 
 if __name__ == "__main__":
