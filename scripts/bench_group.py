@@ -8,9 +8,13 @@
     table and the adjusted Rand index; grouping only).
 
 Replaces the section between `<!-- bench_group: begin -->` and `<!-- bench_group: end -->` in docs/results.md.
+Several seeds (`--seeds 0 1 2`: each seed draws its own file and runs every method with that seed): the clean
+share per method and seed, and group minus each selector seed by seed with a 95% t-interval. A finished seed of
+case (a) is kept in --work and reused by a rerun with the same settings, so seeds can run in parallel invocations
+(`--no-record`) and a last one with all of them writes the table.
 
-    python scripts/bench_group.py [--case messy sources] [--clean 60] [--per-source 60] [--seed 0]
-                                  [--group-only] [--no-select] [--no-record] [KEY=VALUE ...]   (recipe overrides)
+    python scripts/bench_group.py [--case messy sources] [--clean 60] [--per-source 60] [--seeds 0 1 2]
+                                  [--group-only] [--no-select] [--no-record] [--work DIR] [KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ import json
 import random
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import yaml
+
+from scalebio_cli.results.paired import versus
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "instruct-math"
@@ -118,46 +123,92 @@ def contingency(table: dict[str, Counter], kinds: list[str]) -> list[str]:
     return lines
 
 
-def run_messy(work: Path, args: argparse.Namespace) -> list[str]:
-    messy, val, labels = messy_case(work / "messy", args.clean, args.num_val, args.seed)
+def run_messy_seed(work: Path, args: argparse.Namespace, seed: int) -> dict:
+    """One seed of case (a): its file, groups, and each method's picks (reused when finished with these settings)."""
+    key = {"clean": args.clean, "num_val": args.num_val, "group_only": args.group_only,
+           "no_select": args.no_select, "overrides": args.overrides, "seed": seed}
+    done = work / "result.json"
+    if done.exists() and json.loads(done.read_text()).get("key") == key:
+        print(f"seed {seed}: reused {done}", file=sys.stderr)
+        return json.loads(done.read_text())
+    messy, val, labels = messy_case(work / "messy", args.clean, args.num_val, seed)
     label_of = {json.dumps(json.loads(line), sort_keys=True): lab
                 for line, lab in zip(messy.read_text().splitlines(), labels)}
     n = len(labels) // 3
     config = recipe(work, {"messy": str(messy)}, val, "messy")
     grouped = work / "messy-groups.jsonl"
-    scalebio("group", "--config", str(config), "-o", str(grouped), *args.overrides)
-    kinds = ["clean", "dot", "shuffled", "offtopic"]
+    scalebio("group", "--config", str(config), "-o", str(grouped), "--force", f"seed={seed}", *args.overrides)
     table = group_counts(grouped, labels)
-    purity = sum(max(c.values()) for c in table.values()) / len(labels)
     manifest = json.loads(grouped.with_name(grouped.stem + ".manifest.json").read_text())
-    tried = manifest.get("k_scores") or {}
-    how = (f"k = {manifest['k']} by silhouette ({', '.join(f'k={k} {v:.3f}' for k, v in tried.items())})" if tried
-           else f"k = {manifest['k']}, given")
-    what = "grouping only" if args.group_only else f"a third ({n}) sampled"
-    lines = [f"### (a) one messy file: {len(labels)} records ({args.clean} clean), {what}", "",
-             f"Groups ({how}; purity {purity:.0%}):", "", *contingency(table, kinds), ""]
+    result = {"key": key, "records": len(labels), "n": n, "k": manifest["k"],
+              "k_scores": manifest.get("k_scores") or {}, "groups": {g: dict(c) for g, c in table.items()},
+              "purity": sum(max(c.values()) for c in table.values()) / len(labels), "methods": {}}
+    if not args.group_only:
+        grouped_recipe = recipe(work, {"messy": {"path": str(grouped), "split_by": "group"}}, val, "reweight")
+        scalebio("reweight", "--config", str(grouped_recipe), "--force", f"seed={seed}", *args.overrides)
+        out = work / "group-sample.jsonl"
+        weights = work / "run-reweight" / "weights.json"
+        scalebio("sample", "--weights", str(weights), "-n", str(n), "-o", str(out), "--seed", str(seed), "--force")
+        doc = json.loads(weights.read_text())
+        result["weights"] = {k.split("/", 1)[1]: v for k, v in doc["weights"].items()}
+        result["verdicts"] = {k.split("/", 1)[1]: e["verdict"] for k, e in doc["evidence"].items()}
+        methods = [("group + reweight + sample", out)]
+        for method in ([] if args.no_select else ["rho-loss", "less"]):
+            out = work / f"{method}.jsonl"
+            scalebio("select", "--config", str(config), "--method", method, "-n", str(n), "-o", str(out),
+                     "--seed", str(seed), "--force", f"seed={seed}", *args.overrides)
+            methods.append((f"select {method}", out))
+        for name, path in methods:
+            share, picked = clean_share(path, label_of)
+            result["methods"][name] = {"clean_share": share, "picked": dict(picked)}
+    done.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def run_messy(work: Path, args: argparse.Namespace) -> list[str]:
+    results = {seed: run_messy_seed(work / f"messy-seed{seed}", args, seed) for seed in args.seeds}
+    first = results[args.seeds[0]]
+    kinds = ["clean", "dot", "shuffled", "offtopic"]
+    tried = first["k_scores"]
+    how = (f"k = {first['k']} by silhouette ({', '.join(f'k={k} {v:.3f}' for k, v in tried.items())})" if tried
+           else f"k = {first['k']}, given")
+    what = "grouping only" if args.group_only else f"a third ({first['n']}) sampled"
+    table = {g: Counter(c) for g, c in first["groups"].items()}
+    lines = [f"### (a) one messy file: {first['records']} records ({args.clean} clean), {what}, "
+             f"{len(args.seeds)} seed{'s' * (len(args.seeds) > 1)}", "",
+             f"Groups of seed {args.seeds[0]} ({how}; purity {first['purity']:.0%}; purity by seed: "
+             + ", ".join(f"{r['purity']:.0%}" for r in results.values()) + "):", "", *contingency(table, kinds), ""]
     if args.group_only:
         return lines
-    grouped_recipe = recipe(work, {"messy": {"path": str(grouped), "split_by": "group"}}, val, "reweight")
-    scalebio("reweight", "--config", str(grouped_recipe), f"seed={args.seed}", *args.overrides)
-    out = work / "group-sample.jsonl"
-    weights = work / "run-reweight" / "weights.json"
-    scalebio("sample", "--weights", str(weights), "-n", str(n), "-o", str(out), "--seed", str(args.seed))
-    rows = [("group + reweight + sample", *clean_share(out, label_of))]
-    for method in ([] if args.no_select else ["rho-loss", "less"]):
-        out = work / f"{method}.jsonl"
-        scalebio("select", "--config", str(config), "--method", method, "-n", str(n), "-o", str(out),
-                 "--seed", str(args.seed), *args.overrides)
-        rows.append((f"select {method}", *clean_share(out, label_of)))
-    doc = json.loads(weights.read_text())
-    lines += ["Weights: " + ", ".join(f"{k.split('/', 1)[1]} {v:.2f}" for k, v in doc["weights"].items()), "",
-              "| method | clean | dot | shuffled | off-topic | clean share |", "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {m} | " + " | ".join(str(c[k]) for k in kinds) + f" | {share:.0%} |" for m, share, c in rows]
-    return lines
+    lines += ["Weights and verdicts by seed: " + "; ".join(
+        f"{seed}: " + ", ".join(f"{g} {w:.2f} ({r['verdicts'][g]})" for g, w in r["weights"].items())
+        for seed, r in results.items()), "",
+        "| method | seed | clean | dot | shuffled | off-topic | clean share |", "|---|---:|---:|---:|---:|---:|---:|"]
+    methods = list(first["methods"])
+    for m in methods:
+        for seed, r in results.items():
+            c = r["methods"][m]["picked"]
+            lines.append(f"| {m} | {seed} | " + " | ".join(str(c.get(k, 0)) for k in kinds)
+                         + f" | {r['methods'][m]['clean_share']:.0%} |")
+    share = {m: [r["methods"][m]["clean_share"] for r in results.values()] for m in methods}
+    lines += ["", "| method | mean clean share | group minus it, seed by seed | mean | 95% interval |",
+              "|---|---:|---|---:|---|"]
+    group = methods[0]
+    for m in methods:
+        mean = sum(share[m]) / len(share[m])
+        if m == group:
+            lines.append(f"| {m} | {mean:.0%} | | | |")
+            continue
+        diff = versus(share[group], share[m])
+        interval = ("-" if diff["ci95"] is None else
+                    f"{diff['ci95'][0] * 100:+.0f} to {diff['ci95'][1] * 100:+.0f} points")
+        lines.append(f"| {m} | {mean:.0%} | " + " / ".join(f"{d * 100:+.0f}" for d in diff["per_seed"])
+                     + f" | {diff['diff_mean'] * 100:+.0f} points | {interval} |")
+    return lines + [""]
 
 
 def run_sources(work: Path, args: argparse.Namespace) -> list[str]:
-    rng = random.Random(args.seed)
+    rng = random.Random(args.seeds[0])
     rows = [(message(q, a), name) for name in SOURCES for q, a in rng.sample(pairs(name), args.per_source)]
     rng.shuffle(rows)
     pooled = work / "pooled.jsonl"
@@ -182,13 +233,16 @@ def main() -> None:
     parser.add_argument("--clean", type=int, default=60, help="(a): clean records (half the file)")
     parser.add_argument("--num-val", type=int, default=48)
     parser.add_argument("--per-source", type=int, default=60, help="(b): records per instruct-math source")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-group",
+                        help="where each seed's runs are kept (and reused)")
     parser.add_argument("--group-only", action="store_true", help="(a): stop after grouping (no reweight/select)")
     parser.add_argument("--no-select", action="store_true", help="(a): skip the RHO-loss and LESS baselines")
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-group-"))
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     lines = []
     if "messy" in args.case:
@@ -197,7 +251,7 @@ def main() -> None:
         lines += run_sources(work, args)
     lines += [f"`{' '.join(['python scripts/bench_group.py', *sys.argv[1:]])}` on SmolLM2-135M-Instruct, CPU-sized "
               f"(RECIPE in the script: max_length 128, 60 reweight steps of batch 12); "
-              f"{(time.perf_counter() - start) / 60:.0f} min on 2 shared cores."]
+              f"{(time.perf_counter() - start) / 60:.0f} min on 2 shared cores (finished seeds reused)."]
     table = "\n".join(lines)
     print(table)
     if not args.no_record:
