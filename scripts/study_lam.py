@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 VARIANTS: dict[str, list[str]] = {
     "lisa-1": ["reweight.lisa.layers=1", "reweight.lisa.interval=20"],
     "lisa-off": ["reweight.lisa.layers=0"],
+    # lisa-1 with a placebo: half of the largest source as a source of its own, tested against the other half
+    "lisa-1-placebo": ["reweight.lisa.layers=1", "reweight.lisa.interval=20", "reweight.placebo=true"],
 }
 CALLED_RIGHT = {"denoising": {"clean": "raised", "noisy": "lowered", "offtopic": "lowered"}}
 
@@ -79,6 +81,7 @@ def run(case: str, variant: str, seed: int, steps: int, work: Path, sources: dic
     doc = json.loads((Path(recipe["output_dir"]) / "weights.json").read_text())
     return {"case": case, "variant": variant, "seed": seed, "steps": steps, "weights": doc["weights"],
             "evidence": doc["evidence"], "settled": doc.get("settled", {}).get("all"),
+            "placebo": (doc.get("placebo") or {}).get("evidence"),
             "trajectory": doc["trajectory"], "seconds": time.perf_counter() - start}
 
 
@@ -88,7 +91,7 @@ def called(r: dict) -> list[str]:
 
 def table(results: list[dict], case: str) -> str:
     """Per setting: runs, runs calling any source (no-signal) or calling every source right (denoising), the
-    largest |z| and smallest p seen, and what was called."""
+    smallest p seen, what was called, and the placebo's verdicts where the setting has one (each a false alarm)."""
     rows = [r for r in results if r["case"] == case]
     right = CALLED_RIGHT.get(case)
     head = ("| LISA | steps | runs | " + ("runs called right" if right else "runs calling any source")
@@ -107,6 +110,12 @@ def table(results: list[dict], case: str) -> str:
             ps = [e["p"] for r in runs for e in r["evidence"].values() if e.get("p") is not None]
             smallest = f"{min(ps):.2g}" if ps else "- (too few batches)"
             settled = sum(bool(r.get("settled")) for r in runs)
+            placebos = [r["placebo"] for r in runs if r.get("placebo")]
+            if placebos:  # the real sources' p above; the placebo's own (against its twin) beside it
+                alarms = sum(e["verdict"] != "unclear" for e in placebos)
+                ps = [e["p"] for e in placebos if e.get("p") is not None]
+                verdicts += (f"; placebo called in {alarms} of {len(placebos)}"
+                             + (f" (p {min(ps):.2g}-{max(ps):.2g})" if ps else ""))
             lines.append(f"| {variant} | {steps} | {len(runs)} | {hits} | {verdicts} | {smallest} | "
                          f"{settled}/{len(runs)} |")
     return "\n".join(lines)
