@@ -81,3 +81,28 @@ def test_on_the_demo_the_placebo_is_unclear_while_the_sources_are_called(demo: P
     assert verdicts == {"clean": "raised", "noisy": "lowered", "offtopic": "lowered"}, doc["evidence"]
     assert doc["placebo"]["evidence"]["verdict"] == "unclear", doc["placebo"]
     assert np.isfinite(doc["placebo"]["evidence"]["z"])
+
+
+def test_a_source_is_not_tested_against_its_own_placebo() -> None:
+    """A placebo holds its twin's data: left in the rest of the mixture it would cancel most of the twin's
+    contrast (on SmolLM2's alpaca case clean ended unclear at t 1.2 beside a placebo of weight 0.7). The real
+    sources' contrasts leave it out, so they are those of a run without it; the placebo's own is against its twin."""
+    import torch
+
+    from scalebio_cli.train.source_weights import SourceWeights
+
+    rng = np.random.default_rng(0)
+    lam = SourceWeights(4, lr=0.05, total_steps=40, warmup_ratio=0.0, device=torch.device("cpu"))
+    for _ in range(40):  # clean, dot, shuffled, placebo (clean's data: the same paired differences but noise)
+        d = np.array([-1.0, 1.0, 0.5, -1.0]) + 0.1 * rng.normal(size=4)
+        m_u = torch.ones(4, dtype=torch.float64)
+        lam.observe(len(lam.advantages), m_u + torch.tensor(d), m_u, torch.ones(4, dtype=torch.bool), alpha=1.0)
+    a, with_twin = lam.series({3: 0})
+    s = np.vstack([np.full((1, 4), 0.25), np.asarray(lam.history)[:-1]])
+    real = np.stack(a, axis=1)
+    rest = (s[:, 1:3] * real[:, 1:3]).sum(axis=1) / s[:, 1:3].sum(axis=1)
+    assert with_twin[0] == pytest.approx(real[:, 0] - rest)  # clean against dot and shuffled only
+    assert with_twin[3] == pytest.approx(real[:, 3] - real[:, 0])  # the placebo against clean
+    assert with_twin[0].mean() > 1.0 and abs(with_twin[3].mean()) < 0.1
+    _, in_rest = lam.series()  # the placebo counted as a source of the rest: clean's contrast mostly cancelled
+    assert in_rest[0].mean() < 0.6 * with_twin[0].mean()

@@ -135,7 +135,8 @@ class SourceWeights:
 
     def series(self, twins: dict[int, int] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Per source, over the lam steps in which it was present: a_k, and the contrast its verdict tests (against
-        the rest of the mixture; for a source in `twins`, a placebo, against the source it was split from)."""
+        the rest of the mixture's real sources; for a source in `twins`, a placebo, against the source it was split
+        from)."""
         k = self.lam.shape[0]
         a = np.asarray([[np.nan if v is None else v for v in row] for row in self.advantages],
                        dtype=np.float64).reshape(-1, k)
@@ -143,7 +144,9 @@ class SourceWeights:
             s = np.vstack([np.full((1, k), 1.0 / k), np.asarray(self.history, dtype=np.float64).reshape(-1, k)[:-1]])
         else:  # a checkpoint of a version that kept no history: the rest unweighted
             s = np.full(a.shape, 1.0 / k)
-        c = verdict.contrasts(a, s)
+        real = a.copy()
+        real[:, list(twins or {})] = np.nan  # a placebo is no part of the rest: it is its twin's data, and would
+        c = verdict.contrasts(real, s)       # cancel most of that source's contrast (the twin against itself)
         for placebo, twin in (twins or {}).items():
             c[:, placebo] = a[:, placebo] - a[:, twin]
         return [a[~np.isnan(a[:, j]), j] for j in range(k)], [c[~np.isnan(c[:, j]), j] for j in range(k)]
