@@ -3,7 +3,7 @@
 Per source, two series over the lam steps (train/source_weights.py builds both):
 - the advantage a_k = -(d_k - s.d): the source against the whole mixture, itself included (CONTRACT v3's
   `advantage`, `stderr`, `z`). It shrinks with (1 - s_k): a source whose weight nears 1 IS the mixture, so its
-  advantage vanishes however clearly the run prefers it (the demo's clean source: z 2.0 at weight 0.89);
+  advantage vanishes however clearly the run prefers it (the demo's clean source: z 2.3, t 4.8 at weight 0.89);
 - the contrast c_k = a_k / (1 - s_k): the source against the rest of the mixture (the other sources, weighted as
   lam weighs them). It has the sign of lam's gradient at every step, and the same zero mean under no signal, but
   keeps its size as the weights settle. The verdict tests it (`contrast`, `contrast_stderr`, `t`, `p`); a
