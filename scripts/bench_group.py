@@ -3,7 +3,8 @@
 (a) messy: ONE file, no labels: clean orca-math records (half the file), copies with the answer replaced by "." and
     with the answer's words shuffled (fresh records each), and off-topic records (GPT4-LLM-Cleaned); validation: clean
     orca-math records. group + reweight (split_by: group) + sample a third of the file -> the fraction clean, beside
-    `select --method rho-loss` and `less` asked for the same number of records.
+    `select --method rho-loss` and `less` asked for the same number of records; then `scalebio compare`: the
+    held-out loss after fine-tuning on each pick, beside a third of the file drawn at random, paired by seed.
 (b) sources: instruct-math's five sources pooled into one file: do the groups recover the sources? (a contingency
     table and the adjusted Rand index; grouping only).
 
@@ -14,7 +15,8 @@ case (a) is kept in --work and reused by a rerun with the same settings, so seed
 (`--no-record`) and a last one with all of them writes the table.
 
     python scripts/bench_group.py [--case messy sources] [--clean 60] [--per-source 60] [--seeds 0 1 2]
-                                  [--group-only] [--no-select] [--no-record] [--work DIR] [KEY=VALUE ...]
+                                  [--group-only] [--no-select] [--no-compare] [--no-record] [--section NAME]
+                                  [--work DIR] [KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "instruct-math"
 MODEL = Path.home() / ".cache" / "scalebio" / "models" / "SmolLM2-135M-Instruct"
 BEGIN, END = "<!-- bench_group: begin -->", "<!-- bench_group: end -->"
+NUM_TEST = 60  # (a): held-out clean records compare evaluates on
+COMPARE_EPOCHS = 3  # (a): compare fine-tunes each third-of-the-file pick for 3 epochs (15 steps of 8)
 SOURCES = ("GPT4-LLM-Cleaned", "GPTeacher-General-Instruct", "MathInstruct", "dart-math-uniform",
            "orca-math-word-problems-200k")
 # CPU-sized: max_length 128, 60 reweight steps of batch 12 (the pretrained defaults otherwise); select as bench_select
@@ -68,7 +72,7 @@ def messy_case(work: Path, clean: int, num_val: int, seed: int) -> tuple[Path, P
     math, other = pairs("orca-math-word-problems-200k"), pairs("GPT4-LLM-Cleaned")
     third = clean // 3
     need = clean + 2 * third + num_val
-    if len(math) < need or len(other) < third:
+    if len(math) < need + NUM_TEST or len(other) < third:
         sys.exit(f"too few short records for --clean {clean}")
     rng.shuffle(math)
     rows = [(message(q, a), "clean") for q, a in math[:clean]]
@@ -77,7 +81,9 @@ def messy_case(work: Path, clean: int, num_val: int, seed: int) -> tuple[Path, P
     rows += [(message(q, a), "offtopic") for q, a in rng.sample(other, third)]
     rng.shuffle(rows)
     val = [message(q, a) for q, a in math[need - num_val: need]]
+    test = [message(q, a) for q, a in math[need: need + NUM_TEST]]  # held out from the file and the validation
     work.mkdir(parents=True, exist_ok=True)
+    (work / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
     (work / "messy.jsonl").write_text("".join(json.dumps(r) + "\n" for r, _ in rows))
     (work / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
     return work / "messy.jsonl", work / "val.jsonl", [label for _, label in rows]
@@ -165,9 +171,32 @@ def run_messy_seed(work: Path, args: argparse.Namespace, seed: int) -> dict:
     return result
 
 
+def compare_messy_seed(work: Path, args: argparse.Namespace, seed: int, n: int) -> dict:
+    """Held-out loss of what each method picked: `scalebio compare` with each pick as a file mix (n records), beside
+    n records of the file drawn at random (the baseline), each fine-tuned COMPARE_EPOCHS epochs under this seed and
+    evaluated on clean records held out of the file; compare reuses its finished cells."""
+    messy, _, _ = messy_case(work / "messy", args.clean, args.num_val, seed)
+    rows = messy.read_text().splitlines()
+    drawn = work / "random.jsonl"
+    drawn.write_text("".join(line + "\n" for line in random.Random(seed).sample(rows, n)))
+    mixes = {"random": drawn, "group + reweight + sample": work / "group-sample.jsonl",
+             "select rho-loss": work / "rho-loss.jsonl", "select less": work / "less.jsonl"}
+    out = work / "compare"
+    scalebio("compare", "--config", str(work / "messy.yaml"), *[a for name, path in mixes.items()
+                                                                  for a in ("--mix", f"{name}={path}")],
+             "--test", f"clean={work / 'messy' / 'test.jsonl'}", "-n", str(n), "-o", str(out), "--seeds", str(seed),
+             "--baseline", "random", f"finetune.epochs={COMPARE_EPOCHS}")
+    doc = json.loads((out / "compare.json").read_text())
+    return {"base": doc["base"]["results"]["clean"]["loss"],
+            "loss": {name: m["results"]["clean"]["loss"]["mean"] for name, m in doc["mixes"].items()}}
+
+
 def run_messy(work: Path, args: argparse.Namespace) -> list[str]:
     results = {seed: run_messy_seed(work / f"messy-seed{seed}", args, seed) for seed in args.seeds}
     first = results[args.seeds[0]]
+    skip = args.group_only or args.no_select or args.no_compare
+    compared = {} if skip else {seed: compare_messy_seed(work / f"messy-seed{seed}", args, seed, r["n"])
+                                for seed, r in results.items()}
     kinds = ["clean", "dot", "shuffled", "offtopic"]
     tried = first["k_scores"]
     how = (f"k = {first['k']} by silhouette ({', '.join(f'k={k} {v:.3f}' for k, v in tried.items())})" if tried
@@ -204,6 +233,30 @@ def run_messy(work: Path, args: argparse.Namespace) -> list[str]:
                     f"{diff['ci95'][0] * 100:+.0f} to {diff['ci95'][1] * 100:+.0f} points")
         lines.append(f"| {m} | {mean:.0%} | " + " / ".join(f"{d * 100:+.0f}" for d in diff["per_seed"])
                      + f" | {diff['diff_mean'] * 100:+.0f} points | {interval} |")
+    return lines + [""] + (compare_lines(compared, methods) if compared else [])
+
+
+def compare_lines(compared: dict[int, dict], methods: list[str]) -> list[str]:
+    """Held-out loss by method and seed, and the group pick minus each other method, paired by seed."""
+    seeds = list(compared)
+    names = ["random", *methods]
+    loss = {m: [compared[s]["loss"][m] for s in seeds] for m in names}
+    lines = [f"Held-out loss on {NUM_TEST} clean orca-math records outside the file (`scalebio compare`, each pick "
+             f"fine-tuned {COMPARE_EPOCHS} epochs, paired by seed; base model "
+             + ", ".join(f"{compared[s]['base']:.3f}" for s in seeds) + "):", "",
+             "| method | loss by seed | mean | group minus it, seed by seed | mean | 95% interval |",
+             "|---|---|---:|---|---:|---|"]
+    group = methods[0]
+    for m in names:
+        mean = sum(loss[m]) / len(loss[m])
+        cells = " / ".join(f"{v:.3f}" for v in loss[m])
+        if m == group:
+            lines.append(f"| {m} | {cells} | {mean:.3f} | | | |")
+            continue
+        diff = versus(loss[group], loss[m])
+        interval = "-" if diff["ci95"] is None else f"{diff['ci95'][0]:+.3f} to {diff['ci95'][1]:+.3f}"
+        lines.append(f"| {m} | {cells} | {mean:.3f} | " + " / ".join(f"{d:+.3f}" for d in diff["per_seed"])
+                     + f" | {diff['diff_mean']:+.3f} | {interval} |")
     return lines + [""]
 
 
@@ -238,7 +291,10 @@ def main() -> None:
                         help="where each seed's runs are kept (and reused)")
     parser.add_argument("--group-only", action="store_true", help="(a): stop after grouping (no reweight/select)")
     parser.add_argument("--no-select", action="store_true", help="(a): skip the RHO-loss and LESS baselines")
+    parser.add_argument("--no-compare", action="store_true", help="(a): skip compare's held-out loss of the picks")
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--section", help="write a block of its own in docs/results.md (e.g. one case with other "
+                        "settings)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     work = args.work.resolve()
@@ -255,12 +311,25 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if not args.no_record:
-        doc = ROOT / "docs" / "results.md"
-        old = doc.read_text(encoding="utf-8")
-        section = f"{BEGIN}\n{table}\n{END}"
-        new = (old[: old.index(BEGIN)] + section + old[old.index(END) + len(END):] if BEGIN in old and END in old
-               else old.rstrip() + "\n\n## Groups within sources (`scalebio group`)\n\n" + section + "\n")
-        doc.write_text(new, encoding="utf-8")
+        record(table, args.section)
+
+
+def record(table: str, section: str | None) -> None:
+    """The block between BEGIN and END in docs/results.md (`section`: a block of its own, `<!-- bench_group:NAME:
+    begin -->`, placed after the others on first use), the text around it kept."""
+    begin, end = (BEGIN, END) if section is None else (BEGIN.replace(":", f":{section}:", 1),
+                                                        END.replace(":", f":{section}:", 1))
+    doc = ROOT / "docs" / "results.md"
+    old = doc.read_text(encoding="utf-8")
+    block = f"{begin}\n{table}\n{end}"
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
+    elif END in old:
+        at = old.index(END) + len(END)
+        new = old[:at] + "\n\n" + block + old[at:]
+    else:
+        new = old.rstrip() + "\n\n## Groups within sources (`scalebio group`)\n\n" + block + "\n"
+    doc.write_text(new, encoding="utf-8")
 
 
 if __name__ == "__main__":
