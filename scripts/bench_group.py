@@ -179,16 +179,16 @@ def compare_messy_seed(work: Path, args: argparse.Namespace, seed: int, n: int) 
     rows = messy.read_text().splitlines()
     drawn = work / "random.jsonl"
     drawn.write_text("".join(line + "\n" for line in random.Random(seed).sample(rows, n)))
-    mixes = {"random": drawn, "group + reweight + sample": work / "group-sample.jsonl",
-             "select rho-loss": work / "rho-loss.jsonl", "select less": work / "less.jsonl"}
+    mixes = {"random": ("random", drawn), "group": ("group + reweight + sample", work / "group-sample.jsonl"),
+             "rho-loss": ("select rho-loss", work / "rho-loss.jsonl"), "less": ("select less", work / "less.jsonl")}
     out = work / "compare"
-    scalebio("compare", "--config", str(work / "messy.yaml"), *[a for name, path in mixes.items()
+    scalebio("compare", "--config", str(work / "messy.yaml"), *[a for name, (_, path) in mixes.items()
                                                                   for a in ("--mix", f"{name}={path}")],
              "--test", f"clean={work / 'messy' / 'test.jsonl'}", "-n", str(n), "-o", str(out), "--seeds", str(seed),
              "--baseline", "random", f"finetune.epochs={COMPARE_EPOCHS}")
     doc = json.loads((out / "compare.json").read_text())
     return {"base": doc["base"]["results"]["clean"]["loss"],
-            "loss": {name: m["results"]["clean"]["loss"]["mean"] for name, m in doc["mixes"].items()}}
+            "loss": {mixes[name][0]: m["results"]["clean"]["loss"]["mean"] for name, m in doc["mixes"].items()}}
 
 
 def run_messy(work: Path, args: argparse.Namespace) -> list[str]:
