@@ -269,7 +269,7 @@ def run_sources(work: Path, args: argparse.Namespace) -> list[str]:
     labels = [name for _, name in rows]
     config = recipe(work, {"pooled": str(pooled)}, None, "pooled")
     grouped = work / "pooled-groups.jsonl"
-    scalebio("group", "--config", str(config), "-o", str(grouped), *args.overrides)
+    scalebio("group", "--config", str(config), "-o", str(grouped), "--force", *args.overrides)
     from sklearn.metrics import adjusted_rand_score
 
     groups = [json.loads(line)["group"] for line in grouped.read_text().splitlines()]
