@@ -5,8 +5,8 @@
     orca-math records. group + reweight (split_by: group) + sample a third of the file -> the fraction clean, beside
     `select --method rho-loss` and `less` asked for the same number of records; then `scalebio compare`: the
     held-out loss after fine-tuning on each pick, beside a third of the file drawn at random, paired by seed.
-(b) sources: instruct-math's five sources pooled into one file: do the groups recover the sources? (a contingency
-    table and the adjusted Rand index; grouping only).
+(b) sources: instruct-math's five sources pooled into one file: do the groups recover the sources? (the adjusted Rand
+    index of each seed's file, a contingency table of the first; grouping only).
 
 Replaces the section between `<!-- bench_group: begin -->` and `<!-- bench_group: end -->` in docs/results.md.
 Several seeds (`--seeds 0 1 2`: each seed draws its own file and runs every method with that seed): the clean
@@ -174,8 +174,11 @@ def run_messy_seed(work: Path, args: argparse.Namespace, seed: int) -> dict:
 def compare_messy_seed(work: Path, args: argparse.Namespace, seed: int, n: int) -> dict:
     """Held-out loss of what each method picked: `scalebio compare` with each pick as a file mix (n records), beside
     n records of the file drawn at random (the baseline), each fine-tuned COMPARE_EPOCHS epochs under this seed and
-    evaluated on clean records held out of the file; compare reuses its finished cells."""
-    messy, _, _ = messy_case(work / "messy", args.clean, args.num_val, seed)
+    evaluated on clean records held out of the file; compare reuses its finished cells. Each method's cost as
+    compare reports it (seconds to produce the pick, and in fine-tunes of it)."""
+    messy = work / "messy" / "messy.jsonl"
+    if not (work / "messy" / "test.jsonl").exists():  # a seed finished before the test set was written
+        messy_case(work / "messy", args.clean, args.num_val, seed)
     rows = messy.read_text().splitlines()
     drawn = work / "random.jsonl"
     drawn.write_text("".join(line + "\n" for line in random.Random(seed).sample(rows, n)))
@@ -188,7 +191,8 @@ def compare_messy_seed(work: Path, args: argparse.Namespace, seed: int, n: int) 
              "--baseline", "random", f"finetune.epochs={COMPARE_EPOCHS}")
     doc = json.loads((out / "compare.json").read_text())
     return {"base": doc["base"]["results"]["clean"]["loss"],
-            "loss": {mixes[name][0]: m["results"]["clean"]["loss"]["mean"] for name, m in doc["mixes"].items()}}
+            "loss": {mixes[name][0]: m["results"]["clean"]["loss"]["mean"] for name, m in doc["mixes"].items()},
+            "cost": {mixes[name][0]: m["cost"] for name, m in doc["mixes"].items()}}
 
 
 def run_messy(work: Path, args: argparse.Namespace) -> list[str]:
@@ -236,6 +240,15 @@ def run_messy(work: Path, args: argparse.Namespace) -> list[str]:
     return lines + [""] + (compare_lines(compared, methods) if compared else [])
 
 
+def cost_cell(costs: list[dict]) -> str:
+    """Mean minutes and fine-tunes over seeds of compare's `cost` entries; 0 for a random draw (nothing to learn)."""
+    known = [c for c in costs if c.get("seconds") is not None]
+    if not known:
+        return "0"
+    minutes = sum(c["seconds"] for c in known) / len(known) / 60
+    return f"{minutes:.1f} ({sum(c['fine_tunes'] for c in known) / len(known):.1f})"
+
+
 def compare_lines(compared: dict[int, dict], methods: list[str]) -> list[str]:
     """Held-out loss by method and seed, and the group pick minus each other method, paired by seed."""
     seeds = list(compared)
@@ -244,12 +257,12 @@ def compare_lines(compared: dict[int, dict], methods: list[str]) -> list[str]:
     lines = [f"Held-out loss on {NUM_TEST} clean orca-math records outside the file (`scalebio compare`, each pick "
              f"fine-tuned {COMPARE_EPOCHS} epochs, paired by seed; base model "
              + ", ".join(f"{compared[s]['base']:.3f}" for s in seeds) + "):", "",
-             "| method | loss by seed | mean | group minus it, seed by seed | mean | 95% interval |",
-             "|---|---|---:|---|---:|---|"]
+             "| method | cost: minutes (fine-tunes) | loss by seed | mean | group minus it, seed by seed | mean "
+             "| 95% interval |", "|---|---:|---|---:|---|---:|---|"]
     group = methods[0]
     for m in names:
         mean = sum(loss[m]) / len(loss[m])
-        cells = " / ".join(f"{v:.3f}" for v in loss[m])
+        cells = f"{cost_cell([compared[s]['cost'][m] for s in seeds])} | " + " / ".join(f"{v:.3f}" for v in loss[m])
         if m == group:
             lines.append(f"| {m} | {cells} | {mean:.3f} | | | |")
             continue
@@ -260,24 +273,33 @@ def compare_lines(compared: dict[int, dict], methods: list[str]) -> list[str]:
     return lines + [""]
 
 
-def run_sources(work: Path, args: argparse.Namespace) -> list[str]:
-    rng = random.Random(args.seeds[0])
+def sources_seed(work: Path, args: argparse.Namespace, seed: int) -> tuple[float, dict[str, Counter]]:
+    """One seed of case (b): its pooled file (args.per_source records a source) grouped; the adjusted Rand index
+    of the groups against the sources, and the contingency table."""
+    from sklearn.metrics import adjusted_rand_score
+
+    rng = random.Random(seed)
     rows = [(message(q, a), name) for name in SOURCES for q, a in rng.sample(pairs(name), args.per_source)]
     rng.shuffle(rows)
+    work.mkdir(parents=True, exist_ok=True)
     pooled = work / "pooled.jsonl"
     pooled.write_text("".join(json.dumps(r) + "\n" for r, _ in rows))
     labels = [name for _, name in rows]
     config = recipe(work, {"pooled": str(pooled)}, None, "pooled")
     grouped = work / "pooled-groups.jsonl"
-    scalebio("group", "--config", str(config), "-o", str(grouped), "--force", *args.overrides)
-    from sklearn.metrics import adjusted_rand_score
-
+    scalebio("group", "--config", str(config), "-o", str(grouped), "--force", f"seed={seed}", *args.overrides)
     groups = [json.loads(line)["group"] for line in grouped.read_text().splitlines()]
-    ari = adjusted_rand_score(labels, groups)
-    table = group_counts(grouped, labels)
-    return [f"### (b) instruct-math's five sources pooled: {len(rows)} records ({args.per_source} a source)", "",
-            f"{len(table)} groups; adjusted Rand index vs the sources: {ari:.2f}", "",
-            *contingency(table, list(SOURCES)), ""]
+    return adjusted_rand_score(labels, groups), group_counts(grouped, labels)
+
+
+def run_sources(work: Path, args: argparse.Namespace) -> list[str]:
+    found = {seed: sources_seed(work / f"sources-seed{seed}", args, seed) for seed in args.seeds}
+    table = found[args.seeds[0]][1]
+    return [f"### (b) instruct-math's five sources pooled: {len(SOURCES) * args.per_source} records "
+            f"({args.per_source} a source)", "",
+            "Adjusted Rand index of the groups against the sources, by seed: "
+            + ", ".join(f"{seed}: {a:.2f}" for seed, (a, _) in found.items()), "",
+            f"Groups of seed {args.seeds[0]} ({len(table)}):", "", *contingency(table, list(SOURCES)), ""]
 
 
 def main() -> None:

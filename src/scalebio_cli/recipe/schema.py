@@ -372,8 +372,9 @@ class GroupConfig:
     loss_weight: float = setting(1.0, affects=NONE, check=at_least(0))
     # the prompt's pooled hidden states next to the response's (0: left out; the response carries topic and
     # quality, while prompt templates can outweigh a corrupted answer). Model-dependent (docs/results.md, "Groups
-    # within sources"): 1 split off-topic records better with SmolLM2 (messy file and pooled sources), while with
-    # the tiny demo model it mixed "." answers into the clean groups; recipes/messy-file.yaml sets 1
+    # within sources"): 1 split off-topic records better with SmolLM2 on the messy file (pooled sources: the same
+    # direction, not sure at 3 seeds), while with the tiny demo model it mixed "." answers into the clean groups;
+    # recipes/messy-file.yaml sets 1
     prompt_weight: float = setting(0.0, affects=NONE, check=at_least(0))
     # hidden dimensions kept by PCA before clustering (0: all); fewer dimensions, less noise, faster k-means
     pca_dims: int = setting(32, affects=NONE, check=at_least(0, " (0 = no PCA)"))
