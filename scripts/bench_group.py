@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "instruct-math"
 MODEL = Path.home() / ".cache" / "scalebio" / "models" / "SmolLM2-135M-Instruct"
 BEGIN, END = "<!-- bench_group: begin -->", "<!-- bench_group: end -->"
+FLOOR = "group + reweight + sample --min-weight {:g}"
 NUM_TEST = 60  # (a): held-out clean records compare evaluates on
 COMPARE_EPOCHS = 3  # (a): compare fine-tunes each third-of-the-file pick for 3 epochs (15 steps of 8)
 SOURCES = ("GPT4-LLM-Cleaned", "GPTeacher-General-Instruct", "MathInstruct", "dart-math-uniform",
@@ -184,6 +185,8 @@ def compare_messy_seed(work: Path, args: argparse.Namespace, seed: int, n: int) 
     drawn.write_text("".join(line + "\n" for line in random.Random(seed).sample(rows, n)))
     mixes = {"random": ("random", drawn), "group": ("group + reweight + sample", work / "group-sample.jsonl"),
              "rho-loss": ("select rho-loss", work / "rho-loss.jsonl"), "less": ("select less", work / "less.jsonl")}
+    if args.min_weight:
+        mixes["group-floor"] = (FLOOR.format(args.min_weight), work / "group-floor.jsonl")
     out = work / "compare"
     scalebio("compare", "--config", str(work / "messy.yaml"), *[a for name, (_, path) in mixes.items()
                                                                   for a in ("--mix", f"{name}={path}")],
@@ -195,8 +198,25 @@ def compare_messy_seed(work: Path, args: argparse.Namespace, seed: int, n: int) 
             "cost": {mixes[name][0]: m["cost"] for name, m in doc["mixes"].items()}}
 
 
+def floor_pick(work: Path, result: dict, seed: int, min_weight: float) -> None:
+    """The same run's weights sampled with `--min-weight`: groups below it get no records (seconds; not cached)."""
+    messy = work / "messy" / "messy.jsonl"
+    labels = messy_case(work / "messy", result["key"]["clean"], result["key"]["num_val"], seed)[2]
+    label_of = {json.dumps(json.loads(line), sort_keys=True): lab
+                for line, lab in zip(messy.read_text().splitlines(), labels)}
+    out = work / "group-floor.jsonl"
+    scalebio("sample", "--weights", str(work / "run-reweight" / "weights.json"), "-n", str(result["n"]), "-o",
+             str(out), "--seed", str(seed), "--force", "--min-weight", f"{min_weight:g}")
+    share, picked = clean_share(out, label_of)
+    result["methods"] = {FLOOR.format(min_weight): {"clean_share": share, "picked": dict(picked)},
+                         **result["methods"]}
+
+
 def run_messy(work: Path, args: argparse.Namespace) -> list[str]:
     results = {seed: run_messy_seed(work / f"messy-seed{seed}", args, seed) for seed in args.seeds}
+    if args.min_weight and not args.group_only:
+        for seed, result in results.items():
+            floor_pick(work / f"messy-seed{seed}", result, seed, args.min_weight)
     first = results[args.seeds[0]]
     skip = args.group_only or args.no_select or args.no_compare
     compared = {} if skip else {seed: compare_messy_seed(work / f"messy-seed{seed}", args, seed, r["n"])
@@ -224,9 +244,9 @@ def run_messy(work: Path, args: argparse.Namespace) -> list[str]:
             lines.append(f"| {m} | {seed} | " + " | ".join(str(c.get(k, 0)) for k in kinds)
                          + f" | {r['methods'][m]['clean_share']:.0%} |")
     share = {m: [r["methods"][m]["clean_share"] for r in results.values()] for m in methods}
-    lines += ["", "| method | mean clean share | group minus it, seed by seed | mean | 95% interval |",
-              "|---|---:|---|---:|---|"]
     group = methods[0]
+    lines += ["", f"| method | mean clean share | {group} minus it, seed by seed | mean | 95% interval |",
+              "|---|---:|---|---:|---|"]
     for m in methods:
         mean = sum(share[m]) / len(share[m])
         if m == group:
@@ -257,8 +277,8 @@ def compare_lines(compared: dict[int, dict], methods: list[str]) -> list[str]:
     lines = [f"Held-out loss on {NUM_TEST} clean orca-math records outside the file (`scalebio compare`, each pick "
              f"fine-tuned {COMPARE_EPOCHS} epochs, paired by seed; base model "
              + ", ".join(f"{compared[s]['base']:.3f}" for s in seeds) + "):", "",
-             "| method | cost: minutes (fine-tunes) | loss by seed | mean | group minus it, seed by seed | mean "
-             "| 95% interval |", "|---|---:|---|---:|---|---:|---|"]
+             f"| method | cost: minutes (fine-tunes) | loss by seed | mean | {methods[0]} minus it, seed by seed "
+             "| mean | 95% interval |", "|---|---:|---|---:|---|---:|---|"]
     group = methods[0]
     for m in names:
         mean = sum(loss[m]) / len(loss[m])
@@ -314,6 +334,8 @@ def main() -> None:
     parser.add_argument("--group-only", action="store_true", help="(a): stop after grouping (no reweight/select)")
     parser.add_argument("--no-select", action="store_true", help="(a): skip the RHO-loss and LESS baselines")
     parser.add_argument("--no-compare", action="store_true", help="(a): skip compare's held-out loss of the picks")
+    parser.add_argument("--min-weight", type=float, default=0.0,
+                        help="(a): also sample each run's weights with `sample --min-weight` (compared first)")
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("--section", help="write a block of its own in docs/results.md (e.g. one case with other "
                         "settings)")

@@ -167,6 +167,9 @@ def run_all(args: argparse.Namespace, work: Path) -> dict:
     sources = list(recipe["data"]["sources"])
     scalebio("compare", *common, "-n", str(args.ceiling_n), *seeds, "--test", test, "--baseline", sources[0],
              *[a for s in sources for a in ("--mix", f"{s}=source:{s}")], "--output", str(work / "ceiling"), log=log)
+    ceiling = json.loads((work / "ceiling" / "compare.json").read_text())
+    if args.ceiling_only:
+        return {"pool": pool, "recipe": recipe_path, "runs": [], "heads": {}, "ceiling": ceiling}
     delay = args.lam_delay if args.lam_delay is not None else int(recipe["reweight"].get("lambda_delay") or 0)
     steps = args.lam_steps + delay
     runs = []
@@ -192,8 +195,7 @@ def run_all(args: argparse.Namespace, work: Path) -> dict:
                  "--mix", f"less={folder / 'less.jsonl'}", "--mix", f"hybrid={hybrid}",
                  "--output", str(folder / "compare"), log=log)
         heads[ratio] = (n, json.loads((folder / "compare" / "compare.json").read_text()))
-    return {"pool": pool, "recipe": recipe_path, "runs": runs, "heads": heads,
-            "ceiling": json.loads((work / "ceiling" / "compare.json").read_text())}
+    return {"pool": pool, "recipe": recipe_path, "runs": runs, "heads": heads, "ceiling": ceiling}
 
 
 def weights_rows(runs: list[Path]) -> list[str]:
@@ -221,6 +223,9 @@ def report(args: argparse.Namespace, got: dict, minutes: float) -> str:
         from scalebio_cli.results.paired import ceiling_sentence
 
         lines += [ceiling_sentence(ceiling["ceiling"]), ""]
+    if not got["runs"]:
+        return "\n".join(lines + ["The head-to-head was not run with this command (`--ceiling-only`); on a GPU: "
+                                  "`make compare-math-gpu`."])
     lines += [f"**ScaleBiO's weights**: {args.lam_steps} lam steps, one run per seed:", "",
               *weights_rows(got["runs"]), ""]
     for ratio, (n, doc) in got["heads"].items():
@@ -248,6 +253,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA, help="the instruct-math folder")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "compare-math")
     parser.add_argument("--smoke", action="store_true", help="every stage at toy size (minutes; not a result)")
+    parser.add_argument("--ceiling-only", action="store_true",
+                        help="step 1 alone: is there room for a mixture to matter on this data at this size?")
     parser.add_argument("--no-record", action="store_true", help="do not touch docs/results.md")
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE recipe overrides for every stage")
     args = parser.parse_args()
@@ -272,10 +279,9 @@ def main() -> None:
         block = f"{BEGIN}\n{body}\n{END}"
         RESULTS.write_text(text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):] if BEGIN in text
                            else text.rstrip() + "\n\n" + block + "\n")
-        last = got["heads"][args.ratios[-1]]
-        (ROOT / "docs" / "compare-math.png").write_bytes(
-            (work / f"ratio-{args.ratios[-1]:g}" / "compare" / "compare.png").read_bytes())
-        print(f"recorded in {RESULTS} ({last[0]} records per mix in the picture)", file=sys.stderr)
+        picture = (work / "ceiling" if args.ceiling_only else work / f"ratio-{args.ratios[-1]:g}") / "compare"
+        (ROOT / "docs" / "compare-math.png").write_bytes((picture / "compare.png").read_bytes())
+        print(f"recorded in {RESULTS} (the picture: {picture.name} of {picture.parent.name})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -89,14 +89,25 @@ def called(r: dict) -> list[str]:
     return [f"{n} {e['verdict']}" for n, e in r["evidence"].items() if e["verdict"] != "unclear"]
 
 
-def table(results: list[dict], case: str) -> str:
+def left_out(runs: list[dict], min_weight: float) -> str:
+    """What `sample --min-weight` would leave out of each run's sample: sources and in how many runs."""
+    from collections import Counter
+
+    from scalebio_cli.stages.sample import floored
+
+    counts = Counter(n for r in runs for n in floored(r["weights"], min_weight)[1])
+    return ", ".join(f"{n} in {c}" for n, c in sorted(counts.items())) or "none"
+
+
+def table(results: list[dict], case: str, min_weight: float) -> str:
     """Per setting: runs, runs calling any source (no-signal) or calling every source right (denoising), the
-    smallest p seen, what was called, and the placebo's verdicts where the setting has one (each a false alarm)."""
+    smallest p seen, what was called, and the placebo's verdicts where the setting has one (each a false alarm);
+    what `sample --min-weight` would leave out."""
     rows = [r for r in results if r["case"] == case]
     right = CALLED_RIGHT.get(case)
     head = ("| LISA | steps | runs | " + ("runs called right" if right else "runs calling any source")
-            + " | verdicts (all runs) | smallest p | settled |")
-    lines = [head, "|---|---|---|---|---|---|---|"]
+            + f" | verdicts (all runs) | smallest p | settled | left out by `sample --min-weight {min_weight:g}` |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
     for variant in VARIANTS:
         for steps in sorted({r["steps"] for r in rows}):
             runs = [r for r in rows if r["variant"] == variant and r["steps"] == steps]
@@ -117,7 +128,7 @@ def table(results: list[dict], case: str) -> str:
                 verdicts += (f"; placebo called in {alarms} of {len(placebos)}"
                              + (f" (p {min(ps):.2g}-{max(ps):.2g})" if ps else ""))
             lines.append(f"| {variant} | {steps} | {len(runs)} | {hits} | {verdicts} | {smallest} | "
-                         f"{settled}/{len(runs)} |")
+                         f"{settled}/{len(runs)} | {left_out(runs, min_weight)} |")
     return "\n".join(lines)
 
 
@@ -141,6 +152,8 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=["no-signal", "denoising"], choices=["no-signal", "denoising"])
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each its own process)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "study-lam")
+    parser.add_argument("--min-weight", type=float, default=0.05,
+                        help="the floor whose effect on `sample` the tables show (what it would leave out)")
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("--finished-only", action="store_true",
                         help="tabulate the finished runs of the grid (in --work), run nothing, name the missing ones")
@@ -186,7 +199,8 @@ def main() -> None:
     for case in args.cases:
         text += ("\nNo signal (one distribution split three ways; every verdict is a false alarm; at the level at "
                  "most 1 run in 20 may call a source):\n\n" if case == "no-signal" else
-                 "\nDenoising (right: clean raised, noisy and offtopic lowered):\n\n") + table(results, case) + "\n"
+                 "\nDenoising (right: clean raised, noisy and offtopic lowered):\n\n")
+        text += table(results, case, args.min_weight) + "\n"
     print(text)
     if not args.no_record:
         write_results(text.rstrip())

@@ -224,3 +224,25 @@ def test_repeated_draws_are_noted_per_source(tmp_path: Path, sources) -> None:
     plain = run_cli("sample", "--weights", str(w), "-n", "20", "-o", str(tmp_path / "p.jsonl"))
     assert "repeat" not in plain.stderr
     assert json.loads((tmp_path / "p.manifest.json").read_text())["repeats"] == {}
+
+
+def test_min_weight_leaves_out_low_sources_and_rescales_the_rest(tmp_path: Path, sources) -> None:
+    """Issue 40: weights 0.92 / 0.03 ... give each low group one record of 40; --min-weight leaves them out."""
+    w = make_weights(tmp_path / "w.json", sources, {"a": 0.96, "b": 0.04})
+    plain, floored = tmp_path / "p.jsonl", tmp_path / "f.jsonl"
+    assert run_cli("sample", "--weights", str(w), "-n", "25", "-o", str(plain)).returncode == 0
+    assert json.loads((tmp_path / "p.manifest.json").read_text())["counts"] == {"a": 24, "b": 1}
+    result = run_cli("sample", "--weights", str(w), "-n", "25", "-o", str(floored), "--min-weight", "0.05")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "f.manifest.json").read_text())
+    assert manifest["counts"] == {"a": 25, "b": 0} and manifest["left_out"] == ["b"]
+    assert manifest["min_weight"] == 0.05 and manifest["weights"] == {"a": 0.96, "b": 0.04}  # as the run gave them
+    assert {r["source"] for r in read_jsonl(floored)} == {"a"} and "left out b (0.040)" in result.stderr
+
+
+def test_min_weight_above_every_weight_exits_2_writing_nothing(tmp_path: Path, sources) -> None:
+    w = make_weights(tmp_path / "w.json", sources, {"a": 0.6, "b": 0.4})
+    out = tmp_path / "f.jsonl"
+    result = run_cli("sample", "--weights", str(w), "-n", "10", "-o", str(out), "--min-weight", "0.7")
+    assert result.returncode == 2 and "every source's weight is below it (the largest is 0.6)" in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists() and not (tmp_path / "f.manifest.json").exists()

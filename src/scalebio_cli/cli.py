@@ -223,6 +223,9 @@ def sample(
     rank_by: Annotated[Path | None, typer.Option("--rank-by", help="A `select --scores` file: each source's quota "
                                                  "is its best-scored records instead of a random draw.",
                                                  show_default=False)] = None,
+    min_weight: Annotated[float, typer.Option("--min-weight", min=0.0, max=1.0, help="Leave out every source "
+                                              "(or group) whose weight is below this; the rest share N in "
+                                              "proportion to their weights.")] = 0.0,
 ) -> None:
     """Draw N records from the sources in proportion to their weights; writes OUT.jsonl and OUT.manifest.json.
 
@@ -259,7 +262,8 @@ def sample(
                 raise InputError(f"--output {output}: already exists; pass --force to replace it (and its "
                                  "manifest), or choose another file")
             stage.run(draw.probs, draw.sources, num_samples, output.resolve(), seed, replacement, draw.label,
-                      draw.sizes, record_format, rank_by.resolve() if rank_by is not None else None)
+                      draw.sizes, record_format, rank_by.resolve() if rank_by is not None else None,
+                      min_weight=min_weight)
         return output
 
     _print_result(guarded(body))

@@ -97,16 +97,34 @@ def _note_repeats(found: dict[str, dict[str, float]]) -> None:
                   "on this sample sees those records several times an epoch")
 
 
+def floored(weights: dict[str, float], min_weight: float) -> tuple[dict[str, float], list[str]]:
+    """The weights with every source below `min_weight` set to 0 and the rest rescaled to sum to 1, and the names
+    left out. Why: a draw by weights gives a source of weight 0.02 about one record in 50, whatever the run said
+    about it; with many groups those single records add up (issue 40: 3 of 40 from groups at 0.02-0.03, all bad)."""
+    if min_weight <= 0:
+        return dict(weights), []
+    out = [n for n, w in weights.items() if w < min_weight]
+    kept = sum(w for n, w in weights.items() if n not in out)
+    if kept <= 0:
+        best = max(weights.values())
+        raise InputError(f"--min-weight {min_weight:g}: every source's weight is below it (the largest is "
+                         f"{best:.4g}); lower it")
+    return {n: (0.0 if n in out else w / kept) for n, w in weights.items()}, out
+
+
 def run(weights: dict[str, float], sources: dict[str, DataSource], num_samples: int, output: Path, seed: int = 0,
         replacement: bool = False, weights_file: str = "", sizes: dict[str, int] | None = None,
         fmt: str = "original", rank_by: Path | None = None,
-        too_small_hint: str = "use --replacement, or ask for fewer samples") -> dict[str, Any]:
+        too_small_hint: str = "use --replacement, or ask for fewer samples", min_weight: float = 0.0
+        ) -> dict[str, Any]:
     """Write OUT.jsonl (or OUT.parquet) and OUT.manifest.json; returns the manifest. Raises InputError before
     writing anything. `rank_by`: a `select --scores` file; each source's quota is then its best-scored records.
-    `too_small_hint`: what the caller's user can do about a source smaller than its quota (their options)."""
+    `too_small_hint`: what the caller's user can do about a source smaller than its quota (their options).
+    `min_weight`: sources below it get no records; the others share N in proportion to their weights."""
     names = list(weights)
+    drawn, left_out = floored(weights, min_weight)
     sizes = sizes or {name: data_sources.count(sources[name]) for name in names}
-    counts = dict(zip(names, largest_remainder(num_samples, [weights[n] for n in names])))
+    counts = dict(zip(names, largest_remainder(num_samples, [drawn[n] for n in names])))
     if not replacement:
         short = [f"source '{n}' has {sizes[n]:,} records but {counts[n]:,} were asked for without replacement "
                  f"({too_small_hint})" for n in names if counts[n] > sizes[n]]
@@ -136,12 +154,20 @@ def run(weights: dict[str, float], sources: dict[str, DataSource], num_samples: 
         start += n
     write_records(chosen, num_samples, output, fmt)
     manifest = {"num_samples": num_samples, "counts": counts, "weights_file": weights_file, "seed": seed,
-                "replacement": replacement, "weights": weights, "sources": {n: sources[n].path for n in names},
+                "replacement": replacement, "weights": weights, "min_weight": min_weight, "left_out": left_out,
+                "sources": {n: sources[n].path for n in names},
                 "output": str(output), "format": fmt, "rank_by": str(rank_by) if rank_by else None,
                 "repeats": repeated}
     write_json(manifest_path, manifest)
     if repeated:
         _note_repeats(repeated)
+    if left_out:
+        from rich.markup import escape
+
+        from scalebio_cli.console import console
+
+        console.print(f"[yellow]note:[/] --min-weight {min_weight:g} left out "
+                      + escape(", ".join(f"{n} ({weights[n]:.3f})" for n in left_out)))
     return manifest
 
 
