@@ -4,6 +4,7 @@ user would run it (`scalebio` subprocesses; every stage resumes or reuses finish
     python scripts/compare_math.py                                   # the CPU size (many hours: see the Makefile)
     python scripts/compare_math.py --per-source 0 --num-val 0 precision=bf16 ...   # a GPU, whole files
     python scripts/compare_math.py --smoke --model demo/model --no-record   # every stage at toy size (~20 min)
+    python scripts/compare_math.py --ceiling-only --ceiling-n 80 --num-test 100   # step 1 alone, CPU-sized
 
 1. The ceiling: `scalebio compare` of each source alone (`--mix NAME=source:NAME`, --ceiling-n records, paired
    seeds). If the single sources are inside each other's seed noise, no mixture can matter much and compare says so.
@@ -279,9 +280,12 @@ def main() -> None:
         block = f"{BEGIN}\n{body}\n{END}"
         RESULTS.write_text(text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):] if BEGIN in text
                            else text.rstrip() + "\n\n" + block + "\n")
-        picture = (work / "ceiling" if args.ceiling_only else work / f"ratio-{args.ratios[-1]:g}") / "compare"
-        (ROOT / "docs" / "compare-math.png").write_bytes((picture / "compare.png").read_bytes())
-        print(f"recorded in {RESULTS} (the picture: {picture.name} of {picture.parent.name})", file=sys.stderr)
+        pictures = {"compare-math-ceiling.png": work / "ceiling"}
+        if not args.ceiling_only:  # the head-to-head's picture: the largest ratio
+            pictures["compare-math.png"] = work / f"ratio-{args.ratios[-1]:g}" / "compare"
+        for name, folder in pictures.items():
+            (ROOT / "docs" / name).write_bytes((folder / "compare.png").read_bytes())
+        print(f"recorded in {RESULTS} and docs/{', docs/'.join(pictures)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

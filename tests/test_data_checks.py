@@ -81,6 +81,7 @@ def test_word_3grams_are_those_of_a_plain_reading() -> None:
     texts = ["", "one", "a b", "what is 3+4=7 ?", "héllo wörld 你好 , x_y", "one two three four one two three"]
     texts += [" ".join(rng.choice(["a", "b", "c", "d", "1", "+", "=", "é"]) for _ in range(rng.randint(1, 30)))
               for _ in range(200)]
+    texts += ["", "x y z", "", ""]  # empty texts between and after others: each word still finds its record
     sets = near_copies.split_sets(*near_copies.chunk_shingles(texts), len(texts))
 
     def grams(text: str) -> set:
@@ -93,6 +94,18 @@ def test_word_3grams_are_those_of_a_plain_reading() -> None:
         union = plain[i] | plain[i + 1]
         expected = len(plain[i] & plain[i + 1]) / len(union) if union else 1.0
         assert near_copies.jaccard(sets[i], sets[i + 1]) == pytest.approx(expected)
+
+
+def test_membership_in_the_references_is_exact() -> None:
+    """References.contains (a prefix table, then a search of what it lets through) answers as a plain search of
+    the sorted union would, for hashes in it, hashes sharing a prefix with it, and others."""
+    refs = near_copies.References({})
+    rng = np.random.default_rng(0)
+    refs.union = np.unique(rng.integers(0, 1 << 32, 5000, dtype=np.uint64))
+    near = refs.union[:500] ^ np.uint64(1)  # same 24-bit prefix, other hash (mostly)
+    queries = np.concatenate([refs.union[::3], near, rng.integers(0, 1 << 32, 20000, dtype=np.uint64)])
+    assert np.array_equal(refs.contains(queries), np.isin(queries, refs.union))
+    assert refs.contains(queries).sum() >= len(refs.union[::3])
 
 
 def test_texts_compare_by_turns_without_case_or_spacing() -> None:

@@ -102,7 +102,11 @@ def chunk_shingles(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     prefix = np.concatenate([zero[:1], np.cumsum((data.astype(np.uint64) + np.uint64(1)) * _powers(_P, len(data)),
                                                  dtype=np.uint64)])
     words = (prefix[ends] - prefix[starts]) * _powers(_P_INV, len(data) + 1)[starts]
-    record = np.searchsorted(starts_of, starts, side="right") - 1
+    # each word's record: a running count of the text starts up to its byte (a binary search per word cost twice
+    # as much: bench_pool's 2M-record pool)
+    marks = np.zeros(len(data) + 1, dtype=np.int32)
+    marks[starts_of[1:]] = 1
+    record = np.cumsum(marks)[starts]
     same1 = np.concatenate([record[1:] == record[:-1], [False]])
     same2 = np.concatenate([record[2:] == record[:-2], [False, False]])
     w1 = np.where(same1, np.concatenate([words[1:], zero[:1]]), zero[0])
@@ -188,6 +192,23 @@ class References:
             lsh.insert(i, m, check_duplication=False)
         return lsh
 
+    @functools.cached_property
+    def _seen_prefix(self) -> np.ndarray:
+        """Which 24-bit prefixes of the 32-bit shingle hashes occur in the references (16 MB)."""
+        table = np.zeros(1 << 24, dtype=bool)
+        table[(self.union >> np.uint64(8)).astype(np.int64)] = True
+        return table
+
+    def contains(self, shingles: np.ndarray) -> np.ndarray:
+        """For each shingle hash, whether some reference record has it. A table of prefixes rules most out at one
+        lookup each; only the rest are searched in the sorted union (exact: half the time of searching them all)."""
+        maybe = np.flatnonzero(self._seen_prefix[(shingles >> np.uint64(8)).astype(np.int64)])
+        out = np.zeros(len(shingles), dtype=bool)
+        if len(maybe):
+            at = np.minimum(np.searchsorted(self.union, shingles[maybe]), len(self.union) - 1)
+            out[maybe] = self.union[at] == shingles[maybe]
+        return out
+
     def exact_match(self, hashes: np.ndarray) -> np.ndarray:
         """For each hash, the reference set holding that text, or -1."""
         if not len(self.exact):
@@ -202,8 +223,7 @@ class References:
         if not len(self.union):
             return []
         record, shingles = chunk_shingles(texts)
-        at = np.minimum(np.searchsorted(self.union, shingles), len(self.union) - 1)
-        inside = np.bincount(record, weights=self.union[at] == shingles, minlength=len(texts))
+        inside = np.bincount(record, weights=self.contains(shingles), minlength=len(texts))
         total = np.bincount(record, minlength=len(texts))
         share = np.divide(inside, total, out=np.zeros(len(texts)), where=total > 0)
         candidates = np.flatnonzero(eligible & (share >= NEAR_JACCARD)).tolist()
