@@ -306,9 +306,11 @@ def render(m: dict, args: argparse.Namespace, when: str, load_start: float, load
     lazy = ("" if args.records // 10 >= LAZY_MIN_RECORDS else
             f" NB: sources under {LAZY_MIN_RECORDS:,} records are tokenized whole, not read lazily: the tenth-size "
             "pool is not comparable at this --records.")
+    shared = "other jobs shared the cores" if load_start >= 1.0 else "nothing else ran"
     prose = (
-        f"Measured {when} on {machine()} (load average {load_start:.2f} at the start, {load_end:.2f} at the end: "
-        f"other jobs shared the cores); command: `{command}`. The pool: two JSON-lines sources of {args.records:,} "
+        f"Measured {when} on {machine()} (load average {load_start:.2f} at the start, {load_end:.2f} at the end, "
+        f"the benchmark's own processes included; {shared}); command: `{command}`. The pool: two JSON-lines "
+        f"sources of {args.records:,} "
         f"records each ({m['pool_mb']:,.0f} MB; {m['origin']}, each prompt with a variant number, sharegpt "
         f"`items`), validation: {m['val']}; model: a 2-block Llama (hidden 64) over {m['which']}; max_length 256. "
         "Each row is the real CLI in a fresh process with an empty token cache (the files themselves in the OS page "
