@@ -7,7 +7,8 @@ user would run it (`scalebio` subprocesses; every stage resumes or reuses finish
     python scripts/compare_math.py --ceiling-only --ceiling-n 80 --num-test 100   # step 1 alone, CPU-sized
 
 1. The ceiling: `scalebio compare` of each source alone (`--mix NAME=source:NAME`, --ceiling-n records, paired
-   seeds). If the single sources are inside each other's seed noise, no mixture can matter much and compare says so.
+   seeds), and uniform over them. If the single sources are inside each other's seed noise, no mixture can matter
+   much and compare says so.
 2. The head-to-head, at each --ratios share of the pool: ScaleBiO (`reweight`, --lam-steps lam steps, one run per
    --reweight-seeds; compare trains on the first seed's weights, the table shows every seed's), uniform, RHO-loss
    and LESS (`select`, which also writes every pool record's score), and the hybrid (`sample --weights W --rank-by
@@ -166,8 +167,9 @@ def run_all(args: argparse.Namespace, work: Path) -> dict:
     common = ["--config", str(recipe_path), *args.overrides]
     seeds = ["--seeds", *map(str, args.seeds)]
     sources = list(recipe["data"]["sources"])
-    scalebio("compare", *common, "-n", str(args.ceiling_n), *seeds, "--test", test, "--baseline", sources[0],
-             *[a for s in sources for a in ("--mix", f"{s}=source:{s}")], "--output", str(work / "ceiling"), log=log)
+    scalebio("compare", *common, "-n", str(args.ceiling_n), *seeds, "--test", test, "--baseline", "uniform",
+             *[a for s in sources for a in ("--mix", f"{s}=source:{s}")], "--mix", "uniform",
+             "--output", str(work / "ceiling"), log=log)
     ceiling = json.loads((work / "ceiling" / "compare.json").read_text())
     if args.ceiling_only:
         return {"pool": pool, "recipe": recipe_path, "runs": [], "heads": {}, "ceiling": ceiling}
@@ -218,7 +220,8 @@ def report(args: argparse.Namespace, got: dict, minutes: float) -> str:
              f"{args.num_val or 'all'} of val.json; test: {args.num_test or 'all 280'} of test.json; max_length "
              f"{args.max_length}, records kept whole: " + ", ".join(f"{n} {v:.0%}" for n, v in whole.items())
              + f"; seeds {', '.join(map(str, args.seeds))}; {minutes:.0f} min on this machine over its invocations).",
-             "", f"**The ceiling**: each source alone, {args.ceiling_n} records, paired by seed:", "",
+             "", f"**The ceiling**: each source alone, {args.ceiling_n} records, and uniform over them (where a "
+             "mixture lands among its sources), paired by seed:", "",
              *compare_table(ceiling), ""]
     if ceiling.get("ceiling"):
         from scalebio_cli.results.paired import ceiling_sentence
