@@ -101,7 +101,7 @@ bench-group: smollm2 instruct-math-data
 # cores (an estimate: ~2 days); `make compare-math-gpu` runs it on one GPU (an estimate, not yet timed: ~2-3 h).
 # A smoke check of every stage at toy size (not a result, docs untouched; 21 min measured with the demo model on 2
 # cores shared with other jobs): make compare-math COMPARE_ARGS="--smoke --no-record --model demo/model".
-# The ceiling alone at a CPU size (docs/results.md; ~50 min on 2 idle cores):
+# The ceiling alone at a CPU size (docs/results.md; ~100 min measured on 2 cores, uniform included):
 #   make compare-math COMPARE_ARGS="--ceiling-only --ceiling-n 80 --num-test 100 --work runs/compare-math-cpu"
 # Every stage resumes or is reused by content.
 COMPARE_ARGS ?=

@@ -107,6 +107,12 @@ def recipe(work: Path, sources: dict, val: Path | None, name: str) -> Path:
     return work / f"{name}.yaml"
 
 
+def labels_by_content(messy: Path, labels: list[str]) -> dict[str, str]:
+    """Each record of the file (as canonical JSON) -> its label, to read picks back by content."""
+    return {json.dumps(json.loads(line), sort_keys=True): lab
+            for line, lab in zip(messy.read_text().splitlines(), labels)}
+
+
 def clean_share(out: Path, label_of: dict[str, str]) -> tuple[float, Counter]:
     """The fraction of `out`'s records that are clean (matched to the file's records by content)."""
     picked = Counter()
@@ -139,8 +145,7 @@ def run_messy_seed(work: Path, args: argparse.Namespace, seed: int) -> dict:
         print(f"seed {seed}: reused {done}", file=sys.stderr)
         return json.loads(done.read_text())
     messy, val, labels = messy_case(work / "messy", args.clean, args.num_val, seed)
-    label_of = {json.dumps(json.loads(line), sort_keys=True): lab
-                for line, lab in zip(messy.read_text().splitlines(), labels)}
+    label_of = labels_by_content(messy, labels)
     n = len(labels) // 3
     config = recipe(work, {"messy": str(messy)}, val, "messy")
     grouped = work / "messy-groups.jsonl"
@@ -202,8 +207,7 @@ def floor_pick(work: Path, result: dict, seed: int, min_weight: float) -> None:
     """The same run's weights sampled with `--min-weight`: groups below it get no records (seconds; not cached)."""
     messy = work / "messy" / "messy.jsonl"
     labels = messy_case(work / "messy", result["key"]["clean"], result["key"]["num_val"], seed)[2]
-    label_of = {json.dumps(json.loads(line), sort_keys=True): lab
-                for line, lab in zip(messy.read_text().splitlines(), labels)}
+    label_of = labels_by_content(messy, labels)
     out = work / "group-floor.jsonl"
     scalebio("sample", "--weights", str(work / "run-reweight" / "weights.json"), "-n", str(result["n"]), "-o",
              str(out), "--seed", str(seed), "--force", "--min-weight", f"{min_weight:g}")
